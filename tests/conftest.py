@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny checkpoints of real architectures, built offline once per session."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tsopsd.toy import build_checkpoint, build_tokenizer
+
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory, tokenizer_dir):
+    """{arch: folder} of random 2-layer models, sharpened (x8) so they are not near-uniform."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for i, arch in enumerate(ARCHS):
+        build_checkpoint(root / arch, arch=arch, seed=i, sharpen=8.0, tokenizer=tok)
+        out[arch] = root / arch
+    return out
+
+
+@pytest.fixture(scope="session")
+def ckpt(ckpts):
+    return ckpts["qwen3"]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        '{"prompt": "the cat sat on"}\n'
+        '{"messages": [{"role": "user", "content": "give me a number"}]}\n'
+        '{"prompt": "one two three four five six seven"}\n'
+    )
+    return path

@@ -1,0 +1,125 @@
+"""The CLI through CliRunner (in process) and through a real subprocess (exit codes, stdout/stderr)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tsopsd.cli import app
+
+runner = CliRunner()
+
+
+def test_measure_entropy_json_is_one_object(ckpt, prompts_file, tmp_path):
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, ["measure-entropy", str(ckpt), "--prompts", str(prompts_file), "--max-new-tokens", "8",
+                              "--samples-per-prompt", "2", "--json", "--quiet", "--out", str(out),
+                              "--reference", str(ckpt)])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout)  # exactly one JSON document on stdout
+    assert obj == json.loads(out.read_text())
+    m = obj["metrics"]
+    assert m["prompts"] == 3 and m["samples_per_prompt"] == 2
+    assert m["reference"]["top1_agreement"] == 1.0
+    assert obj["device"] == "cpu" and obj["dtype"] == "float32"
+
+
+def test_measure_entropy_table(ckpt, prompts_file):
+    res = runner.invoke(app, ["measure-entropy", str(ckpt), "--prompts", str(prompts_file), "--max-new-tokens", "4",
+                              "--samples-per-prompt", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "mean token entropy" in res.stdout and "distinct-2" in res.stdout
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "tsopsd", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_subprocess_json_and_exit_zero(ckpt, prompts_file):
+    p = _cli("measure-entropy", ckpt, "--prompts", prompts_file, "--max-new-tokens", "4", "--samples-per-prompt", "1",
+             "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["metrics"]["tokens"] > 0
+    assert "sampling" in p.stderr  # progress goes to stderr as plain lines when not a TTY
+
+
+@pytest.fixture
+def broken(tmp_path, ckpt):
+    import shutil
+
+    cases = {}
+    cases["missing"] = tmp_path / "missing"
+    (tmp_path / "empty").mkdir()
+    cases["empty"] = tmp_path / "empty"
+    trunc = tmp_path / "trunc"
+    shutil.copytree(ckpt, trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[:-64])
+    cases["trunc"] = trunc
+    notok = tmp_path / "notok"
+    shutil.copytree(ckpt, notok)
+    (notok / "tokenizer.json").unlink()
+    (notok / "tokenizer_config.json").unlink()
+    cases["notok"] = notok
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "checkpoint not found"),
+        ("empty", "not a model folder"),
+        ("trunc", "truncated weights file"),
+        ("notok", "no tokenizer in"),
+    ],
+)
+def test_bad_checkpoint_exit_2_one_line(broken, prompts_file, case, message):
+    p = _cli("measure-entropy", broken[case], "--prompts", prompts_file)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("tsopsd: error: ") and message in lines[0]
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "prompt file is empty"), ('{"prompt": "a"}\n{oops\n', "p.jsonl:2: bad JSON"),
+     ('{"q": "a"}\n', "p.jsonl:1: missing field 'prompt'"), ('{"prompt": ["x"]}\n', "p.jsonl:1: prompt must be")],
+)
+def test_bad_prompts_exit_2_with_line(ckpt, tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    res = runner.invoke(app, ["measure-entropy", str(ckpt), "--prompts", str(path), "--quiet"])
+    assert res.exit_code == 2
+    assert message in res.stderr and "Traceback" not in res.output
+
+
+def test_usage_error_exit_2(ckpt):
+    p = _cli("measure-entropy", ckpt)  # --prompts missing
+    assert p.returncode == 2 and "--prompts" in p.stderr
+    p = _cli("measure-entropy", ckpt, "--prompts", "x.jsonl", "--samples-per-prompt", "0")
+    assert p.returncode == 2
+
+
+def test_unexpected_failure_exit_1_without_traceback(ckpt, prompts_file, monkeypatch):
+    import tsopsd.measure
+
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(tsopsd.measure, "measure", boom)
+    res = runner.invoke(app, ["measure-entropy", str(ckpt), "--prompts", str(prompts_file), "--quiet"])
+    assert res.exit_code == 1
+    assert "unexpected failure: RuntimeError: kaboom" in res.stderr and "Traceback" not in res.stderr
+    res = runner.invoke(app, ["measure-entropy", str(ckpt), "--prompts", str(prompts_file), "--quiet", "--debug"])
+    assert res.exit_code == 1 and "Traceback" in res.stderr
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.startswith("tsopsd ")

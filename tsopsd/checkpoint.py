@@ -1,0 +1,271 @@
+"""Load and save checkpoints: Hugging Face model folders and PEFT adapter folders.
+
+    ckpt = load_checkpoint("runs/collapsed", device="auto", dtype="auto")
+    ckpt.model, ckpt.tokenizer
+
+Everything is read from local folders only (``local_files_only``): a path that does not exist is an
+error here, never a hub download. Weights are checked before transformers sees them, so a missing or
+truncated shard gives one clear line instead of a deep traceback. Outputs go through
+`atomic_output`: written to a temporary sibling folder and renamed into place, so a folder that
+exists is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tsopsd.errors import TsopsdError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: the causal LM (a `peft.PeftModel` when `path` is an adapter folder).
+        tokenizer: its tokenizer, with a pad token and left padding.
+        path: the folder it was loaded from.
+        base_path: for an adapter, the base model folder; else None.
+        dtype: the dtype the weights were loaded in.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    base_path: Path | None
+    dtype: torch.dtype
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_path is not None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks cuda when present, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise TsopsdError(f"unknown device '{device}': use auto, cpu or cuda[:N]") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TsopsdError(f"device '{device}' requested but CUDA is not available: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU that supports it, else fp32 (fp16/bf16 matmuls on CPU are slow)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise TsopsdError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_safetensors(file: Path) -> None:
+    """Raise if a .safetensors file is truncated or its header is not valid."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length past end of file")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise TsopsdError(f"corrupt weights file {file}: {e}; re-save or re-copy the checkpoint") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise TsopsdError(
+            f"truncated weights file {file}: expected {8 + header_len + end} bytes, found {size}; "
+            "re-copy the checkpoint"
+        )
+
+
+def check_model_folder(path: Path) -> None:
+    """Check that `path` holds a config and complete weights (safetensors, sharded or not)."""
+    if not path.exists():
+        raise TsopsdError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise TsopsdError(f"checkpoint must be a folder saved by save_pretrained, got a file: {path}")
+    if not (path / "config.json").is_file():
+        raise TsopsdError(f"not a model folder (no config.json): {path}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise TsopsdError(f"corrupt shard index {index}: {e}") from None
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise TsopsdError(f"weights shard missing: {path / shard} (listed in {index.name})")
+            _check_safetensors(path / shard)
+        return
+    single = path / "model.safetensors"
+    if single.is_file():
+        _check_safetensors(single)
+        return
+    if (path / "pytorch_model.bin").is_file():
+        return  # legacy format: torch.load will validate it
+    raise TsopsdError(f"no weights in {path}: expected model.safetensors or a sharded index")
+
+
+def check_adapter_folder(path: Path) -> None:
+    if not (path / "adapter_model.safetensors").is_file():
+        raise TsopsdError(f"adapter folder has no adapter_model.safetensors: {path}")
+    _check_safetensors(path / "adapter_model.safetensors")
+
+
+def load_tokenizer(*candidates: Path):
+    """Load the first tokenizer found among `candidates`; set pad=eos if absent, left padding."""
+    from transformers import AutoTokenizer
+
+    for folder in candidates:
+        if folder is None or not any(
+            (folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+        ):
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # transformers raises many types for a broken tokenizer
+            raise TsopsdError(f"cannot load tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise TsopsdError(f"tokenizer in {folder} has neither a pad nor an eos token")
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"  # generation appends on the right
+        return tok
+    names = ", ".join(str(c) for c in candidates if c is not None)
+    raise TsopsdError(f"no tokenizer in {names}: save one with tokenizer.save_pretrained(folder)")
+
+
+def _adapter_base(path: Path, base: Path | None) -> Path:
+    if base is not None:
+        base_path = Path(base)
+    else:
+        try:
+            cfg = json.loads((path / "adapter_config.json").read_text())
+        except ValueError as e:
+            raise TsopsdError(f"corrupt adapter_config.json in {path}: {e}") from None
+        name = cfg.get("base_model_name_or_path")
+        if not name:
+            raise TsopsdError(f"adapter {path} names no base model: pass --base PATH")
+        base_path = Path(name)
+        if not base_path.is_absolute() and not base_path.exists() and (path / name).exists():
+            base_path = path / name  # a base given relative to the adapter folder
+    if not base_path.exists():
+        raise TsopsdError(f"adapter base '{base_path}' not found (offline, local folders only): pass --base PATH")
+    return base_path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> Checkpoint:
+    """Load a model folder or a PEFT adapter folder, with its tokenizer.
+
+    Args:
+        path: a folder saved by `save_pretrained` (model or PEFT adapter).
+        base: for an adapter, the base model folder (default: the adapter's `base_model_name_or_path`).
+        device: `auto`, `cpu`, `cuda`, `cuda:N` or a torch.device.
+        dtype: `auto` (bf16 on cuda when supported, fp32 on cpu), `float32`, `bfloat16`, `float16`.
+
+    Raises:
+        TsopsdError: missing path, not a model folder, missing or corrupt weights, no tokenizer,
+            adapter base not found.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    if not path.exists():
+        raise TsopsdError(f"checkpoint not found: {path}")
+    is_adapter = (path / "adapter_config.json").is_file()
+    base_path = None
+    if is_adapter:
+        check_adapter_folder(path)
+        base_path = _adapter_base(path, Path(base) if base else None)
+        check_model_folder(base_path)
+        model_dir = base_path
+    else:
+        check_model_folder(path)
+        model_dir = path
+    tokenizer = load_tokenizer(path, base_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise TsopsdError(f"cannot load model from {model_dir}: {str(e).splitlines()[0]}") from None
+    if is_adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise TsopsdError(f"cannot load adapter {path} onto {base_path}: {str(e).splitlines()[0]}") from None
+    check_vocab(model, tokenizer, path)
+    model.to(dev)
+    model.eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, path=path, base_path=base_path, dtype=torch_dtype)
+
+
+def check_vocab(model, tokenizer, path: Path) -> None:
+    """The model's output rows must cover every token id the tokenizer can produce."""
+    out = model.get_output_embeddings()
+    if out is not None and len(tokenizer) > out.weight.shape[0]:
+        raise TsopsdError(
+            f"tokenizer in {path} has {len(tokenizer)} tokens but the model head has {out.weight.shape[0]} rows: "
+            "they do not belong together"
+        )
+
+
+def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to touch an existing output folder unless asked to."""
+    if out.exists() and not (overwrite or resume):
+        raise TsopsdError(f"output folder exists: {out} (pass --overwrite to replace it, or --resume)")
+    if out.exists() and not out.is_dir():
+        raise TsopsdError(f"output path exists and is not a folder: {out}")
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success rename it to `out`, else remove it.
+
+    A folder at `out` therefore always holds a complete output. An existing `out` is replaced only
+    with `overwrite`, and only once the new one is complete.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

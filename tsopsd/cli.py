@@ -1,0 +1,167 @@
+"""Command-line interface: a thin Typer layer over library functions.
+
+    tsopsd measure-entropy ckpt/ --prompts prompts.jsonl --samples-per-prompt 4 --json
+    tsopsd reheat ckpt/ --prompts prompts.jsonl --out reheated/ --temperature 1.5
+    tsopsd demo
+
+Exit codes: 0 ok, 2 bad input or usage, 1 unexpected failure. Errors are one line on stderr;
+``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+
+from tsopsd.errors import TsopsdError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Reheat entropy-collapsed LM checkpoints by temperature-scaled on-policy self-distillation.",
+)
+
+T = TypeVar("T")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tsopsd import __version__
+
+        print(f"tsopsd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Reheat entropy-collapsed LM checkpoints by temperature-scaled on-policy self-distillation."""
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    first = str(message).strip().splitlines()[0] if str(message).strip() else type(message).__name__
+    print(f"tsopsd: error: {first}", file=sys.stderr, flush=True)
+    return typer.Exit(code)
+
+
+def _run(fn: Callable[[], T], *, debug: bool) -> T:
+    """Run a command body: known errors exit 2, anything else exits 1, both as one line."""
+    try:
+        return fn()
+    except (typer.Exit, typer.Abort):
+        raise
+    except TsopsdError as e:
+        if debug:
+            traceback.print_exc()
+        raise _fail(str(e), 2) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    except Exception as e:  # noqa: BLE001 - the one place that turns crashes into one line
+        if debug:
+            traceback.print_exc()
+        raise _fail(f"unexpected failure: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1) from None
+
+
+def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[], object]) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    else:
+        from rich.console import Console
+
+        Console().print(table())
+
+
+# ---- shared options ----------------------------------------------------------------------------
+Ckpt = Annotated[Path, typer.Argument(help="Checkpoint folder (save_pretrained) or PEFT adapter folder.")]
+Prompts = Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file: .jsonl, .txt or .parquet.")]
+Base = Annotated[Optional[Path], typer.Option(help="Base model folder for an adapter (default: from adapter_config.json).")]
+Device = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16.")]
+PromptField = Annotated[Optional[str], typer.Option(help="Field (column) holding the prompt; default prompt, then messages.")]
+MaxPromptTokens = Annotated[Optional[int], typer.Option(min=1, help="Left-truncate longer prompts (warned).")]
+Seed = Annotated[int, typer.Option(help="Random seed (sampling).")]
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines on stderr.")]
+
+
+@app.command("measure-entropy")
+def measure_entropy(
+    ckpt: Ckpt,
+    prompts: Prompts,
+    samples_per_prompt: Annotated[int, typer.Option(min=1, help="Completions sampled per prompt (k).")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Completion length cap.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling threshold (1: off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Top-k sampling (0: off).")] = 0,
+    reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (same tokenizer) for KL, agreement, effective T.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N prompts.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences sampled and scored together.")] = 16,
+    seed: Seed = 0,
+    base: Base = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    prompt_field: PromptField = None,
+    max_prompt_tokens: MaxPromptTokens = None,
+    as_json: Json = False,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the JSON result to this file.")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Measure token entropy and diversity of a checkpoint's own rollouts (and drift from a reference)."""
+    def body() -> None:
+        from tsopsd import console
+        from tsopsd.measure import run_measure
+
+        console.setup_logging(quiet=quiet)
+        result = run_measure(
+            ckpt, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, reference=reference, limit=limit,
+            batch_size=batch_size, seed=seed, base=base, device=device, dtype=dtype, prompt_field=prompt_field,
+            max_prompt_tokens=max_prompt_tokens, show_progress=not quiet)
+        from tsopsd.report import metrics_table
+
+        _emit(result, as_json=as_json, out=out,
+              table=lambda: metrics_table({str(ckpt): result["metrics"]}, title="tsopsd measure-entropy"))
+
+    _run(body, debug=debug)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Working folder; what it builds is cached there.")] = Path("runs/demo"),
+    as_json: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Build a tiny collapsed checkpoint offline and show its entropy (no downloads)."""
+    def body() -> None:
+        from tsopsd import console
+        from tsopsd.demo import run_demo
+        from tsopsd.report import metrics_table
+
+        console.setup_logging(quiet=quiet)
+        result = run_demo(out, show_progress=not quiet)
+        _emit(result, as_json=as_json, out=None, table=lambda: metrics_table(result, title="tsopsd demo"))
+
+    _run(body, debug=debug)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

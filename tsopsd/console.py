@@ -1,0 +1,65 @@
+"""Console output: logging through one Rich handler, progress bars, tables; all on stderr.
+
+stdout is reserved for results (`--json` prints exactly one object there). Progress is a Rich bar
+when stderr is a terminal and plain lines otherwise, so batch logs stay readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+stderr = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=stderr, show_path=False, show_time=stderr.is_terminal,
+                          rich_tracebacks=False, markup=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    # Third-party chatter (weight-loading bars, deprecation notes) is noise in a batch log.
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("tsopsd").setLevel(level)
+
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+@contextmanager
+def progress(enabled: bool = True) -> Iterator[ProgressFactory]:
+    """Yield ``task(description, total) -> advance(n)``; a bar on a TTY, else a line every ~10%."""
+    if not enabled:
+        yield lambda description, total: (lambda n=1: None)
+        return
+    if stderr.is_terminal:
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, transient=False)
+        with bar:
+            def task(description: str, total: int):
+                tid = bar.add_task(description, total=total)
+                return lambda n=1: bar.advance(tid, n)
+            yield task
+        return
+
+    def plain_task(description: str, total: int):
+        state = {"done": 0, "next": 0.0, "start": time.monotonic()}
+
+        def advance(n: int = 1) -> None:
+            state["done"] += n
+            frac = state["done"] / max(total, 1)
+            if frac >= state["next"] or state["done"] >= total:
+                elapsed = time.monotonic() - state["start"]
+                print(f"{description}: {state['done']}/{total} ({elapsed:.1f}s)", file=sys.stderr, flush=True)
+                state["next"] = frac + 0.1
+        return advance
+    yield plain_task

@@ -1,0 +1,14 @@
+"""Errors a user can fix.
+
+`TsopsdError` is raised for bad input (a missing checkpoint, a malformed prompt file, an invalid
+config value, an output folder that exists). `cli.py` turns it into one line on stderr and exit
+code 2. It subclasses `ValueError` so library callers can catch it as such.
+"""
+
+
+class TsopsdError(ValueError):
+    """Bad input or usage: the message says what is wrong and how to fix it."""
+
+
+class TrainingStopped(RuntimeError):
+    """A guard stopped a run (NaN loss, drift); the last good state was kept."""

@@ -1,0 +1,153 @@
+"""Read prompt files and tokenize them.
+
+    prompts = load_prompts("data/train.jsonl", tokenizer, max_prompt_tokens=1024)
+
+Formats:
+- ``.jsonl``: one JSON object a line, with a ``prompt`` string or a ``messages`` chat list
+  (``[{"role": "user", "content": "..."}]``); ``prompt_field`` picks another field. A chat list gets
+  the tokenizer's chat template (with the generation prompt); a string is used as it is.
+- ``.txt``: one prompt a line; blank lines are skipped.
+- ``.parquet``: verl's layout, a ``prompt`` column of chat messages (needs the ``parquet`` extra).
+
+Every error names the file and, where there is one, the line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tsopsd.errors import TsopsdError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: the text fed to the tokenizer and its token ids (after truncation)."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+def _records_jsonl(path: Path, field: str | None) -> list[tuple[int, object]]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TsopsdError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise TsopsdError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if field is not None:
+                if field not in obj:
+                    raise TsopsdError(f"{path}:{lineno}: missing field '{field}'")
+                value = obj[field]
+            elif "prompt" in obj:
+                value = obj["prompt"]
+            elif "messages" in obj:
+                value = obj["messages"]
+            else:
+                raise TsopsdError(f"{path}:{lineno}: missing field 'prompt' (or 'messages'); use --prompt-field")
+            records.append((lineno, value))
+    return records
+
+
+def _records_txt(path: Path) -> list[tuple[int, object]]:
+    with open(path, encoding="utf-8") as f:
+        return [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _records_parquet(path: Path, field: str | None) -> list[tuple[int, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TsopsdError("reading .parquet needs pyarrow: pip install 'tsopsd[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise TsopsdError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    column = field or "prompt"
+    if column not in table.column_names:
+        raise TsopsdError(f"{path}: no column '{column}' (columns: {', '.join(table.column_names)})")
+    # Rows are numbered from 1, like lines, so errors read the same.
+    return [(i + 1, v) for i, v in enumerate(table.column(column).to_pylist())]
+
+
+def _to_text(value: object, tokenizer, where: str) -> str:
+    if isinstance(value, str):
+        if not value.strip():
+            raise TsopsdError(f"{where}: empty prompt")
+        return value
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        # No template: join the turns plainly, as a base model would see a transcript.
+        return "\n".join(f"{m['role']}: {m['content']}" for m in value) + "\nassistant:"
+    raise TsopsdError(
+        f"{where}: prompt must be a string or a list of {{role, content}} messages, got {type(value).__name__}"
+    )
+
+
+def load_prompts(
+    path: str | Path,
+    tokenizer,
+    *,
+    prompt_field: str | None = None,
+    max_prompt_tokens: int | None = None,
+    limit: int | None = None,
+) -> list[Prompt]:
+    """Read and tokenize a prompt file.
+
+    Args:
+        path: a ``.jsonl``, ``.txt`` or ``.parquet`` file.
+        tokenizer: a Hugging Face tokenizer.
+        prompt_field: the field (column) holding the prompt; default ``prompt`` then ``messages``.
+        max_prompt_tokens: longer prompts keep their last tokens (left truncation); counted in a warning.
+        limit: keep only the first N prompts.
+
+    Raises:
+        TsopsdError: a missing or empty file, bad JSON, a missing field or a wrong type (naming the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TsopsdError(f"prompt file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            records = _records_jsonl(path, prompt_field)
+        elif suffix == ".txt":
+            records = _records_txt(path)
+        elif suffix == ".parquet":
+            records = _records_parquet(path, prompt_field)
+        else:
+            raise TsopsdError(f"unknown prompt file type '{suffix}' for {path}: use .jsonl, .txt or .parquet")
+    except UnicodeDecodeError as e:
+        raise TsopsdError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not records:
+        raise TsopsdError(f"prompt file is empty: {path}")
+    if limit is not None:
+        records = records[:limit]
+    prompts, truncated = [], 0
+    for lineno, value in records:
+        where = f"{path}:{lineno}"
+        text = _to_text(value, tokenizer, where)
+        # A chat template already carries the special tokens it wants.
+        ids = tokenizer(text, add_special_tokens=not isinstance(value, list))["input_ids"]
+        if not ids:
+            raise TsopsdError(f"{where}: prompt tokenizes to nothing")
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            ids = ids[-max_prompt_tokens:]
+            truncated += 1
+        prompts.append(Prompt(text=text, ids=tuple(ids)))
+    if truncated:
+        log.warning("%d of %d prompts were longer than %d tokens and were left-truncated",
+                    truncated, len(prompts), max_prompt_tokens)
+    return prompts

@@ -1,0 +1,215 @@
+"""On-policy rollouts: sample k completions per prompt from the policy.
+
+    rollout = sample_rollouts(model, tokenizer, prompts, samples_per_prompt=4, max_new_tokens=256, seed=0)
+
+A plain sampling loop over a KV cache rather than `model.generate`: it keeps only the last
+position's logits, (B, V), at each step (never B x T x V), records the log-prob of every sampled
+token so scoring can be checked against sampling, and masks everything after EOS.
+
+Layout of a `Rollout` row: ``[left padding][prompt][completion][right padding]``. The prompt part is
+left-padded to a common width ``prompt_width``; completions start at column ``prompt_width``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tsopsd.prompts import Prompt
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled sequences.
+
+    Attributes:
+        input_ids: (B, T) prompt and completion tokens; padding holds the pad id.
+        attention_mask: (B, T) 1 on real tokens (prompt, completion up to and including EOS).
+        completion_mask: (B, T) bool, True on completion tokens up to and including EOS.
+        prompt_lengths: (B,) unpadded prompt length of each row.
+        prompt_index: (B,) index into the prompt list that each row was sampled from.
+        sample_logprobs: (B, T) float32 log-prob at T=1 of each completion token as sampled; 0 elsewhere.
+        prompt_width: column where completions start.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_lengths: torch.Tensor
+    prompt_index: torch.Tensor
+    sample_logprobs: torch.Tensor
+    prompt_width: int
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    def completions(self) -> list[list[int]]:
+        """Completion token ids of each row (EOS included when sampled)."""
+        return [row[m].tolist() for row, m in zip(self.input_ids, self.completion_mask)]
+
+    def to(self, device) -> Rollout:
+        return Rollout(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting only real tokens, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Sample (B,) tokens from (B, V) float32 logits. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_ids: list[int],
+                  max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                  generator: torch.Generator, suppress_eos: bool) -> tuple[torch.Tensor, ...]:
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    B = len(prompt_ids)
+    ids = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        mask[i, width - len(p):] = 1
+    positions = position_ids_from_mask(mask)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    next_pos = positions[:, -1] + 1
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs, live = [], [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V)
+        if suppress_eos and len(eos_ids):
+            logits[:, eos] = float("-inf")
+        token = _sample_next(logits, temperature, top_p, top_k, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        alive = ~finished
+        tokens.append(token)
+        logprobs.append(torch.where(alive, logprob, torch.zeros_like(logprob)))
+        live.append(alive)
+        finished = finished | torch.isin(token, eos)
+        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+        if bool(finished.all()):
+            break
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        next_pos = next_pos + 1
+    del cache, out
+    completion = torch.stack(tokens, 1)
+    completion_mask = torch.stack(live, 1)
+    return ids, completion, completion_mask, torch.stack(logprobs, 1), width
+
+
+def sample_rollouts(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    samples_per_prompt: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+    suppress_eos: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> Rollout:
+    """Sample `samples_per_prompt` completions for each prompt.
+
+    Args:
+        model: a causal LM (or PEFT model) in eval mode.
+        tokenizer: its tokenizer (pad and eos ids are read from it).
+        prompts: tokenized prompts.
+        samples_per_prompt: completions per prompt (k).
+        max_new_tokens: completion length cap.
+        temperature: sampling temperature; 1.0 samples the policy itself, 0 is greedy.
+        top_p: nucleus threshold (1.0: off).
+        top_k: keep the k most likely tokens (0: off).
+        batch_size: sequences sampled together.
+        seed: seeds the sampling generator; same seed and inputs give the same rollout.
+        suppress_eos: never sample EOS (fixed-length completions, for benchmarks).
+        on_batch: called with the number of sequences after each batch (progress).
+
+    Returns:
+        A `Rollout` with rows ordered prompt by prompt, k rows each.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    eos_ids = eos_token_ids(model, tokenizer)
+    rows = [(i, p.ids) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+    parts = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        parts.append((chunk, _sample_batch(
+            model, [ids for _, ids in chunk], pad_id=tokenizer.pad_token_id, eos_ids=eos_ids,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            generator=generator, suppress_eos=suppress_eos)))
+        if on_batch:
+            on_batch(len(chunk))
+    # Merge batches: left-pad prompts to the widest, right-pad completions to the longest.
+    P = max(p[1][4] for p in parts)
+    L = max(p[1][1].shape[1] for p in parts)
+    pad = tokenizer.pad_token_id
+    B = len(rows)
+    input_ids = torch.full((B, P + L), pad, dtype=torch.long, device=device)
+    attention = torch.zeros((B, P + L), dtype=torch.long, device=device)
+    completion_mask = torch.zeros((B, P + L), dtype=torch.bool, device=device)
+    logprobs = torch.zeros((B, P + L), dtype=torch.float32, device=device)
+    r = 0
+    for chunk, (ids, comp, cmask, lp, width) in parts:
+        n, length = comp.shape
+        input_ids[r:r + n, P - width:P] = ids
+        lengths = torch.tensor([len(p) for _, p in chunk], device=device)
+        attention[r:r + n, P - width:P] = (torch.arange(width, device=device) >= width - lengths[:, None]).long()
+        input_ids[r:r + n, P:P + length] = comp
+        completion_mask[r:r + n, P:P + length] = cmask
+        attention[r:r + n, P:P + length] = cmask.long()
+        logprobs[r:r + n, P:P + length] = lp
+        r += n
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention,
+        completion_mask=completion_mask,
+        prompt_lengths=torch.tensor([len(ids) for _, ids in rows], device=device),
+        prompt_index=torch.tensor([i for i, _ in rows], device=device),
+        sample_logprobs=logprobs,
+        prompt_width=P,
+    )

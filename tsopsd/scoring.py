@@ -1,0 +1,84 @@
+"""Score sequences: final hidden states at completion positions, and the model's own logits from them.
+
+    hidden = completion_hidden(model, rollout)          # (N, D), N = valid completion tokens
+    for logits in head_logit_chunks(model, hidden, 1024):  # (n, V) float32
+        ...
+
+Everything downstream (metrics, the teacher, the loss) works from hidden states at the N positions
+that predict a completion token, and applies the LM head chunk by chunk. So no B x T x V tensor is
+ever built: memory grows with chunk x V. `head_logits` reproduces the model's own output logits,
+including final-logit soft-capping (Gemma 2/3) and logit scaling (Cohere, Granite), which must be
+applied *before* a teacher temperature divides them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from tsopsd.rollout import Rollout, position_ids_from_mask
+
+
+def causal_lm(model):
+    """The transformers causal-LM module under an optional PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) last-layer hidden states (after the final norm), positions from the mask."""
+    trunk = causal_lm(model).base_model  # e.g. LlamaModel, GPT2Model; LoRA layers act in place
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """(n, V) float32 output logits of `model` for (n, D) hidden states, as `model.forward` makes them."""
+    lm = causal_lm(model)
+    logits = lm.get_output_embeddings()(hidden).float()
+    cfg = lm.config
+    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def prediction_mask(rollout: Rollout) -> torch.Tensor:
+    """(B, T) True at positions whose next token is a completion token (the last column never is)."""
+    mask = torch.zeros_like(rollout.completion_mask)
+    mask[:, :-1] = rollout.completion_mask[:, 1:]
+    return mask
+
+
+def completion_targets(rollout: Rollout) -> torch.Tensor:
+    """(N,) the completion tokens, in the order of `completion_hidden`'s rows."""
+    return rollout.input_ids[rollout.completion_mask]
+
+
+def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None) -> torch.Tensor:
+    """(N, D) hidden states at the positions that predict each completion token.
+
+    Args:
+        micro_batch: rows per forward pass (None: all at once).
+    """
+    mask = prediction_mask(rollout)
+    B = rollout.input_ids.shape[0]
+    step = micro_batch or B
+    parts = []
+    for s in range(0, B, step):
+        h = final_hidden(model, rollout.input_ids[s:s + step], rollout.attention_mask[s:s + step])
+        parts.append(h[mask[s:s + step]])
+    return torch.cat(parts, 0)
+
+
+def head_logit_chunks(model, hidden: torch.Tensor, chunk_size: int = 1024) -> Iterator[torch.Tensor]:
+    """Yield (n, V) float32 logits for consecutive chunks of `hidden` rows."""
+    for s in range(0, hidden.shape[0], chunk_size):
+        yield head_logits(model, hidden[s:s + chunk_size])
