@@ -24,7 +24,7 @@ import torch
 
 from tsopsd.prompts import Prompt
 from tsopsd.rollout import Rollout, sample_rollouts
-from tsopsd.scoring import completion_hidden, head_logits
+from tsopsd.scoring import as_scorer
 
 TOPK = (5, 10)
 
@@ -156,18 +156,20 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
                   micro_batch: int = 8, chunk_size: int = 1024, seed: int = 0) -> dict:
     """Token metrics of `model` on the completions of `rollout`, teacher-forced.
 
+    `model` and `reference` are modules or `Scorer`s (a Scorer can view a PEFT model's base).
+
     Returns a dict with ``entropy`` (summary at T=1), ``entropy_at_sampling_temperature``,
     ``top1_prob``, ``tokens`` and, with a reference, a ``reference`` dict.
     """
-    hidden = completion_hidden(model, rollout, micro_batch=micro_batch)  # (N, D)
-    ref_hidden = completion_hidden(reference, rollout.to(next(reference.parameters()).device),
-                                   micro_batch=micro_batch) if reference is not None else None
+    model, reference = as_scorer(model), (as_scorer(reference) if reference is not None else None)
+    hidden = model.hidden(rollout, micro_batch=micro_batch)  # (N, D)
+    ref_hidden = reference.hidden(rollout, micro_batch=micro_batch) if reference is not None else None
     per_token: dict[str, list[torch.Tensor]] = {}
     for s in range(0, hidden.shape[0], chunk_size):
-        logits = head_logits(model, hidden[s:s + chunk_size])
+        logits = model.logits(hidden[s:s + chunk_size])
         ref_logits = None
         if reference is not None:
-            ref_logits = head_logits(reference, ref_hidden[s:s + chunk_size]).to(logits.device)
+            ref_logits = reference.logits(ref_hidden[s:s + chunk_size]).to(logits.device)
             if ref_logits.shape[-1] != logits.shape[-1]:
                 from tsopsd.errors import TsopsdError
 
@@ -193,7 +195,7 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
             g = torch.Generator().manual_seed(seed)
             sub = ref_hidden[torch.randperm(n, generator=g)[:MAX_EFFECTIVE_T_POSITIONS].to(ref_hidden.device)]
         ref["effective_temperature"] = temperature_for_entropy(
-            sub, lambda h: head_logits(reference, h), result["entropy"]["mean"], chunk_size=chunk_size)
+            sub, reference.logits, result["entropy"]["mean"], chunk_size=chunk_size)
         result["reference"] = ref
     return result
 

@@ -82,3 +82,38 @@ def head_logit_chunks(model, hidden: torch.Tensor, chunk_size: int = 1024) -> It
     """Yield (n, V) float32 logits for consecutive chunks of `hidden` rows."""
     for s in range(0, hidden.shape[0], chunk_size):
         yield head_logits(model, hidden[s:s + chunk_size])
+
+
+class Scorer:
+    """A model seen for scoring: hidden states at completion positions and its own logits.
+
+    With `adapter_disabled`, a PEFT model is scored with its adapter switched off: the base model,
+    with no second copy in memory (how the LoRA teacher and the "original" reference are seen).
+    """
+
+    def __init__(self, model, *, adapter_disabled: bool = False):
+        self.model = model
+        self.adapter_disabled = adapter_disabled
+
+    def _context(self):
+        import contextlib
+
+        if self.adapter_disabled:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def hidden(self, rollout: Rollout, *, micro_batch: int | None = None) -> torch.Tensor:
+        with self._context():
+            return completion_hidden(self.model, rollout.to(self.device), micro_batch=micro_batch)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self._context():
+            return head_logits(self.model, hidden)
+
+
+def as_scorer(model_or_scorer) -> Scorer:
+    return model_or_scorer if isinstance(model_or_scorer, Scorer) else Scorer(model_or_scorer)

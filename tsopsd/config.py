@@ -1,0 +1,281 @@
+"""One typed config for `tsopsd reheat`: nested frozen dataclasses, YAML files, overrides.
+
+    cfg = load_config("configs/lora.yaml", {"teacher.temperature": 1.5, "train.steps": 100})
+
+Precedence: dataclass defaults < the YAML file < overrides (CLI flags, then ``--set key=value``).
+Unknown keys are rejected, values are coerced to the field's type, and every problem is reported
+at once in one `ConfigError`. The resolved config is saved with the output as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tsopsd.errors import TsopsdError
+
+
+class ConfigError(TsopsdError):
+    """Invalid config: lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # checkpoint folder (or PEFT adapter folder) to reheat
+    base: str | None = None  # base model for an adapter input (default: its adapter_config.json)
+    device: str = "auto"  # auto: cuda when present, else cpu
+    dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = ""  # .jsonl, .txt or .parquet
+    prompt_field: str | None = None
+    max_prompt_tokens: int | None = None
+    limit: int | None = None  # use only the first N prompts
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4  # on-policy completions per prompt, sampled at T=1
+    max_new_tokens: int = 256
+    batch_size: int = 32  # sequences sampled together
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    temperature: float | None = 1.5  # tau: the teacher is softmax(z0 / tau)
+    target_entropy: float | None = None  # or: choose tau so the teacher's mean entropy is this (nats)
+    target_entropy_from: str | None = None  # or: take that target from another checkpoint (e.g. the SFT model)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5  # jsd weight of the teacher in the mixture, 0 < beta < 1
+    chunk_size: int = 1024  # positions per LM-head chunk (0: all at once)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: Literal["lora", "full"] = "lora"
+    steps: int = 50
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    micro_batch: int = 8  # sequences per student forward/backward (gradients accumulate)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # or a comma-separated list of module names
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    entropy_tolerance: float = 0.02  # stop when student entropy >= teacher entropy * (1 - tolerance)
+    min_top1_agreement: float = 0.9  # drift guard: stop and roll back below this agreement with the original
+    rollback: bool = True  # keep a copy of the last state that passed the guard
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    out: str = ""
+    save: Literal["adapter", "merged"] = "merged"
+    save_every: int = 10  # resumable state every N steps (0: only on Ctrl-C)
+    eval_prompts: int = 16  # prompts for the before/after report (0: skip it)
+    eval_samples_per_prompt: int = 4
+    overwrite: bool = False
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- coercion -------------------------------------------------------------------------------------
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce `value` (from YAML or a string override) to type `tp`; raise ValueError with a reason."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if value is None:
+        raise ValueError("must not be empty")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"must be a string, got {type(value).__name__}")
+        return str(value)
+    raise ValueError(f"unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            errors.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value, key = hints[f.name], data[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                errors.append(f"{key}: must be a section (mapping), got {type(value).__name__}")
+                continue
+            kwargs[f.name] = _build(tp, value, f"{key}.", errors)
+            continue
+        try:
+            kwargs[f.name] = _coerce(value, tp, key)
+        except ValueError as e:
+            errors.append(f"{key}: {e}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """Parse ``key=value`` strings (``--set train.lr=2e-5``)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else None
+    return out
+
+
+def validate(cfg: Config) -> list[str]:
+    """Range and consistency checks; returns every problem found."""
+    e = []
+    t, r, lo, tr, st, o = cfg.teacher, cfg.rollout, cfg.loss, cfg.train, cfg.stop, cfg.output
+    if not cfg.model.path:
+        e.append("model.path: required (the checkpoint to reheat)")
+    if not cfg.data.prompts:
+        e.append("data.prompts: required (a prompt file)")
+    if not o.out:
+        e.append("output.out: required (the output folder)")
+    chosen = [n for n, v in (("temperature", t.temperature), ("target_entropy", t.target_entropy),
+                             ("target_entropy_from", t.target_entropy_from)) if v is not None]
+    if len(chosen) != 1:
+        e.append(f"teacher: set exactly one of temperature, target_entropy, target_entropy_from (got {chosen or 'none'})")
+    if t.temperature is not None and not t.temperature > 1.0:
+        e.append(f"teacher.temperature: must be > 1 to reheat, got {t.temperature}")
+    if t.target_entropy is not None and not t.target_entropy > 0:
+        e.append(f"teacher.target_entropy: must be > 0 nats, got {t.target_entropy}")
+    for name, v in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt", r.samples_per_prompt),
+                    ("rollout.max_new_tokens", r.max_new_tokens), ("rollout.batch_size", r.batch_size),
+                    ("train.steps", tr.steps), ("train.micro_batch", tr.micro_batch), ("train.lora_r", tr.lora_r)):
+        if v < 1:
+            e.append(f"{name}: must be >= 1, got {v}")
+    if not 0 < lo.beta < 1:
+        e.append(f"loss.beta: must be in (0, 1), got {lo.beta}")
+    if lo.chunk_size < 0:
+        e.append(f"loss.chunk_size: must be >= 0, got {lo.chunk_size}")
+    if not tr.lr > 0:
+        e.append(f"train.lr: must be > 0, got {tr.lr}")
+    for name, v in (("train.weight_decay", tr.weight_decay), ("train.warmup_steps", tr.warmup_steps),
+                    ("train.max_grad_norm", tr.max_grad_norm), ("output.save_every", o.save_every),
+                    ("output.eval_prompts", o.eval_prompts), ("stop.entropy_tolerance", st.entropy_tolerance)):
+        if v < 0:
+            e.append(f"{name}: must be >= 0, got {v}")
+    if o.eval_samples_per_prompt < 1:
+        e.append(f"output.eval_samples_per_prompt: must be >= 1, got {o.eval_samples_per_prompt}")
+    if not 0 <= tr.lora_dropout < 1:
+        e.append(f"train.lora_dropout: must be in [0, 1), got {tr.lora_dropout}")
+    if not 0 <= st.min_top1_agreement <= 1:
+        e.append(f"stop.min_top1_agreement: must be in [0, 1], got {st.min_top1_agreement}")
+    if tr.mode == "full" and o.save == "adapter":
+        e.append("output.save: 'adapter' needs train.mode lora (full fine-tuning saves a merged checkpoint)")
+    if o.overwrite and o.resume:
+        e.append("output: choose --overwrite or --resume, not both")
+    return e
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a `Config` from defaults, an optional YAML file and dotted-key overrides.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types or values (all listed at once).
+    """
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: must be a mapping of sections")
+        tree = loaded
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    errors: list[str] = []
+    cfg = _build(Config, tree, "", errors)
+    errors += validate(cfg)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}: " + "; ".join(errors))
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
