@@ -53,3 +53,13 @@ def prompts_file(tmp_path):
         '{"prompt": "one two three four five six seven"}\n'
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def collapsed(tmp_path_factory):
+    """A small model trained on one answer per prompt of the toy task: accurate and low-entropy."""
+    from tsopsd.toytask import build_collapsed_checkpoint, write_prompts
+
+    root = tmp_path_factory.mktemp("collapsed")
+    build_collapsed_checkpoint(root / "ckpt", steps=150)
+    return root / "ckpt", write_prompts(root / "prompts.jsonl")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +124,33 @@ def test_unexpected_failure_exit_1_without_traceback(ckpt, prompts_file, monkeyp
 def test_version():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.startswith("tsopsd ")
+
+
+def test_reheat_cli_json_refuses_existing_out_and_merge(collapsed, tmp_path):
+    ckpt, prompts = collapsed
+    out = tmp_path / "adapter"
+    args = ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"),
+            "--steps", "3", "--save", "adapter", "--set", "output.eval_prompts=2", "--json", "--quiet"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["steps_run"] == 3 and report["save"] == "adapter" and report["teacher_temperature"] == 1.2
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "output folder exists" in res.stderr and "--overwrite" in res.stderr
+    merged = tmp_path / "merged"
+    res = runner.invoke(app, ["merge", str(out), "--out", str(merged), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    res = runner.invoke(app, ["merge", str(ckpt), "--out", str(tmp_path / "m2"), "--quiet"])
+    assert res.exit_code == 2 and "not a PEFT adapter" in res.stderr
+
+
+def test_reheat_cli_bad_config_lists_errors(collapsed, tmp_path):
+    ckpt, prompts = collapsed
+    res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                              "--temperature", "0.5", "--set", "loss.beta=3", "--quiet"])
+    assert res.exit_code == 2
+    assert "teacher.temperature: must be > 1" in res.stderr and "loss.beta: must be in (0, 1)" in res.stderr
+    res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                              "--mode", "sideways"])
+    assert res.exit_code == 2

@@ -269,3 +269,27 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def saved_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint folder was saved in (from config.json; float32 when it does not say)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    return DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), torch.float32)
+
+
+def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                  dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer."""
+    check_output_dir(Path(out), overwrite=overwrite)
+    ckpt = load_checkpoint(adapter, base=base, device="cpu", dtype="float32")
+    if not ckpt.is_adapter:
+        raise TsopsdError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    save_as = resolve_dtype(dtype, torch.device("cpu")) if dtype else saved_dtype(ckpt.base_path)
+    merged = ckpt.model.merge_and_unload()
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        merged.to(save_as).save_pretrained(str(tmp))
+        ckpt.tokenizer.save_pretrained(str(tmp))
+    return Path(out)

@@ -14,6 +14,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
@@ -135,6 +136,109 @@ def measure_entropy(
 
         _emit(result, as_json=as_json, out=out,
               table=lambda: metrics_table({str(ckpt): result["metrics"]}, title="tsopsd measure-entropy"))
+
+    _run(body, debug=debug)
+
+
+class Mode(str, Enum):
+    lora = "lora"
+    full = "full"
+
+
+class Save(str, Enum):
+    adapter = "adapter"
+    merged = "merged"
+
+
+class Divergence(str, Enum):
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+
+
+@app.command()
+def reheat(
+    ckpt: Ckpt,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompt file: .jsonl, .txt or .parquet.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (written complete, or not at all).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature tau > 1.")] = None,
+    target_entropy: Annotated[Optional[float], typer.Option(help="Choose tau so the teacher's mean entropy is H nats.")] = None,
+    target_entropy_from: Annotated[Optional[Path], typer.Option(help="Target: the entropy of this checkpoint (e.g. the SFT one).")] = None,
+    mode: Annotated[Optional[Mode], typer.Option(help="Train a LoRA adapter or all weights.")] = None,
+    save: Annotated[Optional[Save], typer.Option(help="Write a PEFT adapter (lora only) or a merged checkpoint.")] = None,
+    divergence: Annotated[Optional[Divergence], typer.Option(help="forward_kl = KL(teacher||student), reverse_kl, or jsd.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="JSD weight of the teacher, 0 < beta < 1.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps.")] = None,
+    prompts_per_step: Annotated[Optional[int], typer.Option(min=1, help="Prompts per step.")] = None,
+    samples_per_prompt: Annotated[Optional[int], typer.Option(min=1, help="On-policy completions per prompt.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Completion length cap.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is complete).")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    base: Base = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set train.lora_r=8 (repeatable).")] = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Reheat a checkpoint: on-policy self-distillation toward its own temperature-scaled logits."""
+    def body() -> None:
+        from tsopsd import console
+        from tsopsd.config import load_config, parse_set
+        from tsopsd.reheat import reheat as run_reheat
+        from tsopsd.report import metrics_table
+
+        console.setup_logging(quiet=quiet)
+        flags = {
+            "model.path": str(ckpt), "data.prompts": prompts, "output.out": out, "model.base": base,
+            "model.device": device, "model.dtype": dtype, "train.mode": mode, "output.save": save,
+            "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
+            "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
+            "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,
+        }
+        overrides = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
+                     for k, v in flags.items() if v is not None}
+        if resume:
+            overrides["output.resume"] = True
+        if overwrite:
+            overrides["output.overwrite"] = True
+        # A teacher flag replaces whichever teacher setting the config file chose.
+        teacher = {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
+                   "teacher.target_entropy_from": str(target_entropy_from) if target_entropy_from else None}
+        if any(v is not None for v in teacher.values()):
+            overrides.update(teacher)
+        overrides.update(parse_set(set_ or []))
+        cfg = load_config(config, overrides)
+        report = run_reheat(cfg, show_progress=not quiet)
+        columns = {"before": report["before"], "after": report["after"]} if report["before"] else {}
+        _emit(report, as_json=as_json, out=None,
+              table=lambda: metrics_table(columns, title=f"tsopsd reheat: tau={report['teacher_temperature']:.3f}, "
+                                                         f"{report['steps_run']} steps, {report['stop_reason']}"))
+
+    _run(body, debug=debug)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter folder (e.g. the output of reheat --save adapter).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the merged checkpoint.")],
+    base: Base = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Save dtype (default: the base checkpoint's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Merge a LoRA adapter into its base and save an ordinary checkpoint."""
+    def body() -> None:
+        from tsopsd import console
+        from tsopsd.checkpoint import merge_adapter
+
+        console.setup_logging(quiet=quiet)
+        merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite)
 
     _run(body, debug=debug)
 

@@ -74,7 +74,6 @@ class TrainConfig:
     micro_batch: int = 8  # sequences per student forward/backward (gradients accumulate)
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"  # or a comma-separated list of module names
 
 
@@ -237,8 +236,6 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"{name}: must be >= 0, got {v}")
     if o.eval_samples_per_prompt < 1:
         e.append(f"output.eval_samples_per_prompt: must be >= 1, got {o.eval_samples_per_prompt}")
-    if not 0 <= tr.lora_dropout < 1:
-        e.append(f"train.lora_dropout: must be in [0, 1), got {tr.lora_dropout}")
     if not 0 <= st.min_top1_agreement <= 1:
         e.append(f"stop.min_top1_agreement: must be in [0, 1], got {st.min_top1_agreement}")
     if tr.mode == "full" and o.save == "adapter":

@@ -25,7 +25,12 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
                           rich_tracebacks=False, markup=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     # Third-party chatter (weight-loading bars, deprecation notes) is noise in a batch log.
+    import warnings
+
     import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|fan_in_fan_out|Could not find a config).*")
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -36,9 +41,12 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 @contextmanager
-def progress(enabled: bool = True) -> Iterator[ProgressFactory]:
-    """Yield ``task(description, total) -> advance(n)``; a bar on a TTY, else a line every ~10%."""
-    if not enabled:
+def progress(enabled: bool = True, *, plain: bool = True) -> Iterator[ProgressFactory]:
+    """Yield ``task(description, total) -> advance(n)``; a bar on a TTY, else a line every ~10%.
+
+    With ``plain=False`` nothing is printed off a TTY (for loops that log a line per step anyway).
+    """
+    if not enabled or (not plain and not stderr.is_terminal):
         yield lambda description, total: (lambda n=1: None)
         return
     if stderr.is_terminal:

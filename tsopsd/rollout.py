@@ -50,6 +50,10 @@ class Rollout:
         """Completion token ids of each row (EOS included when sampled)."""
         return [row[m].tolist() for row, m in zip(self.input_ids, self.completion_mask)]
 
+    def rows(self, start: int, stop: int) -> Rollout:
+        """The rows [start, stop) as a Rollout."""
+        return Rollout(**{k: (v[start:stop] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+
     def to(self, device) -> Rollout:
         return Rollout(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
 

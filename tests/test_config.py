@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from tsopsd.config import Config, ConfigError, load_config, parse_set
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+REQUIRED = {"model.path": "ckpt", "data.prompts": "p.jsonl", "output.out": "out"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path, REQUIRED)
+    assert isinstance(cfg, Config)
+    assert path.read_text().startswith("# tsopsd reheat")  # each file opens with its command
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    assert load_config(None, REQUIRED).train.steps == 50
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  steps: 7\n  lr: 0.5\nseed: 3\n")
+    cfg = load_config(y, REQUIRED)
+    assert (cfg.train.steps, cfg.train.lr, cfg.seed) == (7, 0.5, 3)
+    cfg = load_config(y, {**REQUIRED, "train.steps": "9"})
+    assert (cfg.train.steps, cfg.train.lr) == (9, 0.5)  # coerced from a string; other keys kept
+
+
+def test_unknown_keys_and_bad_values_reported_all_at_once(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  stepz: 7\n  lr: fast\nloss:\n  divergence: kl\n  beta: 1.5\nteacher:\n  temperature: 0.8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(y, REQUIRED)
+    msg = str(e.value)
+    for part in ("train.stepz: unknown key", "train.lr: must be a number", "loss.divergence: must be one of",
+                 "teacher.temperature: must be > 1", "loss.beta: must be in (0, 1)", str(y)):
+        assert part in msg, part
+
+
+def test_teacher_needs_exactly_one_setting_and_adapter_needs_lora():
+    with pytest.raises(ConfigError, match="exactly one of temperature, target_entropy"):
+        load_config(None, {**REQUIRED, "teacher.target_entropy": 2.0})
+    cfg = load_config(None, {**REQUIRED, "teacher.temperature": None, "teacher.target_entropy": 2.0})
+    assert cfg.teacher.temperature is None and cfg.teacher.target_entropy == 2.0
+    with pytest.raises(ConfigError, match="'adapter' needs train.mode lora"):
+        load_config(None, {**REQUIRED, "train.mode": "full", "output.save": "adapter"})
+    with pytest.raises(ConfigError, match="model.path: required"):
+        load_config(None, {"data.prompts": "p", "output.out": "o"})
+
+
+def test_parse_set_and_bad_yaml(tmp_path):
+    cfg = load_config(None, {**REQUIRED, **parse_set(["train.lr=2e-5", "stop.rollback=false", "model.base="])})
+    assert (cfg.train.lr, cfg.stop.rollback, cfg.model.base) == (2e-5, False, None)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["oops"])
+    y = tmp_path / "bad.yaml"
+    y.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(y, REQUIRED)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml", REQUIRED)

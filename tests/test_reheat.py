@@ -1,0 +1,260 @@
+"""The reheat loop end to end on a small collapsed model (CPU, seconds)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tsopsd.config import load_config
+from tsopsd.errors import TrainingStopped, TsopsdError
+from tsopsd.reheat import reheat, run_dir_for
+
+TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
+
+
+def cfg_for(collapsed, out, **overrides):
+    ckpt, prompts = collapsed
+    base = {"model.path": str(ckpt), "data.prompts": str(prompts), "output.out": str(out), "output.eval_prompts": 6}
+    return load_config(TINY, {**base, **overrides})
+
+
+def steps_of(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def first_and_last(metrics, key, n=5):
+    """Mean of `key` over the first and the last n steps (single steps are noisy)."""
+    vals = [m[key] for m in metrics]
+    return sum(vals[:n]) / n, sum(vals[-n:]) / n
+
+
+@pytest.mark.parametrize("mode, lr", [("lora", 2e-3), ("full", 3e-4)])
+def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
+    ckpt, _ = collapsed
+    out = tmp_path / "out"
+    input_weights = load_file(ckpt / "model.safetensors")
+    seen = {}
+
+    def capture(student):
+        seen["params"] = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+    report = reheat(cfg_for(collapsed, out, **{"train.mode": mode, "train.lr": lr, "train.steps": 60,
+                                                "stop.entropy_tolerance": 0.0}),
+                    show_progress=False, on_trained=capture)
+    metrics = steps_of(out)
+    h_student0, h_student1 = first_and_last(metrics, "train/student_entropy")
+    h_teacher, _ = first_and_last(metrics, "train/teacher_entropy")
+    # at least half of the entropy gap to the teacher is closed, on the training rollouts...
+    assert h_student1 - h_student0 >= 0.5 * (h_teacher - h_student0), (h_student0, h_student1, h_teacher)
+    assert min(m["train/top1_agreement"] for m in metrics) >= 0.9
+    # ...and on the held-out before/after report
+    before, after = report["before"], report["after"]
+    print(f"{mode}: train H {h_student0:.4f} -> {h_student1:.4f} (teacher {h_teacher:.4f}); eval H "
+          f"{before['entropy']['mean']:.4f} -> {after['entropy']['mean']:.4f}, agreement "
+          f"{after['reference']['top1_agreement']:.3f}")
+    assert after["entropy"]["mean"] - before["entropy"]["mean"] >= 0.5 * (h_teacher - before["entropy"]["mean"])
+    assert after["reference"]["top1_agreement"] >= 0.9
+    # the teacher never moved: the input file is unchanged and, in full mode, the frozen copy equals it
+    assert all(torch.equal(v, load_file(ckpt / "model.safetensors")[k]) for k, v in input_weights.items())
+    # every trainable parameter changed
+    initial = load_file(ckpt / "model.safetensors")
+    for name, value in seen["params"].items():
+        if mode == "full":
+            assert not torch.equal(value, initial[name]), name
+        else:
+            assert "lora_" in name and value.abs().sum() > 0, name
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "config.yaml", "metrics.jsonl",
+            "reheat_report.json", "README.md"} <= files
+    assert not run_dir_for(out).exists()
+
+
+def test_teacher_is_bit_identical_during_lora_run(collapsed, tmp_path):
+    """With LoRA the teacher is the base with the adapter off: base weights must never change."""
+    ckpt, _ = collapsed
+    original = load_file(ckpt / "model.safetensors")
+    seen = {}
+
+    def capture(student):
+        base = student.get_base_model()
+        seen["base"] = {n.replace(".base_layer", ""): p.detach().clone() for n, p in base.named_parameters()
+                        if "lora_" not in n}
+
+    reheat(cfg_for(collapsed, tmp_path / "o", **{"train.steps": 5, "output.eval_prompts": 0}), show_progress=False,
+           on_trained=capture)
+    assert set(seen["base"]) == set(original)
+    assert all(torch.equal(seen["base"][k], original[k]) for k in original)
+
+
+PLAIN_LOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+kind, path = sys.argv[1], sys.argv[2]
+if kind == "adapter":
+    from peft import AutoPeftModelForCausalLM
+    model = AutoPeftModelForCausalLM.from_pretrained(path)
+else:
+    model = AutoModelForCausalLM.from_pretrained(path)
+ids = torch.tensor([[5, 9, 14, 3, 7, 11]])
+with torch.no_grad():
+    print(json.dumps(model.eval()(input_ids=ids).logits[0].tolist()))
+assert not any(m.startswith("tsopsd") for m in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("save", ["adapter", "merged"])
+def test_output_loads_with_plain_libraries_and_reproduces_logits(collapsed, tmp_path, save):
+    out = tmp_path / save
+    trained = {}
+
+    def capture(student):
+        with torch.no_grad():
+            trained["logits"] = student(input_ids=torch.tensor([[5, 9, 14, 3, 7, 11]])).logits[0]
+
+    reheat(cfg_for(collapsed, out, **{"train.steps": 6, "output.save": save, "output.eval_prompts": 0}),
+           show_progress=False, on_trained=capture)
+    if save == "adapter":
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert Path(cfg["base_model_name_or_path"]) == collapsed[0].resolve()
+        assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    p = subprocess.run([sys.executable, "-c", PLAIN_LOAD, save, str(out)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    loaded = torch.tensor(json.loads(p.stdout.strip().splitlines()[-1]))
+    # fp32 throughout; merging LoRA changes the summation order only
+    assert torch.allclose(loaded, trained["logits"], atol=1e-4), (loaded - trained["logits"]).abs().max()
+
+
+def test_target_entropy_lands_within_two_percent(collapsed, tmp_path):
+    target = 0.35
+    report = reheat(cfg_for(collapsed, tmp_path / "o", **{
+        "teacher.temperature": None, "teacher.target_entropy": target, "train.steps": 1, "output.eval_prompts": 0}),
+        show_progress=False)
+    first = steps_of(tmp_path / "o")[0]
+    assert report["teacher_temperature_source"] == "target_entropy"
+    assert abs(first["train/teacher_entropy"] - target) <= 0.02 * target
+    assert report["teacher_temperature"] > 1
+
+
+def test_target_entropy_from_checkpoint(collapsed, tmp_path, ckpts):
+    # a checkpoint of the same tokenizer but much higher entropy: the collapsed model itself, heated by
+    # scaling the final norm (so its entropy at T=1 is the collapsed one's at T=1.25)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tsopsd.toy import sharpen_
+
+    ckpt, _ = collapsed
+    hot = tmp_path / "hot"
+    m = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    sharpen_(m, 1 / 1.25)
+    m.save_pretrained(str(hot))
+    AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(str(hot))
+    report = reheat(cfg_for(collapsed, tmp_path / "o", **{
+        "teacher.temperature": None, "teacher.target_entropy_from": str(hot), "train.steps": 1,
+        "output.eval_prompts": 6}), show_progress=False)
+    # the same prompts sampled from a different model give a different batch: tau lands near 1.25, not on it
+    assert report["teacher_temperature"] == pytest.approx(1.25, rel=0.15)
+    with pytest.raises(TsopsdError, match="tokenizer differs"):
+        reheat(cfg_for(collapsed, tmp_path / "o2", **{"teacher.temperature": None,
+                                                       "teacher.target_entropy_from": str(ckpts["qwen3"])}),
+               show_progress=False)
+
+
+def test_resume_equals_uninterrupted_run(collapsed, tmp_path):
+    common = {"train.steps": 6, "output.save_every": 2, "output.eval_prompts": 0, "stop.entropy_tolerance": 0.0}
+    reheat(cfg_for(collapsed, tmp_path / "a", **common), show_progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        reheat(cfg_for(collapsed, tmp_path / "b", **common), show_progress=False, interrupt_at_step=3)
+    assert not (tmp_path / "b").exists() and (run_dir_for(tmp_path / "b") / "state.pt").is_file()
+    with pytest.raises(TsopsdError, match="unfinished run exists"):
+        reheat(cfg_for(collapsed, tmp_path / "b", **common), show_progress=False)
+    reheat(cfg_for(collapsed, tmp_path / "b", **common, **{"output.resume": True}), show_progress=False)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = [m["train/loss"] for m in steps_of(tmp_path / "a")]
+    lb = [m["train/loss"] for m in steps_of(tmp_path / "b")]
+    assert la == lb and len(la) == 6
+
+
+def test_existing_output_refused_without_overwrite(collapsed, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(TsopsdError, match="output folder exists.*--overwrite"):
+        reheat(cfg_for(collapsed, out, **{"train.steps": 1}), show_progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    reheat(cfg_for(collapsed, out, **{"train.steps": 1, "output.overwrite": True, "output.eval_prompts": 0}),
+           show_progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(collapsed, tmp_path, monkeypatch):
+    import tsopsd.loss as loss_mod
+
+    real = loss_mod.token_divergence
+    calls = {"n": 0}
+    seen = {}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] > 3 else value  # steps 1-3 fine (one chunk each), then NaN
+
+    monkeypatch.setattr(loss_mod, "token_divergence", poisoned)
+    out = tmp_path / "o"
+    with pytest.raises(TrainingStopped, match="non-finite loss at step 4"):
+        reheat(cfg_for(collapsed, out, **{"train.steps": 10, "output.eval_prompts": 0, "train.micro_batch": 64}),
+               show_progress=False, on_trained=lambda s: seen.update(
+                   {n: p.detach().clone() for n, p in s.named_parameters() if p.requires_grad}))
+    report = json.loads((out / "reheat_report.json").read_text())
+    assert report["steps_run"] == 3 and "non-finite" in report["stop_reason"]
+    assert all(torch.isfinite(v).all() for v in seen.values())
+    assert len(steps_of(out)) == 3
+
+
+def test_drift_guard_stops_and_rolls_back(collapsed, tmp_path):
+    out = tmp_path / "o"
+    report = reheat(cfg_for(collapsed, out, **{"train.lr": 0.05, "train.steps": 30, "teacher.temperature": 2.0,
+                                                "stop.entropy_tolerance": 0.0}), show_progress=False)
+    assert report["stop_reason"].startswith("drift guard")
+    assert report["steps_run"] < 30
+    # what was saved is the last state that passed: its agreement on the step that checked it was >= 0.9
+    assert all(m["train/top1_agreement"] >= 0.9 for m in steps_of(out))
+    assert report["after"]["reference"]["top1_agreement"] >= 0.8
+
+
+def test_random_weights_are_refused(ckpts, tmp_path, collapsed):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt, prompts = collapsed
+    rnd = tmp_path / "random"
+    m = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(str(ckpt)).config)
+    m.save_pretrained(str(rnd))
+    AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(str(rnd))
+    with pytest.raises(TsopsdError, match="near uniform"):
+        reheat(cfg_for((rnd, prompts), tmp_path / "o"), show_progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_teacher_check_catches_a_wrong_training_path(collapsed):
+    from tsopsd.checkpoint import load_checkpoint
+    from tsopsd.prompts import load_prompts
+    from tsopsd.rollout import sample_rollouts
+    from tsopsd.scoring import Scorer
+    from tsopsd.teacher import check_teacher
+
+    ckpt, prompts = collapsed
+    ck = load_checkpoint(ckpt, device="cpu")
+    items = load_prompts(prompts, ck.tokenizer)[:4]
+    r = sample_rollouts(ck.model, ck.tokenizer, items, samples_per_prompt=2, max_new_tokens=6)
+    good = check_teacher(Scorer(ck.model), r, 1.5)
+    assert good["entropy_tau"] > good["entropy_t1"] and good["log_vocab"] == pytest.approx(math.log(len(ck.tokenizer)),
+                                                                                            abs=0.01)
+    check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"])
+    with pytest.raises(RuntimeError, match="teacher check failed"):
+        check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"] * 1.01)
