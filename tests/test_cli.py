@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tsopsd.cli import app
 
 runner = CliRunner()
+TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
 
 
 def test_measure_entropy_json_is_one_object(ckpt, prompts_file, tmp_path):
@@ -129,7 +130,7 @@ def test_version():
 def test_reheat_cli_json_refuses_existing_out_and_merge(collapsed, tmp_path):
     ckpt, prompts = collapsed
     out = tmp_path / "adapter"
-    args = ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"),
+    args = ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(TINY),
             "--steps", "3", "--save", "adapter", "--set", "output.eval_prompts=2", "--json", "--quiet"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
