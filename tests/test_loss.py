@@ -98,3 +98,23 @@ def test_chunked_equals_unchunked_values_and_gradients(divergence):
         for a, b in zip(gs, ref_grads):
             assert torch.allclose(a.double(), b, atol=1e-6)
     assert stats[0].student_entropy == pytest.approx(stats[1].student_entropy, rel=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_hand_gradient_equals_float64_autograd(divergence):
+    from tsopsd.loss import divergence_and_grad
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(7, 29, generator=g) * 3
+    t = torch.randn(7, 29, generator=g) * 2
+    grad, stats = divergence_and_grad(s, t.clone(), divergence=divergence, teacher_temperature=TAU, beta=0.3, grad_scale=0.25)
+    s64 = s.double().requires_grad_()
+    per = reference(s64, t.double(), divergence, TAU, beta=0.3)
+    (per.sum() * 0.25).backward()
+    assert stats.divergence == pytest.approx(per.sum().item(), rel=1e-5)
+    assert torch.allclose(grad.double(), s64.grad, atol=1e-6)
+    p = torch.softmax(s.double(), -1)
+    assert stats.student_entropy == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    q0 = torch.softmax(t.double(), -1)
+    assert stats.kl_student_original == pytest.approx(float((p * (p.log() - q0.log())).sum()), rel=1e-5)
+    assert stats.top1_agreement == float((s.argmax(-1) == t.argmax(-1)).sum())

@@ -196,16 +196,17 @@ def test_existing_output_refused_without_overwrite(collapsed, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_state(collapsed, tmp_path, monkeypatch):
     import tsopsd.loss as loss_mod
 
-    real = loss_mod.token_divergence
+    real = loss_mod.divergence_and_grad
     calls = {"n": 0}
     seen = {}
 
-    def poisoned(*args, **kwargs):
+    def poisoned(student_logits, *args, **kwargs):
         calls["n"] += 1
-        value = real(*args, **kwargs)
-        return value * float("nan") if calls["n"] > 3 else value  # steps 1-3 fine (one chunk each), then NaN
+        if calls["n"] > 3:  # steps 1-3 fine (one chunk each), then the student's logits blow up
+            student_logits = student_logits * float("nan")
+        return real(student_logits, *args, **kwargs)
 
-    monkeypatch.setattr(loss_mod, "token_divergence", poisoned)
+    monkeypatch.setattr(loss_mod, "divergence_and_grad", poisoned)
     out = tmp_path / "o"
     with pytest.raises(TrainingStopped, match="non-finite loss at step 4"):
         reheat(cfg_for(collapsed, out, **{"train.steps": 10, "output.eval_prompts": 0, "train.micro_batch": 64}),

@@ -60,7 +60,7 @@ class TeacherConfig:
 class LossConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = 0.5  # jsd weight of the teacher in the mixture, 0 < beta < 1
-    chunk_size: int = 1024  # positions per LM-head chunk (0: all at once)
+    chunk_size: int = 512  # positions per LM-head chunk (0: all at once)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,11 @@ and per completion token:
 The loss is the sum over valid completion tokens divided by their count (clamped to 1, so an empty
 mask gives 0, not NaN). Everything is computed in float32.
 
-`chunked_divergence_backward` evaluates the LM heads chunk by chunk on (N, D) hidden states and
-back-propagates each chunk at once, so only chunk x V logits are alive at any moment (never B x T x V),
-and the head is computed once per chunk (no recomputation).
+`token_divergence` is the plain autograd form (the reference the tests check against).
+`chunked_divergence_backward` is what training runs: it evaluates the LM heads chunk by chunk on
+(N, D) hidden states, computes each chunk's gradient w.r.t. the logits by hand
+(`divergence_and_grad`) and back-propagates it at once, so only a few chunk x V tensors are alive at
+any moment (never B x T x V), and the head runs once per chunk (no recomputation).
 """
 
 from __future__ import annotations
@@ -78,20 +80,78 @@ class ChunkStats:
         self.nonfinite = self.nonfinite or other.nonfinite
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) sum_v a[n, v] * b[n, v] without an (n, V) temporary."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
 @torch.no_grad()
-def _stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, per_token: torch.Tensor, tau: float) -> ChunkStats:
-    logp = student_logits.float().log_softmax(-1)
-    log_orig = teacher_logits.float().log_softmax(-1)
-    logq = (teacher_logits.float() / tau).log_softmax(-1)
+def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str,
+                        teacher_temperature: float, beta: float = 0.5, grad_scale: float | None = None
+                        ) -> tuple[torch.Tensor | None, ChunkStats]:
+    """Per-token divergence, its gradient w.r.t. the student logits, and logging statistics, by hand.
+
+    All three divergences have dL/dp_v = g_v with a simple g, and through the softmax
+    dL/dz = p * (g - sum_v p_v g_v):
+
+        forward_kl: dL/dz = p - q
+        reverse_kl: g = log p - log q             -> dL/dz = p * (g - KL(p||q))
+        jsd:        g = (1 - beta)(log p - log m) -> dL/dz = p * (g - sum_v p_v g_v)
+
+    Computing this directly, in place where possible, keeps about five (n, V) float32 tensors alive
+    instead of the dozen autograd saves through log_softmax, and shares the softmaxes with the
+    statistics. Pass `teacher_logits` without keeping a reference: it is released once used.
+
+    Args:
+        student_logits, teacher_logits: (n, V); the teacher's are raw (divided by tau here).
+        grad_scale: multiply the gradient by this (1 / number of valid tokens); None: no gradient.
+
+    Returns:
+        (grad (n, V) float32 or None, statistics summed over the n positions)
+    """
+    logp = student_logits.float().log_softmax(-1)  # (n, V)
     p = logp.exp()
-    return ChunkStats(
-        divergence=float(per_token.sum()),
-        student_entropy=float(-(p * logp).sum()),
-        teacher_entropy=float(-(logq.exp() * logq).sum()),
-        kl_student_original=float((p * (logp - log_orig)).sum()),
-        top1_agreement=float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()),
-        nonfinite=not bool(torch.isfinite(per_token).all()),
-    )
+    top1 = float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
+    student_entropy = -float(_rowdot(p, logp).sum())
+    # From here on the teacher's logits are worked on in place (they were handed over).
+    z0 = teacher_logits.float()
+    del teacher_logits
+    lse0 = z0.logsumexp(-1)  # (n,)
+    # KL(student || original at T=1) = sum p log p - sum p z0 + logsumexp(z0), since sum p = 1
+    kl_orig = float((_rowdot(p, logp) - _rowdot(p, z0) + lse0).sum())
+    logq = z0.div_(teacher_temperature)
+    logq.sub_(logq.logsumexp(-1, keepdim=True))  # in-place log_softmax of z0 / tau
+    q = logq.exp()
+    q_logq = _rowdot(q, logq)
+    teacher_entropy = -float(q_logq.sum())
+    want_grad = grad_scale is not None
+    if divergence == "forward_kl":
+        per_token = q_logq - _rowdot(q, logp)
+        grad = p.sub_(q) if want_grad else None
+    elif divergence == "reverse_kl":
+        g = logp.sub_(logq)  # log p - log q
+        per_token = _rowdot(p, g)
+        grad = g.sub_(per_token[:, None]).mul_(p) if want_grad else None
+    elif divergence == "jsd":
+        # log m = log(beta q + (1 - beta) p), without stacking two (n, V) tensors
+        logm = torch.logaddexp(logq.add_(math.log(beta)), logp + math.log1p(-beta))
+        logq.sub_(math.log(beta))
+        kl_qm = q_logq - _rowdot(q, logm)
+        g = logp.sub_(logm)
+        del logm
+        per_token = beta * kl_qm + (1 - beta) * _rowdot(p, g)
+        grad = None
+        if want_grad:
+            g.mul_(1 - beta)
+            grad = g.sub_(_rowdot(p, g)[:, None]).mul_(p)
+    else:
+        raise ValueError(f"unknown divergence '{divergence}': use {', '.join(DIVERGENCES)}")
+    if grad is not None:
+        grad.mul_(grad_scale)
+    stats = ChunkStats(divergence=float(per_token.sum()), student_entropy=student_entropy,
+                       teacher_entropy=teacher_entropy, kl_student_original=kl_orig, top1_agreement=top1,
+                       nonfinite=not bool(torch.isfinite(per_token).all()))
+    return grad, stats
 
 
 def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -119,16 +179,17 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
     leaf = student_hidden.detach().requires_grad_(backward and student_hidden.requires_grad)
     total = ChunkStats()
     for s in range(0, n, step):
-        with torch.no_grad():
-            teacher_logits = teacher_head(teacher_hidden[s:s + step])
         with torch.set_grad_enabled(leaf.requires_grad):
-            student_logits = student_head(leaf[s:s + step])
-            per_token = token_divergence(student_logits, teacher_logits, divergence=divergence,
-                                         teacher_temperature=teacher_temperature, beta=beta)
-        total.add(_stats(student_logits.detach(), teacher_logits, per_token.detach(), teacher_temperature))
-        if leaf.requires_grad and not total.nonfinite:
-            (per_token.sum() / max(normalizer, 1.0)).backward()
-        del teacher_logits, student_logits, per_token
+            student_logits = student_head(leaf[s:s + step])  # autograd keeps only the head's inputs
+        with torch.no_grad():  # the teacher's logits are handed over, not kept: freed inside once used
+            grad, stats = divergence_and_grad(student_logits.detach(), teacher_head(teacher_hidden[s:s + step]),
+                                              divergence=divergence, teacher_temperature=teacher_temperature,
+                                              beta=beta,
+                                              grad_scale=1.0 / max(normalizer, 1.0) if leaf.requires_grad else None)
+        total.add(stats)
+        if grad is not None and not total.nonfinite:
+            student_logits.backward(grad)
+        del student_logits, grad
     if leaf.requires_grad and leaf.grad is not None and not total.nonfinite:
         student_hidden.backward(leaf.grad)
     return total
