@@ -246,19 +246,35 @@ def merge(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder; what it builds is cached there.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller budget (about a minute).")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild everything instead of reusing the cache.")] = False,
     as_json: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Build a tiny collapsed checkpoint offline and show its entropy (no downloads)."""
+    """SFT -> RL-collapsed -> reheated on a toy task, built offline; prints the before/after table."""
     def body() -> None:
+        from rich.console import Console
+
         from tsopsd import console
         from tsopsd.demo import run_demo
         from tsopsd.report import metrics_table
 
         console.setup_logging(quiet=quiet)
-        result = run_demo(out, show_progress=not quiet)
-        _emit(result, as_json=as_json, out=None, table=lambda: metrics_table(result, title="tsopsd demo"))
+        summary = run_demo(out, quick=quick, fresh=fresh, show_progress=not quiet)
+        if as_json:
+            _emit(summary, as_json=True, out=None, table=lambda: None)
+            return
+        report = summary["reheat_report"]
+        con = Console()
+        con.print(metrics_table(summary["results"], title=(
+            f"tsopsd demo: SFT -> GRPO-collapsed -> reheated (tau={report['teacher_temperature']:.2f}, "
+            f"{report['steps_run']} steps); reference for KL/agreement: the collapsed model")))
+        if summary["charts"]:
+            con.print(summary["charts"], highlight=False)
+        for picture in summary["pictures"]:
+            con.print(f"wrote {picture}")
+        con.print(f"checkpoints and results in {summary['out']}/")
 
     _run(body, debug=debug)
 

@@ -80,6 +80,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class StopConfig:
     entropy_tolerance: float = 0.02  # stop when student entropy >= teacher entropy * (1 - tolerance)
+    window: int = 5  # ...averaged over the last `window` steps (single steps are noisy)
     min_top1_agreement: float = 0.9  # drift guard: stop and roll back below this agreement with the original
     rollback: bool = True  # keep a copy of the last state that passed the guard
 
@@ -220,7 +221,8 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"teacher.target_entropy: must be > 0 nats, got {t.target_entropy}")
     for name, v in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt", r.samples_per_prompt),
                     ("rollout.max_new_tokens", r.max_new_tokens), ("rollout.batch_size", r.batch_size),
-                    ("train.steps", tr.steps), ("train.micro_batch", tr.micro_batch), ("train.lora_r", tr.lora_r)):
+                    ("train.steps", tr.steps), ("train.micro_batch", tr.micro_batch), ("train.lora_r", tr.lora_r),
+                    ("stop.window", st.window)):
         if v < 1:
             e.append(f"{name}: must be >= 1, got {v}")
     if not 0 < lo.beta < 1:

@@ -1,36 +1,151 @@
-"""`tsopsd demo`: the whole job on a tiny checkpoint built offline.
+"""`tsopsd demo`: the whole job on a laptop, nothing downloaded.
 
     tsopsd demo --out runs/demo
 
-Builds a tiny Qwen3-architecture checkpoint and a tokenizer with nothing downloaded, writes a prompt
-file, and measures the checkpoint's entropy.
+1. SFT: a tiny causal LM learns the toy task ("sum 12 =" -> " 5 7", any correct pair) from diverse
+   correct answers: accurate and diverse.
+2. Collapse: GRPO with the verifier's reward (`tsopsd.rl`) until entropy has fallen and completions
+   per prompt are near-identical.
+3. Reheat: the real `tsopsd.reheat` path with `configs/demo.yaml`.
+4. One before/after table for the three checkpoints (entropy, distinct completions, accuracy,
+   agreement and KL with the collapsed one) and pictures (PNG with matplotlib, else terminal charts).
+
+Each stage is cached in its folder under --out (written atomically, so a folder that exists is
+complete) and seeded; `--fresh` rebuilds everything.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from tsopsd.toy import build_checkpoint
+import torch
+
+from tsopsd.checkpoint import atomic_output, load_checkpoint
+from tsopsd.errors import TsopsdError
 
 log = logging.getLogger(__name__)
 
-DEMO_PROMPTS = ["the cat sat on", "give me a number", "one two three", "what is the sum of two and three",
-                "a red dog ran", "blue green red", "the answer is", "question: what rhymes with cat"]
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def run_demo(out: str | Path = "runs/demo", *, show_progress: bool = True) -> dict:
-    """Build the demo checkpoint (cached) and measure it. Returns {name: measure result}."""
-    from tsopsd.measure import run_measure
+@dataclass(frozen=True)
+class DemoSize:
+    sft_steps: int = 1500
+    rl_steps: int = 300
+    rl_lr: float = 1e-3
+    rl_group_size: int = 16
+    reheat_steps: int = 120
+    eval_samples: int = 32
+    seed: int = 0
 
+
+FULL = DemoSize()
+QUICK = DemoSize(sft_steps=800, rl_steps=150, reheat_steps=60, eval_samples=16)
+
+
+def _build_sft(path: Path, size: DemoSize) -> None:
+    from tsopsd.toytask import build_task_model, build_task_tokenizer, train_sft
+
+    tok = build_task_tokenizer()
+    model = build_task_model(tok, seed=size.seed)
+    losses = train_sft(model, tok, steps=size.sft_steps, seed=size.seed)
+    with atomic_output(path, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "sft_loss.json").write_text(json.dumps(losses))
+
+
+def _build_collapsed(sft: Path, path: Path, prompts_file: Path, size: DemoSize) -> None:
+    from tsopsd.prompts import load_prompts
+    from tsopsd.rl import grpo
+    from tsopsd.toytask import TARGETS, is_correct
+
+    ck = load_checkpoint(sft, device="cpu")
+    prompts = load_prompts(prompts_file, ck.tokenizer)
+    history = grpo(ck.model, ck.tokenizer, prompts, lambda i, t: is_correct(TARGETS[i], t), steps=size.rl_steps,
+                   lr=size.rl_lr, group_size=size.rl_group_size, seed=size.seed)
+    with atomic_output(path, overwrite=True) as tmp:
+        ck.model.save_pretrained(str(tmp))
+        ck.tokenizer.save_pretrained(str(tmp))
+        (tmp / "rl_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def _reheat(collapsed: Path, path: Path, prompts_file: Path, size: DemoSize, show_progress: bool) -> None:
+    from tsopsd.config import load_config
+    from tsopsd.reheat import reheat
+
+    if not CONFIG.is_file():
+        raise TsopsdError(f"demo config not found: {CONFIG} (run the demo from a source checkout)")
+    cfg = load_config(CONFIG, {"model.path": str(collapsed), "data.prompts": str(prompts_file), "output.out": str(path),
+                               "train.steps": size.reheat_steps, "seed": size.seed, "output.overwrite": True})
+    reheat(cfg, show_progress=show_progress)
+
+
+def evaluate(folders: dict[str, Path], prompts_file: Path, reference: Path, *, samples: int, seed: int) -> dict:
+    """Measure each checkpoint on the task's prompts against `reference` (the collapsed model)."""
+    from tsopsd.metrics import measure
+    from tsopsd.prompts import load_prompts
+    from tsopsd.toytask import TARGETS, is_correct
+
+    ref = load_checkpoint(reference, device="cpu").model
+    results = {}
+    for name, folder in folders.items():
+        ck = load_checkpoint(folder, device="cpu")
+        prompts = load_prompts(prompts_file, ck.tokenizer)
+        results[name] = measure(ck.model, ck.tokenizer, prompts, reference=ref, samples_per_prompt=samples,
+                                max_new_tokens=8, seed=seed + 1, verifier=lambda i, t: is_correct(TARGETS[i], t),
+                                keep_token_entropy=True)
+    return results
+
+
+def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, fresh: bool = False,
+             show_progress: bool = True) -> dict:
+    """Build (or reuse) SFT, collapsed and reheated checkpoints; measure them; draw the pictures.
+
+    Returns:
+        {"results": {name: measure result}, "pictures": [paths], "charts": text or None, "out": str}
+    """
+    from tsopsd.toytask import write_prompts
+
+    size = QUICK if quick else FULL
     out = Path(out)
-    ckpt = out / "collapsed"
-    if not (ckpt / "config.json").is_file():
-        log.info("building a tiny collapsed checkpoint in %s", ckpt)
-        build_checkpoint(ckpt, arch="qwen3", sharpen=12.0)
-    prompts = out / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEMO_PROMPTS))
-    result = run_measure(ckpt, prompts, samples_per_prompt=4, max_new_tokens=24, device="cpu",
-                         show_progress=show_progress)
-    return {"collapsed": result["metrics"]}
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(size.seed)
+    prompts_file = write_prompts(out / "prompts.jsonl")
+    sft, collapsed, reheated = out / "sft", out / "collapsed", out / "reheated"
+    if not sft.is_dir():
+        log.info("1/3 SFT on diverse correct answers (%d steps) -> %s", size.sft_steps, sft)
+        _build_sft(sft, size)
+    if not collapsed.is_dir():
+        log.info("2/3 GRPO until entropy collapses (%d steps) -> %s", size.rl_steps, collapsed)
+        _build_collapsed(sft, collapsed, prompts_file, size)
+    if not reheated.is_dir():
+        log.info("3/3 reheat with %s (%d steps) -> %s", CONFIG.name, size.reheat_steps, reheated)
+        _reheat(collapsed, reheated, prompts_file, size, show_progress)
+    log.info("measuring the three checkpoints (%d samples per prompt)", size.eval_samples)
+    results = evaluate({"sft": sft, "collapsed": collapsed, "reheated": reheated}, prompts_file, collapsed,
+                       samples=size.eval_samples, seed=size.seed)
+    rl = [json.loads(line)["entropy"] for line in (collapsed / "rl_history.jsonl").read_text().splitlines()]
+    rh = [json.loads(line) for line in (reheated / "metrics.jsonl").read_text().splitlines()]
+    curves = {"GRPO (collapse)": rl, "reheat: student": [m["train/student_entropy"] for m in rh],
+              "reheat: teacher": [m["train/teacher_entropy"] for m in rh]}
+    histograms = {name: r.pop("token_entropy") for name, r in results.items()}
+    from tsopsd.plots import have_matplotlib, save_pngs, terminal_charts
+
+    pictures, charts = [], None
+    if have_matplotlib():
+        offsets = {"reheat: student": len(rl), "reheat: teacher": len(rl)}
+        pictures = [str(p) for p in save_pngs(out, curves, histograms, offsets=offsets,
+                                             curve_title="mean token entropy: GRPO steps, then reheat steps")]
+    else:
+        charts = terminal_charts(curves, histograms)
+    summary = {"results": results, "pictures": pictures, "charts": charts, "out": str(out),
+               "reheat_report": json.loads((reheated / "reheat_report.json").read_text())}
+    (out / "demo_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -153,7 +153,7 @@ MAX_EFFECTIVE_T_POSITIONS = 16384
 
 @torch.no_grad()
 def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperature: float = 1.0,
-                  micro_batch: int = 8, chunk_size: int = 1024, seed: int = 0) -> dict:
+                  micro_batch: int = 8, chunk_size: int = 1024, seed: int = 0, keep_token_entropy: bool = False) -> dict:
     """Token metrics of `model` on the completions of `rollout`, teacher-forced.
 
     `model` and `reference` are modules or `Scorer`s (a Scorer can view a PEFT model's base).
@@ -187,6 +187,8 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
         "entropy_at_sampling_temperature": summarize_entropy(cat.get("entropy_sampling", ent))["mean"],
         "top1_prob": float(cat["top1_prob"].double().mean()) if n else 0.0,
     }
+    if keep_token_entropy:
+        result["token_entropy"] = ent.tolist()
     if reference is not None:
         ref = {k: (float(cat[k].double().mean()) if n else 0.0)
                for k in ("kl_model_ref", "kl_ref_model", "top1_agreement") + tuple(f"top{k}_overlap" for k in TOPK)}
@@ -202,11 +204,15 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
 
 def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samples_per_prompt: int = 4,
             max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-            batch_size: int = 16, seed: int = 0,
-            progress: Callable[[str, int, int], Callable[[int], None]] | None = None) -> dict:
+            batch_size: int = 16, seed: int = 0, verifier: Callable[[int, str], bool] | None = None,
+            keep_token_entropy: bool = False,
+            progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
     """Sample k completions per prompt and measure entropy and diversity (and drift vs a reference).
 
     Args:
+        verifier: optional ``verifier(prompt index, completion text) -> correct``; adds ``accuracy``,
+            the fraction of sampled completions it accepts.
+        keep_token_entropy: also return every completion token's entropy (``token_entropy``).
         progress: optional factory ``progress(description, total) -> advance(n)``.
 
     Returns:
@@ -220,8 +226,12 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               batch_size=batch_size, seed=seed, on_batch=advance)
     result = score_rollout(model, rollout, reference=reference, sampling_temperature=temperature,
-                           micro_batch=batch_size, seed=seed)
+                           micro_batch=batch_size, seed=seed, keep_token_entropy=keep_token_entropy)
     result.update(sequence_stats(rollout, eos_token_ids(model, tokenizer)))
+    if verifier is not None:
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completions()]
+        ok = [verifier(int(i), t) for i, t in zip(rollout.prompt_index.tolist(), texts)]
+        result["accuracy"] = sum(ok) / max(len(ok), 1)
     result.update({"prompts": len(prompts), "samples_per_prompt": samples_per_prompt, "temperature": temperature,
                    "max_new_tokens": max_new_tokens, "seed": seed})
     return result

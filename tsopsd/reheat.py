@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -268,6 +269,7 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
     stop_reason = f"completed {cfg.train.steps} steps"
     steps_run = start
     failure: str | None = None
+    recent: deque[tuple[float, float]] = deque(maxlen=cfg.stop.window)  # (student, teacher) entropy
     with progress(show_progress, plain=False) as task:
         advance = task("reheat", cfg.train.steps)
         advance(start)
@@ -301,10 +303,13 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                                    f"step {step + 1}; kept the last state that passed")
                     break
                 student_h, teacher_h = stats.student_entropy / n, stats.teacher_entropy / n
-                if student_h >= teacher_h * (1 - cfg.stop.entropy_tolerance):
+                recent.append((student_h, teacher_h))
+                mean_s = sum(h for h, _ in recent) / len(recent)
+                mean_t = sum(h for _, h in recent) / len(recent)
+                if len(recent) == cfg.stop.window and mean_s >= mean_t * (1 - cfg.stop.entropy_tolerance):
                     optimizer.zero_grad(set_to_none=True)
-                    stop_reason = (f"converged: student entropy {student_h:.4f} within "
-                                   f"{cfg.stop.entropy_tolerance:.0%} of the teacher's {teacher_h:.4f} at step {step + 1}")
+                    stop_reason = (f"converged: student entropy {mean_s:.4f} within {cfg.stop.entropy_tolerance:.0%} "
+                                   f"of the teacher's {mean_t:.4f} over steps {step + 2 - len(recent)}-{step + 1}")
                     break
                 if cfg.stop.rollback:
                     last_good = policy.snapshot()

@@ -1,0 +1,51 @@
+"""The demo pipeline at reduced size: SFT -> GRPO collapse -> reheat, and the direction of each effect."""
+
+import pytest
+
+from tsopsd.demo import run_demo
+from tsopsd.plots import terminal_charts
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, quick=True, show_progress=False)
+
+
+def test_demo_effects(demo):
+    _, summary = demo
+    r = summary["results"]
+    sft, col, rh = r["sft"], r["collapsed"], r["reheated"]
+    for name, m in r.items():
+        print(f"{name}: entropy {m['entropy']['mean']:.3f} unique {m['unique_completion_rate']:.3f} "
+              f"accuracy {m['accuracy']:.3f} agreement {m['reference']['top1_agreement']:.3f}")
+    # RL really collapsed the SFT model: entropy and diversity fell, accuracy did not
+    assert col["entropy"]["mean"] < 0.5 * sft["entropy"]["mean"]
+    assert col["unique_completion_rate"] < sft["unique_completion_rate"]
+    assert sft["accuracy"] > 0.8 and col["accuracy"] > 0.8
+    # reheating raised entropy well above the collapsed model's, kept its top choices and most accuracy
+    assert rh["entropy"]["mean"] > 1.3 * col["entropy"]["mean"]
+    assert rh["reference"]["top1_agreement"] >= 0.9
+    assert rh["accuracy"] >= col["accuracy"] - 0.06
+    assert rh["reference"]["kl_model_ref"] > 0
+
+
+def test_demo_writes_pictures_and_caches(demo, monkeypatch):
+    out, summary = demo
+    assert {p.rsplit("/", 1)[-1] for p in summary["pictures"]} == {"entropy_curve.png", "entropy_hist.png"}
+    assert all((out / n / "config.json").is_file() for n in ("sft", "collapsed", "reheated"))
+    import tsopsd.demo
+
+    def fail(*a, **k):
+        raise AssertionError("a cached stage was rebuilt")
+
+    for stage in ("_build_sft", "_build_collapsed", "_reheat"):
+        monkeypatch.setattr(tsopsd.demo, stage, fail)
+    again = run_demo(out, quick=True, show_progress=False)
+    assert again["results"]["reheated"]["entropy"] == summary["results"]["reheated"]["entropy"]  # seeded
+
+
+def test_terminal_charts_without_matplotlib():
+    text = terminal_charts({"a": [3.0, 2.0, 1.0]}, {"x": [0.1, 0.2, 2.0], "y": [0.0]})
+    assert "entropy over steps" in text and "3.000" in text and "1.000" in text
+    assert text.count("|") == 4

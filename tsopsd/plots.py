@@ -1,0 +1,89 @@
+"""Pictures of a run: entropy over steps and per-token entropy histograms.
+
+PNG files with matplotlib (the optional ``plot`` extra); without it, the same data as terminal charts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_pngs(out: Path, curves: dict[str, list[float]], histograms: dict[str, list[float]],
+              *, offsets: dict[str, int] | None = None,
+              curve_title: str = "mean token entropy over steps") -> list[Path]:
+    """Write ``entropy_curve.png`` and ``entropy_hist.png`` under `out`; returns the paths.
+
+    `offsets` shifts a curve right by that many steps (a stage that follows another).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, ys in curves.items():
+        start = (offsets or {}).get(name, 0)
+        ax.plot(range(start + 1, start + len(ys) + 1), ys, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats")
+    ax.set_title(curve_title)
+    ax.legend()
+    fig.tight_layout()
+    curve = out / "entropy_curve.png"
+    fig.savefig(curve, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max((max(v) for v in histograms.values() if v), default=1.0)
+    bins = [top * i / 40 for i in range(41)]
+    for name, values in histograms.items():
+        ax.hist(values, bins=bins, alpha=0.5, label=name, density=True)
+    ax.set_xlabel("per-token entropy (nats)")
+    ax.set_ylabel("density")
+    ax.set_yscale("log")
+    ax.set_title("per-token entropy on sampled completions")
+    ax.legend()
+    fig.tight_layout()
+    hist = out / "entropy_hist.png"
+    fig.savefig(hist, dpi=120)
+    plt.close(fig)
+    return [curve, hist]
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """One line of block characters for `values` (resampled to `width`)."""
+    if not values:
+        return ""
+    step = max(1, len(values) / width)
+    picked = [values[min(len(values) - 1, int(i * step))] for i in range(min(width, len(values)))]
+    lo, hi = min(picked), max(picked)
+    span = (hi - lo) or 1.0
+    return "".join(BARS[1 + int((v - lo) / span * (len(BARS) - 2))] for v in picked)
+
+
+def terminal_charts(curves: dict[str, list[float]], histograms: dict[str, list[float]], bins: int = 30) -> str:
+    """Text versions of the two plots."""
+    lines = ["entropy over steps:"]
+    for name, ys in curves.items():
+        if ys:
+            lines.append(f"  {name:>12} {ys[0]:.3f} {sparkline(ys)} {ys[-1]:.3f}")
+    lines.append("per-token entropy histograms (0 .. max):")
+    top = max((max(v) for v in histograms.values() if v), default=1.0) or 1.0
+    for name, values in histograms.items():
+        counts = [0] * bins
+        for v in values:
+            counts[min(bins - 1, int(v / top * bins))] += 1
+        peak = max(counts) or 1
+        lines.append(f"  {name:>12} |" + "".join(BARS[0 if c == 0 else 1 + int(c / peak * (len(BARS) - 2))]
+                                                  for c in counts) + f"| max {top:.2f} nats")
+    return "\n".join(lines)
