@@ -18,6 +18,7 @@ exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -90,30 +91,61 @@ class StepResult:
                 f"train {self.trained_tokens_per_s:.0f} tok/s")
 
 
-def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config) -> ChunkStats:
+def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config,
+               timings: dict[str, float] | None = None) -> ChunkStats:
     """Accumulate gradients of the mean divergence over the rollout's completion tokens.
+
+    Args:
+        timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
+            added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
 
     Returns statistics summed over tokens. Gradients are left in `.grad` (not applied).
     """
     n_tokens = int(rollout.completion_mask.sum())
     total = ChunkStats()
     mb = cfg.train.micro_batch
+    clock = _Clock(policy.teacher.device, timings)
     for s in range(0, rollout.input_ids.shape[0], mb):
         part = rollout.rows(s, s + mb)
         if not part.completion_mask.any():
             continue
-        with torch.no_grad():
+        with clock("teacher"), torch.no_grad():
             teacher_hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
-        student_hidden = completion_hidden(policy.student, part)  # (n, D), with grad
-        stats = chunked_divergence_backward(
-            student_hidden, teacher_hidden, lambda h: policy_logits(policy, h), policy.teacher.logits,
-            normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
-            chunk_size=cfg.loss.chunk_size)
+        with clock("student"):
+            student_hidden = completion_hidden(policy.student, part)  # (n, D), with grad
+            stats = chunked_divergence_backward(
+                student_hidden, teacher_hidden, lambda h: policy_logits(policy, h), policy.teacher.logits,
+                normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
+                chunk_size=cfg.loss.chunk_size)
         total.add(stats)
         del teacher_hidden, student_hidden
         if total.nonfinite:
             break
     return total
+
+
+class _Clock:
+    """Adds wall time of `with clock(name):` blocks to a dict (no-op without one)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device, self.timings = device, timings
+
+    def __call__(self, name: str):
+        import contextlib
+
+        if self.timings is None:
+            return contextlib.nullcontext()
+        return self._timed(name)
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def policy_logits(policy: Policy, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Time tsopsd reheat steps and break them down.
+
+    python bench/step.py --model bench/out/models/q8x512 --mode lora --prompts-per-step 8 \
+        --samples-per-prompt 1 --length 64 --steps 6
+
+Each step: generation (on-policy, EOS suppressed so every completion has exactly --length tokens),
+teacher scoring, student forward/backward (the divergence included), optimizer step. The first
+step is a warm-up and is not counted. Prints one line per step, then one JSON line with medians,
+generated and trained tokens/s and peak memory (RSS on CPU, max_memory_allocated on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import PROMPTS, peak_memory_mib, set_threads, summarize  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
+    ap.add_argument("--prompts-per-step", type=int, default=8)
+    ap.add_argument("--samples-per-prompt", type=int, default=1)
+    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=6, help="measured steps (plus one warm-up)")
+    ap.add_argument("--tau", type=float, default=1.5)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    set_threads(args.threads)
+
+    from tsopsd.checkpoint import load_checkpoint
+    from tsopsd.config import load_config
+    from tsopsd.model import prepare_policy
+    from tsopsd.prompts import Prompt
+    from tsopsd.reheat import train_step
+    from tsopsd.rollout import sample_rollouts
+
+    ck = load_checkpoint(args.model, device=args.device, dtype=args.dtype)
+    dev = next(ck.model.parameters()).device
+    cfg = load_config(None, {"model.path": str(args.model), "data.prompts": "-", "output.out": "-",
+                             "train.mode": args.mode, "train.lr": 1e-5, "loss.chunk_size": args.chunk,
+                             "train.micro_batch": args.micro_batch})
+    policy = prepare_policy(ck.model, cfg.train)
+    opt = torch.optim.AdamW(policy.trainable, lr=cfg.train.lr)
+    tok = ck.tokenizer
+    prompts = [Prompt(t, tuple(tok(t)["input_ids"])) for t in PROMPTS]
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    measured = []
+    for step in range(args.steps + 1):
+        batch = [prompts[(step * args.prompts_per_step + i) % len(prompts)] for i in range(args.prompts_per_step)]
+        sync()
+        t0 = time.perf_counter()
+        rollout = sample_rollouts(policy.student, tok, batch, samples_per_prompt=args.samples_per_prompt,
+                                  max_new_tokens=args.length, batch_size=len(batch) * args.samples_per_prompt,
+                                  seed=step, suppress_eos=True)
+        sync()
+        t_gen = time.perf_counter() - t0
+        timings: dict[str, float] = {}
+        train_step(policy, rollout, tau=args.tau, cfg=cfg, timings=timings)
+        t1 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(policy.trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t_opt = time.perf_counter() - t1
+        n = int(rollout.completion_mask.sum())
+        total = time.perf_counter() - t0
+        row = {"step_s": total, "generation_s": t_gen, "teacher_s": timings["teacher"], "student_s": timings["student"],
+               "optimizer_s": t_opt, "generated_tok_s": n / t_gen,
+               "trained_tok_s": n / (timings["teacher"] + timings["student"] + t_opt)}
+        print(f"step {step}{' (warm-up)' if step == 0 else ''}: " + "  ".join(
+            f"{k} {v:.3f}" if k.endswith("_s") else f"{k} {v:.0f}" for k, v in row.items()), flush=True)
+        if step > 0:
+            measured.append(row)
+    summarize("tsopsd", measured, {"mode": args.mode, "model": str(args.model), "prompts": args.prompts_per_step,
+                                   "samples": args.samples_per_prompt, "length": args.length, "device": dev.type,
+                                   "dtype": str(ck.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                                   "peak_memory_mib": peak_memory_mib(dev)})
+
+
+if __name__ == "__main__":
+    main()
