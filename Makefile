@@ -33,6 +33,7 @@ smoke: install
 	$(BIN)/tsopsd demo --out runs/smoke --quick
 
 bench: install
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	bash bench/compare.sh
 
 clean:

@@ -117,3 +117,19 @@ def test_rescoring_equals_sampling_logprobs(ckpts, arch):
     assert rescored.shape == sampled.shape and rescored.numel() > 20
     assert (rescored - sampled).abs().max().item() < 1e-4
     assert torch.allclose(full[mask].float(), logits, atol=1e-4)
+
+
+def test_sampler_draws_from_the_distribution():
+    """The exponential-race sampler's frequencies match softmax(logits / T) (chi-square-sized tolerance)."""
+    from tsopsd.rollout import _sample_next
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    for t in (1.0, 0.5):
+        draws = _sample_next(logits.clone(), t, 1.0, 0, g)
+        freq = torch.bincount(draws, minlength=5).double() / len(draws)
+        expect = torch.softmax(logits[0].double() / t, -1)
+        assert (freq - expect).abs().max() < 0.012, (freq, expect)
+    # top-k keeps only the k best; top-p keeps the smallest prefix reaching p
+    assert set(_sample_next(logits.clone(), 1.0, 1.0, 2, g).tolist()) == {0, 1}
+    assert set(_sample_next(logits.clone(), 1.0, 0.5, 0, g).tolist()) == {0}

@@ -91,7 +91,10 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Exponential race: argmax(p_v / E_v) with E_v ~ Exp(1) is an exact draw from p (the Gumbel-max trick
+    # in another form), several times faster than torch.multinomial on a large vocabulary.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return probs.div_(noise).argmax(-1)
 
 
 @torch.no_grad()
