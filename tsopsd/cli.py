@@ -11,6 +11,7 @@ Exit codes: 0 ok, 2 bad input or usage, 1 unexpected failure. Errors are one lin
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -192,7 +193,8 @@ def reheat(
         from tsopsd.reheat import reheat as run_reheat
         from tsopsd.report import metrics_table
 
-        console.setup_logging(quiet=quiet)
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
+        console.setup_logging(quiet=quiet or rank != 0)
         flags = {
             "model.path": str(ckpt), "data.prompts": prompts, "output.out": out, "model.base": base,
             "model.device": device, "model.dtype": dtype, "train.mode": mode, "output.save": save,
@@ -214,6 +216,8 @@ def reheat(
         overrides.update(parse_set(set_ or []))
         cfg = load_config(config, overrides)
         report = run_reheat(cfg, show_progress=not quiet)
+        if rank != 0:
+            return
         columns = {"before": report["before"], "after": report["after"]} if report["before"] else {}
         _emit(report, as_json=as_json, out=None,
               table=lambda: metrics_table(columns, title=f"tsopsd reheat: tau={report['teacher_temperature']:.3f}, "

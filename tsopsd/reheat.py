@@ -29,10 +29,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from tsopsd import __version__
+from tsopsd import __version__, dist
 from tsopsd.checkpoint import atomic_output, check_output_dir, load_checkpoint, saved_dtype
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress
@@ -46,6 +47,7 @@ from tsopsd.scoring import completion_hidden
 from tsopsd.teacher import calibrate_temperature, check_teacher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATE_FILE = "state.pt"
 
@@ -91,17 +93,19 @@ class StepResult:
                 f"train {self.trained_tokens_per_s:.0f} tok/s")
 
 
-def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config,
+def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: int | None = None,
                timings: dict[str, float] | None = None) -> ChunkStats:
     """Accumulate gradients of the mean divergence over the rollout's completion tokens.
 
     Args:
+        normalizer: divide the summed divergence by this many tokens (default: this rollout's count;
+            data-parallel runs pass the global count so that summed gradients give the global mean).
         timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
             added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
 
     Returns statistics summed over tokens. Gradients are left in `.grad` (not applied).
     """
-    n_tokens = int(rollout.completion_mask.sum())
+    n_tokens = normalizer if normalizer is not None else int(rollout.completion_mask.sum())
     total = ChunkStats()
     mb = cfg.train.micro_batch
     clock = _Clock(policy.teacher.device, timings)
@@ -122,6 +126,32 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config,
         if total.nonfinite:
             break
     return total
+
+
+def _everywhere(env: dist.DistEnv, fn: Callable[[], T], *, all_ranks: bool = False) -> T:
+    """Run `fn` (on every rank, or as given), and raise its TsopsdError on *every* rank, naming the ranks."""
+    result, error = None, None
+    try:
+        result = fn()
+    except TsopsdError as e:
+        if not env.enabled:
+            raise
+        error = str(e)
+    if env.enabled:
+        error = dist.gather_errors(env, error)
+        if error:
+            raise TsopsdError(error if not all_ranks else f"checkpoint failed to load on {error}")
+    return result
+
+
+def _all_sum_stats(env: dist.DistEnv, stats: ChunkStats, device) -> ChunkStats:
+    if not env.enabled:
+        return stats
+    d, se, te, kl, top1, bad = dist.all_sum(env, [stats.divergence, stats.student_entropy, stats.teacher_entropy,
+                                                  stats.kl_student_original, stats.top1_agreement,
+                                                  float(stats.nonfinite)], device)
+    return ChunkStats(divergence=d, student_entropy=se, teacher_entropy=te, kl_student_original=kl,
+                      top1_agreement=top1, nonfinite=bad > 0)
 
 
 class _Clock:
@@ -224,17 +254,25 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
     started = time.monotonic()
     out = Path(cfg.output.out)
     run_dir = run_dir_for(out)
-    check_output_dir(out, overwrite=cfg.output.overwrite)
-    if cfg.output.resume and not (run_dir / STATE_FILE).is_file():
-        raise TsopsdError(f"nothing to resume: no saved state in {run_dir}")
-    if not cfg.output.resume and run_dir.exists():
-        if not cfg.output.overwrite:
-            raise TsopsdError(f"an unfinished run exists at {run_dir}: pass --resume to continue it or --overwrite "
-                              "to start over")
-        shutil.rmtree(run_dir)
+    env, device = dist.init(cfg.model.device)
+    show_progress = show_progress and env.is_main
+
+    def preflight() -> None:
+        check_output_dir(out, overwrite=cfg.output.overwrite)
+        if cfg.output.resume and not (run_dir / STATE_FILE).is_file():
+            raise TsopsdError(f"nothing to resume: no saved state in {run_dir}")
+        if not cfg.output.resume and run_dir.exists():
+            if not cfg.output.overwrite:
+                raise TsopsdError(f"an unfinished run exists at {run_dir}: pass --resume to continue it or "
+                                  "--overwrite to start over")
+            shutil.rmtree(run_dir)
+
+    # Rank 0 owns the output folders; every rank learns the verdict, so all stop together.
+    _everywhere(env, preflight if env.is_main else lambda: None)
 
     torch.manual_seed(cfg.seed)
-    ckpt = load_checkpoint(cfg.model.path, base=cfg.model.base, device=cfg.model.device, dtype=cfg.model.dtype)
+    ckpt = _everywhere(env, lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=device,
+                                                    dtype=cfg.model.dtype), all_ranks=True)
     tokenizer = ckpt.tokenizer
     model = ckpt.model
     input_dtype = saved_dtype(ckpt.base_path or ckpt.path)
@@ -245,22 +283,34 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         model = model.merge_and_unload()  # the teacher is the checkpoint as loaded: base + adapter
     prompts = load_prompts(cfg.data.prompts, tokenizer, prompt_field=cfg.data.prompt_field,
                            max_prompt_tokens=cfg.data.max_prompt_tokens, limit=cfg.data.limit)
+    per_rank = cfg.rollout.prompts_per_step
+    if env.enabled and len(prompts) < env.world_size * per_rank:
+        raise TsopsdError(f"{len(prompts)} prompts are fewer than {env.world_size} ranks x {per_rank} prompts per "
+                          "step: lower rollout.prompts_per_step or add prompts")
     policy = prepare_policy(model, cfg.train)
+    dist.broadcast_params(env, policy.trainable)  # replicas start identical whatever their RNG did
     optimizer = torch.optim.AdamW(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
 
     def rollout_for(step: int) -> Rollout:
-        idx = prompts_for_step(len(prompts), cfg.rollout.prompts_per_step, step, cfg.seed)
-        return sample_rollouts(policy.student, tokenizer, [prompts[i] for i in idx],
+        # The step's global prompt list is the same for any world size; rank r samples its slice, with
+        # the generator seeds one process would use for those rows.
+        idx = prompts_for_step(len(prompts), per_rank * env.world_size, step, cfg.seed)
+        mine = idx[env.rank * per_rank:(env.rank + 1) * per_rank]
+        return sample_rollouts(policy.student, tokenizer, [prompts[i] for i in mine],
                                samples_per_prompt=cfg.rollout.samples_per_prompt,
                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
-                               batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step))
+                               batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
+                               row_offset=env.rank * per_rank * cfg.rollout.samples_per_prompt)
 
     # ---- state: fresh or resumed ----
     metrics_path = run_dir / "metrics.jsonl"
     if cfg.output.resume:
         state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != env.world_size:
+            raise TsopsdError(f"cannot resume: the run was saved with {state.get('world_size', 1)} rank(s), this launch "
+                              f"has {env.world_size}; relaunch with the same number of processes")
         if state["config"] != _comparable(cfg):
             diff = sorted(k for k in state["config"] if state["config"][k] != _comparable(cfg)[k])
             raise TsopsdError(f"cannot resume: the config differs from the saved run in section(s) {', '.join(diff)}")
@@ -270,11 +320,13 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         start, tau, tau_source, before = state["step"], state["tau"], state["tau_source"], state["before"]
         last_good = state["last_good"]
         # Drop metric lines of steps that will run again.
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
-        log.info("resuming %s at step %d of %d", run_dir, start, cfg.train.steps)
+        if env.is_main:
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+            log.info("resuming %s at step %d of %d", run_dir, start, cfg.train.steps)
     else:
-        run_dir.mkdir(parents=True)
+        if env.is_main:
+            run_dir.mkdir(parents=True)
         start, last_good = 0, None
         tau_source = "temperature"
         tau = cfg.teacher.temperature
@@ -285,15 +337,24 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         elif target is not None:
             tau_source = "target_entropy"
         if target is not None:
-            # Calibrate on exactly the completions step 0 will train on (same seed, same prompts).
-            tau = calibrate_temperature(policy.teacher, rollout_for(0), target, chunk_size=cfg.loss.chunk_size or 1024)
-            log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
-        before = _eval_report(policy.student, tokenizer, prompts, cfg)
-        save_config(cfg, run_dir / "config.yaml")
-        metrics_path.write_text("")
+            # Calibrate on exactly the completions step 0 will train on (same seed, same prompts; rank 0's
+            # share when data-parallel, and every rank uses rank 0's tau).
+            rollout0 = rollout_for(0)
+            if env.is_main:
+                tau = calibrate_temperature(policy.teacher, rollout0, target, chunk_size=cfg.loss.chunk_size or 1024)
+                log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
+            tau = dist.broadcast(env, tau)
+        before = _eval_report(policy.student, tokenizer, prompts, cfg) if env.is_main else None
+        if env.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            metrics_path.write_text("")
+        dist.barrier(env)
 
     def save_state(next_step: int) -> None:
-        _save_state(run_dir, {"step": next_step, "trainable": policy.snapshot(), "optimizer": optimizer.state_dict(),
+        if not env.is_main:
+            return
+        _save_state(run_dir, {"world_size": env.world_size, "step": next_step, "trainable": policy.snapshot(),
+                              "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "tau": tau, "tau_source": tau_source,
                               "before": before, "last_good": last_good, "config": _comparable(cfg)})
 
@@ -313,13 +374,16 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                 t0 = time.monotonic()
                 rollout = rollout_for(step)
                 t_gen = time.monotonic() - t0
-                n_tokens = int(rollout.completion_mask.sum())
+                local_tokens = int(rollout.completion_mask.sum())
+                n_tokens = int(dist.all_sum(env, [float(local_tokens)], device)[0])
                 t1 = time.monotonic()
-                stats = train_step(policy, rollout, tau=tau, cfg=cfg)
-                n = max(n_tokens, 1)
+                stats = train_step(policy, rollout, tau=tau, cfg=cfg, normalizer=n_tokens)
                 if step == 0:
-                    check_teacher(policy.teacher, rollout, tau, measured_teacher_entropy=stats.teacher_entropy / n,
-                                  dtype=ckpt.dtype)
+                    check_teacher(policy.teacher, rollout, tau, dtype=ckpt.dtype,
+                                  measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
+                stats = _all_sum_stats(env, stats, device)
+                dist.all_sum_grads(env, policy.trainable)
+                n = max(n_tokens, 1)
                 if stats.nonfinite:
                     optimizer.zero_grad(set_to_none=True)
                     if last_good is not None:
@@ -359,9 +423,11 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                     completion_length=float(rollout.completion_lengths.float().mean()), tokens=n_tokens,
                     generated_tokens_per_s=n_tokens / max(t_gen, 1e-9), trained_tokens_per_s=n_tokens / max(t_train, 1e-9),
                     lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({k if k == "step" else f"train/{k}": v for k, v in asdict(result).items()}) + "\n")
-                log.info(result.line(cfg.train.steps))
+                if env.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({k if k == "step" else f"train/{k}": v
+                                            for k, v in asdict(result).items()}) + "\n")
+                    log.info(result.line(cfg.train.steps))
                 steps_run = step + 1
                 advance(1)
                 if cfg.output.save_every and steps_run % cfg.output.save_every == 0 and steps_run < cfg.train.steps:
@@ -369,10 +435,26 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         except KeyboardInterrupt:
             optimizer.zero_grad(set_to_none=True)
             save_state(step)
-            log.warning("interrupted at step %d: state saved in %s; continue with --resume", step + 1, run_dir)
+            if env.is_main:
+                log.warning("interrupted at step %d: state saved in %s; continue with --resume", step + 1, run_dir)
             raise
 
-    # ---- report and output ----
+    # ---- report and output (rank 0; the others wait) ----
+    report: dict = {}
+    if env.is_main:
+        report = _write_output(cfg, out, run_dir, policy, tokenizer, prompts, ckpt, input_dtype, tau, tau_source,
+                               before, steps_run, stop_reason, started, on_trained)
+    dist.finish(env)
+    if failure:
+        raise TrainingStopped(f"{failure}; written to {out}")
+    return report
+
+
+def _write_output(cfg: Config, out: Path, run_dir: Path, policy: Policy, tokenizer, prompts: list[Prompt], ckpt,
+                  input_dtype, tau: float, tau_source: str, before, steps_run: int, stop_reason: str, started: float,
+                  on_trained) -> dict:
+    """Measure the result, write the output folder atomically, remove the run folder; returns the report."""
+    metrics_path = run_dir / "metrics.jsonl"
     after = _eval_report(policy.student, tokenizer, prompts, cfg, reference=policy.original)
     report = {
         "input": str(cfg.model.path), "output": str(out), "mode": cfg.train.mode, "save": cfg.output.save,
@@ -399,8 +481,6 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         (tmp / "README.md").write_text(_model_card(report))
     shutil.rmtree(run_dir, ignore_errors=True)
     log.info("wrote %s (%s)", out, stop_reason)
-    if failure:
-        raise TrainingStopped(f"{failure}; written to {out}")
     return report
 
 

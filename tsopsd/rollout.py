@@ -156,6 +156,7 @@ def sample_rollouts(
     batch_size: int = 16,
     seed: int = 0,
     suppress_eos: bool = False,
+    row_offset: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt.
@@ -170,7 +171,9 @@ def sample_rollouts(
         top_p: nucleus threshold (1.0: off).
         top_k: keep the k most likely tokens (0: off).
         batch_size: sequences sampled together.
-        seed: seeds the sampling generator; same seed and inputs give the same rollout.
+        seed: seeds the sampling; same seed and inputs give the same rollout. Each batch draws from its
+            own generator, seeded with (seed, index of its first row + `row_offset`), so a data-parallel
+            rank that samples rows [row_offset, ...) of a global batch draws what one process would.
         suppress_eos: never sample EOS (fixed-length completions, for benchmarks).
         on_batch: called with the number of sequences after each batch (progress).
 
@@ -179,12 +182,12 @@ def sample_rollouts(
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
     eos_ids = eos_token_ids(model, tokenizer)
     rows = [(i, p.ids) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
     parts = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
+        generator.manual_seed((seed * 1_000_003 + row_offset + start) % (2**63 - 1))
         parts.append((chunk, _sample_batch(
             model, [ids for _, ids in chunk], pad_id=tokenizer.pad_token_id, eos_ids=eos_ids,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -1,0 +1,80 @@
+"""Data-parallel reheating under torchrun on CPU (gloo): same result as one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
+# 2 ranks x 2 prompts x 2 samples = one process with 4 prompts; sampling batches of 4 rows either way
+COMMON = ["--config", str(TINY), "--steps", "4", "--samples-per-prompt", "2", "--set", "rollout.batch_size=4",
+          "--set", "train.micro_batch=4", "--set", "output.eval_prompts=0", "--set", "stop.entropy_tolerance=0",
+          "--seed", "3", "--quiet"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tsopsd",
+           *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def single(*args):
+    return subprocess.run([sys.executable, "-m", "tsopsd", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_match_one_process(collapsed, tmp_path):
+    ckpt, prompts = collapsed
+    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "ddp", "--prompts-per-step", "2", *COMMON)
+    assert d.returncode == 0, d.stderr[-3000:]
+    s = single("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "one", "--prompts-per-step", "4", *COMMON)
+    assert s.returncode == 0, s.stderr[-3000:]
+    md, ms = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert len(md) == len(ms) == 4
+    for a, b in zip(md, ms):
+        assert a["train/tokens"] == b["train/tokens"]  # the same completions were sampled
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6)
+        assert a["train/student_entropy"] == pytest.approx(b["train/student_entropy"], rel=1e-4)
+    wd, ws = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert all(torch.allclose(wd[k], ws[k], atol=1e-5) for k in ws)
+    # one output, written by rank 0, loadable like any other
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "ddp"))
+
+
+def test_too_few_prompts_for_the_ranks(collapsed, tmp_path):
+    ckpt, prompts = collapsed
+    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "9", *COMMON)
+    assert d.returncode != 0
+    assert "17 prompts are fewer than 2 ranks x 9 prompts per step" in d.stderr
+    assert "Traceback" not in d.stderr.split("tsopsd: error:")[0][-200:]
+
+
+def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
+    from tsopsd.config import load_config
+    from tsopsd.reheat import reheat
+
+    ckpt, prompts = collapsed
+    cfg = load_config(TINY, {"model.path": str(ckpt), "data.prompts": str(prompts), "output.out": str(tmp_path / "o"),
+                             "rollout.prompts_per_step": 2, "output.eval_prompts": 0})
+    with pytest.raises(KeyboardInterrupt):
+        reheat(cfg, show_progress=False, interrupt_at_step=1)
+    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "2", "--resume",
+                 "--config", str(TINY), "--set", "output.eval_prompts=0", "--quiet")
+    assert d.returncode != 0
+    assert "saved with 1 rank(s), this launch has 2" in d.stderr
