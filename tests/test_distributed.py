@@ -78,3 +78,48 @@ def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
                  "--config", str(TINY), "--set", "output.eval_prompts=0", "--quiet")
     assert d.returncode != 0
     assert "saved with 1 rank(s), this launch has 2" in d.stderr
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
+    """FSDP2 (layers and trunk sharded, LM head replicated) on CPU/gloo gives the single-process result."""
+    ckpt, prompts = collapsed
+    args = [*COMMON, "--mode", mode, "--lr", "3e-4" if mode == "full" else "2e-3",
+            "--save", "merged" if mode == "full" else "adapter"]
+    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "fsdp", "--prompts-per-step", "2",
+                 "--set", "train.parallel=fsdp", *args)
+    assert d.returncode == 0, d.stderr[-3000:]
+    s = single("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "one", "--prompts-per-step", "4", *args)
+    assert s.returncode == 0, s.stderr[-3000:]
+    md, ms = metrics(tmp_path / "fsdp"), metrics(tmp_path / "one")
+    assert len(md) == len(ms) == 4
+    for a, b in zip(md, ms):
+        assert a["train/tokens"] == b["train/tokens"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6)
+    name = "model.safetensors" if mode == "full" else "adapter_model.safetensors"
+    wd, ws = load_file(tmp_path / "fsdp" / name), load_file(tmp_path / "one" / name)
+    assert set(wd) == set(ws) and len(ws) > 0
+    assert all(torch.allclose(wd[k], ws[k], atol=1e-5) for k in ws)
+    if mode == "lora":  # the adapter of a sharded run loads with plain peft, base pointing at the input
+        from peft import AutoPeftModelForCausalLM
+
+        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "fsdp"))
+
+
+def test_fsdp_resume_with_same_ranks(collapsed, tmp_path, monkeypatch):
+    ckpt, prompts = collapsed
+    args = [*COMMON, "--mode", "full", "--lr", "3e-4", "--set", "train.parallel=fsdp", "--set", "output.save_every=2"]
+    monkeypatch.setenv("TSOPSD_TEST_INTERRUPT_AT_STEP", "3")
+    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "f", "--prompts-per-step", "2", *args)
+    assert d.returncode != 0 and not (tmp_path / "f").exists()
+    assert (tmp_path / "f.tsopsd-run" / "sharded").is_dir()
+    monkeypatch.delenv("TSOPSD_TEST_INTERRUPT_AT_STEP")
+    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "f", "--prompts-per-step", "2", *args,
+                 "--resume")
+    assert d.returncode == 0, d.stderr[-3000:]
+    u = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "u", "--prompts-per-step", "2", *args)
+    assert u.returncode == 0, u.stderr[-3000:]
+    assert [m["train/loss"] for m in metrics(tmp_path / "f")] == pytest.approx(
+        [m["train/loss"] for m in metrics(tmp_path / "u")], rel=1e-6)
+    wf, wu = load_file(tmp_path / "f" / "model.safetensors"), load_file(tmp_path / "u" / "model.safetensors")
+    assert all(torch.allclose(wf[k], wu[k], atol=1e-6) for k in wu)

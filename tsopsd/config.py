@@ -66,6 +66,7 @@ class LossConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     mode: Literal["lora", "full"] = "lora"
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # with several ranks; auto: ddp when the model fits a device
     steps: int = 50
     lr: float = 1e-4
     weight_decay: float = 0.0

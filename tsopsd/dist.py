@@ -115,3 +115,102 @@ def broadcast_params(env: DistEnv, params: list[torch.nn.Parameter]) -> None:
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=0)
+
+
+# ---- FSDP2 -------------------------------------------------------------------------------------------
+
+def init_single(device: str) -> tuple[DistEnv, str]:
+    """A one-rank process group (for `--parallel fsdp` without a launcher)."""
+    import socket
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=0, world_size=1)
+        if use_cuda:
+            device = "cuda:0"
+    return DistEnv(rank=0, world_size=1, local_rank=0), ("cpu" if device == "auto" else device)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def fsdp_shard(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 (`fully_shard`) on each decoder layer and on the trunk (embeddings, final norm).
+
+    The LM head stays replicated: the loss calls it on a different number of chunks on each rank, and
+    only a module outside FSDP can be called a rank-dependent number of times. Its gradients are
+    averaged by hand (`all_mean_grads`).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tsopsd.errors import TsopsdError
+    from tsopsd.scoring import causal_lm
+
+    lm = causal_lm(model)
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        raise TsopsdError("--parallel fsdp does not support tied input/output embeddings yet: use --parallel ddp")
+    trunk = lm.base_model
+    layers = getattr(trunk, "layers", None) or getattr(trunk, "h", None)
+    if layers is None:
+        raise TsopsdError(f"--parallel fsdp: cannot find the decoder layers of {type(trunk).__name__}")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(trunk, mesh=mesh)
+
+
+def all_done_fn(env: DistEnv, device: torch.device):
+    """For synced decoding: True once every rank is done."""
+    def all_done(done: bool) -> bool:
+        t = torch.tensor([0.0 if done else 1.0], device=device)
+        dist.all_reduce(t)
+        return float(t) == 0.0
+    return all_done
+
+
+def all_mean_grads(env: DistEnv, params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of replicated (non-FSDP) parameters across ranks."""
+    if not env.enabled or not params:
+        return
+    all_sum_grads(env, params)
+    for p in params:
+        p.grad.div_(env.world_size)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip by the global L2 norm over sharded (DTensor) and replicated gradients; returns the norm."""
+    sharded, local = [], []
+    for p in params:
+        if p.grad is not None:
+            (sharded if is_sharded(p.grad) else local).append(p.grad)
+    total = torch.zeros((), dtype=torch.float64, device=(sharded or local or [torch.zeros(())])[0].device)
+    if sharded:
+        part = sum(g.to_local().double().pow(2).sum() for g in sharded)
+        dist.all_reduce(part)
+        total = total + part
+    if local:
+        total = total + sum(g.double().pow(2).sum() for g in local)
+    norm = float(total.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in sharded + local:
+            g.mul_(scale)
+    return norm
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on rank 0, on CPU; empty on other ranks. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

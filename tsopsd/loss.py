@@ -158,7 +158,7 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
                                 student_head: Callable[[torch.Tensor], torch.Tensor],
                                 teacher_head: Callable[[torch.Tensor], torch.Tensor], *, normalizer: float,
                                 divergence: str, teacher_temperature: float, beta: float = 0.5,
-                                chunk_size: int = 1024, backward: bool = True) -> ChunkStats:
+                                chunk_size: int = 1024, backward: bool = True, always_backward: bool = False) -> ChunkStats:
     """Sum of per-token divergences / `normalizer`, back-propagated chunk by chunk.
 
     Args:
@@ -168,6 +168,8 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
         normalizer: number of valid tokens in the whole step (so micro-batches add up to the mean).
         chunk_size: positions per chunk; 0 means all at once.
         backward: run backward (False: statistics only).
+        always_backward: back-propagate through the trunk even when no chunk did (zeros), so that
+            sharded (FSDP) ranks run the same collectives whatever their token counts.
 
     Returns:
         Statistics summed over the N positions (divide by N for means).
@@ -192,4 +194,6 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
         del student_logits, grad
     if leaf.requires_grad and leaf.grad is not None and not total.nonfinite:
         student_hidden.backward(leaf.grad)
+    elif always_backward and student_hidden.requires_grad:
+        student_hidden.backward(torch.zeros_like(student_hidden))
     return total

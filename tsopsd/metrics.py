@@ -205,7 +205,7 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
 def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samples_per_prompt: int = 4,
             max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
             batch_size: int = 16, seed: int = 0, verifier: Callable[[int, str], bool] | None = None,
-            keep_token_entropy: bool = False,
+            keep_token_entropy: bool = False, all_done: Callable[[bool], bool] | None = None,
             progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
     """Sample k completions per prompt and measure entropy and diversity (and drift vs a reference).
 
@@ -224,7 +224,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
     advance = progress("sampling", total) if progress else None
     rollout = sample_rollouts(model, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size, seed=seed, on_batch=advance)
+                              batch_size=batch_size, seed=seed, on_batch=advance, all_done=all_done)
     result = score_rollout(model, rollout, reference=reference, sampling_temperature=temperature,
                            micro_batch=batch_size, seed=seed, keep_token_entropy=keep_token_entropy)
     result.update(sequence_stats(rollout, eos_token_ids(model, tokenizer)))

@@ -40,11 +40,14 @@ class Policy:
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.student.named_parameters())
         for name, value in state.items():
-            params[name].copy_(value.to(params[name].device))
+            params[name].copy_(value if value.device == params[name].device else value.to(params[name].device))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the trainable parameters."""
-        return {n: v.to("cpu", copy=True) for n, v in self.trainable_state().items()}
+        """A CPU copy of the trainable parameters (sharded ones stay sharded, on their device)."""
+        from tsopsd.dist import is_sharded
+
+        return {n: (v.detach().clone() if is_sharded(v) else v.to("cpu", copy=True))
+                for n, v in self.trainable_state().items()}
 
 
 def lora_target_modules(spec: str) -> str | list[str]:

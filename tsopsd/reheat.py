@@ -93,13 +93,15 @@ class StepResult:
                 f"train {self.trained_tokens_per_s:.0f} tok/s")
 
 
-def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: int | None = None,
-               timings: dict[str, float] | None = None) -> ChunkStats:
+def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: float | None = None,
+               sharded: bool = False, timings: dict[str, float] | None = None) -> ChunkStats:
     """Accumulate gradients of the mean divergence over the rollout's completion tokens.
 
     Args:
         normalizer: divide the summed divergence by this many tokens (default: this rollout's count;
             data-parallel runs pass the global count so that summed gradients give the global mean).
+        sharded: FSDP: every rank must run the same forwards and backwards, so no micro-batch is skipped
+            and one without completion tokens still back-propagates (zeros).
         timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
             added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
 
@@ -111,7 +113,7 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
     clock = _Clock(policy.teacher.device, timings)
     for s in range(0, rollout.input_ids.shape[0], mb):
         part = rollout.rows(s, s + mb)
-        if not part.completion_mask.any():
+        if not part.completion_mask.any() and not sharded:
             continue
         with clock("teacher"), torch.no_grad():
             teacher_hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
@@ -120,10 +122,10 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
             stats = chunked_divergence_backward(
                 student_hidden, teacher_hidden, lambda h: policy_logits(policy, h), policy.teacher.logits,
                 normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
-                chunk_size=cfg.loss.chunk_size)
+                chunk_size=cfg.loss.chunk_size, always_backward=sharded)
         total.add(stats)
         del teacher_hidden, student_hidden
-        if total.nonfinite:
+        if total.nonfinite and not sharded:
             break
     return total
 
@@ -207,13 +209,12 @@ def _comparable(cfg: Config) -> dict:
     return d
 
 
-def _eval_report(model_or_scorer, tokenizer, prompts: list[Prompt], cfg: Config, reference=None) -> dict | None:
+def _eval_report(student, tokenizer, prompts: list[Prompt], cfg: Config, reference=None, all_done=None) -> dict | None:
     if cfg.output.eval_prompts == 0:
         return None
-    student = model_or_scorer
     return measure(student, tokenizer, prompts[: cfg.output.eval_prompts], reference=reference,
                    samples_per_prompt=cfg.output.eval_samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                   batch_size=cfg.rollout.batch_size, seed=cfg.seed)
+                   batch_size=cfg.rollout.batch_size, seed=cfg.seed, all_done=all_done)
 
 
 def _model_card(report: dict) -> str:
@@ -252,9 +253,14 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         KeyboardInterrupt: after saving resumable state.
     """
     started = time.monotonic()
+    if interrupt_at_step is None and os.environ.get("TSOPSD_TEST_INTERRUPT_AT_STEP"):
+        interrupt_at_step = int(os.environ["TSOPSD_TEST_INTERRUPT_AT_STEP"])  # testing aid for launched runs
     out = Path(cfg.output.out)
     run_dir = run_dir_for(out)
     env, device = dist.init(cfg.model.device)
+    fsdp = cfg.train.parallel == "fsdp"
+    if fsdp and not env.enabled:
+        env, device = dist.init_single(device)  # FSDP needs a process group, even of one
     show_progress = show_progress and env.is_main
 
     def preflight() -> None:
@@ -287,8 +293,21 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
     if env.enabled and len(prompts) < env.world_size * per_rank:
         raise TsopsdError(f"{len(prompts)} prompts are fewer than {env.world_size} ranks x {per_rank} prompts per "
                           "step: lower rollout.prompts_per_step or add prompts")
+    if cfg.train.parallel == "auto" and env.enabled:
+        fsdp = _needs_sharding(model, cfg)
+    if fsdp and ckpt.is_adapter:
+        raise TsopsdError("--parallel fsdp with an adapter input is not supported: merge it first (tsopsd merge)")
     policy = prepare_policy(model, cfg.train)
     dist.broadcast_params(env, policy.trainable)  # replicas start identical whatever their RNG did
+    dev = policy.teacher.device
+    all_done = None
+    if fsdp:
+        dist.fsdp_shard(policy.student, dev)
+        if policy.mode == "full":
+            dist.fsdp_shard(policy.teacher.model, dev)
+        policy.trainable = [p for p in policy.student.parameters() if p.requires_grad]
+        all_done = dist.all_done_fn(env, dev)
+        log.info("FSDP2 over %d rank(s): decoder layers and trunk sharded, LM head replicated", env.world_size)
     optimizer = torch.optim.AdamW(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
@@ -302,7 +321,8 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                                samples_per_prompt=cfg.rollout.samples_per_prompt,
                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
                                batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
-                               row_offset=env.rank * per_rank * cfg.rollout.samples_per_prompt)
+                               row_offset=env.rank * per_rank * cfg.rollout.samples_per_prompt,
+                               all_done=all_done)
 
     # ---- state: fresh or resumed ----
     metrics_path = run_dir / "metrics.jsonl"
@@ -314,8 +334,11 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         if state["config"] != _comparable(cfg):
             diff = sorted(k for k in state["config"] if state["config"][k] != _comparable(cfg)[k])
             raise TsopsdError(f"cannot resume: the config differs from the saved run in section(s) {', '.join(diff)}")
-        policy.load_trainable_state(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            _load_sharded(run_dir, policy.student, optimizer)
+        else:
+            policy.load_trainable_state(state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, tau, tau_source, before = state["step"], state["tau"], state["tau_source"], state["before"]
         last_good = state["last_good"]
@@ -340,23 +363,27 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
             # Calibrate on exactly the completions step 0 will train on (same seed, same prompts; rank 0's
             # share when data-parallel, and every rank uses rank 0's tau).
             rollout0 = rollout_for(0)
-            if env.is_main:
+            if env.is_main or fsdp:  # sharded models compute together
                 tau = calibrate_temperature(policy.teacher, rollout0, target, chunk_size=cfg.loss.chunk_size or 1024)
-                log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
             tau = dist.broadcast(env, tau)
-        before = _eval_report(policy.student, tokenizer, prompts, cfg) if env.is_main else None
+            log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
+        before = _eval_report(policy.student, tokenizer, prompts, cfg, all_done=all_done) if env.is_main or fsdp \
+            else None
         if env.is_main:
             save_config(cfg, run_dir / "config.yaml")
             metrics_path.write_text("")
         dist.barrier(env)
 
     def save_state(next_step: int) -> None:
+        if fsdp:  # sharded weights and optimizer state: torch.distributed.checkpoint, every rank its shard
+            _save_sharded(run_dir, policy.student, optimizer)
         if not env.is_main:
             return
-        _save_state(run_dir, {"world_size": env.world_size, "step": next_step, "trainable": policy.snapshot(),
-                              "optimizer": optimizer.state_dict(),
+        _save_state(run_dir, {"world_size": env.world_size, "step": next_step,
+                              "trainable": None if fsdp else policy.snapshot(),
+                              "optimizer": None if fsdp else optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "tau": tau, "tau_source": tau_source,
-                              "before": before, "last_good": last_good, "config": _comparable(cfg)})
+                              "before": before, "last_good": None if fsdp else last_good, "config": _comparable(cfg)})
 
     # ---- the loop ----
     stop_reason = f"completed {cfg.train.steps} steps"
@@ -377,12 +404,17 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                 local_tokens = int(rollout.completion_mask.sum())
                 n_tokens = int(dist.all_sum(env, [float(local_tokens)], device)[0])
                 t1 = time.monotonic()
-                stats = train_step(policy, rollout, tau=tau, cfg=cfg, normalizer=n_tokens)
+                # FSDP averages gradients over ranks; plain all-reduce sums them: normalize accordingly.
+                stats = train_step(policy, rollout, tau=tau, cfg=cfg, sharded=fsdp,
+                                   normalizer=n_tokens / env.world_size if fsdp else n_tokens)
                 if step == 0:
                     check_teacher(policy.teacher, rollout, tau, dtype=ckpt.dtype,
                                   measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
                 stats = _all_sum_stats(env, stats, device)
-                dist.all_sum_grads(env, policy.trainable)
+                if fsdp:
+                    dist.all_mean_grads(env, [p for p in policy.trainable if not dist.is_sharded(p)])
+                else:
+                    dist.all_sum_grads(env, policy.trainable)
                 n = max(n_tokens, 1)
                 if stats.nonfinite:
                     optimizer.zero_grad(set_to_none=True)
@@ -411,7 +443,7 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                     last_good = policy.snapshot()
                 grad_norm = None
                 if cfg.train.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.trainable, cfg.train.max_grad_norm))
+                    grad_norm = dist.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
@@ -441,38 +473,44 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
 
     # ---- report and output (rank 0; the others wait) ----
     report: dict = {}
+    after = None
+    if env.is_main or fsdp:
+        after = _eval_report(policy.student, tokenizer, prompts, cfg, reference=policy.original, all_done=all_done)
+    trained = policy.student
+    if fsdp:  # gather the full weights onto rank 0 and rebuild an ordinary model there
+        full = dist.full_state_dict(policy.student)
+        trained = _rebuild(cfg, full, policy) if env.is_main else None
     if env.is_main:
-        report = _write_output(cfg, out, run_dir, policy, tokenizer, prompts, ckpt, input_dtype, tau, tau_source,
-                               before, steps_run, stop_reason, started, on_trained)
+        report = _write_output(cfg, out, run_dir, trained, policy.mode, tokenizer, ckpt, input_dtype, tau, tau_source,
+                               before, after, steps_run, stop_reason, started, on_trained, str(dev))
     dist.finish(env)
     if failure:
         raise TrainingStopped(f"{failure}; written to {out}")
     return report
 
 
-def _write_output(cfg: Config, out: Path, run_dir: Path, policy: Policy, tokenizer, prompts: list[Prompt], ckpt,
-                  input_dtype, tau: float, tau_source: str, before, steps_run: int, stop_reason: str, started: float,
-                  on_trained) -> dict:
-    """Measure the result, write the output folder atomically, remove the run folder; returns the report."""
+def _write_output(cfg: Config, out: Path, run_dir: Path, student, mode: str, tokenizer, ckpt, input_dtype, tau: float,
+                  tau_source: str, before, after, steps_run: int, stop_reason: str, started: float, on_trained,
+                  device: str) -> dict:
+    """Write the output folder atomically and remove the run folder; returns the report."""
     metrics_path = run_dir / "metrics.jsonl"
-    after = _eval_report(policy.student, tokenizer, prompts, cfg, reference=policy.original)
     report = {
         "input": str(cfg.model.path), "output": str(out), "mode": cfg.train.mode, "save": cfg.output.save,
         "teacher_temperature": tau, "teacher_temperature_source": tau_source,
         "target_entropy": cfg.teacher.target_entropy, "divergence": cfg.loss.divergence,
         "steps_run": steps_run, "steps_requested": cfg.train.steps, "stop_reason": stop_reason,
-        "before": before, "after": after, "device": str(policy.teacher.device),
+        "before": before, "after": after, "device": device,
         "dtype": str(ckpt.dtype).removeprefix("torch."), "seconds": time.monotonic() - started,
         "versions": _versions(),
     }
     if on_trained is not None:
-        on_trained(policy.student)
+        on_trained(student)
     with atomic_output(out, overwrite=cfg.output.overwrite or cfg.output.resume) as tmp:
         if cfg.output.save == "adapter":
-            policy.student.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
-            policy.student.save_pretrained(str(tmp))
+            student.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
+            student.save_pretrained(str(tmp))
         else:
-            merged = policy.student.merge_and_unload() if policy.mode == "lora" else policy.student
+            merged = student.merge_and_unload() if mode == "lora" else student
             merged.to(input_dtype).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / "config.yaml")
@@ -482,6 +520,50 @@ def _write_output(cfg: Config, out: Path, run_dir: Path, policy: Policy, tokeniz
     shutil.rmtree(run_dir, ignore_errors=True)
     log.info("wrote %s (%s)", out, stop_reason)
     return report
+
+
+def _needs_sharding(model: torch.nn.Module, cfg: Config) -> bool:
+    """auto: shard when one device cannot hold the run (a rough count of weights, grads and AdamW state)."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return False
+    n = sum(x.numel() for x in model.parameters())
+    per = p.element_size()
+    need = n * per * (2 + 1) + n * 8 if cfg.train.mode == "full" else n * per * 1.2
+    return need > 0.8 * torch.cuda.get_device_properties(p.device).total_memory
+
+
+def _save_sharded(run_dir: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(run_dir / "sharded"))
+
+
+def _load_sharded(run_dir: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(run_dir / "sharded"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _rebuild(cfg: Config, full: dict[str, torch.Tensor], policy: Policy):
+    """An ordinary (unsharded, CPU) student with the gathered weights: what gets saved."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32, local_files_only=True)
+    if policy.mode == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, policy.student.peft_config["default"])
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k or policy.mode == "full"]:
+        raise RuntimeError(f"gathered state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
 
 
 def _entropy_of(path: str, prompts: list[Prompt], cfg: Config, prompts_tokenizer_vocab: dict) -> float:

@@ -100,7 +100,8 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 @torch.no_grad()
 def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_ids: list[int],
                   max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  generator: torch.Generator, suppress_eos: bool) -> tuple[torch.Tensor, ...]:
+                  generator: torch.Generator, suppress_eos: bool,
+                  all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
     B = len(prompt_ids)
@@ -132,7 +133,10 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
         live.append(alive)
         finished = finished | torch.isin(token, eos)
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-        if bool(finished.all()):
+        done = bool(finished.all())
+        if all_done is not None:  # sharded models: every rank runs the same number of forwards
+            done = all_done(done)
+        if done:
             break
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                     cache=cache, use_cache=True, logits_to_keep=1)
@@ -157,6 +161,7 @@ def sample_rollouts(
     seed: int = 0,
     suppress_eos: bool = False,
     row_offset: int = 0,
+    all_done: Callable[[bool], bool] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt.
@@ -175,6 +180,8 @@ def sample_rollouts(
             own generator, seeded with (seed, index of its first row + `row_offset`), so a data-parallel
             rank that samples rows [row_offset, ...) of a global batch draws what one process would.
         suppress_eos: never sample EOS (fixed-length completions, for benchmarks).
+        all_done: with a sharded (FSDP) model, ``all_done(this rank is done) -> every rank is done``, so
+            all ranks keep decoding (and all-gathering) in step until the last one finishes.
         on_batch: called with the number of sequences after each batch (progress).
 
     Returns:
@@ -191,7 +198,7 @@ def sample_rollouts(
         parts.append((chunk, _sample_batch(
             model, [ids for _, ids in chunk], pad_id=tokenizer.pad_token_id, eos_ids=eos_ids,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            generator=generator, suppress_eos=suppress_eos)))
+            generator=generator, suppress_eos=suppress_eos, all_done=all_done)))
         if on_batch:
             on_batch(len(chunk))
     # Merge batches: left-pad prompts to the widest, right-pad completions to the longest.
