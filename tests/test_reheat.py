@@ -259,3 +259,28 @@ def test_teacher_check_catches_a_wrong_training_path(collapsed):
     check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"])
     with pytest.raises(RuntimeError, match="teacher check failed"):
         check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"] * 1.01)
+
+
+def test_full_mode_teacher_copy_stays_bit_identical(collapsed):
+    from tsopsd.checkpoint import load_checkpoint
+    from tsopsd.model import prepare_policy
+    from tsopsd.prompts import load_prompts
+    from tsopsd.reheat import train_step
+    from tsopsd.rollout import sample_rollouts
+
+    ckpt, prompts = collapsed
+    cfg = cfg_for(collapsed, "unused", **{"train.mode": "full", "train.lr": 1e-2})
+    ck = load_checkpoint(ckpt, device="cpu")
+    items = load_prompts(prompts, ck.tokenizer)[:4]
+    policy = prepare_policy(ck.model, cfg.train)
+    teacher_before = {n: p.detach().clone() for n, p in policy.teacher.model.named_parameters()}
+    student_before = {n: p.detach().clone() for n, p in policy.student.named_parameters()}
+    opt = torch.optim.AdamW(policy.trainable, lr=cfg.train.lr)
+    for step in range(3):
+        r = sample_rollouts(policy.student, ck.tokenizer, items, samples_per_prompt=2, max_new_tokens=6, seed=step)
+        train_step(policy, r, tau=1.5, cfg=cfg)
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, teacher_before[n]) for n, p in policy.teacher.model.named_parameters())
+    assert all(not p.requires_grad for p in policy.teacher.model.parameters())
+    assert sum(not torch.equal(p, student_before[n]) for n, p in policy.student.named_parameters()) > 0
