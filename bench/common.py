@@ -40,6 +40,22 @@ def build_bench_model(out: Path, *, vocab: int, hidden: int, layers: int, heads:
     return out
 
 
+def job_arguments(doc: str):
+    """The flags both benchmark scripts share (the same job for both tools)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
+    ap.add_argument("--prompts-per-step", type=int, default=8)
+    ap.add_argument("--length", type=int, default=64, help="completion tokens (EOS suppressed)")
+    ap.add_argument("--steps", type=int, default=6, help="measured steps (plus one warm-up)")
+    ap.add_argument("--tau", type=float, default=1.5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    return ap
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak RSS of this process (CPU) or peak allocated memory (CUDA), MiB."""
     if device.type == "cuda":

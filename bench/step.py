@@ -11,7 +11,6 @@ generated and trained tokens/s and peak memory (RSS on CPU, max_memory_allocated
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,23 +18,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PROMPTS, peak_memory_mib, set_threads, summarize  # noqa: E402
+from bench.common import PROMPTS, job_arguments, peak_memory_mib, set_threads, summarize  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
-    ap.add_argument("--prompts-per-step", type=int, default=8)
+    ap = job_arguments(__doc__)
     ap.add_argument("--samples-per-prompt", type=int, default=1)
-    ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=6, help="measured steps (plus one warm-up)")
-    ap.add_argument("--tau", type=float, default=1.5)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     set_threads(args.threads)
 
