@@ -123,3 +123,25 @@ def test_fsdp_resume_with_same_ranks(collapsed, tmp_path, monkeypatch):
         [m["train/loss"] for m in metrics(tmp_path / "u")], rel=1e-6)
     wf, wu = load_file(tmp_path / "f" / "model.safetensors"), load_file(tmp_path / "u" / "model.safetensors")
     assert all(torch.allclose(wf[k], wu[k], atol=1e-6) for k in wu)
+
+
+def test_checkpoint_failure_is_one_line_naming_the_ranks(tmp_path, prompts_file):
+    d = torchrun("reheat", tmp_path / "missing", "--prompts", prompts_file, "--out", tmp_path / "o", "--quiet")
+    assert d.returncode != 0
+    ours = [line for line in d.stderr.splitlines() if "tsopsd: error:" in line]
+    assert len(ours) == 1
+    assert "checkpoint failed to load on rank 0: checkpoint not found" in ours[0] and "rank 1:" in ours[0]
+
+
+def test_accelerate_launch_runs_the_same_job(collapsed, tmp_path):
+    """`accelerate launch --multi_gpu` sets the same RANK/WORLD_SIZE variables as torchrun (gloo on a CPU)."""
+    ckpt, prompts = collapsed
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "tsopsd", "reheat", str(ckpt), "--prompts", str(prompts), "--out",
+           str(tmp_path / "acc"), "--prompts-per-step", "2", *COMMON]
+    d = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert d.returncode == 0, d.stderr[-3000:]
+    t = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "tr", "--prompts-per-step", "2", *COMMON)
+    assert t.returncode == 0, t.stderr[-3000:]
+    assert [m["train/loss"] for m in metrics(tmp_path / "acc")] == [m["train/loss"] for m in metrics(tmp_path / "tr")]

@@ -50,7 +50,8 @@ def _root(
 
 def _fail(message: str, code: int) -> typer.Exit:
     first = str(message).strip().splitlines()[0] if str(message).strip() else type(message).__name__
-    print(f"tsopsd: error: {first}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all (errors name the ranks)
+        print(f"tsopsd: error: {first}", file=sys.stderr, flush=True)
     return typer.Exit(code)
 
 
