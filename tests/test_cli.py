@@ -68,6 +68,21 @@ def broken(tmp_path, ckpt):
     (notok / "tokenizer.json").unlink()
     (notok / "tokenizer_config.json").unlink()
     cases["notok"] = notok
+    noweights = tmp_path / "noweights"
+    shutil.copytree(ckpt, noweights)
+    (noweights / "model.safetensors").unlink()
+    cases["noweights"] = noweights
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ckpt, corrupt)
+    data = bytearray((corrupt / "model.safetensors").read_bytes())
+    data[8:16] = b"garbage!"
+    (corrupt / "model.safetensors").write_bytes(bytes(data))
+    cases["corrupt"] = corrupt
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "/nowhere/base", "peft_type": "LORA"}')
+    shutil.copy(ckpt / "model.safetensors", adapter / "adapter_model.safetensors")  # any valid safetensors file
+    cases["adapter"] = adapter
     return cases
 
 
@@ -78,6 +93,9 @@ def broken(tmp_path, ckpt):
         ("empty", "not a model folder"),
         ("trunc", "truncated weights file"),
         ("notok", "no tokenizer in"),
+        ("noweights", "no weights in"),
+        ("corrupt", "corrupt weights file"),
+        ("adapter", "adapter base '/nowhere/base' not found"),
     ],
 )
 def test_bad_checkpoint_exit_2_one_line(broken, prompts_file, case, message):
