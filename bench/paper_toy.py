@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "lab", help="checkpoints (cached)")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "paper_toy", help="tables and PNGs")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--fresh", action="store_true", help="rebuild the cached checkpoints")
     args = ap.parse_args()
     setup_logging(quiet=True)
     size = QUICK if args.quick else FULL
@@ -114,7 +115,7 @@ def main() -> None:
     rl_steps = 60 if args.quick else 120
     tau = 1.5
     started = time.time()
-    demo = run_demo(args.work, quick=args.quick, show_progress=False)
+    demo = run_demo(args.work, quick=args.quick, fresh=args.fresh, show_progress=False)
     collapsed, reheated = args.work / "collapsed", args.work / "reheated"
     prompts_file = args.work / "prompts.jsonl"
     tau = demo["reheat_report"]["teacher_temperature"]
