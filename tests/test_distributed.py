@@ -87,7 +87,7 @@ def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
     args = [*COMMON, "--mode", mode, "--lr", "3e-4" if mode == "full" else "2e-3",
             "--save", "merged" if mode == "full" else "adapter"]
     d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "fsdp", "--prompts-per-step", "2",
-                 "--set", "train.parallel=fsdp", *args)
+                 "--parallel", "fsdp", *args)
     assert d.returncode == 0, d.stderr[-3000:]
     s = single("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "one", "--prompts-per-step", "4", *args)
     assert s.returncode == 0, s.stderr[-3000:]

@@ -152,6 +152,12 @@ class Save(str, Enum):
     merged = "merged"
 
 
+class Parallel(str, Enum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class Divergence(str, Enum):
     forward_kl = "forward_kl"
     reverse_kl = "reverse_kl"
@@ -169,6 +175,7 @@ def reheat(
     target_entropy_from: Annotated[Optional[Path], typer.Option(help="Target: the entropy of this checkpoint (e.g. the SFT one).")] = None,
     mode: Annotated[Optional[Mode], typer.Option(help="Train a LoRA adapter or all weights.")] = None,
     save: Annotated[Optional[Save], typer.Option(help="Write a PEFT adapter (lora only) or a merged checkpoint.")] = None,
+    parallel: Annotated[Optional[Parallel], typer.Option(help="With several ranks: ddp replicas or fsdp shards; auto: ddp if it fits")] = None,
     divergence: Annotated[Optional[Divergence], typer.Option(help="forward_kl = KL(teacher||student), reverse_kl, or jsd.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="JSD weight of the teacher, 0 < beta < 1.")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps.")] = None,
@@ -199,6 +206,7 @@ def reheat(
         flags = {
             "model.path": str(ckpt), "data.prompts": prompts, "output.out": out, "model.base": base,
             "model.device": device, "model.dtype": dtype, "train.mode": mode, "output.save": save,
+            "train.parallel": parallel,
             "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
             "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
             "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,
