@@ -175,7 +175,7 @@ def reheat(
     target_entropy_from: Annotated[Optional[Path], typer.Option(help="Target: the entropy of this checkpoint (e.g. the SFT one).")] = None,
     mode: Annotated[Optional[Mode], typer.Option(help="Train a LoRA adapter or all weights.")] = None,
     save: Annotated[Optional[Save], typer.Option(help="Write a PEFT adapter (lora only) or a merged checkpoint.")] = None,
-    parallel: Annotated[Optional[Parallel], typer.Option(help="With several ranks: ddp replicas or fsdp shards; auto: ddp if it fits")] = None,
+    parallel: Annotated[Optional[Parallel], typer.Option(help="Several ranks: ddp replicas or fsdp shards; auto: ddp if it fits")] = None,
     divergence: Annotated[Optional[Divergence], typer.Option(help="forward_kl = KL(teacher||student), reverse_kl, or jsd.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="JSD weight of the teacher, 0 < beta < 1.")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps.")] = None,
