@@ -173,3 +173,20 @@ def test_reheat_cli_bad_config_lists_errors(collapsed, tmp_path):
     res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
                               "--mode", "sideways"])
     assert res.exit_code == 2
+
+
+def test_nan_loss_exits_1_with_one_line_and_keeps_output(collapsed, tmp_path, monkeypatch):
+    import tsopsd.loss as loss_mod
+
+    real = loss_mod.divergence_and_grad
+
+    def poisoned(student_logits, *args, **kwargs):
+        return real(student_logits * float("nan"), *args, **kwargs)
+
+    monkeypatch.setattr(loss_mod, "divergence_and_grad", poisoned)
+    ckpt, prompts = collapsed
+    res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                              "--config", str(TINY), "--steps", "3", "--set", "output.eval_prompts=0", "--quiet"])
+    assert res.exit_code == 1
+    assert "non-finite loss at step 1" in res.stderr and "unexpected" not in res.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()  # the last good state (here: the input) was written

@@ -21,7 +21,7 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
-from tsopsd.errors import TsopsdError
+from tsopsd.errors import TrainingStopped, TsopsdError
 
 app = typer.Typer(
     add_completion=False,
@@ -65,6 +65,8 @@ def _run(fn: Callable[[], T], *, debug: bool) -> T:
         if debug:
             traceback.print_exc()
         raise _fail(str(e), 2) from None
+    except TrainingStopped as e:  # a guard stopped training; the last good state was written
+        raise _fail(str(e), 1) from None
     except KeyboardInterrupt:
         raise _fail("interrupted", 130) from None
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into one line
@@ -74,9 +76,11 @@ def _run(fn: Callable[[], T], *, debug: bool) -> T:
 
 
 def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[], object]) -> None:
-    if out is not None:
+    if out is not None:  # written beside and renamed, so the file is never half there
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
