@@ -43,7 +43,7 @@ def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
     def capture(student):
         seen["params"] = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
 
-    report = reheat(cfg_for(collapsed, out, **{"train.mode": mode, "train.lr": lr, "train.steps": 60,
+    report = reheat(cfg_for(collapsed, out, **{"train.mode": mode, "train.lr": lr, "train.steps": 80,
                                                 "stop.entropy_tolerance": 0.0}),
                     show_progress=False, on_trained=capture)
     metrics = steps_of(out)
