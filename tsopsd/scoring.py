@@ -1,8 +1,7 @@
 """Score sequences: final hidden states at completion positions, and the model's own logits from them.
 
     hidden = completion_hidden(model, rollout)          # (N, D), N = valid completion tokens
-    for logits in head_logit_chunks(model, hidden, 1024):  # (n, V) float32
-        ...
+    logits = head_logits(model, hidden[:1024])         # (n, V) float32, one chunk at a time
 
 Everything downstream (metrics, the teacher, the loss) works from hidden states at the N positions
 that predict a completion token, and applies the LM head chunk by chunk. So no B x T x V tensor is
@@ -12,8 +11,6 @@ applied *before* a teacher temperature divides them.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 
@@ -76,12 +73,6 @@ def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None
         h = final_hidden(model, rollout.input_ids[s:s + step], rollout.attention_mask[s:s + step])
         parts.append(h[mask[s:s + step]])
     return torch.cat(parts, 0)
-
-
-def head_logit_chunks(model, hidden: torch.Tensor, chunk_size: int = 1024) -> Iterator[torch.Tensor]:
-    """Yield (n, V) float32 logits for consecutive chunks of `hidden` rows."""
-    for s in range(0, hidden.shape[0], chunk_size):
-        yield head_logits(model, hidden[s:s + chunk_size])
 
 
 class Scorer:
