@@ -123,10 +123,10 @@ def main() -> None:
               "(c) reheated, T=1": (reheated, 1.0)}
     runs = {name: [continued_rl(folder, prompts_file, steps=rl_steps, temperature=t, seed=s) for s in range(seeds)]
             for name, (folder, t) in starts.items()}
-    initial = {name: evaluate(load_checkpoint(folder, device="cpu").model,
-                              load_checkpoint(folder, device="cpu").tokenizer,
-                              load_prompts(prompts_file, load_checkpoint(folder, device="cpu").tokenizer))
-               for name, folder in (("collapsed", collapsed), ("reheated", reheated))}
+    initial = {}
+    for name, folder in (("collapsed", collapsed), ("reheated", reheated)):
+        ck = load_checkpoint(folder, device="cpu")
+        initial[name] = evaluate(ck.model, ck.tokenizer, load_prompts(prompts_file, ck.tokenizer))
     abl_steps = size.reheat_steps
     variants = {f"tau={t}": {"teacher.temperature": t} for t in (1.2, 1.5, 2.0)}
     variants |= {d: {"loss.divergence": d} for d in ("reverse_kl", "jsd")}

@@ -36,20 +36,32 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_match_one_process(collapsed, tmp_path):
+def two_ranks_and_one_process(collapsed, tmp_path, name, args, *, launch=(), weights="model.safetensors"):
+    """Run 2 ranks x 2 prompts and 1 process x 4 prompts; assert the same completions, losses and weights.
+
+    Returns the per-step metrics of both runs (ranks first).
+    """
     ckpt, prompts = collapsed
-    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "ddp", "--prompts-per-step", "2", *COMMON)
+    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / name, "--prompts-per-step", "2",
+                 *launch, *args)
     assert d.returncode == 0, d.stderr[-3000:]
-    s = single("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "one", "--prompts-per-step", "4", *COMMON)
+    s = single("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "one", "--prompts-per-step", "4", *args)
     assert s.returncode == 0, s.stderr[-3000:]
-    md, ms = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    md, ms = metrics(tmp_path / name), metrics(tmp_path / "one")
     assert len(md) == len(ms) == 4
     for a, b in zip(md, ms):
         assert a["train/tokens"] == b["train/tokens"]  # the same completions were sampled
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6)
-        assert a["train/student_entropy"] == pytest.approx(b["train/student_entropy"], rel=1e-4)
-    wd, ws = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    wd, ws = load_file(tmp_path / name / weights), load_file(tmp_path / "one" / weights)
+    assert set(wd) == set(ws) and len(ws) > 0
     assert all(torch.allclose(wd[k], ws[k], atol=1e-5) for k in ws)
+    return md, ms
+
+
+def test_two_ranks_match_one_process(collapsed, tmp_path):
+    md, ms = two_ranks_and_one_process(collapsed, tmp_path, "ddp", COMMON)
+    for a, b in zip(md, ms):
+        assert a["train/student_entropy"] == pytest.approx(b["train/student_entropy"], rel=1e-4)
     # one output, written by rank 0, loadable like any other
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one"]
     from transformers import AutoModelForCausalLM
@@ -83,23 +95,10 @@ def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
     """FSDP2 (layers and trunk sharded, LM head replicated) on CPU/gloo gives the single-process result."""
-    ckpt, prompts = collapsed
     args = [*COMMON, "--mode", mode, "--lr", "3e-4" if mode == "full" else "2e-3",
             "--save", "merged" if mode == "full" else "adapter"]
-    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "fsdp", "--prompts-per-step", "2",
-                 "--parallel", "fsdp", *args)
-    assert d.returncode == 0, d.stderr[-3000:]
-    s = single("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "one", "--prompts-per-step", "4", *args)
-    assert s.returncode == 0, s.stderr[-3000:]
-    md, ms = metrics(tmp_path / "fsdp"), metrics(tmp_path / "one")
-    assert len(md) == len(ms) == 4
-    for a, b in zip(md, ms):
-        assert a["train/tokens"] == b["train/tokens"]
-        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6)
-    name = "model.safetensors" if mode == "full" else "adapter_model.safetensors"
-    wd, ws = load_file(tmp_path / "fsdp" / name), load_file(tmp_path / "one" / name)
-    assert set(wd) == set(ws) and len(ws) > 0
-    assert all(torch.allclose(wd[k], ws[k], atol=1e-5) for k in ws)
+    two_ranks_and_one_process(collapsed, tmp_path, "fsdp", args, launch=("--parallel", "fsdp"),
+                              weights="model.safetensors" if mode == "full" else "adapter_model.safetensors")
     if mode == "lora":  # the adapter of a sharded run loads with plain peft, base pointing at the input
         from peft import AutoPeftModelForCausalLM
 

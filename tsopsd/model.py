@@ -26,8 +26,8 @@ from tsopsd.scoring import Scorer
 @dataclass
 class Policy:
     student: torch.nn.Module
-    teacher: Scorer  # the checkpoint as loaded, frozen; its logits are divided by tau in the loss
-    original: Scorer  # the same frozen model, used at T=1 for drift metrics
+    teacher: Scorer  # the checkpoint as loaded, frozen; tau divides its logits in the loss only, so
+    # the same Scorer at T=1 is the "original" that drift metrics compare against
     trainable: list[torch.nn.Parameter]
     mode: str
 
@@ -68,9 +68,9 @@ def prepare_policy(model: torch.nn.Module, cfg: TrainConfig) -> Policy:
         student.eval()
         trainable = [p for p in student.parameters() if p.requires_grad]
         frozen = Scorer(student, adapter_disabled=True)
-        return Policy(student=student, teacher=frozen, original=frozen, trainable=trainable, mode="lora")
+        return Policy(student=student, teacher=frozen, trainable=trainable, mode="lora")
     teacher_model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(True)
     frozen = Scorer(teacher_model)
-    return Policy(student=model, teacher=frozen, original=frozen, trainable=list(model.parameters()), mode="full")
+    return Policy(student=model, teacher=frozen, trainable=list(model.parameters()), mode="full")

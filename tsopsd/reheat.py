@@ -21,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,7 +43,7 @@ from tsopsd.metrics import measure
 from tsopsd.model import Policy, prepare_policy
 from tsopsd.prompts import Prompt, load_prompts
 from tsopsd.rollout import Rollout, sample_rollouts
-from tsopsd.scoring import completion_hidden
+from tsopsd.scoring import completion_hidden, head_logits
 from tsopsd.teacher import calibrate_temperature, check_teacher
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
         with clock("student"):
             student_hidden = completion_hidden(policy.student, part)  # (n, D), with grad
             stats = chunked_divergence_backward(
-                student_hidden, teacher_hidden, lambda h: policy_logits(policy, h), policy.teacher.logits,
+                student_hidden, teacher_hidden, partial(head_logits, policy.student), policy.teacher.logits,
                 normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
                 chunk_size=cfg.loss.chunk_size, always_backward=sharded)
         total.add(stats)
@@ -130,7 +130,7 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
     return total
 
 
-def _everywhere(env: dist.DistEnv, fn: Callable[[], T], *, all_ranks: bool = False) -> T:
+def _everywhere(env: dist.DistEnv, fn: Callable[[], T], *, prefix: str = "") -> T:
     """Run `fn` (on every rank, or as given), and raise its TsopsdError on *every* rank, naming the ranks."""
     result, error = None, None
     try:
@@ -142,7 +142,7 @@ def _everywhere(env: dist.DistEnv, fn: Callable[[], T], *, all_ranks: bool = Fal
     if env.enabled:
         error = dist.gather_errors(env, error)
         if error:
-            raise TsopsdError(error if not all_ranks else f"checkpoint failed to load on {error}")
+            raise TsopsdError(prefix + error)
     return result
 
 
@@ -163,8 +163,6 @@ class _Clock:
         self.device, self.timings = device, timings
 
     def __call__(self, name: str):
-        import contextlib
-
         if self.timings is None:
             return contextlib.nullcontext()
         return self._timed(name)
@@ -178,12 +176,6 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-
-
-def policy_logits(policy: Policy, hidden: torch.Tensor) -> torch.Tensor:
-    from tsopsd.scoring import head_logits
-
-    return head_logits(policy.student, hidden)
 
 
 def _versions() -> dict[str, str]:
@@ -278,7 +270,8 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
 
     torch.manual_seed(cfg.seed)
     ckpt = _everywhere(env, lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=device,
-                                                    dtype=cfg.model.dtype), all_ranks=True)
+                                                    dtype=cfg.model.dtype),
+                       prefix="checkpoint failed to load on ")
     tokenizer = ckpt.tokenizer
     model = ckpt.model
     input_dtype = saved_dtype(ckpt.base_path or ckpt.path)
@@ -475,7 +468,7 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
     report: dict = {}
     after = None
     if env.is_main or fsdp:
-        after = _eval_report(policy.student, tokenizer, prompts, cfg, reference=policy.original, all_done=all_done)
+        after = _eval_report(policy.student, tokenizer, prompts, cfg, reference=policy.teacher, all_done=all_done)
     trained = policy.student
     if fsdp:  # gather the full weights onto rank 0 and rebuild an ordinary model there
         full = dist.full_state_dict(policy.student)
@@ -577,4 +570,4 @@ def _entropy_of(path: str, prompts: list[Prompt], cfg: Config, prompts_tokenizer
     h = result["entropy"]["mean"]
     log.info("target entropy from %s: %.4f nats", path, h)
     del other
-    return h if math.isfinite(h) else float("nan")
+    return h
