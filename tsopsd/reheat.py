@@ -40,7 +40,7 @@ from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped, TsopsdError
 from tsopsd.loss import ChunkStats, chunked_divergence_backward
 from tsopsd.metrics import measure
-from tsopsd.model import Policy, prepare_policy
+from tsopsd.model import Policy, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, load_prompts
 from tsopsd.rollout import Rollout, sample_rollouts
 from tsopsd.scoring import completion_hidden, head_logits
@@ -301,7 +301,7 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
         policy.trainable = [p for p in policy.student.parameters() if p.requires_grad]
         all_done = dist.all_done_fn(env, dev)
         log.info("FSDP2 over %d rank(s): decoder layers and trunk sharded, LM head replicated", env.world_size)
-    optimizer = torch.optim.AdamW(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
 
