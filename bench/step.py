@@ -27,12 +27,14 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--engine", choices=["auto", "model"], default="auto",
+                    help="decoding: auto = tsopsd's lean decoder where supported; model = the model's forward")
     args = ap.parse_args()
     set_threads(args.threads)
 
     from tsopsd.checkpoint import load_checkpoint
     from tsopsd.config import load_config
-    from tsopsd.model import prepare_policy
+    from tsopsd.model import make_optimizer, prepare_policy
     from tsopsd.prompts import Prompt
     from tsopsd.reheat import train_step
     from tsopsd.rollout import sample_rollouts
@@ -43,7 +45,7 @@ def main() -> None:
                              "train.mode": args.mode, "train.lr": 1e-5, "loss.chunk_size": args.chunk,
                              "train.micro_batch": args.micro_batch})
     policy = prepare_policy(ck.model, cfg.train)
-    opt = torch.optim.AdamW(policy.trainable, lr=cfg.train.lr)
+    opt = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=0.0)
     tok = ck.tokenizer
     prompts = [Prompt(t, tuple(tok(t)["input_ids"])) for t in PROMPTS]
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -54,7 +56,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rollout = sample_rollouts(policy.student, tok, batch, samples_per_prompt=args.samples_per_prompt,
                                   max_new_tokens=args.length, batch_size=len(batch) * args.samples_per_prompt,
-                                  seed=step, suppress_eos=True)
+                                  seed=step, suppress_eos=True, engine=args.engine)
         sync()
         t_gen = time.perf_counter() - t0
         timings: dict[str, float] = {}
@@ -74,7 +76,7 @@ def main() -> None:
             f"{k} {v:.3f}" if k.endswith("_s") else f"{k} {v:.0f}" for k, v in row.items()), flush=True)
         if step > 0:
             measured.append(row)
-    summarize("tsopsd", measured, {"mode": args.mode, "model": str(args.model), "prompts": args.prompts_per_step,
+    summarize("tsopsd", measured, {"mode": args.mode, "engine": args.engine, "model": str(args.model), "prompts": args.prompts_per_step,
                                    "samples": args.samples_per_prompt, "length": args.length, "device": dev.type,
                                    "dtype": str(ck.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                                    "peak_memory_mib": peak_memory_mib(dev)})

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tsopsd.decode import LeanDecoder
 from tsopsd.prompts import Prompt
 
 
@@ -90,17 +91,21 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
         drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    # Exponential race: argmax(p_v / E_v) with E_v ~ Exp(1) is an exact draw from p (the Gumbel-max trick
-    # in another form), several times faster than torch.multinomial on a large vocabulary.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return probs.div_(noise).argmax(-1)
+    # Inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, total). One random number
+    # per row and a float64 prefix sum: exact to float64 rounding and ~30x faster on CPU than drawing V
+    # exponentials (Gumbel-max) or torch.multinomial at V = 152k.
+    cdf = logits.softmax(-1).double().cumsum_(-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=logits.device) * total
+    token = torch.searchsorted(cdf, u, right=True)
+    # u * total can round up to total; the last token with nonzero probability is where cdf first reaches it.
+    return torch.minimum(token, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
 @torch.no_grad()
 def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_ids: list[int],
                   max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  generator: torch.Generator, suppress_eos: bool,
+                  generator: torch.Generator, suppress_eos: bool, lean: LeanDecoder | None = None,
                   all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
@@ -118,10 +123,12 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1)
     next_pos = positions[:, -1] + 1
+    logits = out.logits[:, -1].float()  # (B, V)
+    del out
+    step = lean.session(cache, mask, capacity=width + min(max_new_tokens, 256)) if lean is not None else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, live = [], [], []
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
         if suppress_eos and len(eos_ids):
             logits[:, eos] = float("-inf")
         token = _sample_next(logits, temperature, top_p, top_k, generator)
@@ -138,10 +145,13 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
             done = all_done(done)
         if done:
             break
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    cache=cache, use_cache=True, logits_to_keep=1)
+        if step is not None:
+            logits = step(token, next_pos, alive)
+        else:
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                           cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         next_pos = next_pos + 1
-    del cache, out
+    del cache, step
     completion = torch.stack(tokens, 1)
     completion_mask = torch.stack(live, 1)
     return ids, completion, completion_mask, torch.stack(logprobs, 1), width
@@ -163,6 +173,7 @@ def sample_rollouts(
     row_offset: int = 0,
     all_done: Callable[[bool], bool] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    engine: str = "auto",
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt.
 
@@ -183,6 +194,9 @@ def sample_rollouts(
         all_done: with a sharded (FSDP) model, ``all_done(this rank is done) -> every rank is done``, so
             all ranks keep decoding (and all-gathering) in step until the last one finishes.
         on_batch: called with the number of sequences after each batch (progress).
+        engine: "auto" decodes Llama-family models with `decode.LeanDecoder` (same logits, less
+            overhead, packed weights on CPU) and anything else with the model's forward; "model"
+            always calls the model's forward.
 
     Returns:
         A `Rollout` with rows ordered prompt by prompt, k rows each.
@@ -191,6 +205,12 @@ def sample_rollouts(
     generator = torch.Generator(device=device)
     eos_ids = eos_token_ids(model, tokenizer)
     rows = [(i, p.ids) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+    if engine not in ("auto", "model"):
+        raise ValueError(f"engine must be 'auto' or 'model', got {engine!r}")
+    lean = None
+    if engine == "auto" and rows:
+        lean = LeanDecoder.build(model, batch_size=min(batch_size, len(rows)),
+                                 max_length=max(len(ids) for _, ids in rows) + max_new_tokens)
     parts = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -198,7 +218,7 @@ def sample_rollouts(
         parts.append((chunk, _sample_batch(
             model, [ids for _, ids in chunk], pad_id=tokenizer.pad_token_id, eos_ids=eos_ids,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            generator=generator, suppress_eos=suppress_eos, all_done=all_done)))
+            generator=generator, suppress_eos=suppress_eos, lean=lean, all_done=all_done)))
         if on_batch:
             on_batch(len(chunk))
     # Merge batches: left-pad prompts to the widest, right-pad completions to the longest.

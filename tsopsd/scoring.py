@@ -33,8 +33,11 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """(n, V) float32 output logits of `model` for (n, D) hidden states, as `model.forward` makes them."""
     lm = causal_lm(model)
-    logits = lm.get_output_embeddings()(hidden).float()
-    cfg = lm.config
+    return transform_logits(lm.config, lm.get_output_embeddings()(hidden).float())
+
+
+def transform_logits(cfg, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's forward does to the LM head's output: logit scaling and soft-capping."""
     scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
         logits = logits * scale

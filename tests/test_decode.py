@@ -1,0 +1,152 @@
+"""The lean decode step equals the model's own forward, with and without packing and LoRA."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from tsopsd import decode
+from tsopsd.checkpoint import load_checkpoint
+from tsopsd.prompts import Prompt
+from tsopsd.rollout import position_ids_from_mask, sample_rollouts
+from tsopsd.scoring import head_logits
+from tsopsd.toy import model_config
+
+LEAN_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _lora(model, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # lora_B starts at zero: make the adapter do something
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return peft_model.eval()
+
+
+def _step_by_step(model, ids, mask, new_tokens, engine):
+    """Prefill a left-padded batch, then feed `new_tokens` (B, n) one column at a time; (B, n, V) logits."""
+    cache = DynamicCache()
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        lean = decode.LeanDecoder.build(model, batch_size=ids.shape[0], max_length=ids.shape[1] + new_tokens.shape[1])
+        if engine == "lean":
+            assert lean is not None
+            step = lean.session(cache, mask, capacity=ids.shape[1] + 2)  # small: the cache must grow
+        pos = positions[:, -1] + 1
+        out = []
+        alive = torch.ones(ids.shape[0], dtype=torch.bool)
+        for j in range(new_tokens.shape[1]):
+            tok = new_tokens[:, j]
+            if engine == "lean":
+                out.append(step(tok, pos, alive))
+            else:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                out.append(model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
+                                 use_cache=True, logits_to_keep=1).logits[:, -1].float())
+            pos = pos + 1
+    return torch.stack(out, 1)
+
+
+def _batch(vocab, B=3, P=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    mask[2, :4] = 0
+    return ids, mask, torch.randint(1, vocab, (B, 9), generator=g)
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_lean_logits_equal_the_models_forward(ckpts, arch, pack, monkeypatch):
+    if not pack:
+        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+    model = load_checkpoint(ckpts[arch], device="cpu").model
+    ids, mask, new = _batch(model.config.vocab_size)
+    ref = _step_by_step(model, ids, mask, new, "model")
+    got = _step_by_step(model, ids, mask, new, "lean")
+    assert (got - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
+def test_lean_logits_with_lora_and_with_the_adapter_disabled(ckpts, pack, monkeypatch):
+    if not pack:
+        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+    model = _lora(load_checkpoint(ckpts["qwen3"], device="cpu").model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids, mask, new = _batch(model.config.vocab_size)
+    ref = _step_by_step(model, ids, mask, new, "model")
+    got = _step_by_step(model, ids, mask, new, "lean")
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    with model.disable_adapter():  # the frozen teacher's view: the base model
+        ref_off = _step_by_step(model, ids, mask, new, "model")
+        got_off = _step_by_step(model, ids, mask, new, "lean")
+    assert (got_off - ref_off).abs().max().item() < 1e-4 * ref_off.abs().max().item()
+    assert (ref_off - ref).abs().max().item() > 1e-2  # the adapter did change the logits
+    # LoRA is merged into the packed copy only: every weight of the model is bit-identical
+    assert all(torch.equal(base[n], p) for n, p in model.named_parameters())
+
+
+def test_lean_rollouts_match_the_model_engine(ckpts):
+    """Same seed, same tokens; log-probs as sampled agree and equal the re-scored ones."""
+    ck = load_checkpoint(ckpts["qwen3"], device="cpu")
+    tok = ck.tokenizer
+    prompts = [Prompt(t, tuple(tok(t)["input_ids"])) for t in ["the cat", "one two three four", "a red dog sat"]]
+    a = sample_rollouts(ck.model, tok, prompts, samples_per_prompt=2, max_new_tokens=20, seed=4, engine="auto")
+    b = sample_rollouts(ck.model, tok, prompts, samples_per_prompt=2, max_new_tokens=20, seed=4, engine="model")
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert (a.sample_logprobs - b.sample_logprobs).abs().max().item() < 1e-4
+
+
+def test_bf16_lean_logits_close_to_the_models_forward(ckpts):
+    model = load_checkpoint(ckpts["llama"], device="cpu", dtype="bfloat16").model
+    ids, mask, new = _batch(model.config.vocab_size)
+    ref = _step_by_step(model, ids, mask, new, "model")
+    got = _step_by_step(model, ids, mask, new, "lean")
+    assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_mistral_is_supported():
+    import transformers as tf
+
+    cfg = tf.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           sliding_window=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids, mask, new = _batch(96)
+    ref = _step_by_step(model, ids, mask, new, "model")
+    got = _step_by_step(model, ids, mask, new, "lean")
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_unsupported_models_fall_back(ckpts):
+    import transformers as tf
+
+    gpt2 = load_checkpoint(ckpts["gpt2"], device="cpu").model
+    assert decode.LeanDecoder.build(gpt2, batch_size=2, max_length=16) is None
+    cfg = tf.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    windowed = AutoModelForCausalLM.from_config(cfg).eval()
+    assert decode.LeanDecoder.build(windowed, batch_size=2, max_length=8) is not None  # window never reached
+    assert decode.LeanDecoder.build(windowed, batch_size=2, max_length=9) is None
+    lora = _lora(load_checkpoint(ckpts["llama"], device="cpu").model)
+    lora.merge_adapter()
+    assert decode.LeanDecoder.build(lora, batch_size=2, max_length=16) is None
+
+
+def test_lean_head_applies_the_models_logit_transforms():
+    """Soft-capping and logit scaling are applied as the model's forward applies them."""
+    torch.manual_seed(0)
+    cfg = model_config("llama", 64, hidden=32, layers=1)
+    cfg.logit_scale = 0.5  # read by scoring.transform_logits, as for Cohere
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids, mask, new = _batch(64)
+    got = _step_by_step(model, ids, mask, new, "lean")
+    hidden_ref = _step_by_step(model, ids, mask, new, "model")  # llama's forward ignores logit_scale
+    assert torch.allclose(got, hidden_ref * 0.5, atol=1e-5)
+    assert torch.allclose(head_logits(model, torch.ones(1, 32)), model.lm_head(torch.ones(1, 32)) * 0.5)
