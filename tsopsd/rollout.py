@@ -102,11 +102,20 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
     return torch.minimum(token, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
-@torch.no_grad()
 def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_ids: list[int],
                   max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                   generator: torch.Generator, suppress_eos: bool, lean: LeanDecoder | None = None,
                   all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
+    # inference mode trims per-op overhead, which is much of a small decode step; the lean path only, as
+    # the model's own forward may be sharded (FSDP) and its hooks expect ordinary no-grad tensors
+    with torch.inference_mode() if lean is not None else torch.no_grad():
+        return _sample_loop(model, prompt_ids, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                            suppress_eos=suppress_eos, lean=lean, all_done=all_done)
+
+
+def _sample_loop(model, prompt_ids, *, pad_id, eos_ids, max_new_tokens, temperature, top_p, top_k, generator,
+                 suppress_eos, lean, all_done) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
     B = len(prompt_ids)
@@ -139,7 +148,6 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
         logprobs.append(torch.where(alive, logprob, torch.zeros_like(logprob)))
         live.append(alive)
         finished = finished | torch.isin(token, eos)
-        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
         done = bool(finished.all())
         if all_done is not None:  # sharded models: every rank runs the same number of forwards
             done = all_done(done)
@@ -148,6 +156,7 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
         if step is not None:
             logits = step(token, next_pos, alive)
         else:
+            mask = torch.cat([mask, alive.long()[:, None]], dim=1)
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         next_pos = next_pos + 1
