@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tsopsd.loss import chunked_divergence_backward, masked_divergence, token_divergence
+from tsopsd.loss import Workspace, chunked_divergence_backward, masked_divergence, token_divergence
 
 TAU = 1.7
 
@@ -79,11 +79,12 @@ def test_chunked_equals_unchunked_values_and_gradients(divergence):
     x = torch.randn(N, 6)
     t_hidden = torch.randn(N, D)
     grads, stats = [], []
-    for chunk in (0, 5, 1000):
+    shared = Workspace()  # buffers reused across chunks and calls, with rows fewer and more than before
+    for chunk, ws in ((5, shared), (0, shared), (1000, None)):
         trunk.zero_grad()
         head.zero_grad()
         st = chunked_divergence_backward(trunk(x), t_hidden, head, teacher_head, normalizer=N, divergence=divergence,
-                                         teacher_temperature=TAU, chunk_size=chunk)
+                                         teacher_temperature=TAU, chunk_size=chunk, workspace=ws)
         grads.append([p.grad.clone() for p in (*trunk.parameters(), head.weight)])
         stats.append(st)
     # float64 reference for the loss and the gradients, through the same modules

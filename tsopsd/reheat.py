@@ -38,7 +38,7 @@ from tsopsd.checkpoint import atomic_output, check_output_dir, load_checkpoint, 
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped, TsopsdError
-from tsopsd.loss import ChunkStats, chunked_divergence_backward
+from tsopsd.loss import ChunkStats, Workspace, chunked_divergence_backward
 from tsopsd.metrics import measure
 from tsopsd.model import Policy, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, load_prompts
@@ -111,6 +111,7 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
     total = ChunkStats()
     mb = cfg.train.micro_batch
     clock = _Clock(policy.teacher.device, timings)
+    workspace = Workspace()  # chunk x V buffers shared by all micro-batches of the step
     for s in range(0, rollout.input_ids.shape[0], mb):
         part = rollout.rows(s, s + mb)
         if not part.completion_mask.any() and not sharded:
@@ -122,7 +123,7 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
             stats = chunked_divergence_backward(
                 student_hidden, teacher_hidden, partial(head_logits, policy.student), policy.teacher.logits,
                 normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
-                chunk_size=cfg.loss.chunk_size, always_backward=sharded)
+                chunk_size=cfg.loss.chunk_size, always_backward=sharded, workspace=workspace)
         total.add(stats)
         del teacher_hidden, student_hidden
         if total.nonfinite and not sharded:
