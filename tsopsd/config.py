@@ -47,6 +47,7 @@ class RolloutConfig:
     samples_per_prompt: int = 4  # on-policy completions per prompt, sampled at T=1
     max_new_tokens: int = 256
     batch_size: int = 32  # sequences sampled together
+    engine: Literal["auto", "model"] = "auto"  # auto: lean decoder for Llama-family models; model: model.forward
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,7 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
                                batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
                                row_offset=env.rank * per_rank * cfg.rollout.samples_per_prompt,
-                               all_done=all_done)
+                               all_done=all_done, engine=cfg.rollout.engine)
 
     # ---- state: fresh or resumed ----
     metrics_path = run_dir / "metrics.jsonl"
