@@ -150,3 +150,29 @@ def test_lean_head_applies_the_models_logit_transforms():
     hidden_ref = _step_by_step(model, ids, mask, new, "model")  # llama's forward ignores logit_scale
     assert torch.allclose(got, hidden_ref * 0.5, atol=1e-5)
     assert torch.allclose(head_logits(model, torch.ones(1, 32)), model.lm_head(torch.ones(1, 32)) * 0.5)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_tied_embeddings_and_a_lora_head():
+    """Qwen3 with the LM head tied to the embeddings, and with LoRA on the head as well."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tf.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids, mask, new = _batch(96)
+    ref = _step_by_step(model, ids, mask, new, "model")
+    got = _step_by_step(model, ids, mask, new, "lean")
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj", "lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lora.eval()
+    ref = _step_by_step(lora, ids, mask, new, "model")
+    got = _step_by_step(lora, ids, mask, new, "lean")
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
