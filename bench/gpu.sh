@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
+"$PY" -m pytest -q -m gpu tests/test_decode.py  # the lean decoder equals the model's forward on CUDA
 "$PY" - <<'PYEOF'
 import sys
 from pathlib import Path

@@ -38,7 +38,7 @@ def _step_by_step(model, ids, mask, new_tokens, engine):
             step = lean.session(cache, mask, capacity=ids.shape[1] + 2)  # small: the cache must grow
         pos = positions[:, -1] + 1
         out = []
-        alive = torch.ones(ids.shape[0], dtype=torch.bool)
+        alive = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         for j in range(new_tokens.shape[1]):
             tok = new_tokens[:, j]
             if engine == "lean":
@@ -176,3 +176,16 @@ def test_tied_embeddings_and_a_lora_head():
     ref = _step_by_step(lora, ids, mask, new, "model")
     got = _step_by_step(lora, ids, mask, new, "lean")
     assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it on a lent device)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_logits_on_cuda(ckpts, dtype):
+    """The plain (unpacked) path on a GPU, with LoRA: run by bench/gpu.sh on a lent device."""
+    model = _lora(load_checkpoint(ckpts["qwen3"], device="cuda", dtype=str(dtype).removeprefix("torch.")).model)
+    ids, mask, new = (t.cuda() for t in _batch(model.config.vocab_size))
+    ref = _step_by_step(model, ids, mask, new, "model")
+    got = _step_by_step(model, ids, mask, new, "lean")
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert (got - ref).abs().max().item() < tol * ref.abs().max().item()
