@@ -189,3 +189,16 @@ def test_lean_logits_on_cuda(ckpts, dtype):
     got = _step_by_step(model, ids, mask, new, "lean")
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert (got - ref).abs().max().item() < tol * ref.abs().max().item()
+
+
+def test_no_packed_copy_without_room(ckpts, monkeypatch):
+    """Packing doubles the decoder's weights for a rollout: skipped when memory is short, same logits."""
+    model = load_checkpoint(ckpts["qwen3"], device="cpu").model
+    assert decode.LeanDecoder.build(model, batch_size=2, max_length=16).packed
+    monkeypatch.setattr(decode, "_room_for", lambda nbytes: False)
+    lean = decode.LeanDecoder.build(model, batch_size=2, max_length=16)
+    assert lean is not None and not lean.packed
+    ids, mask, new = _batch(model.config.vocab_size)
+    ref = _step_by_step(model, ids, mask, new, "model")
+    got = _step_by_step(model, ids, mask, new, "lean")
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()

@@ -9,7 +9,8 @@ forward pays for its generality on each one (a growing `torch.cat` KV cache, mas
 `F.linear` kernels that repack the weight on every call on CPU). This module runs the same maths
 with a preallocated KV cache that grows by doubling, one additive mask row, and, on CPU, weights
 packed once per rollout for oneDNN (`torch.ops.mkldnn`), which at batch 8 is about twice as fast as
-`F.linear` on the same fp32 weights.
+`F.linear` on the same fp32 weights (a second copy of the decoder's weights for the rollout, made
+only when it fits in half the free memory).
 
 What stays the same: the prompt is still prefilled by the model's own forward (its KV cache is
 adopted); weights are only read (a packed *copy* is made, LoRA merged into that copy), so the model
@@ -24,6 +25,7 @@ variants (DoRA...) or merged adapters, sliding windows shorter than the sequence
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,15 @@ def _mkldnn_ok(dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return True
     return dtype == torch.bfloat16 and bool(getattr(ops, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+def _room_for(nbytes: int) -> bool:
+    """Whether a packed copy of `nbytes` fits in half the memory free now (unknown: only if under 1 GiB)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return nbytes < 2**30
+    return nbytes < free // 2
 
 
 def _lora_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, list[tuple[torch.nn.Linear, torch.nn.Linear, float]]]:
@@ -187,9 +198,12 @@ class LeanDecoder:
             raise Unsupported("embedding layer is wrapped")
         self.rotary = trunk.rotary_emb
         head = lm.get_output_embeddings()
-        self.dtype = head.weight.dtype if type(head) is torch.nn.Linear else head.base_layer.weight.dtype
+        self.dtype = _lora_parts(head)[0].weight.dtype
         self.device = self.embed.weight.device
-        pack = self.device.type == "cpu" and _mkldnn_ok(self.dtype)
+        # the packed copy doubles the decoder's weights for the rollout: only where memory allows
+        linears = [m for m in trunk.layers.modules() if type(m) is torch.nn.Linear] + [_lora_parts(head)[0]]
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        pack = self.device.type == "cpu" and _mkldnn_ok(self.dtype) and _room_for(nbytes)
         self.config = cfg
         self.norm = _RMSNorm(trunk.norm)
         self.layers = [_Layer(layer, pack=pack, batch_size=batch_size) for layer in trunk.layers]
