@@ -102,7 +102,10 @@ def test_lean_rollouts_match_the_model_engine(ckpts):
     assert (a.sample_logprobs - b.sample_logprobs).abs().max().item() < 1e-4
 
 
-def test_bf16_lean_logits_close_to_the_models_forward(ckpts):
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain (the GPU's path)"])
+def test_bf16_lean_logits_close_to_the_models_forward(ckpts, pack, monkeypatch):
+    if not pack:
+        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
     model = load_checkpoint(ckpts["llama"], device="cpu", dtype="bfloat16").model
     ids, mask, new = _batch(model.config.vocab_size)
     ref = _step_by_step(model, ids, mask, new, "model")
