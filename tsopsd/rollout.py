@@ -4,7 +4,9 @@
 
 A plain sampling loop over a KV cache rather than `model.generate`: it keeps only the last
 position's logits, (B, V), at each step (never B x T x V), records the log-prob of every sampled
-token so scoring can be checked against sampling, and masks everything after EOS.
+token so scoring can be checked against sampling, and masks everything after EOS. The model's
+forward prefills the prompts; each decode step after that is `decode.LeanDecoder` for Llama-family
+models (the same logits, much less overhead) and the model's forward for anything else.
 
 Layout of a `Rollout` row: ``[left padding][prompt][completion][right padding]``. The prompt part is
 left-padded to a common width ``prompt_width``; completions start at column ``prompt_width``.
