@@ -10,6 +10,7 @@ Exit codes: 0 ok, 2 bad input or usage, 1 unexpected failure. Errors are one lin
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -229,6 +230,9 @@ def reheat(
         overrides.update(parse_set(set_ or []))
         cfg = load_config(config, overrides)
         report = run_reheat(cfg, show_progress=not quiet)
+        # Free the run's models now: under torchrun their reference cycles (FSDP state, hooks) can keep
+        # process-group objects alive into interpreter shutdown, a known place for gloo to abort.
+        gc.collect()
         if rank != 0:
             return
         columns = {"before": report["before"], "after": report["after"]} if report["before"] else {}
