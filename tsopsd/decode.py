@@ -33,8 +33,6 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-_PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
 class Unsupported(Exception):
@@ -91,7 +89,6 @@ class _Linear:
 
     def __init__(self, modules: list[torch.nn.Module], *, pack: bool, batch_size: int):
         self.parts = [_lora_parts(m) for m in modules]  # [(base, [(A, B, scaling)])]
-        self.out_features = sum(base.weight.shape[0] for base, _ in self.parts)
         self.packed = self.bias = None
         if pack:
             weights, biases = [], []
@@ -140,10 +137,11 @@ class _RMSNorm:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize over the last dim; `weight` (broadcastable to x) replaces the module's own."""
-        w = self.weight if weight is None else weight
         if self.fused:
-            return F.rms_norm(x, (x.shape[-1],), None, self.eps) * w if weight is not None else \
-                F.rms_norm(x, (x.shape[-1],), w, self.eps)
+            if weight is None:
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), None, self.eps) * weight
+        w = self.weight if weight is None else weight
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * h.to(x.dtype)
@@ -159,8 +157,8 @@ class _Layer:
         self.norm_in, self.norm_post = _RMSNorm(layer.input_layernorm), _RMSNorm(layer.post_attention_layernorm)
         self.scaling = float(attn.scaling)
         self.head_dim = attn.head_dim
-        self.n_q = _lora_parts(attn.q_proj)[0].weight.shape[0] // self.head_dim
-        self.n_kv = _lora_parts(attn.k_proj)[0].weight.shape[0] // self.head_dim
+        (q_base, _), (k_base, _), _ = self.qkv.parts
+        self.n_q, self.n_kv = q_base.weight.shape[0] // self.head_dim, k_base.weight.shape[0] // self.head_dim
         self.qk_norm = None  # Qwen3: per-head RMSNorm of q and k, applied to both at once
         if hasattr(attn, "q_norm"):
             q_norm, k_norm = _RMSNorm(attn.q_norm), _RMSNorm(attn.k_norm)
@@ -168,7 +166,7 @@ class _Layer:
                 raise Unsupported("q and k norms with different eps")
             self.qk_norm = q_norm
             self.qk_weight = torch.cat([q_norm.weight.expand(self.n_q, -1), k_norm.weight.expand(self.n_kv, -1)])
-        self.intermediate = _lora_parts(mlp.gate_proj)[0].weight.shape[0]
+        self.intermediate = self.gate_up.parts[0][0].weight.shape[0]
         # Qwen2/3 set it per layer (None on full-attention layers); Mistral reads it from the config
         self.window = attn.sliding_window if hasattr(attn, "sliding_window") else \
             getattr(attn.config, "sliding_window", None)
@@ -178,8 +176,9 @@ class LeanDecoder:
     """Per-rollout view of a Llama-family model for decoding: packed weights, norms, rotary."""
 
     def __init__(self, model: torch.nn.Module, *, batch_size: int, max_length: int):
-        from tsopsd.scoring import causal_lm
+        from tsopsd.scoring import causal_lm, transform_logits
 
+        self.transform_logits = transform_logits  # imported here: scoring imports rollout, which imports us
         lm = causal_lm(model)
         cfg = lm.config
         if getattr(cfg, "model_type", None) not in ARCHITECTURES:
@@ -198,10 +197,11 @@ class LeanDecoder:
             raise Unsupported("embedding layer is wrapped")
         self.rotary = trunk.rotary_emb
         head = lm.get_output_embeddings()
-        self.dtype = _lora_parts(head)[0].weight.dtype
+        head_base = _lora_parts(head)[0]
+        self.dtype = head_base.weight.dtype
         self.device = self.embed.weight.device
         # the packed copy doubles the decoder's weights for the rollout: only where memory allows
-        linears = [m for m in trunk.layers.modules() if type(m) is torch.nn.Linear] + [_lora_parts(head)[0]]
+        linears = [m for m in trunk.layers.modules() if type(m) is torch.nn.Linear] + [head_base]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         pack = self.device.type == "cpu" and _mkldnn_ok(self.dtype) and _room_for(nbytes)
         self.config = cfg
@@ -268,15 +268,12 @@ class _Session:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """Append `tokens` (B,) at `positions` (B,); `alive` False masks the new column. Returns (B, V) float32."""
-        from tsopsd.scoring import transform_logits
-
         dec = self.dec
         if self.length == self.capacity:
             self._grow()
         t = self.length
         self.bias[:, t] = torch.where(alive, 0.0, float("-inf")).to(self.bias.dtype)
         n = t + 1
-        bias = self.bias[:, None, None, :n]
         h = F.embedding(tokens, dec.embed.weight)  # (B, D)
         B = h.shape[0]
         cos, sin = dec.rotary(h[:, None], positions[:, None])  # (B, 1, head_dim)
@@ -301,7 +298,7 @@ class _Session:
             gate, up = layer.gate_up(layer.norm_post(h)).split(layer.intermediate, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         self.length = n
-        return transform_logits(dec.config, dec.head(dec.norm(h)).float())
+        return dec.transform_logits(dec.config, dec.head(dec.norm(h)).float())
 
 
 def _resize(t: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -108,16 +108,7 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
                   max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                   generator: torch.Generator, suppress_eos: bool, lean: LeanDecoder | None = None,
                   all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
-    # inference mode trims per-op overhead, which is much of a small decode step; the lean path only, as
-    # the model's own forward may be sharded (FSDP) and its hooks expect ordinary no-grad tensors
-    with torch.inference_mode() if lean is not None else torch.no_grad():
-        return _sample_loop(model, prompt_ids, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                            suppress_eos=suppress_eos, lean=lean, all_done=all_done)
-
-
-def _sample_loop(model, prompt_ids, *, pad_id, eos_ids, max_new_tokens, temperature, top_p, top_k, generator,
-                 suppress_eos, lean, all_done) -> tuple[torch.Tensor, ...]:
+    """Sample one batch (the caller runs it under no_grad or inference mode)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
     B = len(prompt_ids)
@@ -223,15 +214,19 @@ def sample_rollouts(
         lean = LeanDecoder.build(model, batch_size=min(batch_size, len(rows)),
                                  max_length=max(len(ids) for _, ids in rows) + max_new_tokens)
     parts = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        generator.manual_seed((seed * 1_000_003 + row_offset + start) % (2**63 - 1))
-        parts.append((chunk, _sample_batch(
-            model, [ids for _, ids in chunk], pad_id=tokenizer.pad_token_id, eos_ids=eos_ids,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            generator=generator, suppress_eos=suppress_eos, lean=lean, all_done=all_done)))
-        if on_batch:
-            on_batch(len(chunk))
+    # inference mode trims per-op overhead, which is much of a small decode step; the lean path only, as
+    # the model's own forward may be sharded (FSDP) and its hooks expect ordinary no-grad tensors. The
+    # batches are copied into ordinary tensors below, so the rollout can feed autograd.
+    with torch.inference_mode() if lean is not None else torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            generator.manual_seed((seed * 1_000_003 + row_offset + start) % (2**63 - 1))
+            parts.append((chunk, _sample_batch(
+                model, [ids for _, ids in chunk], pad_id=tokenizer.pad_token_id, eos_ids=eos_ids,
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                generator=generator, suppress_eos=suppress_eos, lean=lean, all_done=all_done)))
+            if on_batch:
+                on_batch(len(chunk))
     # Merge batches: left-pad prompts to the widest, right-pad completions to the longest.
     P = max(p[1][4] for p in parts)
     L = max(p[1][1].shape[1] for p in parts)
