@@ -24,7 +24,7 @@ def build_bench_model(out: Path, *, vocab: int, hidden: int, layers: int, heads:
     """A random Qwen3-architecture model with `vocab` output rows and a small trained tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from tsopsd.toy import build_tokenizer, model_config
+    from tsopsd.lab.tiny import build_tokenizer, model_config
 
     if (out / "config.json").is_file():
         return out

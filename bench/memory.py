@@ -40,11 +40,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from tsopsd.batch import Rollout
     from tsopsd.config import load_config
-    from tsopsd.model import prepare_policy
+    from tsopsd.lab.tiny import model_config
+    from tsopsd.policy import prepare_policy
     from tsopsd.reheat import train_step
-    from tsopsd.rollout import Rollout
-    from tsopsd.toy import model_config
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

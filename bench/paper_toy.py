@@ -34,14 +34,14 @@ sys.path.insert(0, str(ROOT))
 from tsopsd.checkpoint import load_checkpoint  # noqa: E402
 from tsopsd.config import load_config  # noqa: E402
 from tsopsd.console import setup_logging  # noqa: E402
-from tsopsd.demo import FULL, QUICK, run_demo  # noqa: E402
-from tsopsd.metrics import entropy  # noqa: E402
+from tsopsd.distributions import entropy  # noqa: E402
+from tsopsd.lab.demo import FULL, QUICK, run_demo  # noqa: E402
+from tsopsd.lab.grpo import grpo  # noqa: E402
+from tsopsd.lab.sumtask import TARGETS, is_correct  # noqa: E402
 from tsopsd.prompts import load_prompts  # noqa: E402
 from tsopsd.reheat import reheat  # noqa: E402
-from tsopsd.rl import grpo  # noqa: E402
 from tsopsd.rollout import sample_rollouts  # noqa: E402
 from tsopsd.scoring import completion_hidden, head_logits  # noqa: E402
-from tsopsd.toytask import TARGETS, is_correct  # noqa: E402
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

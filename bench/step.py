@@ -34,7 +34,7 @@ def main() -> None:
 
     from tsopsd.checkpoint import load_checkpoint
     from tsopsd.config import load_config
-    from tsopsd.model import make_optimizer, prepare_policy
+    from tsopsd.policy import make_optimizer, prepare_policy
     from tsopsd.prompts import Prompt
     from tsopsd.reheat import train_step
     from tsopsd.rollout import sample_rollouts

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tsopsd.toy import build_checkpoint, build_tokenizer
+from tsopsd.lab.tiny import build_checkpoint, build_tokenizer
 
 ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
 
@@ -58,7 +58,7 @@ def prompts_file(tmp_path):
 @pytest.fixture(scope="session")
 def collapsed(tmp_path_factory):
     """A small model trained on one answer per prompt of the toy task: accurate and low-entropy."""
-    from tsopsd.toytask import build_collapsed_checkpoint, write_prompts
+    from tsopsd.lab.sumtask import build_collapsed_checkpoint, write_prompts
 
     root = tmp_path_factory.mktemp("collapsed")
     build_collapsed_checkpoint(root / "ckpt", steps=150)

@@ -6,7 +6,7 @@ import torch
 
 from tsopsd.checkpoint import atomic_output, load_checkpoint, resolve_dtype
 from tsopsd.errors import TsopsdError
-from tsopsd.toy import build_checkpoint
+from tsopsd.lab.tiny import build_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "qwen3"])

@@ -127,12 +127,12 @@ def test_usage_error_exit_2(ckpt):
 
 
 def test_unexpected_failure_exit_1_without_traceback(ckpt, prompts_file, monkeypatch):
-    import tsopsd.measure
+    import tsopsd.metrics
 
     def boom(*a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(tsopsd.measure, "measure", boom)
+    monkeypatch.setattr(tsopsd.metrics, "measure", boom)
     res = runner.invoke(app, ["measure-entropy", str(ckpt), "--prompts", str(prompts_file), "--quiet"])
     assert res.exit_code == 1
     assert "unexpected failure: RuntimeError: kaboom" in res.stderr and "Traceback" not in res.stderr

@@ -5,11 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from tsopsd import decode
+from tsopsd.batch import position_ids_from_mask
 from tsopsd.checkpoint import load_checkpoint
+from tsopsd.lab.tiny import model_config
 from tsopsd.prompts import Prompt
-from tsopsd.rollout import position_ids_from_mask, sample_rollouts
+from tsopsd.rollout import sample_rollouts
 from tsopsd.scoring import head_logits
-from tsopsd.toy import model_config
 
 LEAN_ARCHS = ("llama", "qwen2", "qwen3")
 

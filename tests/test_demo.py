@@ -2,8 +2,8 @@
 
 import pytest
 
-from tsopsd.demo import run_demo
-from tsopsd.plots import terminal_charts
+from tsopsd.lab.demo import run_demo
+from tsopsd.lab.plots import terminal_charts
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,13 @@ def test_demo_writes_pictures_and_caches(demo, monkeypatch):
     out, summary = demo
     assert {p.rsplit("/", 1)[-1] for p in summary["pictures"]} == {"entropy_curve.png", "entropy_hist.png"}
     assert all((out / n / "config.json").is_file() for n in ("sft", "collapsed", "reheated"))
-    import tsopsd.demo
+    import tsopsd.lab.demo
 
     def fail(*a, **k):
         raise AssertionError("a cached stage was rebuilt")
 
     for stage in ("_build_sft", "_build_collapsed", "_reheat"):
-        monkeypatch.setattr(tsopsd.demo, stage, fail)
+        monkeypatch.setattr(tsopsd.lab.demo, stage, fail)
     again = run_demo(out, quick=True, show_progress=False)
     assert again["results"]["reheated"]["entropy"] == summary["results"]["reheated"]["entropy"]  # seeded
 

@@ -2,11 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import signals
 import torch
 from safetensors.torch import load_file
 
@@ -73,21 +75,17 @@ def test_too_few_prompts_for_the_ranks(collapsed, tmp_path):
     ckpt, prompts = collapsed
     d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "9", *COMMON)
     assert d.returncode != 0
-    assert "17 prompts are fewer than 2 ranks x 9 prompts per step" in d.stderr
+    assert "17 prompts are fewer than 2 rank(s) x 9 prompts per step" in d.stderr
     assert "Traceback" not in d.stderr.split("tsopsd: error:")[0][-200:]
 
 
 def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
-    from tsopsd.config import load_config
-    from tsopsd.reheat import reheat
-
     ckpt, prompts = collapsed
-    cfg = load_config(TINY, {"model.path": str(ckpt), "data.prompts": str(prompts), "output.out": str(tmp_path / "o"),
-                             "rollout.prompts_per_step": 2, "output.eval_prompts": 0})
-    with pytest.raises(KeyboardInterrupt):
-        reheat(cfg, show_progress=False, interrupt_at_step=1)
-    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "2", "--resume",
-                 "--config", str(TINY), "--set", "output.eval_prompts=0", "--quiet")
+    args = ["reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "2",
+            "--config", str(TINY), "--set", "output.eval_prompts=0"]
+    r = signals.run_and_signal(args, when=lambda line: "step 1/" in line)
+    assert r.signalled and r.returncode == 130 and (tmp_path / "o.tsopsd-run" / "state.pt").is_file(), r.stderr
+    d = torchrun(*args, "--resume", "--quiet")
     assert d.returncode != 0
     assert "saved with 1 rank(s), this launch has 2" in d.stderr
 
@@ -105,18 +103,20 @@ def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
         AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "fsdp"))
 
 
-def test_fsdp_resume_with_same_ranks(collapsed, tmp_path, monkeypatch):
+def test_fsdp_resume_with_same_ranks(collapsed, tmp_path):
+    """Killed (SIGKILL, every process) after its periodic save, a sharded run resumes to the uninterrupted result."""
     ckpt, prompts = collapsed
-    args = [*COMMON, "--mode", "full", "--lr", "3e-4", "--set", "train.parallel=fsdp", "--set", "output.save_every=2"]
-    monkeypatch.setenv("TSOPSD_TEST_INTERRUPT_AT_STEP", "3")
-    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "f", "--prompts-per-step", "2", *args)
-    assert d.returncode != 0 and not (tmp_path / "f").exists()
-    assert (tmp_path / "f.tsopsd-run" / "sharded").is_dir()
-    monkeypatch.delenv("TSOPSD_TEST_INTERRUPT_AT_STEP")
-    d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "f", "--prompts-per-step", "2", *args,
-                 "--resume")
+    args = ["reheat", ckpt, "--prompts", prompts, "--prompts-per-step", "2", *COMMON, "--mode", "full", "--lr",
+            "3e-4", "--set", "train.parallel=fsdp", "--set", "output.save_every=2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tsopsd"]
+    state = tmp_path / "f.tsopsd-run" / "state.pt"
+    r = signals.run_and_signal([*args, "--out", tmp_path / "f"], when_file=state.is_file, sig=signal.SIGKILL,
+                               launcher=launcher, tree=True)
+    assert r.signalled and r.returncode != 0 and not (tmp_path / "f").exists(), r.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "f.tsopsd-run").glob("sharded-*")]
+    d = torchrun(*args, "--out", tmp_path / "f", "--resume")
     assert d.returncode == 0, d.stderr[-12000:]
-    u = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "u", "--prompts-per-step", "2", *args)
+    u = torchrun(*args, "--out", tmp_path / "u")
     assert u.returncode == 0, u.stderr[-12000:]
     assert [m["train/loss"] for m in metrics(tmp_path / "f")] == pytest.approx(
         [m["train/loss"] for m in metrics(tmp_path / "u")], rel=1e-6)

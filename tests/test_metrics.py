@@ -5,22 +5,20 @@ import math
 import pytest
 import torch
 
+from tsopsd.batch import Rollout
 from tsopsd.checkpoint import load_checkpoint
-from tsopsd.metrics import (
-    distinct_n,
+from tsopsd.distributions import (
     entropy,
     kl_divergence,
     masked_mean,
-    measure,
-    score_rollout,
-    sequence_stats,
     summarize_entropy,
     temperature_for_entropy,
     topk_overlap,
 )
+from tsopsd.lab.tiny import sharpen_
+from tsopsd.metrics import distinct_n, measure, score_rollout, sequence_stats
 from tsopsd.prompts import Prompt
-from tsopsd.rollout import Rollout, sample_rollouts
-from tsopsd.toy import sharpen_
+from tsopsd.rollout import sample_rollouts
 
 
 def ref_entropy(z, t=1.0):

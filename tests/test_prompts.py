@@ -3,8 +3,8 @@ import logging
 import pytest
 
 from tsopsd.errors import TsopsdError
+from tsopsd.lab.tiny import CHAT_TEMPLATE, build_tokenizer
 from tsopsd.prompts import load_prompts
-from tsopsd.toy import CHAT_TEMPLATE, build_tokenizer
 
 
 @pytest.fixture(scope="module")

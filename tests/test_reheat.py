@@ -2,17 +2,19 @@
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import signals
 import torch
 from safetensors.torch import load_file
 
 from tsopsd.config import load_config
 from tsopsd.errors import TrainingStopped, TsopsdError
-from tsopsd.reheat import reheat, run_dir_for
+from tsopsd.reheat import finish, reheat, run_dir_for, setup, train
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
 
@@ -33,39 +35,48 @@ def first_and_last(metrics, key, n=5):
     return sum(vals[:n]) / n, sum(vals[-n:]) / n
 
 
+def base_weights(policy) -> dict:
+    """The teacher's weights under the input's names: the frozen copy (full) or the base with the adapter off."""
+    model = policy.teacher.model
+    if policy.mode == "lora":
+        model = model.get_base_model()
+    return {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
 @pytest.mark.parametrize("mode, lr", [("lora", 2e-3), ("full", 3e-4)])
 def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
     ckpt, _ = collapsed
     out = tmp_path / "out"
     input_weights = load_file(ckpt / "model.safetensors")
-    seen = {}
-
-    def capture(student):
-        seen["params"] = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-
-    report = reheat(cfg_for(collapsed, out, **{"train.mode": mode, "train.lr": lr, "train.steps": 80,
-                                                "stop.entropy_tolerance": 0.0}),
-                    show_progress=False, on_trained=capture)
+    run = setup(cfg_for(collapsed, out, **{"train.mode": mode, "train.lr": lr, "train.steps": 80,
+                                           "stop.entropy_tolerance": 0.0}))
+    train(run, show_progress=False)
+    trained = {n: p.detach().clone() for n, p in run.policy.student.named_parameters() if p.requires_grad}
+    teacher = base_weights(run.policy)
+    report = finish(run)
     metrics = steps_of(out)
     h_student0, h_student1 = first_and_last(metrics, "train/student_entropy")
     h_teacher, _ = first_and_last(metrics, "train/teacher_entropy")
     # at least half of the entropy gap to the teacher is closed, on the training rollouts...
     assert h_student1 - h_student0 >= 0.5 * (h_teacher - h_student0), (h_student0, h_student1, h_teacher)
     assert min(m["train/top1_agreement"] for m in metrics) >= 0.9
-    # ...and on the held-out before/after report
+    # ...and on the held-out before/after report (prompts that never trained)
     before, after = report["before"], report["after"]
-    print(f"{mode}: train H {h_student0:.4f} -> {h_student1:.4f} (teacher {h_teacher:.4f}); eval H "
+    print(f"{mode}: train H {h_student0:.4f} -> {h_student1:.4f} (teacher {h_teacher:.4f}); held-out H "
           f"{before['entropy']['mean']:.4f} -> {after['entropy']['mean']:.4f}, agreement "
           f"{after['reference']['top1_agreement']:.3f}")
+    assert report["eval_prompts"] == 6 and before["prompts"] == 6
     assert after["entropy"]["mean"] - before["entropy"]["mean"] >= 0.5 * (h_teacher - before["entropy"]["mean"])
     assert after["reference"]["top1_agreement"] >= 0.9
-    # the teacher never moved: the input file is unchanged and, in full mode, the frozen copy equals it
+    # the teacher never moved: after 80 steps it is still bit for bit the input file (the frozen copy in
+    # full mode, the base under the adapter in LoRA mode), and the input file itself is unchanged
+    assert set(teacher) == set(input_weights)
+    assert all(torch.equal(teacher[k], input_weights[k]) for k in input_weights)
     assert all(torch.equal(v, load_file(ckpt / "model.safetensors")[k]) for k, v in input_weights.items())
     # every trainable parameter changed
-    initial = load_file(ckpt / "model.safetensors")
-    for name, value in seen["params"].items():
+    for name, value in trained.items():
         if mode == "full":
-            assert not torch.equal(value, initial[name]), name
+            assert not torch.equal(value, input_weights[name]), name
         else:
             assert "lora_" in name and value.abs().sum() > 0, name
     files = {p.name for p in out.iterdir()}
@@ -74,21 +85,16 @@ def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
     assert not run_dir_for(out).exists()
 
 
-def test_teacher_is_bit_identical_during_lora_run(collapsed, tmp_path):
-    """With LoRA the teacher is the base with the adapter off: base weights must never change."""
-    ckpt, _ = collapsed
-    original = load_file(ckpt / "model.safetensors")
-    seen = {}
+def test_held_out_prompts_never_train(collapsed, tmp_path):
+    from tsopsd.reheat import prompts_for_step
 
-    def capture(student):
-        base = student.get_base_model()
-        seen["base"] = {n.replace(".base_layer", ""): p.detach().clone() for n, p in base.named_parameters()
-                        if "lora_" not in n}
-
-    reheat(cfg_for(collapsed, tmp_path / "o", **{"train.steps": 5, "output.eval_prompts": 0}), show_progress=False,
-           on_trained=capture)
-    assert set(seen["base"]) == set(original)
-    assert all(torch.equal(seen["base"][k], original[k]) for k in original)
+    run = setup(cfg_for(collapsed, tmp_path / "o", **{"train.steps": 1}))
+    held = {p.ids for p in run.eval_prompts}
+    assert len(held) == 6 and not held & {p.ids for p in run.prompts} and len(run.prompts) == 17 - 6
+    seen = {i for step in range(20) for i in prompts_for_step(len(run.prompts), 4, step, 0)}
+    assert seen == set(range(len(run.prompts)))  # training reads only (and all of) the rest
+    with pytest.raises(TsopsdError, match="17 prompts leave 1 for training after holding out 16 for the report"):
+        setup(cfg_for(collapsed, tmp_path / "o2", **{"output.eval_prompts": 16}))
 
 
 PLAIN_LOAD = r"""
@@ -110,24 +116,26 @@ assert not any(m.startswith("tsopsd") for m in sys.modules)
 @pytest.mark.parametrize("save", ["adapter", "merged"])
 def test_output_loads_with_plain_libraries_and_reproduces_logits(collapsed, tmp_path, save):
     out = tmp_path / save
-    trained = {}
-
-    def capture(student):
-        with torch.no_grad():
-            trained["logits"] = student(input_ids=torch.tensor([[5, 9, 14, 3, 7, 11]])).logits[0]
-
-    reheat(cfg_for(collapsed, out, **{"train.steps": 6, "output.save": save, "output.eval_prompts": 0}),
-           show_progress=False, on_trained=capture)
+    run = setup(cfg_for(collapsed, out, **{"train.steps": 6, "output.save": save, "output.eval_prompts": 0}))
+    train(run, show_progress=False)
+    with torch.no_grad():
+        trained = run.policy.student(input_ids=torch.tensor([[5, 9, 14, 3, 7, 11]])).logits[0]
+    finish(run)
     if save == "adapter":
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert Path(cfg["base_model_name_or_path"]) == collapsed[0].resolve()
         assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
-    p = subprocess.run([sys.executable, "-c", PLAIN_LOAD, save, str(out)], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
-    assert p.returncode == 0, p.stderr
-    loaded = torch.tensor(json.loads(p.stdout.strip().splitlines()[-1]))
+    loaded = plain_logits(out, save, tmp_path)
     # fp32 throughout; merging LoRA changes the summation order only
-    assert torch.allclose(loaded, trained["logits"], atol=1e-4), (loaded - trained["logits"]).abs().max()
+    assert torch.allclose(loaded, trained, atol=1e-4), (loaded - trained).abs().max()
+
+
+def plain_logits(out, kind, cwd) -> torch.Tensor:
+    """Logits of the written output, loaded by plain transformers/peft in a fresh process."""
+    p = subprocess.run([sys.executable, "-c", PLAIN_LOAD, kind, str(out)], capture_output=True, text=True,
+                       cwd=cwd, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return torch.tensor(json.loads(p.stdout.strip().splitlines()[-1]))
 
 
 def test_target_entropy_lands_within_two_percent(collapsed, tmp_path):
@@ -146,7 +154,7 @@ def test_target_entropy_from_checkpoint(collapsed, tmp_path, ckpts):
     # scaling the final norm (so its entropy at T=1 is the collapsed one's at T=1.25)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tsopsd.toy import sharpen_
+    from tsopsd.lab.tiny import sharpen_
 
     ckpt, _ = collapsed
     hot = tmp_path / "hot"
@@ -165,20 +173,53 @@ def test_target_entropy_from_checkpoint(collapsed, tmp_path, ckpts):
                show_progress=False)
 
 
-def test_resume_equals_uninterrupted_run(collapsed, tmp_path):
-    common = {"train.steps": 6, "output.save_every": 2, "output.eval_prompts": 0, "stop.entropy_tolerance": 0.0}
-    reheat(cfg_for(collapsed, tmp_path / "a", **common), show_progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        reheat(cfg_for(collapsed, tmp_path / "b", **common), show_progress=False, interrupt_at_step=3)
-    assert not (tmp_path / "b").exists() and (run_dir_for(tmp_path / "b") / "state.pt").is_file()
-    with pytest.raises(TsopsdError, match="unfinished run exists"):
-        reheat(cfg_for(collapsed, tmp_path / "b", **common), show_progress=False)
-    reheat(cfg_for(collapsed, tmp_path / "b", **common, **{"output.resume": True}), show_progress=False)
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    la = [m["train/loss"] for m in steps_of(tmp_path / "a")]
-    lb = [m["train/loss"] for m in steps_of(tmp_path / "b")]
-    assert la == lb and len(la) == 6
+def reheat_cli(collapsed, out, *extra):
+    ckpt, prompts = collapsed
+    return ["reheat", ckpt, "--prompts", prompts, "--out", out, "--config", TINY, "--set", "output.eval_prompts=2",
+            "--set", "stop.entropy_tolerance=0", *extra]
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tsopsd", *map(str, args)], capture_output=True, text=True,
+                          env=signals.env(), timeout=300)
+
+
+RESUME = ("--steps", "6", "--set", "output.save_every=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(collapsed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "a"
+    p = cli(*reheat_cli(collapsed, out, *RESUME, "--quiet"))
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+# (the line after which the signal is sent, how long after): mid-step 3 (its rollout or backward), and at
+# the periodic save after step 2 (the update, the metrics line and the save are one held block)
+MOMENTS = {"mid-step": ("step 2/6", 0.05), "periodic save": ("step 2/6", 0.0)}
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_resume_after_a_signal_equals_uninterrupted_run(collapsed, tmp_path, uninterrupted, moment, sig):
+    line, delay = MOMENTS[moment]
+    out = tmp_path / "b"
+    r = signals.run_and_signal(reheat_cli(collapsed, out, *RESUME), when=lambda s: line in s, sig=sig, delay=delay)
+    assert r.signalled and r.returncode == 130, r.stderr[-3000:]
+    assert "state saved in" in r.stderr and "tsopsd: error: interrupted" in r.stderr
+    assert not out.exists() and (run_dir_for(out) / "state.pt").is_file()
+    p = cli(*reheat_cli(collapsed, out, *RESUME))
+    assert p.returncode == 2 and "unfinished run exists" in p.stderr
+    p = cli(*reheat_cli(collapsed, out, *RESUME, "--resume"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit on CPU
+    la = [m["train/loss"] for m in steps_of(uninterrupted)]
+    assert [m["train/loss"] for m in steps_of(out)] == la and len(la) == 6
+    ra, rb = (json.loads((o / "reheat_report.json").read_text()) for o in (uninterrupted, out))
+    assert ra["after"] == rb["after"] and ra["before"] == rb["before"]
+    assert torch.equal(plain_logits(out, "merged", tmp_path), plain_logits(uninterrupted, "merged", tmp_path))
 
 
 def test_existing_output_refused_without_overwrite(collapsed, tmp_path):
@@ -196,9 +237,9 @@ def test_existing_output_refused_without_overwrite(collapsed, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_state(collapsed, tmp_path, monkeypatch):
     import tsopsd.loss as loss_mod
 
+    common = {"output.eval_prompts": 0, "train.micro_batch": 64, "stop.entropy_tolerance": 0.0}
     real = loss_mod.divergence_and_grad
     calls = {"n": 0}
-    seen = {}
 
     def poisoned(student_logits, *args, **kwargs):
         calls["n"] += 1
@@ -208,25 +249,37 @@ def test_nan_loss_stops_and_keeps_last_good_state(collapsed, tmp_path, monkeypat
 
     monkeypatch.setattr(loss_mod, "divergence_and_grad", poisoned)
     out = tmp_path / "o"
-    with pytest.raises(TrainingStopped, match="non-finite loss at step 4"):
-        reheat(cfg_for(collapsed, out, **{"train.steps": 10, "output.eval_prompts": 0, "train.micro_batch": 64}),
-               show_progress=False, on_trained=lambda s: seen.update(
-                   {n: p.detach().clone() for n, p in s.named_parameters() if p.requires_grad}))
+    with pytest.raises(TrainingStopped, match="non-finite loss at step 4; rolled back to the weights after step 2"):
+        reheat(cfg_for(collapsed, out, **{"train.steps": 10, **common}), show_progress=False)
+    monkeypatch.setattr(loss_mod, "divergence_and_grad", real)
     report = json.loads((out / "reheat_report.json").read_text())
-    assert report["steps_run"] == 3 and "non-finite" in report["stop_reason"]
-    assert all(torch.isfinite(v).all() for v in seen.values())
+    assert report["steps_run"] == 3 and report["weights_after_step"] == 2 and "non-finite" in report["stop_reason"]
     assert len(steps_of(out)) == 3
+    # what was written is the state at the start of the last step that passed (step 3): a clean 2-step run
+    reheat(cfg_for(collapsed, tmp_path / "clean", **{"train.steps": 2, **common}), show_progress=False)
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "clean" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in a.values()) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_drift_guard_stops_and_rolls_back(collapsed, tmp_path):
+    common = {"train.lr": 0.005, "teacher.temperature": 2.0, "stop.entropy_tolerance": 0.0, "output.eval_prompts": 0}
     out = tmp_path / "o"
-    report = reheat(cfg_for(collapsed, out, **{"train.lr": 0.05, "train.steps": 30, "teacher.temperature": 2.0,
-                                                "stop.entropy_tolerance": 0.0}), show_progress=False)
-    assert report["stop_reason"].startswith("drift guard")
-    assert report["steps_run"] < 30
-    # what was saved is the last state that passed: its agreement on the step that checked it was >= 0.9
-    assert all(m["train/top1_agreement"] >= 0.9 for m in steps_of(out))
-    assert report["after"]["reference"]["top1_agreement"] >= 0.8
+    report = reheat(cfg_for(collapsed, out, **{"train.steps": 30, **common}), show_progress=False)
+    assert report["stop_reason"].startswith("drift guard"), report["stop_reason"]
+    kept = report["weights_after_step"]
+    assert "rolled back to the weights after step" in report["stop_reason"] and 0 < kept < report["steps_run"]
+    # what was written is the last state that passed: a clean run of `kept` steps, bit for bit (the same
+    # seeds; it ends before the weights that failed were even made)
+    clean = reheat(cfg_for(collapsed, tmp_path / "clean", **{"train.steps": kept, **common}), show_progress=False)
+    assert clean["stop_reason"] == f"completed {kept} steps"
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "clean" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # without rollback the weights that failed are written, and they differ
+    unrolled = reheat(cfg_for(collapsed, tmp_path / "u", **{"train.steps": 30, "stop.rollback": False, **common}),
+                      show_progress=False)
+    assert "stop.rollback is off" in unrolled["stop_reason"]
+    c = load_file(tmp_path / "u" / "model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_random_weights_are_refused(ckpts, tmp_path, collapsed):
@@ -259,28 +312,3 @@ def test_teacher_check_catches_a_wrong_training_path(collapsed):
     check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"])
     with pytest.raises(RuntimeError, match="teacher check failed"):
         check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"] * 1.01)
-
-
-def test_full_mode_teacher_copy_stays_bit_identical(collapsed):
-    from tsopsd.checkpoint import load_checkpoint
-    from tsopsd.model import prepare_policy
-    from tsopsd.prompts import load_prompts
-    from tsopsd.reheat import train_step
-    from tsopsd.rollout import sample_rollouts
-
-    ckpt, prompts = collapsed
-    cfg = cfg_for(collapsed, "unused", **{"train.mode": "full", "train.lr": 1e-2})
-    ck = load_checkpoint(ckpt, device="cpu")
-    items = load_prompts(prompts, ck.tokenizer)[:4]
-    policy = prepare_policy(ck.model, cfg.train)
-    teacher_before = {n: p.detach().clone() for n, p in policy.teacher.model.named_parameters()}
-    student_before = {n: p.detach().clone() for n, p in policy.student.named_parameters()}
-    opt = torch.optim.AdamW(policy.trainable, lr=cfg.train.lr)
-    for step in range(3):
-        r = sample_rollouts(policy.student, ck.tokenizer, items, samples_per_prompt=2, max_new_tokens=6, seed=step)
-        train_step(policy, r, tau=1.5, cfg=cfg)
-        opt.step()
-        opt.zero_grad()
-    assert all(torch.equal(p, teacher_before[n]) for n, p in policy.teacher.model.named_parameters())
-    assert all(not p.requires_grad for p in policy.teacher.model.parameters())
-    assert sum(not torch.equal(p, student_before[n]) for n, p in policy.student.named_parameters()) > 0

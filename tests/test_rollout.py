@@ -4,10 +4,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tsopsd.batch import completion_targets
 from tsopsd.checkpoint import load_checkpoint
 from tsopsd.prompts import Prompt
 from tsopsd.rollout import sample_rollouts
-from tsopsd.scoring import completion_hidden, completion_targets, head_logits
+from tsopsd.scoring import completion_hidden, head_logits
 
 EOS, PAD, V = 0, 11, 12
 

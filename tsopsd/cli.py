@@ -51,7 +51,9 @@ def _root(
 
 def _fail(message: str, code: int) -> typer.Exit:
     first = str(message).strip().splitlines()[0] if str(message).strip() else type(message).__name__
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all (errors name the ranks)
+    from tsopsd.parallel import launched_rank
+
+    if launched_rank() == 0:  # under torchrun, rank 0 speaks for all (errors name the ranks)
         print(f"tsopsd: error: {first}", file=sys.stderr, flush=True)
     return typer.Exit(code)
 
@@ -131,15 +133,15 @@ def measure_entropy(
     """Measure token entropy and diversity of a checkpoint's own rollouts (and drift from a reference)."""
     def body() -> None:
         from tsopsd import console
-        from tsopsd.measure import run_measure
+        from tsopsd.metrics import measure_checkpoint
 
         console.setup_logging(quiet=quiet)
-        result = run_measure(
+        result = measure_checkpoint(
             ckpt, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, reference=reference, limit=limit,
             batch_size=batch_size, seed=seed, base=base, device=device, dtype=dtype, prompt_field=prompt_field,
             max_prompt_tokens=max_prompt_tokens, show_progress=not quiet)
-        from tsopsd.report import metrics_table
+        from tsopsd.tables import metrics_table
 
         _emit(result, as_json=as_json, out=out,
               table=lambda: metrics_table({str(ckpt): result["metrics"]}, title="tsopsd measure-entropy"))
@@ -203,10 +205,11 @@ def reheat(
     def body() -> None:
         from tsopsd import console
         from tsopsd.config import load_config, parse_set
+        from tsopsd.parallel import launched_rank
         from tsopsd.reheat import reheat as run_reheat
-        from tsopsd.report import metrics_table
+        from tsopsd.tables import metrics_table
 
-        rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
+        rank = launched_rank()  # under torchrun only rank 0 talks
         console.setup_logging(quiet=quiet or rank != 0)
         flags = {
             "model.path": str(ckpt), "data.prompts": prompts, "output.out": out, "model.base": base,
@@ -278,8 +281,8 @@ def demo(
         from rich.console import Console
 
         from tsopsd import console
-        from tsopsd.demo import run_demo
-        from tsopsd.report import metrics_table
+        from tsopsd.lab.demo import run_demo
+        from tsopsd.tables import metrics_table
 
         console.setup_logging(quiet=quiet)
         summary = run_demo(out, quick=quick, fresh=fresh, show_progress=not quiet)

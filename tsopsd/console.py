@@ -24,13 +24,16 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     handler = RichHandler(console=stderr, show_path=False, show_time=stderr.is_terminal,
                           rich_tracebacks=False, markup=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    # Third-party chatter (weight-loading bars, deprecation notes) is noise in a batch log.
+    # transformers' own logger and weight-loading bars are noise in a batch log; its warnings (and
+    # everyone's deprecations) still reach the warnings module. Two named ones are not ours to fix:
     import warnings
 
     import transformers
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|fan_in_fan_out|Could not find a config).*")
+    # peft (0.17-0.21) reads `is_gradient_checkpointing`, which transformers 5 deprecates, on every get_peft_model
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # peft warns when an adapter's base is a local folder it cannot look up on the hub (we are offline)
+    warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -30,6 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from tsopsd.family import causal_lm, transform_logits
+
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -176,9 +178,6 @@ class LeanDecoder:
     """Per-rollout view of a Llama-family model for decoding: packed weights, norms, rotary."""
 
     def __init__(self, model: torch.nn.Module, *, batch_size: int, max_length: int):
-        from tsopsd.scoring import causal_lm, transform_logits
-
-        self.transform_logits = transform_logits  # imported here: scoring imports rollout, which imports us
         lm = causal_lm(model)
         cfg = lm.config
         if getattr(cfg, "model_type", None) not in ARCHITECTURES:
@@ -298,7 +297,7 @@ class _Session:
             gate, up = layer.gate_up(layer.norm_post(h)).split(layer.intermediate, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         self.length = n
-        return dec.transform_logits(dec.config, dec.head(dec.norm(h)).float())
+        return transform_logits(dec.config, dec.head(dec.norm(h)).float())
 
 
 def _resize(t: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -74,6 +74,17 @@ class ChunkStats:
     top1_agreement: float = 0.0  # argmax(student) == argmax(original)
     nonfinite: bool = False
 
+    def sums(self) -> list[float]:
+        """The fields as floats (non-finite as 0/1), for summing across processes; see `from_sums`."""
+        return [self.divergence, self.student_entropy, self.teacher_entropy, self.kl_student_original,
+                self.top1_agreement, float(self.nonfinite)]
+
+    @classmethod
+    def from_sums(cls, values: list[float]) -> ChunkStats:
+        d, se, te, kl, top1, bad = values
+        return cls(divergence=d, student_entropy=se, teacher_entropy=te, kl_student_original=kl, top1_agreement=top1,
+                   nonfinite=bad > 0)
+
     def add(self, other: ChunkStats) -> None:
         for f in ("divergence", "student_entropy", "teacher_entropy", "kl_student_original", "top1_agreement"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
@@ -202,7 +213,7 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
                                 student_head: Callable[[torch.Tensor], torch.Tensor],
                                 teacher_head: Callable[[torch.Tensor], torch.Tensor], *, normalizer: float,
                                 divergence: str, teacher_temperature: float, beta: float = 0.5,
-                                chunk_size: int = 1024, backward: bool = True, always_backward: bool = False,
+                                chunk_size: int = 1024, backward: bool = True,
                                 workspace: Workspace | None = None) -> ChunkStats:
     """Sum of per-token divergences / `normalizer`, back-propagated chunk by chunk.
 
@@ -212,9 +223,9 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
         student_head, teacher_head: (n, D) -> (n, V) float32 logits.
         normalizer: number of valid tokens in the whole step (so micro-batches add up to the mean).
         chunk_size: positions per chunk; 0 means all at once.
-        backward: run backward (False: statistics only).
-        always_backward: back-propagate through the trunk even when no chunk did (zeros), so that
-            sharded (FSDP) ranks run the same collectives whatever their token counts.
+        backward: run backward (False: statistics only). With it, the trunk is back-propagated exactly
+            once, with zeros when no chunk gave a gradient (no positions, or a non-finite divergence), so
+            every call runs the same backward whatever its data.
         workspace: chunk buffers to reuse (pass one across micro-batches; default: one for this call).
 
     Returns:
@@ -239,8 +250,7 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
         if grad is not None and not total.nonfinite:
             student_logits.backward(grad)
         del student_logits, grad
-    if leaf.requires_grad and leaf.grad is not None and not total.nonfinite:
-        student_hidden.backward(leaf.grad)
-    elif always_backward and student_hidden.requires_grad:
-        student_hidden.backward(torch.zeros_like(student_hidden))
+    if leaf.requires_grad:
+        ok = leaf.grad is not None and not total.nonfinite
+        student_hidden.backward(leaf.grad if ok else torch.zeros_like(student_hidden))
     return total

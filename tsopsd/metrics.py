@@ -1,13 +1,9 @@
-"""Entropy and drift metrics, computed exactly from full-vocabulary logits on completion tokens.
+"""Measuring a model: entropy, diversity and drift of its own rollouts (`tsopsd measure-entropy`).
 
+    result = measure_checkpoint("ckpt/", "prompts.jsonl", samples_per_prompt=4)   # what the CLI prints
     report = measure(model, tokenizer, prompts, samples_per_prompt=4, reference=ref_model)
 
-Per-token maths (z: logits over the vocabulary, p = softmax(z), r = softmax(z_ref)):
-
-    H(p)        = logsumexp(z) - sum_v p_v z_v                 entropy in nats
-    H_T(p)      = H(softmax(z / T))                             entropy at temperature T
-    KL(p || r)  = sum_v p_v (log p_v - log r_v)
-    top-k overlap = |topk(p) ∩ topk(r)| / k
+Computed exactly from full-vocabulary logits on completion tokens (the maths is in `distributions`).
 
 Token statistics are averaged over valid completion tokens only (prompt, padding and everything
 after EOS never count); an empty selection gives 0, never NaN. Sequence statistics (length,
@@ -17,75 +13,26 @@ over prompts.
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from tsopsd.prompts import Prompt
-from tsopsd.rollout import Rollout, sample_rollouts
+from tsopsd import __version__
+from tsopsd.batch import Rollout
+from tsopsd.checkpoint import load_checkpoint
+from tsopsd.console import progress
+from tsopsd.distributions import entropy, kl_divergence, summarize_entropy, temperature_for_entropy, topk_overlap
+from tsopsd.errors import TsopsdError
+from tsopsd.family import eos_token_ids
+from tsopsd.prompts import Prompt, load_prompts
+from tsopsd.rollout import sample_rollouts
 from tsopsd.scoring import as_scorer
 
+log = logging.getLogger(__name__)
+
 TOPK = (5, 10)
-
-
-# ---- per-token maths on (N, V) logits -------------------------------------------------------------
-
-def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(N,) entropy in nats of softmax(logits / temperature)."""
-    z = logits.float() / temperature
-    logp = z.log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """(N,) KL(p || q) with p = softmax(logits_p), q = softmax(logits_q)."""
-    logp = logits_p.float().log_softmax(-1)
-    logq = logits_q.float().log_softmax(-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def topk_overlap(logits_a: torch.Tensor, logits_b: torch.Tensor, k: int) -> torch.Tensor:
-    """(N,) fraction of the k most likely tokens under a that are among the k most likely under b."""
-    k = min(k, logits_a.shape[-1])
-    a = logits_a.topk(k, dim=-1).indices  # (N, k)
-    b = logits_b.topk(k, dim=-1).indices
-    return (a[:, :, None] == b[:, None, :]).any(-1).float().mean(-1)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask`; 0 (not NaN) when nothing is selected."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def temperature_for_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], target: float,
-                            *, low: float = 0.05, high: float = 50.0, chunk_size: int = 1024,
-                            tol: float = 1e-4, max_iter: int = 60) -> float | None:
-    """The T at which the mean entropy of softmax(head(hidden) / T) equals `target`, by bisection.
-
-    Mean entropy is increasing in T (for non-constant logits), so bisection on log T converges.
-
-    Returns:
-        T, or None when the target lies outside [H(low), H(high)].
-    """
-    def mean_h(t: float) -> float:
-        total = sum(float(entropy(head(hidden[s:s + chunk_size]), t).sum())
-                    for s in range(0, hidden.shape[0], chunk_size))
-        return total / max(hidden.shape[0], 1)
-
-    if hidden.shape[0] == 0 or not (mean_h(low) <= target <= mean_h(high)):
-        return None
-    lo, hi = math.log(low), math.log(high)
-    for _ in range(max_iter):
-        mid = (lo + hi) / 2
-        if mean_h(math.exp(mid)) < target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < tol:
-            break
-    return math.exp((lo + hi) / 2)
 
 
 # ---- sequence statistics ---------------------------------------------------------------------------
@@ -136,17 +83,6 @@ def token_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None = None,
     return out
 
 
-def summarize_entropy(values: torch.Tensor) -> dict[str, float]:
-    """Mean, p10/p50/p90 and the mean of the top 20% highest-entropy tokens."""
-    if values.numel() == 0:
-        return {"mean": 0.0, "p10": 0.0, "p50": 0.0, "p90": 0.0, "top20_mean": 0.0}
-    v = values.double()
-    q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-    top = v.sort(descending=True).values[: max(1, math.ceil(0.2 * v.numel()))]
-    return {"mean": float(v.mean()), "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2]),
-            "top20_mean": float(top.mean())}
-
-
 # Effective temperature is found on at most this many positions (seeded subsample) to bound its cost.
 MAX_EFFECTIVE_T_POSITIONS = 16384
 
@@ -171,8 +107,6 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
         if reference is not None:
             ref_logits = reference.logits(ref_hidden[s:s + chunk_size]).to(logits.device)
             if ref_logits.shape[-1] != logits.shape[-1]:
-                from tsopsd.errors import TsopsdError
-
                 raise TsopsdError(f"reference vocabulary ({ref_logits.shape[-1]}) differs from the model's "
                                   f"({logits.shape[-1]}): a reference must share the tokenizer")
         for k, v in token_stats(logits, ref_logits, sampling_temperature).items():
@@ -205,7 +139,7 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
 def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samples_per_prompt: int = 4,
             max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
             batch_size: int = 16, seed: int = 0, verifier: Callable[[int, str], bool] | None = None,
-            keep_token_entropy: bool = False, all_done: Callable[[bool], bool] | None = None,
+            keep_token_entropy: bool = False, done_everywhere: Callable[[bool], bool] | None = None,
             progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
     """Sample k completions per prompt and measure entropy and diversity (and drift vs a reference).
 
@@ -218,13 +152,12 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
     Returns:
         A JSON-ready dict (fields documented in README.md, "measure-entropy --json").
     """
-    from tsopsd.rollout import eos_token_ids
-
     total = len(prompts) * samples_per_prompt
     advance = progress("sampling", total) if progress else None
     rollout = sample_rollouts(model, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size, seed=seed, on_batch=advance, all_done=all_done)
+                              batch_size=batch_size, seed=seed, on_batch=advance,
+                              done_everywhere=done_everywhere)
     result = score_rollout(model, rollout, reference=reference, sampling_temperature=temperature,
                            micro_batch=batch_size, seed=seed, keep_token_entropy=keep_token_entropy)
     result.update(sequence_stats(rollout, eos_token_ids(model, tokenizer)))
@@ -235,3 +168,36 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
     result.update({"prompts": len(prompts), "samples_per_prompt": samples_per_prompt, "temperature": temperature,
                    "max_new_tokens": max_new_tokens, "seed": seed})
     return result
+
+
+def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_prompt: int = 4,
+                       max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       reference: str | Path | None = None, limit: int | None = None, batch_size: int = 16,
+                       seed: int = 0, base: str | Path | None = None, device: str = "auto", dtype: str = "auto",
+                       prompt_field: str | None = None, max_prompt_tokens: int | None = None,
+                       show_progress: bool = True) -> dict:
+    """Load a checkpoint (and a reference) and prompts, then `measure`; returns the JSON the CLI prints."""
+    model_ckpt = load_checkpoint(ckpt, base=base, device=device, dtype=dtype)
+    ref_model = None
+    if reference is not None:
+        ref_ckpt = load_checkpoint(reference, device=device, dtype=dtype)
+        if ref_ckpt.tokenizer.get_vocab() != model_ckpt.tokenizer.get_vocab():
+            raise TsopsdError(f"reference {reference} has a different tokenizer than {ckpt}: they must share one")
+        ref_model = ref_ckpt.model
+    items = load_prompts(prompts, model_ckpt.tokenizer, prompt_field=prompt_field,
+                         max_prompt_tokens=max_prompt_tokens, limit=limit)
+    log.info("measuring %s on %d prompts x %d samples", ckpt, len(items), samples_per_prompt)
+    with progress(show_progress) as task:
+        metrics = measure(model_ckpt.model, model_ckpt.tokenizer, items, reference=ref_model,
+                          samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
+                          progress=task)
+    return {
+        "checkpoint": str(ckpt),
+        "reference": str(reference) if reference is not None else None,
+        "prompts_file": str(prompts),
+        "device": str(next(model_ckpt.model.parameters()).device),
+        "dtype": str(model_ckpt.dtype).removeprefix("torch."),
+        "tsopsd_version": __version__,
+        "metrics": metrics,
+    }

@@ -3,17 +3,17 @@
     report = reheat(load_config("configs/tiny-cpu.yaml", {"model.path": "ckpt", "data.prompts": "p.jsonl",
                                                            "output.out": "reheated"}))
 
-One flat loop, one step at a time:
+Three parts, as a torchtune recipe has: `setup` (load, shard, optimizer, fresh or resumed state),
+`train` (the loop below) and `finish` (the after-report and the output folder). One step:
 
     prompts -> on-policy rollouts of the *current* student at T=1
             -> frozen teacher hidden states (no grad) and student hidden states
-            -> per-token divergence to softmax(z0 / tau) over the full vocabulary, in chunks
-            -> guards (NaN, drift, convergence) -> optimizer step -> metrics.jsonl
+            -> per-token divergence to softmax(z0 / tau) over the full vocabulary, in chunks, backward
+            -> stop rules (non-finite, drift, convergence) -> optimizer step -> metrics.jsonl -> save
 
-Resumable state lives in a sibling folder ``OUT.tsopsd-run/`` while the run is going (every
-``save_every`` steps and on Ctrl-C); the output folder itself is written once, complete, through a
-temporary folder and a rename. Sampling seeds derive from (seed, step), so a resumed run repeats
-exactly what an uninterrupted one would have done.
+Rank logic lives in the parallel backend (`parallel.py`), resumable state in `state.py`, stop rules in
+`stop.py`; the loop asks them and never branches on the parallel mode. The output folder is written
+once, complete, through a temporary folder and a rename (`output.py`).
 """
 
 from __future__ import annotations
@@ -21,39 +21,34 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
-from tsopsd import __version__, dist
-from tsopsd.checkpoint import atomic_output, check_output_dir, load_checkpoint, saved_dtype
+from tsopsd.batch import Rollout
+from tsopsd.checkpoint import check_output_dir, load_checkpoint, resolve_device, saved_dtype
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped, TsopsdError
 from tsopsd.loss import ChunkStats, Workspace, chunked_divergence_backward
 from tsopsd.metrics import measure
-from tsopsd.model import Policy, make_optimizer, prepare_policy
+from tsopsd.output import versions, write_output
+from tsopsd.parallel import Backend, join, make_backend
+from tsopsd.policy import Policy, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, load_prompts
-from tsopsd.rollout import Rollout, sample_rollouts
+from tsopsd.rollout import sample_rollouts
 from tsopsd.scoring import completion_hidden, head_logits
+from tsopsd.state import STATE_FILE, RunState, comparable, interrupts, run_dir_for
+from tsopsd.stop import StopRules
 from tsopsd.teacher import calibrate_temperature, check_teacher
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-STATE_FILE = "state.pt"
-
-
-def run_dir_for(out: Path) -> Path:
-    return out.with_name(out.name + ".tsopsd-run")
+__all__ = ["reheat", "setup", "train", "finish", "train_step", "run_dir_for"]
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -68,6 +63,13 @@ def prompts_for_step(n_prompts: int, per_step: int, step: int, seed: int) -> lis
         g = torch.Generator().manual_seed(step_seed(seed, -1 - epoch))
         out.append(int(torch.randperm(n_prompts, generator=g)[pos]))
     return out
+
+
+def hold_out(prompts: list[Prompt], n: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, `n` held-out prompts for the before/after report), a seeded split."""
+    g = torch.Generator().manual_seed(step_seed(seed, -(10**6)))
+    held = set(torch.randperm(len(prompts), generator=g)[:n].tolist()) if n else set()
+    return ([p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held])
 
 
 @dataclass
@@ -94,14 +96,15 @@ class StepResult:
 
 
 def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: float | None = None,
-               sharded: bool = False, timings: dict[str, float] | None = None) -> ChunkStats:
+               skip_empty: bool = True, timings: dict[str, float] | None = None) -> ChunkStats:
     """Accumulate gradients of the mean divergence over the rollout's completion tokens.
 
     Args:
         normalizer: divide the summed divergence by this many tokens (default: this rollout's count;
-            data-parallel runs pass the global count so that summed gradients give the global mean).
-        sharded: FSDP: every rank must run the same forwards and backwards, so no micro-batch is skipped
-            and one without completion tokens still back-propagates (zeros).
+            data-parallel runs pass the backend's `loss_normalizer` so that reduced gradients give the
+            global mean).
+        skip_empty: skip micro-batches without completion tokens and stop at a non-finite one (False:
+            run every forward and backward, as ranks in lock-step must).
         timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
             added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
 
@@ -114,7 +117,7 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
     workspace = Workspace()  # chunk x V buffers shared by all micro-batches of the step
     for s in range(0, rollout.input_ids.shape[0], mb):
         part = rollout.rows(s, s + mb)
-        if not part.completion_mask.any() and not sharded:
+        if skip_empty and not part.completion_mask.any():
             continue
         with clock("teacher"), torch.no_grad():
             teacher_hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
@@ -123,38 +126,12 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
             stats = chunked_divergence_backward(
                 student_hidden, teacher_hidden, partial(head_logits, policy.student), policy.teacher.logits,
                 normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
-                chunk_size=cfg.loss.chunk_size, always_backward=sharded, workspace=workspace)
+                chunk_size=cfg.loss.chunk_size, workspace=workspace)
         total.add(stats)
         del teacher_hidden, student_hidden
-        if total.nonfinite and not sharded:
+        if total.nonfinite and skip_empty:
             break
     return total
-
-
-def _everywhere(env: dist.DistEnv, fn: Callable[[], T], *, prefix: str = "") -> T:
-    """Run `fn` (on every rank, or as given), and raise its TsopsdError on *every* rank, naming the ranks."""
-    result, error = None, None
-    try:
-        result = fn()
-    except TsopsdError as e:
-        if not env.enabled:
-            raise
-        error = str(e)
-    if env.enabled:
-        error = dist.gather_errors(env, error)
-        if error:
-            raise TsopsdError(prefix + error)
-    return result
-
-
-def _all_sum_stats(env: dist.DistEnv, stats: ChunkStats, device) -> ChunkStats:
-    if not env.enabled:
-        return stats
-    d, se, te, kl, top1, bad = dist.all_sum(env, [stats.divergence, stats.student_entropy, stats.teacher_entropy,
-                                                  stats.kl_student_original, stats.top1_agreement,
-                                                  float(stats.nonfinite)], device)
-    return ChunkStats(divergence=d, student_entropy=se, teacher_entropy=te, kl_student_original=kl,
-                      top1_agreement=top1, nonfinite=bad > 0)
 
 
 class _Clock:
@@ -179,82 +156,141 @@ class _Clock:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
+@dataclass
+class Run:
+    """A reheat run after `setup`: the model, optimizer, backend and state the loop works on."""
 
-    return {"tsopsd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+    cfg: Config
+    backend: Backend
+    policy: Policy
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stop: StopRules
+    state: RunState
+    prompts: list[Prompt]  # training prompts
+    eval_prompts: list[Prompt]  # held out, for the before/after report
+    save_dtype: torch.dtype  # the input's dtype: what a merged output is saved in
+    dtype: torch.dtype  # what the model runs in
+    started: float
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_for(Path(self.cfg.output.out))
+
+    def rollout(self, step: int) -> Rollout:
+        """This rank's share of step `step`'s rollouts, sampled from the current student at T=1.
+
+        The step's global prompt list is the same for any world size; a rank samples its share with the
+        generator seeds one process would use for those rows.
+        """
+        cfg, k = self.cfg, self.cfg.rollout.samples_per_prompt
+        per_step = cfg.rollout.prompts_per_step * self.backend.world_size
+        start, mine = self.backend.my_share(prompts_for_step(len(self.prompts), per_step, step, cfg.seed))
+        return sample_rollouts(self.policy.student, self.tokenizer, [self.prompts[i] for i in mine],
+                               samples_per_prompt=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
+                               batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step), row_offset=start * k,
+                               done_everywhere=self.backend.done_everywhere, engine=cfg.rollout.engine)
+
+    def evaluate(self, reference=None) -> dict | None:
+        """The before/after report on the held-out prompts (None without any); on rank 0."""
+        cfg = self.cfg
+        if not self.eval_prompts:
+            return None
+        return self.backend.measure(lambda: measure(
+            self.policy.student, self.tokenizer, self.eval_prompts, reference=reference,
+            samples_per_prompt=cfg.output.eval_samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+            batch_size=cfg.rollout.batch_size, seed=cfg.seed, done_everywhere=self.backend.done_everywhere))
+
+    def log(self, result: StepResult) -> None:
+        if self.backend.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({k if k == "step" else f"train/{k}": v for k, v in asdict(result).items()}) + "\n")
+            log.info(result.line(self.cfg.train.steps))
+
+    def shows_progress(self, wanted: bool) -> bool:
+        return wanted and self.backend.is_main  # rank 0 speaks for all
+
+    def note(self, message: str) -> None:
+        if self.backend.is_main:
+            log.warning(message)
+
+    def save(self) -> None:
+        """Write the resumable state (every rank takes part; rank 0 writes the state file)."""
+        s = self.state
+        s.stop, s.scheduler = self.stop.state_dict(), self.scheduler.state_dict()
+        s.trainable = self.backend.save_trainable(self.run_dir, self.policy, self.optimizer, self.stop.last_good)
+        if self.backend.is_main:
+            s.save(self.run_dir)
+        s.trainable = None  # the live objects hold it
 
 
-def _save_state(run_dir: Path, state: dict) -> None:
-    tmp = run_dir / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / STATE_FILE)
+def train(run: Run, *, show_progress: bool = True) -> None:
+    """The method, one step at a time: rollout -> teacher -> loss -> stop rules -> step -> log -> save."""
+    cfg, backend, policy, state, optimizer = run.cfg, run.backend, run.policy, run.state, run.optimizer
+    with progress(run.shows_progress(show_progress), plain=False) as task, interrupts() as signals:
+        advance = task("reheat", cfg.train.steps)
+        advance(state.next_step)
+        try:
+            while state.stop_reason is None and state.next_step < cfg.train.steps:
+                step, t0 = state.next_step, time.monotonic()
+                rollout = run.rollout(step)  # on-policy: the current student, T=1
+                t_gen = time.monotonic() - t0
+                local_tokens = int(rollout.completion_mask.sum())
+                n_tokens = int(backend.sum([float(local_tokens)])[0])
+                stats = train_step(policy, rollout, tau=state.tau, cfg=cfg, skip_empty=not backend.lockstep,
+                                   normalizer=backend.loss_normalizer(n_tokens))  # teacher, student, loss, backward
+                if step == 0:  # the training path against the model's own forward, in float64
+                    check_teacher(policy.teacher, rollout, state.tau, dtype=run.dtype,
+                                  measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
+                stats = ChunkStats.from_sums(backend.sum(stats.sums()))
+                backend.reduce_gradients(policy.trainable)
+                with signals.held():  # from here the step lands whole, or (interrupted before) not at all
+                    verdict = run.stop.check(step, stats, n_tokens)
+                    if verdict is not None:
+                        optimizer.zero_grad(set_to_none=True)
+                        state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
+                        state.failed = verdict.failure
+                        break
+                    run.stop.passed(step, backend.snapshot(policy) if run.stop.wants_snapshot else None)
+                    grad_norm = backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm) \
+                        if cfg.train.max_grad_norm > 0 else None
+                    lr = run.scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    run.scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.next_step = step + 1
+                    n = max(n_tokens, 1)
+                    run.log(StepResult(
+                        step=step, loss=stats.divergence / n, student_entropy=stats.student_entropy / n,
+                        teacher_entropy=stats.teacher_entropy / n, kl_student_original=stats.kl_student_original / n,
+                        top1_agreement=stats.top1_agreement / n, tokens=n_tokens,
+                        completion_length=float(rollout.completion_lengths.float().mean()),
+                        generated_tokens_per_s=n_tokens / max(t_gen, 1e-9),
+                        trained_tokens_per_s=n_tokens / max(time.monotonic() - t0 - t_gen, 1e-9),
+                        lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0))
+                    advance(1)
+                    if cfg.output.save_every and state.next_step % cfg.output.save_every == 0 \
+                            and state.next_step < cfg.train.steps:
+                        run.save()
+            with signals.held():
+                if state.stop_reason is None:
+                    state.stop_reason, state.kept_step = f"completed {cfg.train.steps} steps", cfg.train.steps
+                run.save()  # an interrupted finish resumes straight to the output
+        except KeyboardInterrupt:
+            optimizer.zero_grad(set_to_none=True)
+            run.save()
+            run.note(f"interrupted at step {state.next_step + 1}: state saved in {run.run_dir}; continue with --resume")
+            raise
 
 
-def _comparable(cfg: Config) -> dict:
-    """The config fields that must match for a resume to continue the same run."""
-    d = cfg.to_dict()
-    d["output"] = {k: v for k, v in d["output"].items() if k not in ("overwrite", "resume", "save_every")}
-    d["train"] = {k: v for k, v in d["train"].items() if k != "steps"}
-    d["model"] = {k: v for k, v in d["model"].items() if k != "device"}
-    return d
-
-
-def _eval_report(student, tokenizer, prompts: list[Prompt], cfg: Config, reference=None, all_done=None) -> dict | None:
-    if cfg.output.eval_prompts == 0:
-        return None
-    return measure(student, tokenizer, prompts[: cfg.output.eval_prompts], reference=reference,
-                   samples_per_prompt=cfg.output.eval_samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                   batch_size=cfg.rollout.batch_size, seed=cfg.seed, all_done=all_done)
-
-
-def _model_card(report: dict) -> str:
-    b, a = report.get("before") or {}, report.get("after") or {}
-    ent = lambda r: f"{r['entropy']['mean']:.4f}" if r else "n/a"  # noqa: E731
-    agree = a.get("reference", {}).get("top1_agreement") if a else None
-    return (
-        "---\nlibrary_name: transformers\ntags: [tsopsd, reheated]\n---\n\n"
-        f"# Reheated with tsopsd {__version__}\n\n"
-        f"Input checkpoint: `{report['input']}`. Method: TS-OPSD (temperature-scaled on-policy self-distillation), "
-        f"teacher temperature tau = {report['teacher_temperature']:.4f}, divergence `{report['divergence']}`, "
-        f"mode `{report['mode']}`, {report['steps_run']} steps (stopped: {report['stop_reason']}).\n\n"
-        f"| | before | after |\n|---|---|---|\n| mean token entropy (nats) | {ent(b)} | {ent(a)} |\n"
-        f"| top-1 agreement with input | 1.000 | {agree if agree is None else f'{agree:.3f}'} |\n\n"
-        "Files: `config.yaml` (the resolved run config), `metrics.jsonl` (one line per step), "
-        "`reheat_report.json` (before/after metrics).\n"
-    )
-
-
-def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | None = None,
-           on_trained: Callable[[torch.nn.Module], None] | None = None) -> dict:
-    """Run TS-OPSD on `cfg.model.path` and write the output folder `cfg.output.out`.
-
-    Args:
-        cfg: a validated config (see `config.load_config`).
-        show_progress: progress bar / lines on stderr.
-        interrupt_at_step: testing aid; behave as if Ctrl-C arrived at the start of this step.
-        on_trained: called with the trained student before it is saved (tests compare logits).
-
-    Returns:
-        The report written to ``reheat_report.json``.
-
-    Raises:
-        TsopsdError: bad input (checkpoint, prompts, output folder, unreachable target entropy).
-        TrainingStopped: a non-finite loss; the last good state was written to the output.
-        KeyboardInterrupt: after saving resumable state.
-    """
+def setup(cfg: Config) -> Run:
+    """Load the checkpoint and prompts, build student, teacher and optimizer, and start or resume the state."""
     started = time.monotonic()
-    if interrupt_at_step is None and os.environ.get("TSOPSD_TEST_INTERRUPT_AT_STEP"):
-        interrupt_at_step = int(os.environ["TSOPSD_TEST_INTERRUPT_AT_STEP"])  # testing aid for launched runs
     out = Path(cfg.output.out)
     run_dir = run_dir_for(out)
-    env, device = dist.init(cfg.model.device)
-    fsdp = cfg.train.parallel == "fsdp"
-    if fsdp and not env.enabled:
-        env, device = dist.init_single(device)  # FSDP needs a process group, even of one
-    show_progress = show_progress and env.is_main
+    launch = join(cfg.model.device, group=cfg.train.parallel == "fsdp")
+    backend = make_backend(cfg.train.parallel, launch, resolve_device(launch.device))
 
     def preflight() -> None:
         check_output_dir(out, overwrite=cfg.output.overwrite)
@@ -266,298 +302,130 @@ def reheat(cfg: Config, *, show_progress: bool = True, interrupt_at_step: int | 
                                   "--overwrite to start over")
             shutil.rmtree(run_dir)
 
-    # Rank 0 owns the output folders; every rank learns the verdict, so all stop together.
-    _everywhere(env, preflight if env.is_main else lambda: None)
-
+    backend.on_main(preflight)  # rank 0 owns the output folders; every rank learns the verdict
     torch.manual_seed(cfg.seed)
-    ckpt = _everywhere(env, lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=device,
-                                                    dtype=cfg.model.dtype),
-                       prefix="checkpoint failed to load on ")
-    tokenizer = ckpt.tokenizer
+    ckpt = backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=launch.device,
+                                                      dtype=cfg.model.dtype), prefix="checkpoint failed to load on ")
     model = ckpt.model
-    input_dtype = saved_dtype(ckpt.base_path or ckpt.path)
     if ckpt.is_adapter:
         if cfg.output.save == "adapter":
             raise TsopsdError("the input is a PEFT adapter: reheat it with --save merged, or merge it first "
                               "(tsopsd merge ADAPTER --out MERGED)")
         model = model.merge_and_unload()  # the teacher is the checkpoint as loaded: base + adapter
-    prompts = load_prompts(cfg.data.prompts, tokenizer, prompt_field=cfg.data.prompt_field,
+    prompts = load_prompts(cfg.data.prompts, ckpt.tokenizer, prompt_field=cfg.data.prompt_field,
                            max_prompt_tokens=cfg.data.max_prompt_tokens, limit=cfg.data.limit)
-    per_rank = cfg.rollout.prompts_per_step
-    if env.enabled and len(prompts) < env.world_size * per_rank:
-        raise TsopsdError(f"{len(prompts)} prompts are fewer than {env.world_size} ranks x {per_rank} prompts per "
-                          "step: lower rollout.prompts_per_step or add prompts")
-    if cfg.train.parallel == "auto" and env.enabled:
-        fsdp = _needs_sharding(model, cfg)
-    if fsdp and ckpt.is_adapter:
-        raise TsopsdError("--parallel fsdp with an adapter input is not supported: merge it first (tsopsd merge)")
+    train_prompts, eval_prompts = hold_out(prompts, cfg.output.eval_prompts, cfg.seed)
+    need = backend.world_size * cfg.rollout.prompts_per_step
+    if len(train_prompts) < need:
+        have = f"{len(prompts)} prompts leave {len(train_prompts)} for training after holding out " \
+            f"{len(eval_prompts)} for the report (output.eval_prompts), which is" if eval_prompts else \
+            f"{len(prompts)} prompts are"
+        raise TsopsdError(f"{have} fewer than {backend.world_size} rank(s) x {cfg.rollout.prompts_per_step} prompts "
+                          "per step: lower rollout.prompts_per_step or output.eval_prompts, or add prompts")
+    backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
     policy = prepare_policy(model, cfg.train)
-    dist.broadcast_params(env, policy.trainable)  # replicas start identical whatever their RNG did
-    dev = policy.teacher.device
-    all_done = None
-    if fsdp:
-        dist.fsdp_shard(policy.student, dev)
-        if policy.mode == "full":
-            dist.fsdp_shard(policy.teacher.model, dev)
-        policy.trainable = [p for p in policy.student.parameters() if p.requires_grad]
-        all_done = dist.all_done_fn(env, dev)
-        log.info("FSDP2 over %d rank(s): decoder layers and trunk sharded, LM head replicated", env.world_size)
+    backend.prepare(policy)
     optimizer = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
+              scheduler=scheduler, stop=StopRules(cfg.stop), state=None, prompts=train_prompts,
+              eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.base_path or ckpt.path), dtype=ckpt.dtype,
+              started=started)
+    run.state = _resume(run) if cfg.output.resume else _start(run)
+    return run
 
-    def rollout_for(step: int) -> Rollout:
-        # The step's global prompt list is the same for any world size; rank r samples its slice, with
-        # the generator seeds one process would use for those rows.
-        idx = prompts_for_step(len(prompts), per_rank * env.world_size, step, cfg.seed)
-        mine = idx[env.rank * per_rank:(env.rank + 1) * per_rank]
-        return sample_rollouts(policy.student, tokenizer, [prompts[i] for i in mine],
-                               samples_per_prompt=cfg.rollout.samples_per_prompt,
-                               max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
-                               batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
-                               row_offset=env.rank * per_rank * cfg.rollout.samples_per_prompt,
-                               all_done=all_done, engine=cfg.rollout.engine)
 
-    # ---- state: fresh or resumed ----
-    metrics_path = run_dir / "metrics.jsonl"
-    if cfg.output.resume:
-        state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        if state.get("world_size", 1) != env.world_size:
-            raise TsopsdError(f"cannot resume: the run was saved with {state.get('world_size', 1)} rank(s), this launch "
-                              f"has {env.world_size}; relaunch with the same number of processes")
-        if state["config"] != _comparable(cfg):
-            diff = sorted(k for k in state["config"] if state["config"][k] != _comparable(cfg)[k])
-            raise TsopsdError(f"cannot resume: the config differs from the saved run in section(s) {', '.join(diff)}")
-        if fsdp:
-            _load_sharded(run_dir, policy.student, optimizer)
-        else:
-            policy.load_trainable_state(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, tau, tau_source, before = state["step"], state["tau"], state["tau_source"], state["before"]
-        last_good = state["last_good"]
-        # Drop metric lines of steps that will run again.
-        if env.is_main:
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            metrics_path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
-            log.info("resuming %s at step %d of %d", run_dir, start, cfg.train.steps)
-    else:
-        if env.is_main:
-            run_dir.mkdir(parents=True)
-        start, last_good = 0, None
-        tau_source = "temperature"
-        tau = cfg.teacher.temperature
-        target = cfg.teacher.target_entropy
-        if cfg.teacher.target_entropy_from is not None:
-            target = _entropy_of(cfg.teacher.target_entropy_from, prompts, cfg, tokenizer.get_vocab())
-            tau_source = f"target_entropy_from:{cfg.teacher.target_entropy_from}"
-        elif target is not None:
-            tau_source = "target_entropy"
-        if target is not None:
-            # Calibrate on exactly the completions step 0 will train on (same seed, same prompts; rank 0's
-            # share when data-parallel, and every rank uses rank 0's tau).
-            rollout0 = rollout_for(0)
-            if env.is_main or fsdp:  # sharded models compute together
-                tau = calibrate_temperature(policy.teacher, rollout0, target, chunk_size=cfg.loss.chunk_size or 1024)
-            tau = dist.broadcast(env, tau)
-            log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
-        before = _eval_report(policy.student, tokenizer, prompts, cfg, all_done=all_done) if env.is_main or fsdp \
-            else None
-        if env.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            metrics_path.write_text("")
-        dist.barrier(env)
+def _start(run: Run) -> RunState:
+    """A fresh state: tau (fixed or calibrated on step 0's rollouts) and the before-report."""
+    cfg, backend = run.cfg, run.backend
+    if backend.is_main:
+        run.run_dir.mkdir(parents=True)
+    tau, source, target = cfg.teacher.temperature, "temperature", cfg.teacher.target_entropy
+    if cfg.teacher.target_entropy_from is not None:
+        target = _entropy_of(cfg.teacher.target_entropy_from, run.prompts, cfg, run.tokenizer.get_vocab())
+        source = f"target_entropy_from:{cfg.teacher.target_entropy_from}"
+    elif target is not None:
+        source = "target_entropy"
+    if target is not None:
+        # Calibrate on exactly the completions step 0 trains on (same seed and prompts; rank 0's share
+        # when data-parallel, and every rank uses rank 0's tau).
+        rollout0 = run.rollout(0)
+        tau = backend.broadcast(backend.measure(lambda: calibrate_temperature(
+            run.policy.teacher, rollout0, target, chunk_size=cfg.loss.chunk_size or 1024)))
+        log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
+    state = RunState(next_step=0, tau=tau, tau_source=source, before=run.evaluate(), world_size=backend.world_size,
+                     config=comparable(cfg))
+    if backend.is_main:
+        save_config(cfg, run.run_dir / "config.yaml")
+        (run.run_dir / "metrics.jsonl").write_text("")
+    backend.barrier()
+    return state
 
-    def save_state(next_step: int) -> None:
-        if fsdp:  # sharded weights and optimizer state: torch.distributed.checkpoint, every rank its shard
-            _save_sharded(run_dir, policy.student, optimizer)
-        if not env.is_main:
-            return
-        _save_state(run_dir, {"world_size": env.world_size, "step": next_step,
-                              "trainable": None if fsdp else policy.snapshot(),
-                              "optimizer": None if fsdp else optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "tau": tau, "tau_source": tau_source,
-                              "before": before, "last_good": None if fsdp else last_good, "config": _comparable(cfg)})
 
-    # ---- the loop ----
-    stop_reason = f"completed {cfg.train.steps} steps"
-    steps_run = start
-    failure: str | None = None
-    recent: deque[tuple[float, float]] = deque(maxlen=cfg.stop.window)  # (student, teacher) entropy
-    with progress(show_progress, plain=False) as task:
-        advance = task("reheat", cfg.train.steps)
-        advance(start)
-        step = start
-        try:
-            for step in range(start, cfg.train.steps):
-                if interrupt_at_step is not None and step == interrupt_at_step:
-                    raise KeyboardInterrupt
-                t0 = time.monotonic()
-                rollout = rollout_for(step)
-                t_gen = time.monotonic() - t0
-                local_tokens = int(rollout.completion_mask.sum())
-                n_tokens = int(dist.all_sum(env, [float(local_tokens)], device)[0])
-                t1 = time.monotonic()
-                # FSDP averages gradients over ranks; plain all-reduce sums them: normalize accordingly.
-                stats = train_step(policy, rollout, tau=tau, cfg=cfg, sharded=fsdp,
-                                   normalizer=n_tokens / env.world_size if fsdp else n_tokens)
-                if step == 0:
-                    check_teacher(policy.teacher, rollout, tau, dtype=ckpt.dtype,
-                                  measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
-                stats = _all_sum_stats(env, stats, device)
-                if fsdp:
-                    dist.all_mean_grads(env, [p for p in policy.trainable if not dist.is_sharded(p)])
-                else:
-                    dist.all_sum_grads(env, policy.trainable)
-                n = max(n_tokens, 1)
-                if stats.nonfinite:
-                    optimizer.zero_grad(set_to_none=True)
-                    if last_good is not None:
-                        policy.load_trainable_state(last_good)
-                    failure = stop_reason = f"non-finite loss at step {step + 1}; kept the last good state"
-                    break
-                agreement = stats.top1_agreement / n
-                if agreement < cfg.stop.min_top1_agreement:
-                    optimizer.zero_grad(set_to_none=True)
-                    if last_good is not None and cfg.stop.rollback:
-                        policy.load_trainable_state(last_good)
-                    stop_reason = (f"drift guard: top-1 agreement {agreement:.3f} < {cfg.stop.min_top1_agreement} at "
-                                   f"step {step + 1}; kept the last state that passed")
-                    break
-                student_h, teacher_h = stats.student_entropy / n, stats.teacher_entropy / n
-                recent.append((student_h, teacher_h))
-                mean_s = sum(h for h, _ in recent) / len(recent)
-                mean_t = sum(h for _, h in recent) / len(recent)
-                if len(recent) == cfg.stop.window and mean_s >= mean_t * (1 - cfg.stop.entropy_tolerance):
-                    optimizer.zero_grad(set_to_none=True)
-                    stop_reason = (f"converged: student entropy {mean_s:.4f} within {cfg.stop.entropy_tolerance:.0%} "
-                                   f"of the teacher's {mean_t:.4f} over steps {step + 2 - len(recent)}-{step + 1}")
-                    break
-                if cfg.stop.rollback:
-                    last_good = policy.snapshot()
-                grad_norm = None
-                if cfg.train.max_grad_norm > 0:
-                    grad_norm = dist.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                t_train = time.monotonic() - t1
-                result = StepResult(
-                    step=step, loss=stats.divergence / n, student_entropy=student_h, teacher_entropy=teacher_h,
-                    kl_student_original=stats.kl_student_original / n, top1_agreement=agreement,
-                    completion_length=float(rollout.completion_lengths.float().mean()), tokens=n_tokens,
-                    generated_tokens_per_s=n_tokens / max(t_gen, 1e-9), trained_tokens_per_s=n_tokens / max(t_train, 1e-9),
-                    lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0)
-                if env.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({k if k == "step" else f"train/{k}": v
-                                            for k, v in asdict(result).items()}) + "\n")
-                    log.info(result.line(cfg.train.steps))
-                steps_run = step + 1
-                advance(1)
-                if cfg.output.save_every and steps_run % cfg.output.save_every == 0 and steps_run < cfg.train.steps:
-                    save_state(steps_run)
-        except KeyboardInterrupt:
-            optimizer.zero_grad(set_to_none=True)
-            save_state(step)
-            if env.is_main:
-                log.warning("interrupted at step %d: state saved in %s; continue with --resume", step + 1, run_dir)
-            raise
+def _resume(run: Run) -> RunState:
+    """The saved state, after checking that it belongs to this run; restores weights, optimizer and rules."""
+    cfg, backend = run.cfg, run.backend
+    state = RunState.load(run.run_dir)
+    if state.world_size != backend.world_size:
+        raise TsopsdError(f"cannot resume: the run was saved with {state.world_size} rank(s), this launch has "
+                          f"{backend.world_size}; relaunch with the same number of processes")
+    now = comparable(cfg)
+    if state.config != now:
+        diff = sorted(k for k in state.config if state.config[k] != now.get(k))
+        raise TsopsdError(f"cannot resume: the config differs from the saved run in section(s) {', '.join(diff)}")
+    run.stop.last_good = backend.load_trainable(run.run_dir, state.trainable, run.policy, run.optimizer)
+    state.trainable = None
+    run.stop.load_state_dict(state.stop)
+    run.scheduler.load_state_dict(state.scheduler)
+    if backend.is_main:  # drop the metric lines of steps that will run again
+        metrics = run.run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < state.next_step))
+        log.info("resuming %s at step %d of %d", run.run_dir, state.next_step, cfg.train.steps)
+    return state
 
-    # ---- report and output (rank 0; the others wait) ----
+
+def finish(run: Run) -> dict:
+    """Measure the result, write the output folder (rank 0) and remove the run folder; returns the report."""
+    cfg, backend, state = run.cfg, run.backend, run.state
+    after = run.evaluate(reference=run.policy.teacher)
+    trained = backend.gather_for_saving(run.policy, cfg.model.path)
     report: dict = {}
-    after = None
-    if env.is_main or fsdp:
-        after = _eval_report(policy.student, tokenizer, prompts, cfg, reference=policy.teacher, all_done=all_done)
-    trained = policy.student
-    if fsdp:  # gather the full weights onto rank 0 and rebuild an ordinary model there
-        full = dist.full_state_dict(policy.student)
-        trained = _rebuild(cfg, full, policy) if env.is_main else None
-    if env.is_main:
-        report = _write_output(cfg, out, run_dir, trained, policy.mode, tokenizer, ckpt, input_dtype, tau, tau_source,
-                               before, after, steps_run, stop_reason, started, on_trained, str(dev))
-    dist.finish(env)
-    if failure:
-        raise TrainingStopped(f"{failure}; written to {out}")
+    if backend.is_main:
+        report = {
+            "input": str(cfg.model.path), "output": str(cfg.output.out), "mode": cfg.train.mode,
+            "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
+            "target_entropy": cfg.teacher.target_entropy, "divergence": cfg.loss.divergence,
+            "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
+            "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
+            "after": after, "device": str(run.policy.teacher.device), "dtype": str(run.dtype).removeprefix("torch."),
+            "seconds": time.monotonic() - run.started, "versions": versions(),
+        }
+        write_output(cfg, trained, mode=run.policy.mode, tokenizer=run.tokenizer, save_dtype=run.save_dtype,
+                     report=report, metrics=run.run_dir / "metrics.jsonl")
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+        log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
+    backend.finish()
+    if state.failed:
+        raise TrainingStopped(f"{state.stop_reason}; written to {cfg.output.out}")
     return report
 
 
-def _write_output(cfg: Config, out: Path, run_dir: Path, student, mode: str, tokenizer, ckpt, input_dtype, tau: float,
-                  tau_source: str, before, after, steps_run: int, stop_reason: str, started: float, on_trained,
-                  device: str) -> dict:
-    """Write the output folder atomically and remove the run folder; returns the report."""
-    metrics_path = run_dir / "metrics.jsonl"
-    report = {
-        "input": str(cfg.model.path), "output": str(out), "mode": cfg.train.mode, "save": cfg.output.save,
-        "teacher_temperature": tau, "teacher_temperature_source": tau_source,
-        "target_entropy": cfg.teacher.target_entropy, "divergence": cfg.loss.divergence,
-        "steps_run": steps_run, "steps_requested": cfg.train.steps, "stop_reason": stop_reason,
-        "before": before, "after": after, "device": device,
-        "dtype": str(ckpt.dtype).removeprefix("torch."), "seconds": time.monotonic() - started,
-        "versions": _versions(),
-    }
-    if on_trained is not None:
-        on_trained(student)
-    with atomic_output(out, overwrite=cfg.output.overwrite or cfg.output.resume) as tmp:
-        if cfg.output.save == "adapter":
-            student.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
-            student.save_pretrained(str(tmp))
-        else:
-            merged = student.merge_and_unload() if mode == "lora" else student
-            merged.to(input_dtype).save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        save_config(cfg, tmp / "config.yaml")
-        shutil.copy(metrics_path, tmp / "metrics.jsonl")
-        (tmp / "reheat_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "README.md").write_text(_model_card(report))
-    shutil.rmtree(run_dir, ignore_errors=True)
-    log.info("wrote %s (%s)", out, stop_reason)
-    return report
+def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
+    """Run TS-OPSD on `cfg.model.path` and write the output folder `cfg.output.out`.
 
+    Returns:
+        The report written to ``reheat_report.json``.
 
-def _needs_sharding(model: torch.nn.Module, cfg: Config) -> bool:
-    """auto: shard when one device cannot hold the run (a rough count of weights, grads and AdamW state)."""
-    p = next(model.parameters())
-    if p.device.type != "cuda":
-        return False
-    n = sum(x.numel() for x in model.parameters())
-    per = p.element_size()
-    need = n * per * (2 + 1) + n * 8 if cfg.train.mode == "full" else n * per * 1.2
-    return need > 0.8 * torch.cuda.get_device_properties(p.device).total_memory
-
-
-def _save_sharded(run_dir: Path, model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(run_dir / "sharded"))
-
-
-def _load_sharded(run_dir: Path, model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(run_dir / "sharded"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def _rebuild(cfg: Config, full: dict[str, torch.Tensor], policy: Policy):
-    """An ordinary (unsharded, CPU) student with the gathered weights: what gets saved."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32, local_files_only=True)
-    if policy.mode == "lora":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, policy.student.peft_config["default"])
-    missing, unexpected = model.load_state_dict(full, strict=False)
-    if unexpected or [k for k in missing if "lora_" in k or policy.mode == "full"]:
-        raise RuntimeError(f"gathered state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval()
+    Raises:
+        TsopsdError: bad input (checkpoint, prompts, output folder, unreachable target entropy).
+        TrainingStopped: a non-finite loss; the last good state was written to the output.
+        KeyboardInterrupt: Ctrl-C or SIGTERM, after saving resumable state.
+    """
+    run = setup(cfg)
+    train(run, show_progress=show_progress)
+    return finish(run)
 
 
 def _entropy_of(path: str, prompts: list[Prompt], cfg: Config, prompts_tokenizer_vocab: dict) -> float:

@@ -8,73 +8,19 @@ token so scoring can be checked against sampling, and masks everything after EOS
 forward prefills the prompts; each decode step after that is `decode.LeanDecoder` for Llama-family
 models (the same logits, much less overhead) and the model's forward for anything else.
 
-Layout of a `Rollout` row: ``[left padding][prompt][completion][right padding]``. The prompt part is
-left-padded to a common width ``prompt_width``; completions start at column ``prompt_width``.
+The batch it returns is a `batch.Rollout` (its docstring gives the row layout).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from tsopsd.batch import Rollout, position_ids_from_mask
 from tsopsd.decode import LeanDecoder
+from tsopsd.family import eos_token_ids
 from tsopsd.prompts import Prompt
-
-
-@dataclass
-class Rollout:
-    """A batch of sampled sequences.
-
-    Attributes:
-        input_ids: (B, T) prompt and completion tokens; padding holds the pad id.
-        attention_mask: (B, T) 1 on real tokens (prompt, completion up to and including EOS).
-        completion_mask: (B, T) bool, True on completion tokens up to and including EOS.
-        prompt_lengths: (B,) unpadded prompt length of each row.
-        prompt_index: (B,) index into the prompt list that each row was sampled from.
-        sample_logprobs: (B, T) float32 log-prob at T=1 of each completion token as sampled; 0 elsewhere.
-        prompt_width: column where completions start.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    prompt_lengths: torch.Tensor
-    prompt_index: torch.Tensor
-    sample_logprobs: torch.Tensor
-    prompt_width: int
-
-    @property
-    def completion_lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)
-
-    def completions(self) -> list[list[int]]:
-        """Completion token ids of each row (EOS included when sampled)."""
-        return [row[m].tolist() for row, m in zip(self.input_ids, self.completion_mask)]
-
-    def rows(self, start: int, stop: int) -> Rollout:
-        """The rows [start, stop) as a Rollout."""
-        return Rollout(**{k: (v[start:stop] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
-
-    def to(self, device) -> Rollout:
-        return Rollout(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counting only real tokens, so left padding does not shift positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    gen = getattr(model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(i) for i in source)
-    return sorted(ids)
 
 
 def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
@@ -107,7 +53,7 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_ids: list[int],
                   max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                   generator: torch.Generator, suppress_eos: bool, lean: LeanDecoder | None = None,
-                  all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
+                  done_everywhere: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
     """Sample one batch (the caller runs it under no_grad or inference mode)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
@@ -142,8 +88,8 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
         live.append(alive)
         finished = finished | torch.isin(token, eos)
         done = bool(finished.all())
-        if all_done is not None:  # sharded models: every rank runs the same number of forwards
-            done = all_done(done)
+        if done_everywhere is not None:  # decoding in lock-step with other processes (a sharded model)
+            done = done_everywhere(done)
         if done:
             break
         if step is not None:
@@ -173,7 +119,7 @@ def sample_rollouts(
     seed: int = 0,
     suppress_eos: bool = False,
     row_offset: int = 0,
-    all_done: Callable[[bool], bool] | None = None,
+    done_everywhere: Callable[[bool], bool] | None = None,
     on_batch: Callable[[int], None] | None = None,
     engine: str = "auto",
 ) -> Rollout:
@@ -193,8 +139,9 @@ def sample_rollouts(
             own generator, seeded with (seed, index of its first row + `row_offset`), so a data-parallel
             rank that samples rows [row_offset, ...) of a global batch draws what one process would.
         suppress_eos: never sample EOS (fixed-length completions, for benchmarks).
-        all_done: with a sharded (FSDP) model, ``all_done(this rank is done) -> every rank is done``, so
-            all ranks keep decoding (and all-gathering) in step until the last one finishes.
+        done_everywhere: ``done_everywhere(this batch is done) -> every process is done``, for processes
+            that must run the same number of forwards (a sharded model): each keeps decoding until the
+            last one finishes. None: a batch stops when its own rows are done.
         on_batch: called with the number of sequences after each batch (progress).
         engine: "auto" decodes Llama-family models with `decode.LeanDecoder` (same logits, less
             overhead, packed weights on CPU) and anything else with the model's forward; "model"
@@ -224,7 +171,7 @@ def sample_rollouts(
             parts.append((chunk, _sample_batch(
                 model, [ids for _, ids in chunk], pad_id=tokenizer.pad_token_id, eos_ids=eos_ids,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                generator=generator, suppress_eos=suppress_eos, lean=lean, all_done=all_done)))
+                generator=generator, suppress_eos=suppress_eos, lean=lean, done_everywhere=done_everywhere)))
             if on_batch:
                 on_batch(len(chunk))
     # Merge batches: left-pad prompts to the widest, right-pad completions to the longest.

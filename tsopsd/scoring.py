@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tsopsd.rollout import Rollout, position_ids_from_mask
-
-
-def causal_lm(model):
-    """The transformers causal-LM module under an optional PEFT wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
+from tsopsd.family import causal_lm, transform_logits
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -34,32 +30,6 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """(n, V) float32 output logits of `model` for (n, D) hidden states, as `model.forward` makes them."""
     lm = causal_lm(model)
     return transform_logits(lm.config, lm.get_output_embeddings()(hidden).float())
-
-
-def transform_logits(cfg, logits: torch.Tensor) -> torch.Tensor:
-    """What the model's forward does to the LM head's output: logit scaling and soft-capping."""
-    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
-        logits = logits * scale
-    scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
-    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling != 1:
-        logits = logits / scaling
-    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def prediction_mask(rollout: Rollout) -> torch.Tensor:
-    """(B, T) True at positions whose next token is a completion token (the last column never is)."""
-    mask = torch.zeros_like(rollout.completion_mask)
-    mask[:, :-1] = rollout.completion_mask[:, 1:]
-    return mask
-
-
-def completion_targets(rollout: Rollout) -> torch.Tensor:
-    """(N,) the completion tokens, in the order of `completion_hidden`'s rows."""
-    return rollout.input_ids[rollout.completion_mask]
 
 
 def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None) -> torch.Tensor:

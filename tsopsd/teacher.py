@@ -13,10 +13,10 @@ import math
 
 import torch
 
+from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
+from tsopsd.distributions import entropy_sum_float64, mean_entropy, temperature_for_entropy
 from tsopsd.errors import TsopsdError
-from tsopsd.metrics import temperature_for_entropy
-from tsopsd.rollout import Rollout, position_ids_from_mask
-from tsopsd.scoring import Scorer, prediction_mask
+from tsopsd.scoring import Scorer
 
 # A checkpoint whose mean entropy at T=1 is this close to log V is untrained or broken.
 NEAR_UNIFORM = 0.9
@@ -32,16 +32,10 @@ def calibrate_temperature(teacher: Scorer, rollout: Rollout, target_entropy: flo
                                   tol=1e-5)
     if tau is None:
         with torch.no_grad():
-            h1 = float(sum(_entropy_sum(teacher.logits(hidden[s:s + chunk_size]), 1.0)
-                           for s in range(0, hidden.shape[0], chunk_size))) / max(hidden.shape[0], 1)
+            h1 = mean_entropy(hidden, teacher.logits, 1.0, chunk_size=chunk_size)
         raise TsopsdError(f"target entropy {target_entropy:.4f} nats is not reachable with tau in [1, 50]: the "
                           f"checkpoint's entropy at T=1 is {h1:.4f} nats (a target must be higher than that)")
     return tau
-
-
-def _entropy_sum(logits: torch.Tensor, t: float) -> torch.Tensor:
-    logp = (logits.double() / t).log_softmax(-1)
-    return -(logp.exp() * logp).sum()
 
 
 @torch.no_grad()
@@ -63,8 +57,8 @@ def check_teacher(teacher: Scorer, rollout: Rollout, tau: float, *, measured_tea
     z = logits[prediction_mask(r)].double()  # (N, V)
     del logits
     n = max(z.shape[0], 1)
-    h1 = float(_entropy_sum(z, 1.0)) / n
-    h_tau = float(_entropy_sum(z, tau)) / n
+    h1 = entropy_sum_float64(z, 1.0) / n
+    h_tau = entropy_sum_float64(z, tau) / n
     log_v = math.log(z.shape[-1])
     if h1 >= NEAR_UNIFORM * log_v:
         raise TsopsdError(f"the checkpoint is near uniform (mean entropy {h1:.3f} nats vs log V = {log_v:.3f}): "

@@ -4,9 +4,9 @@
 
 1. SFT: a tiny causal LM learns the toy task ("sum 12 =" -> " 5 7", any correct pair) from diverse
    correct answers: accurate and diverse.
-2. Collapse: GRPO with the verifier's reward (`tsopsd.rl`) until entropy has fallen and completions
+2. Collapse: GRPO with the verifier's reward (`tsopsd.lab.grpo`) until entropy has fallen and completions
    per prompt are near-identical.
-3. Reheat: the real `tsopsd.reheat` path with `configs/demo.yaml`.
+3. Reheat: the real `tsopsd.reheat` path with `tsopsd/lab/demo.yaml` (package data).
 4. One before/after table for the three checkpoints (entropy, distinct completions, accuracy,
    agreement and KL with the collapsed one) and pictures (PNG with matplotlib, else terminal charts).
 
@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 from tsopsd.checkpoint import atomic_output, load_checkpoint
-from tsopsd.errors import TsopsdError
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data: the demo runs from a wheel
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ QUICK = DemoSize(sft_steps=800, rl_steps=150, reheat_steps=60, eval_samples=16)
 
 
 def _build_sft(path: Path, size: DemoSize) -> None:
-    from tsopsd.toytask import build_task_model, build_task_tokenizer, train_sft
+    from tsopsd.lab.sumtask import build_task_model, build_task_tokenizer, train_sft
 
     tok = build_task_tokenizer()
     model = build_task_model(tok, seed=size.seed)
@@ -60,9 +59,9 @@ def _build_sft(path: Path, size: DemoSize) -> None:
 
 
 def _build_collapsed(sft: Path, path: Path, prompts_file: Path, size: DemoSize) -> None:
+    from tsopsd.lab.grpo import grpo
+    from tsopsd.lab.sumtask import TARGETS, is_correct
     from tsopsd.prompts import load_prompts
-    from tsopsd.rl import grpo
-    from tsopsd.toytask import TARGETS, is_correct
 
     ck = load_checkpoint(sft, device="cpu")
     prompts = load_prompts(prompts_file, ck.tokenizer)
@@ -78,8 +77,6 @@ def _reheat(collapsed: Path, path: Path, prompts_file: Path, size: DemoSize, sho
     from tsopsd.config import load_config
     from tsopsd.reheat import reheat
 
-    if not CONFIG.is_file():
-        raise TsopsdError(f"demo config not found: {CONFIG} (run the demo from a source checkout)")
     cfg = load_config(CONFIG, {"model.path": str(collapsed), "data.prompts": str(prompts_file), "output.out": str(path),
                                "train.steps": size.reheat_steps, "seed": size.seed, "output.overwrite": True})
     reheat(cfg, show_progress=show_progress)
@@ -87,9 +84,9 @@ def _reheat(collapsed: Path, path: Path, prompts_file: Path, size: DemoSize, sho
 
 def evaluate(folders: dict[str, Path], prompts_file: Path, reference: Path, *, samples: int, seed: int) -> dict:
     """Measure each checkpoint on the task's prompts against `reference` (the collapsed model)."""
+    from tsopsd.lab.sumtask import TARGETS, is_correct
     from tsopsd.metrics import measure
     from tsopsd.prompts import load_prompts
-    from tsopsd.toytask import TARGETS, is_correct
 
     ref = load_checkpoint(reference, device="cpu").model
     results = {}
@@ -109,7 +106,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, fresh: bool 
     Returns:
         {"results": {name: measure result}, "pictures": [paths], "charts": text or None, "out": str}
     """
-    from tsopsd.toytask import write_prompts
+    from tsopsd.lab.sumtask import write_prompts
 
     size = QUICK if quick else FULL
     out = Path(out)
@@ -136,7 +133,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, fresh: bool 
     curves = {"GRPO (collapse)": rl, "reheat: student": [m["train/student_entropy"] for m in rh],
               "reheat: teacher": [m["train/teacher_entropy"] for m in rh]}
     histograms = {name: r.pop("token_entropy") for name, r in results.items()}
-    from tsopsd.plots import have_matplotlib, save_pngs, terminal_charts
+    from tsopsd.lab.plots import have_matplotlib, save_pngs, terminal_charts
 
     pictures, charts = [], None
     if have_matplotlib():

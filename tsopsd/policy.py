@@ -42,13 +42,6 @@ class Policy:
         for name, value in state.items():
             params[name].copy_(value if value.device == params[name].device else value.to(params[name].device))
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the trainable parameters (sharded ones stay sharded, on their device)."""
-        from tsopsd.dist import is_sharded
-
-        return {n: (v.detach().clone() if is_sharded(v) else v.to("cpu", copy=True))
-                for n, v in self.trainable_state().items()}
-
 
 def make_optimizer(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, fused into one kernel where torch has one (plain CPU/CUDA tensors): 4x faster than the

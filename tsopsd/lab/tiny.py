@@ -25,7 +25,8 @@ WORDS = ("the cat dog sat ran on a mat red blue green one two three four five si
          "sum of and is what plus minus equals number word rhymes with answer question give me").split()
 
 
-def corpus(n: int = 2000, seed: int = 0) -> list[str]:
+def word_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Short lines of common words and numbers, to train a tokenizer on."""
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
@@ -47,7 +48,7 @@ def build_tokenizer(out: str | Path | None = None, *, vocab_size: int = 384, tex
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts or corpus(), trainer=trainer)
+    tok.train_from_iterator(texts or word_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
                                    pad_token="<|pad|>" if pad_token else None)
     if chat_template:

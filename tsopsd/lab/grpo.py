@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tsopsd.metrics import entropy
+from tsopsd.batch import completion_targets, prediction_mask
+from tsopsd.distributions import entropy
 from tsopsd.prompts import Prompt
 from tsopsd.rollout import sample_rollouts
-from tsopsd.scoring import completion_hidden, completion_targets, head_logits, prediction_mask
+from tsopsd.scoring import completion_hidden, head_logits
 
 
 def grpo(model, tokenizer, prompts: Sequence[Prompt], verifier: Callable[[int, str], bool], *, steps: int = 60,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tsopsd.toy import build_tokenizer, model_config
+from tsopsd.lab.tiny import build_tokenizer, model_config
 
 TARGETS = tuple(range(4, 21))
 ANSWER = re.compile(r"^\s*(\d+) (\d+)\s*$")
@@ -40,12 +40,13 @@ def is_correct(target: int, completion: str) -> bool:
     return bool(m) and int(m[1]) > 0 and int(m[2]) > 0 and int(m[1]) + int(m[2]) == target
 
 
-def corpus() -> list[str]:
+def task_texts() -> list[str]:
+    """Every prompt with every correct answer, for training the task's tokenizer."""
     return [prompt_text(t) + a for t in range(0, 40) for a in answers(max(t, 2))]
 
 
 def build_task_tokenizer(out: str | Path | None = None):
-    return build_tokenizer(out, vocab_size=320, texts=corpus() * 3, chat_template=False)
+    return build_tokenizer(out, vocab_size=320, texts=task_texts() * 3, chat_template=False)
 
 
 def build_task_model(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2):

@@ -1,0 +1,72 @@
+"""The house rules, checked on the source: imports flow one way, and the loop stays one screen."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import tsopsd.reheat
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "tsopsd"
+
+
+def code_map() -> list[str]:
+    """Module names in the order of the README's code map table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([\w/]+\.py)` \|", section, flags=re.M)
+    return [("tsopsd." + r.removesuffix(".py").replace("/", ".")).removesuffix(".__init__") for r in rows]
+
+
+def package_modules() -> list[str]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
+
+
+def imports_of(module: str) -> set[str]:
+    """The tsopsd modules `module` imports, at any depth of its source (function-level imports too)."""
+    rel = Path(*module.split("."))
+    path = ROOT / (rel / "__init__.py" if (ROOT / rel).is_dir() else rel.with_suffix(".py"))
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "tsopsd"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tsopsd":
+            for a in node.names:  # `from tsopsd import x` names a module when x is one
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if sub in set(package_modules()) else node.module)
+    return found - {module}
+
+
+def test_every_module_is_on_the_code_map():
+    assert sorted(code_map()) == sorted(package_modules())
+
+
+def test_imports_only_flow_down_the_code_map():
+    order = {m: i for i, m in enumerate(code_map())}
+    backwards = [f"{m} imports {d}" for m in order for d in sorted(imports_of(m)) if order[d] >= order[m]]
+    assert not backwards, backwards
+
+
+def test_leaves_import_nothing_of_ours():
+    for leaf in ("tsopsd.family", "tsopsd.batch", "tsopsd.distributions", "tsopsd.errors"):
+        assert imports_of(leaf) == set(), leaf
+
+
+def test_the_loop_fits_one_screen_and_never_asks_the_parallel_mode():
+    source = inspect.getsource(tsopsd.reheat.train)
+    lines = [line for line in source.splitlines() if line.strip()]
+    assert len(lines) <= 80, len(lines)
+    mode_words = re.compile(r"fsdp|ddp|world_size|is_main|\brank\b|DTensor|shard|torch\.distributed", re.I)
+    assert not [line for line in lines if mode_words.search(line)]
+
+
+def test_no_environment_variable_or_argument_for_tests_only():
+    text = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    assert "TSOPSD_TEST" not in text and "interrupt_at_step" not in text and "on_trained" not in text
+    env_reads = set(re.findall(r"environ(?:\.get)?\[?\(?\"(\w+)\"", text))
+    assert env_reads <= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}, env_reads

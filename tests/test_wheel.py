@@ -1,0 +1,41 @@
+"""`tsopsd demo --quick` from a built wheel, installed into a fresh venv, run outside the repository."""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_quick_runs_from_an_installed_wheel(tmp_path):
+    dist = tmp_path / "dist"
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(dist), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    wheel = next(dist.glob("tsopsd-*.whl"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    # the wheel goes in; its dependencies (torch & co., gigabytes) are borrowed from this environment by
+    # path: a plain path line adds no .pth of its own, so this environment's editable tsopsd stays out
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (site / "borrowed-deps.pth").write_text("\n".join(sorted(paths)) + "\n")
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    where = subprocess.check_output([str(python), "-c", "import tsopsd.lab.demo as d; print(d.__file__)"], cwd=away,
+                                    text=True).strip()
+    assert where.startswith(str(site)), where
+    p = subprocess.run([str(python), "-m", "tsopsd", "demo", "--quick", "--out", "demo", "--json", "--quiet"],
+                       cwd=away, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout)
+    assert set(summary["results"]) == {"sft", "collapsed", "reheated"}
+    assert (away / "demo" / "reheated" / "model.safetensors").is_file()

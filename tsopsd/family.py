@@ -1,0 +1,61 @@
+"""Model-family helpers: what differs between architectures, in one leaf module.
+
+    lm = causal_lm(peft_or_hf_model)           # the transformers causal LM under a PEFT wrapper
+    logits = transform_logits(lm.config, lm.get_output_embeddings()(hidden).float())
+    eos = eos_token_ids(model, tokenizer)      # every id that ends a completion
+
+transformers' causal LMs share a shape (a trunk, `base_model`, and an LM head) but differ in what the
+forward does to the head's output (logit scaling, soft-capping) and in where the decoder layers live.
+Nothing here imports the rest of tsopsd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_lm(model):
+    """The transformers causal-LM module under an optional PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def transform_logits(cfg, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's forward does to the LM head's output: logit scaling and soft-capping.
+
+    They come before any teacher temperature: the teacher is softmax(z0 / tau) of the model's own z0.
+    """
+    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the generation config's and the tokenizer's."""
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The decoder layers of a causal LM (Llama-style `model.layers`, GPT-2-style `transformer.h`)."""
+    trunk = causal_lm(model).base_model
+    return getattr(trunk, "layers", None) or getattr(trunk, "h", None)
+
+
+def tied_embeddings(model) -> bool:
+    """Whether the LM head shares its weight with the input embedding."""
+    lm = causal_lm(model)
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    return head is not None and emb is not None and head.weight is emb.weight

@@ -1,0 +1,402 @@
+"""The parallel backend: one process, DDP replicas or FSDP2 shards, behind one interface.
+
+    torchrun --nproc_per_node 8 -m tsopsd reheat CKPT --prompts p.jsonl --out OUT --config configs/full.yaml
+
+    launch = join(cfg.model.device, group=cfg.train.parallel == "fsdp")   # torchrun/accelerate variables
+    backend = make_backend(cfg.train.parallel, launch, device).for_model(model, cfg.train.parallel, ...)
+    start, mine = backend.my_share(global_rows)       # which rows this rank samples
+    backend.reduce_gradients(policy.trainable)         # the update of one process with the whole batch
+
+The loop never asks which mode it runs in; it asks the backend (torchtune's recipes keep rank logic
+out of the training loop the same way). What each mode answers:
+
+- `Single`: one process; everything is local.
+- `DDP`: every rank holds the whole student (in LoRA mode the base doubles as teacher), samples its
+  share of each step's prompts and back-propagates its share of the loss normalized by the *global*
+  number of valid tokens; gradients are then summed across ranks in one flat all-reduce. Statistics are
+  summed before anyone decides anything, so every rank takes the same path; rank 0 writes files.
+- `FSDP`: FSDP2 (`fully_shard`) on each decoder layer and on the trunk; the LM head stays replicated
+  (the chunked loss calls it a rank-dependent number of times, which only a module outside FSDP allows)
+  and its gradients are averaged by hand. Every rank runs the same forwards and backwards (lock-step
+  decoding and training), measurements run on all ranks, resumable state goes through
+  `torch.distributed.checkpoint`, and the output is gathered onto rank 0.
+
+Launchers set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables; NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as tdist
+
+from tsopsd.errors import TsopsdError
+from tsopsd.family import decoder_layers, tied_embeddings
+
+T = TypeVar("T")
+
+
+def launched_rank() -> int:
+    """This process's rank as a launcher (torchrun, accelerate launch) set it; 0 when not launched."""
+    return int(os.environ.get("RANK", "0"))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits: its rank among `world_size` and the device it uses."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "auto"
+
+
+def _wants_cuda(device: str) -> bool:
+    return (torch.cuda.is_available() and device in ("auto", "cuda")) or device.startswith("cuda")
+
+
+def join(device: str = "auto", *, group: bool = False) -> Launch:
+    """Join the process group a launcher prepared (or, with `group`, make one of a single process).
+
+    Returns the rank, world size and the device this rank uses (cuda:LOCAL_RANK on GPUs).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not group:
+        return Launch(device=device)
+    use_cuda = _wants_cuda(device)
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    else:  # FSDP needs a process group, even of one
+        rank, local = 0, 0
+        if not tdist.is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(port))
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    elif device == "auto":
+        device = "cpu"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=max(world, 1))
+    return Launch(rank=rank, world_size=max(world, 1), device=device)
+
+
+def _needs_sharding(model: torch.nn.Module, mode: str) -> bool:
+    """auto: shard when one device cannot hold the run (a rough count of weights, grads and AdamW state)."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return False
+    n = sum(x.numel() for x in model.parameters())
+    per = p.element_size()
+    need = n * per * (2 + 1) + n * 8 if mode == "full" else n * per * 1.2
+    return need > 0.8 * torch.cuda.get_device_properties(p.device).total_memory
+
+
+def make_backend(parallel: str, launch: Launch, device: torch.device) -> Backend:
+    """The backend for `parallel` (auto | ddp | fsdp) at this launch; see `Backend.for_model` for auto."""
+    if parallel == "fsdp":
+        return FSDP(launch, device)
+    return DDP(launch, device) if launch.world_size > 1 else Single(launch, device)
+
+
+class Backend:
+    """One process (the base class is the single-process backend); subclasses add the collectives."""
+
+    name = "single"
+    lockstep = False  # every rank must run the same forwards and backwards (sharded weights)
+
+    def __init__(self, launch: Launch, device: torch.device):
+        self.rank, self.world_size, self.device = launch.rank, launch.world_size, device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- data -----------------------------------------------------------------------------------
+    def my_share(self, items: list[T]) -> tuple[int, list[T]]:
+        """This rank's contiguous share of a list that is the same on every rank: (its start, the share)."""
+        n = len(items) // self.world_size
+        return self.rank * n, items[self.rank * n:(self.rank + 1) * n]
+
+    # ---- statistics and gradients -------------------------------------------------------------
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum a list of floats across ranks (float64)."""
+        return values
+
+    def loss_normalizer(self, global_tokens: int) -> float:
+        """What to divide this rank's summed divergence by so that the reduced gradient is the global mean."""
+        return float(global_tokens)
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Make every rank's gradients those of one process with the whole batch."""
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """Clip by the global L2 norm of all gradients; returns the norm before clipping."""
+        grads = [p.grad for p in params if p.grad is not None]
+        total = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+        return _clip(grads, float(total.sqrt()), max_norm)
+
+    @property
+    def done_everywhere(self) -> Callable[[bool], bool] | None:
+        """For lock-step decoding: ``done_everywhere(this rank is done) -> every rank is done``; or None."""
+        return None
+
+    # ---- control --------------------------------------------------------------------------------
+    def everywhere(self, fn: Callable[[], T], *, prefix: str = "") -> T:
+        """Run `fn` on every rank; a `TsopsdError` on any rank is raised on every rank, naming the ranks."""
+        return fn()
+
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """Run `fn` on rank 0 only; its `TsopsdError` is raised on every rank. Others get None."""
+        return self.everywhere(fn if self.is_main else lambda: None)
+
+    def measure(self, fn: Callable[[], T]) -> T | None:
+        """Run a measurement of the model: on rank 0, or on every rank when the model is sharded."""
+        return fn() if self.is_main or self.lockstep else None
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank."""
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Leave the process group (after the last collective)."""
+
+    # ---- model and state --------------------------------------------------------------------------
+    def for_model(self, model: torch.nn.Module, parallel: str, *, mode: str, adapter_input: bool) -> Backend:
+        """The backend the loaded model needs: auto turns to FSDP when one device cannot hold the run."""
+        backend = self
+        if parallel == "auto" and self.world_size > 1 and _needs_sharding(model, mode):
+            backend = FSDP(Launch(self.rank, self.world_size), self.device)
+        if backend.lockstep and adapter_input:  # the gathered output is rebuilt from the input folder
+            raise TsopsdError("--parallel fsdp with an adapter input is not supported: merge it first (tsopsd merge)")
+        return backend
+
+    def prepare(self, policy) -> None:
+        """Give every rank the same trainable values (and shard the model where the backend shards)."""
+
+    def snapshot(self, policy) -> dict[str, torch.Tensor]:
+        """A copy of the trainable parameters (CPU for plain tensors, on device for shards)."""
+        return {n: v.to("cpu", copy=True) for n, v in policy.trainable_state().items()}
+
+    def save_trainable(self, run_dir: Path, policy, optimizer, last_good: dict | None) -> dict | None:
+        """Trainable weights, optimizer state and the rollback copy, for the resumable state.
+
+        Returns what `RunState` stores in its file (None where the backend wrote its own files).
+        """
+        return {"trainable": {n: v.detach().cpu() for n, v in policy.trainable_state().items()},
+                "optimizer": optimizer.state_dict(), "last_good": last_good}
+
+    def load_trainable(self, run_dir: Path, saved: dict | None, policy, optimizer) -> dict | None:
+        """Restore what `save_trainable` wrote; returns the rollback copy (or None)."""
+        policy.load_trainable_state(saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        return saved["last_good"]
+
+    def gather_for_saving(self, policy, path: str):
+        """The trained student as an ordinary module on rank 0 (None on the others). Collective."""
+        return policy.student
+
+
+Single = Backend
+
+
+def _clip(grads: list[torch.Tensor], norm: float, max_norm: float) -> float:
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+class DDP(Backend):
+    """Data parallel replicas: each rank holds the whole student; gradients are summed across ranks."""
+
+    name = "ddp"
+
+    def sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return t.tolist()
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        _all_sum_grads(params)
+
+    def everywhere(self, fn: Callable[[], T], *, prefix: str = "") -> T:
+        result, error = None, None
+        try:
+            result = fn()
+        except TsopsdError as e:
+            error = str(e)
+        found: list[str | None] = [None] * self.world_size
+        tdist.all_gather_object(found, error)
+        errors = [f"rank {r}: {e}" for r, e in enumerate(found) if e]
+        if errors:
+            raise TsopsdError(prefix + "; ".join(errors))
+        return result
+
+    def broadcast(self, obj: T) -> T:
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        tdist.barrier()
+
+    def finish(self) -> None:
+        if tdist.is_initialized():
+            tdist.barrier()
+            tdist.destroy_process_group()
+
+    def prepare(self, policy) -> None:
+        with torch.no_grad():  # replicas start identical whatever their RNG did
+            for p in policy.trainable:
+                tdist.broadcast(p.data, src=0)
+
+
+def _all_sum_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of `params` across ranks, in one flat buffer (a missing grad counts as zero)."""
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    tdist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class FSDP(DDP):
+    """FSDP2 shards of the decoder layers and trunk; the LM head replicated; every rank in lock-step."""
+
+    name = "fsdp"
+    lockstep = True
+    _saves = 0  # sharded state folders written (sharded-1, sharded-2, ...)
+
+    def loss_normalizer(self, global_tokens: int) -> float:
+        return global_tokens / self.world_size  # FSDP averages the sharded gradients over ranks
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        replicated = [p for p in params if not _is_sharded(p)]  # the LM head: averaged by hand
+        _all_sum_grads(replicated)
+        for p in replicated:
+            p.grad.div_(self.world_size)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = [g for g in grads if _is_sharded(g)]
+        local = [g for g in grads if not _is_sharded(g)]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if sharded:
+            part = sum(g.to_local().double().pow(2).sum() for g in sharded)
+            tdist.all_reduce(part)
+            total = total + part
+        if local:
+            total = total + sum(g.double().pow(2).sum() for g in local)
+        return _clip(sharded + local, float(total.sqrt()), max_norm)
+
+    @property
+    def done_everywhere(self) -> Callable[[bool], bool]:
+        def done_everywhere(done: bool) -> bool:
+            t = torch.tensor([0.0 if done else 1.0], device=self.device)
+            tdist.all_reduce(t)
+            return float(t) == 0.0
+        return done_everywhere
+
+    def prepare(self, policy) -> None:
+        super().prepare(policy)
+        _shard(policy.student, self.device)
+        if policy.mode == "full":
+            _shard(policy.teacher.model, self.device)
+        policy.trainable = [p for p in policy.student.parameters() if p.requires_grad]
+
+    def snapshot(self, policy) -> dict[str, torch.Tensor]:
+        return {n: (v.detach().clone() if _is_sharded(v) else v.to("cpu", copy=True))
+                for n, v in policy.trainable_state().items()}
+
+    def save_trainable(self, run_dir: Path, policy, optimizer, last_good: dict | None) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(policy.student, optimizer)
+        state = {"model": msd, "optim": osd}
+        if last_good is not None:
+            state["last_good"] = last_good
+        # A new folder each time: the state file names it once it is complete, so a save cut short
+        # leaves the previous one whole (`RunState.save` removes the others).
+        self._saves += 1
+        folder = f"sharded-{self._saves}"
+        dcp.save(state, checkpoint_id=str(run_dir / folder))
+        return {"folder": folder, "has_last_good": last_good is not None}
+
+    def load_trainable(self, run_dir: Path, saved: dict | None, policy, optimizer) -> dict | None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(policy.student, optimizer)
+        state = {"model": msd, "optim": osd}
+        if saved["has_last_good"]:
+            state["last_good"] = self.snapshot(policy)  # a template of the right shapes and placements
+        dcp.load(state, checkpoint_id=str(run_dir / saved["folder"]))
+        self._saves = int(saved["folder"].rsplit("-", 1)[1])  # the next save goes to a new folder
+        set_state_dict(policy.student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return state.get("last_good")
+
+    def gather_for_saving(self, policy, path: str):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(policy.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _rebuild(path, full, policy) if self.is_main else None
+
+
+def _shard(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 (`fully_shard`) on each decoder layer and on the trunk (embeddings, final norm)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tsopsd.family import causal_lm
+
+    if tied_embeddings(model):
+        raise TsopsdError("--parallel fsdp does not support tied input/output embeddings yet: use --parallel ddp")
+    layers = decoder_layers(model)
+    trunk = causal_lm(model).base_model
+    if layers is None:
+        raise TsopsdError(f"--parallel fsdp: cannot find the decoder layers of {type(trunk).__name__}")
+    mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(trunk, mesh=mesh)
+
+
+def _rebuild(path: str, full: dict[str, torch.Tensor], policy):
+    """An ordinary (unsharded, CPU) student with the gathered weights: what gets saved."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    if policy.mode == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, policy.student.peft_config["default"])
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k or policy.mode == "full"]:
+        raise RuntimeError(f"gathered state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()

@@ -1,0 +1,137 @@
+"""Resumable run state: everything `--resume` needs, saved and loaded in one place.
+
+    state = RunState.load(run_dir)            # or RunState(next_step=0, tau=1.5, ...)
+    state.save(run_dir)                       # atomically: a crash leaves the previous file whole
+
+While a run goes, `OUT.tsopsd-run/` (beside OUT, never inside it) holds `state.pt` (this dataclass),
+`config.yaml` and `metrics.jsonl`; an FSDP run adds `sharded-N/` (its weights and optimizer shards,
+named by the state file).
+Sampling seeds derive from (seed, step) and the prompt order from (seed, epoch), so no RNG state is
+needed: a resumed run repeats exactly what an uninterrupted one would have done.
+
+`interrupts()` makes Ctrl-C and SIGTERM (what schedulers send first) raise `KeyboardInterrupt`,
+except inside `held()` blocks, where they wait until the block ends: the part of a step that
+changes the state (the update, the step counter, the metrics line, a periodic save) lands whole
+or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tsopsd.errors import TsopsdError
+
+STATE_FILE = "state.pt"
+
+
+def run_dir_for(out: Path) -> Path:
+    """The folder beside OUT that holds a run's resumable state while it goes."""
+    return out.with_name(out.name + ".tsopsd-run")
+
+
+@dataclass
+class RunState:
+    """What a resume needs, besides the live model.
+
+    Attributes:
+        next_step: the first step not applied yet (0-based).
+        tau: the teacher temperature; `tau_source` says how it was chosen.
+        before: the before-report (measured once, at the start).
+        world_size: ranks of the run (a resume needs the same number).
+        config: the config fields a resume must match (`comparable`).
+        stop: `StopRules.state_dict()`.
+        scheduler: the learning-rate scheduler's state.
+        trainable: the trainable weights, optimizer state and rollback copy, as the backend packs them.
+        stop_reason: why the run ended (None while it goes); `kept_step`: updates in the kept weights.
+    """
+
+    next_step: int
+    tau: float
+    tau_source: str
+    before: dict | None
+    world_size: int
+    config: dict
+    stop: dict = dataclasses.field(default_factory=dict)
+    scheduler: dict = dataclasses.field(default_factory=dict)
+    trainable: dict | None = None
+    stop_reason: str | None = None
+    kept_step: int | None = None
+    failed: bool = False
+
+    def save(self, run_dir: Path) -> None:
+        """Write the state file atomically, then remove sharded folders it no longer names."""
+        run_dir = Path(run_dir)
+        tmp = run_dir / (STATE_FILE + ".tmp")
+        torch.save(dataclasses.asdict(self), tmp)
+        os.replace(tmp, run_dir / STATE_FILE)
+        keep = (self.trainable or {}).get("folder")
+        for old in run_dir.glob("sharded-*"):
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunState:
+        path = Path(run_dir) / STATE_FILE
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(saved, dict) or set(saved) != names:
+            raise TsopsdError(f"cannot resume: {path} was written by another version of tsopsd; rerun with --overwrite")
+        return cls(**saved)
+
+
+def comparable(cfg) -> dict:
+    """The config fields that must match for a resume to continue the same run."""
+    d = cfg.to_dict()
+    d["output"] = {k: v for k, v in d["output"].items() if k not in ("overwrite", "resume", "save_every")}
+    d["train"] = {k: v for k, v in d["train"].items() if k != "steps"}
+    d["model"] = {k: v for k, v in d["model"].items() if k != "device"}
+    return d
+
+
+class _Interrupts:
+    def __init__(self):
+        self.depth = 0
+        self.pending: int | None = None
+
+    def handler(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum  # raised when the held block ends
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Signals arriving inside wait until the block ends (then raise KeyboardInterrupt)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:  # the block ended normally (or by break)
+            self.pending = None
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[_Interrupts]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, except inside `held()` blocks; restored on exit."""
+    guard = _Interrupts()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield guard
+        return
+    previous = {s: signal.signal(s, guard.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield guard
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
