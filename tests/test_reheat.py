@@ -200,8 +200,9 @@ def uninterrupted(collapsed, tmp_path_factory):
 MOMENTS = {"mid-step": ("step 2/6", 0.05), "periodic save": ("step 2/6", 0.0)}
 
 
-@pytest.mark.parametrize("moment", MOMENTS)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("moment, sig", [("mid-step", signal.SIGINT), ("periodic save", signal.SIGINT),
+                                         ("mid-step", signal.SIGTERM)], ids=["SIGINT-mid-step",
+                                                                              "SIGINT-periodic-save", "SIGTERM-mid-step"])
 def test_resume_after_a_signal_equals_uninterrupted_run(collapsed, tmp_path, uninterrupted, moment, sig):
     line, delay = MOMENTS[moment]
     out = tmp_path / "b"
