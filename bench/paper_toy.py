@@ -8,7 +8,7 @@ builds it), run the same budget of continued GRPO under three starts, for severa
 
   (a) continued RL from the collapsed checkpoint, sampling at T=1;
   (b) continued RL from the collapsed checkpoint, sampling at T=tau (rollout-level reheating);
-  (c) continued RL from the reheated checkpoint (TS-OPSD with configs/demo.yaml), sampling at T=1.
+  (c) continued RL from the reheated checkpoint (TS-OPSD with tsopsd/lab/demo.yaml), sampling at T=1.
 
 Reported per start (mean over seeds): reward during RL, then at the end accuracy (T=1), pass@1/4/16,
 distinct correct answers per prompt among 16 samples, and mean token entropy; curves of reward and
@@ -35,6 +35,7 @@ from tsopsd.checkpoint import load_checkpoint  # noqa: E402
 from tsopsd.config import load_config  # noqa: E402
 from tsopsd.console import setup_logging  # noqa: E402
 from tsopsd.distributions import entropy  # noqa: E402
+from tsopsd.lab.demo import CONFIG as DEMO_CONFIG  # noqa: E402
 from tsopsd.lab.demo import FULL, QUICK, run_demo  # noqa: E402
 from tsopsd.lab.grpo import grpo  # noqa: E402
 from tsopsd.lab.sumtask import TARGETS, is_correct  # noqa: E402
@@ -84,7 +85,7 @@ def continued_rl(folder: Path, prompts_file: Path, *, steps: int, temperature: f
 
 
 def ablation(collapsed: Path, prompts_file: Path, out: Path, overrides: dict, steps: int) -> dict:
-    cfg = load_config(ROOT / "configs" / "demo.yaml", {
+    cfg = load_config(DEMO_CONFIG, {
         "model.path": str(collapsed), "data.prompts": str(prompts_file), "output.out": str(out),
         "output.overwrite": True, "train.steps": steps, "output.eval_prompts": 0, **overrides})
     report = reheat(cfg, show_progress=False)
@@ -154,7 +155,7 @@ def main() -> None:
     lines += [f"| {n} | {v['reward_last10']:.3f} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |"
               for n, v in summary.items()]
     akeys = ("entropy", "accuracy", "distinct_correct", "top1_agreement", "kl_to_collapsed")
-    lines += [f"\n## Reheat ablations (from the collapsed checkpoint, {abl_steps} steps, configs/demo.yaml otherwise)\n",
+    lines += [f"\n## Reheat ablations (from the collapsed checkpoint, {abl_steps} steps, tsopsd/lab/demo.yaml otherwise)\n",
               "| variant | " + " | ".join(akeys) + " | stop |", "|---" * (len(akeys) + 2) + "|"]
     lines += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in akeys) + f" | {v['stop_reason']} |"
               for n, v in abl.items()]

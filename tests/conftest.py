@@ -63,3 +63,12 @@ def collapsed(tmp_path_factory):
     root = tmp_path_factory.mktemp("collapsed")
     build_collapsed_checkpoint(root / "ckpt", steps=150)
     return root / "ckpt", write_prompts(root / "prompts.jsonl")
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`run_demo(quick=True)` once per session: (its folder, its summary)."""
+    from tsopsd.lab.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, quick=True, show_progress=False)

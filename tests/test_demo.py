@@ -7,9 +7,8 @@ from tsopsd.lab.plots import terminal_charts
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, quick=True, show_progress=False)
+def demo(quick_demo):
+    return quick_demo
 
 
 def test_demo_effects(demo):

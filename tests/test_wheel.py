@@ -1,6 +1,7 @@
 """`tsopsd demo --quick` from a built wheel, installed into a fresh venv, run outside the repository."""
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -10,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_quick_runs_from_an_installed_wheel(tmp_path):
+def test_demo_quick_runs_from_an_installed_wheel(tmp_path, quick_demo):
     dist = tmp_path / "dist"
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                         str(dist), str(ROOT)], capture_output=True, text=True, timeout=300)
@@ -30,6 +31,10 @@ def test_demo_quick_runs_from_an_installed_wheel(tmp_path):
     (site / "borrowed-deps.pth").write_text("\n".join(sorted(paths)) + "\n")
     away = tmp_path / "elsewhere"
     away.mkdir()
+    # SFT and GRPO collapse are reused from this session's demo (the demo caches its stages); the
+    # installed package runs the rest: the reheat with its packaged config, measuring, pictures
+    for stage in ("sft", "collapsed"):
+        shutil.copytree(quick_demo[0] / stage, away / "demo" / stage)
     where = subprocess.check_output([str(python), "-c", "import tsopsd.lab.demo as d; print(d.__file__)"], cwd=away,
                                     text=True).strip()
     assert where.startswith(str(site)), where
@@ -39,3 +44,5 @@ def test_demo_quick_runs_from_an_installed_wheel(tmp_path):
     summary = json.loads(p.stdout)
     assert set(summary["results"]) == {"sft", "collapsed", "reheated"}
     assert (away / "demo" / "reheated" / "model.safetensors").is_file()
+    # the same reheat as the in-repo demo's: same packaged config, same seeds, same result
+    assert summary["reheat_report"]["after"] == quick_demo[1]["reheat_report"]["after"]
