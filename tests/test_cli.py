@@ -190,3 +190,63 @@ def test_nan_loss_exits_1_with_one_line_and_keeps_output(collapsed, tmp_path, mo
     assert res.exit_code == 1
     assert "non-finite loss at step 1" in res.stderr and "unexpected" not in res.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()  # the last good state (here: the input) was written
+
+
+def _tree_hash(folder):
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _one_error_line(p, code=2):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("tsopsd: error: "), p.stderr
+    assert "Traceback" not in p.stderr and "│" not in p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_out_may_not_be_the_input_be_inside_it_or_contain_it(collapsed, tmp_path, where):
+    import shutil
+
+    ckpt, prompts = collapsed
+    root = tmp_path / "root"
+    shutil.copytree(ckpt, root / "ckpt")
+    (root / "keep.txt").write_text("mine")
+    src = root / "ckpt"
+    out = {"same": src, "inside": src / "sub", "contains": root}[where]
+    before = _tree_hash(root)
+    p = _cli("reheat", src, "--prompts", prompts, "--out", out, "--config", TINY, "--steps", "1", "--overwrite")
+    line = _one_error_line(p)
+    assert {"same": " is the checkpoint", "inside": "lies inside the checkpoint", "contains": "contains the checkpoint"}[
+        where] in line and "would destroy the input" in line
+    assert _tree_hash(root) == before  # nothing written, nothing lost
+    if where == "same":
+        p = _cli("merge", src, "--out", src, "--overwrite")
+        assert "is the adapter" in _one_error_line(p) and _tree_hash(root) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--samples-per-prompt", "0"), ("--max-new-tokens", "0"), ("--limit", "0"),
+                                         ("--temperature", "-1"), ("--temperature", "nan"), ("--top-p", "0"),
+                                         ("--top-k", "-1"), ("--batch-size", "0"), ("--max-prompt-tokens", "0")])
+def test_measure_flags_out_of_range_get_one_line(ckpt, prompts_file, flag, value):
+    p = _cli("measure-entropy", ckpt, "--prompts", prompts_file, flag, value)
+    assert flag in _one_error_line(p) and p.stdout == ""
+
+
+@pytest.mark.parametrize("flag, value, key", [("--steps", "0", "train.steps"), ("--max-new-tokens", "0",
+                                              "rollout.max_new_tokens"), ("--samples-per-prompt", "0",
+                                              "rollout.samples_per_prompt"), ("--prompts-per-step", "0",
+                                              "rollout.prompts_per_step"), ("--temperature", "nan",
+                                              "teacher.temperature"), ("--temperature", "-1", "teacher.temperature"),
+                                              ("--lr", "inf", "train.lr")])
+def test_reheat_flags_out_of_range_get_one_line(collapsed, tmp_path, flag, value, key):
+    ckpt, prompts = collapsed
+    p = _cli("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", flag, value)
+    assert key in _one_error_line(p) and not (tmp_path / "o").exists() and not (tmp_path / "o.tsopsd-run").exists()

@@ -246,6 +246,23 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> Non
         raise TsopsdError(f"output path exists and is not a folder: {out}")
 
 
+def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is an input, lies inside one or contains one: writing it would destroy it.
+
+    Args:
+        inputs: {what it is ("checkpoint", "adapter base", ...): its path or None}.
+    """
+    o = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        i = Path(path).resolve()
+        where = "is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents else None
+        if where:
+            raise TsopsdError(f"output folder {out} {where} the {name} {path}: writing it would destroy the input; "
+                              "choose an --out apart from it")
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success rename it to `out`, else remove it.
@@ -284,7 +301,9 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
                   dtype: str | None = None, overwrite: bool = False) -> Path:
     """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer."""
     check_output_dir(Path(out), overwrite=overwrite)
+    check_apart(out, {"adapter": adapter, "adapter base": base})
     ckpt = load_checkpoint(adapter, base=base, device="cpu", dtype="float32")
+    check_apart(out, {"adapter base": ckpt.base_path})
     if not ckpt.is_adapter:
         raise TsopsdError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
     save_as = resolve_dtype(dtype, torch.device("cpu")) if dtype else saved_dtype(ckpt.base_path)

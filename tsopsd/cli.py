@@ -100,7 +100,7 @@ Base = Annotated[Optional[Path], typer.Option(help="Base model folder for an ada
 Device = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16.")]
 PromptField = Annotated[Optional[str], typer.Option(help="Field (column) holding the prompt; default prompt, then messages.")]
-MaxPromptTokens = Annotated[Optional[int], typer.Option(min=1, help="Left-truncate longer prompts (warned).")]
+MaxPromptTokens = Annotated[Optional[int], typer.Option(help="Left-truncate longer prompts (warned).")]
 Seed = Annotated[int, typer.Option(help="Random seed (sampling).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
@@ -111,14 +111,14 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info 
 def measure_entropy(
     ckpt: Ckpt,
     prompts: Prompts,
-    samples_per_prompt: Annotated[int, typer.Option(min=1, help="Completions sampled per prompt (k).")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Completion length cap.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling threshold (1: off).")] = 1.0,
-    top_k: Annotated[int, typer.Option(min=0, help="Top-k sampling (0: off).")] = 0,
+    samples_per_prompt: Annotated[int, typer.Option(help="Completions sampled per prompt (k).")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling (0: off).")] = 0,
     reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (same tokenizer) for KL, agreement, effective T.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N prompts.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences sampled and scored together.")] = 16,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences sampled and scored together.")] = 16,
     seed: Seed = 0,
     base: Base = None,
     device: Device = "auto",
@@ -185,10 +185,10 @@ def reheat(
     parallel: Annotated[Optional[Parallel], typer.Option(help="Several ranks: ddp replicas or fsdp shards; auto: ddp if it fits")] = None,
     divergence: Annotated[Optional[Divergence], typer.Option(help="forward_kl = KL(teacher||student), reverse_kl, or jsd.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="JSD weight of the teacher, 0 < beta < 1.")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps.")] = None,
-    prompts_per_step: Annotated[Optional[int], typer.Option(min=1, help="Prompts per step.")] = None,
-    samples_per_prompt: Annotated[Optional[int], typer.Option(min=1, help="On-policy completions per prompt.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Completion length cap.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    prompts_per_step: Annotated[Optional[int], typer.Option(help="Prompts per step.")] = None,
+    samples_per_prompt: Annotated[Optional[int], typer.Option(help="On-policy completions per prompt.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Completion length cap.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is complete).")] = False,

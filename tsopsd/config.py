@@ -10,6 +10,7 @@ at once in one `ConfigError`. The resolved config is saved with the output as ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -217,7 +218,10 @@ def validate(cfg: Config) -> list[str]:
                              ("target_entropy_from", t.target_entropy_from)) if v is not None]
     if len(chosen) != 1:
         e.append(f"teacher: set exactly one of temperature, target_entropy, target_entropy_from (got {chosen or 'none'})")
-    if t.temperature is not None and not t.temperature > 1.0:
+    for name, v in (("data.limit", cfg.data.limit), ("data.max_prompt_tokens", cfg.data.max_prompt_tokens)):
+        if v is not None and v < 1:
+            e.append(f"{name}: must be >= 1, got {v}")
+    if t.temperature is not None and not 1.0 < t.temperature < math.inf:
         e.append(f"teacher.temperature: must be > 1 to reheat, got {t.temperature}")
     if t.target_entropy is not None and not t.target_entropy > 0:
         e.append(f"teacher.target_entropy: must be > 0 nats, got {t.target_entropy}")
@@ -231,7 +235,7 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"loss.beta: must be in (0, 1), got {lo.beta}")
     if lo.chunk_size < 0:
         e.append(f"loss.chunk_size: must be >= 0, got {lo.chunk_size}")
-    if not tr.lr > 0:
+    if not 0 < tr.lr < math.inf:
         e.append(f"train.lr: must be > 0, got {tr.lr}")
     for name, v in (("train.weight_decay", tr.weight_decay), ("train.warmup_steps", tr.warmup_steps),
                     ("train.max_grad_norm", tr.max_grad_norm), ("output.save_every", o.save_every),

@@ -14,6 +14,7 @@ over prompts.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -177,6 +178,18 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
                        prompt_field: str | None = None, max_prompt_tokens: int | None = None,
                        show_progress: bool = True) -> dict:
     """Load a checkpoint (and a reference) and prompts, then `measure`; returns the JSON the CLI prints."""
+    bad = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
+        ("--samples-per-prompt", samples_per_prompt, samples_per_prompt >= 1, ">= 1"),
+        ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
+        ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+        ("--top-k", top_k, top_k >= 0, ">= 0"),
+        ("--limit", limit, limit is None or limit >= 1, ">= 1"),
+        ("--batch-size", batch_size, batch_size >= 1, ">= 1"),
+        ("--max-prompt-tokens", max_prompt_tokens, max_prompt_tokens is None or max_prompt_tokens >= 1, ">= 1"),
+    ) if not ok]
+    if bad:
+        raise TsopsdError("; ".join(bad))
     model_ckpt = load_checkpoint(ckpt, base=base, device=device, dtype=dtype)
     ref_model = None
     if reference is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.batch import Rollout
-from tsopsd.checkpoint import check_output_dir, load_checkpoint, resolve_device, saved_dtype
+from tsopsd.checkpoint import check_apart, check_output_dir, load_checkpoint, resolve_device, saved_dtype
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped, TsopsdError
@@ -293,6 +293,8 @@ def setup(cfg: Config) -> Run:
     backend = make_backend(cfg.train.parallel, launch, resolve_device(launch.device))
 
     def preflight() -> None:
+        check_apart(out, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
+                          "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
         check_output_dir(out, overwrite=cfg.output.overwrite)
         if cfg.output.resume and not (run_dir / STATE_FILE).is_file():
             raise TsopsdError(f"nothing to resume: no saved state in {run_dir}")
@@ -307,6 +309,7 @@ def setup(cfg: Config) -> Run:
     ckpt = backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=launch.device,
                                                       dtype=cfg.model.dtype), prefix="checkpoint failed to load on ")
     model = ckpt.model
+    backend.on_main(lambda: check_apart(out, {"adapter base": ckpt.base_path}))
     if ckpt.is_adapter:
         if cfg.output.save == "adapter":
             raise TsopsdError("the input is a PEFT adapter: reheat it with --save merged, or merge it first "
