@@ -72,3 +72,13 @@ def quick_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     return out, run_demo(out, quick=True, show_progress=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault-injection report (tests/test_faults.py), whatever the outcome."""
+    import test_faults
+
+    if test_faults.REPORT:
+        terminalreporter.write_sep("-", "fault injection report")
+        for line in test_faults.REPORT:
+            terminalreporter.write_line(line)

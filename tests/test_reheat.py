@@ -2,13 +2,11 @@
 
 import json
 import math
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import signals
 import torch
 from safetensors.torch import load_file
 
@@ -173,54 +171,8 @@ def test_target_entropy_from_checkpoint(collapsed, tmp_path, ckpts):
                show_progress=False)
 
 
-def reheat_cli(collapsed, out, *extra):
-    ckpt, prompts = collapsed
-    return ["reheat", ckpt, "--prompts", prompts, "--out", out, "--config", TINY, "--set", "output.eval_prompts=2",
-            "--set", "stop.entropy_tolerance=0", *extra]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tsopsd", *map(str, args)], capture_output=True, text=True,
-                          env=signals.env(), timeout=300)
-
-
-RESUME = ("--steps", "6", "--set", "output.save_every=2")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(collapsed, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted") / "a"
-    p = cli(*reheat_cli(collapsed, out, *RESUME, "--quiet"))
-    assert p.returncode == 0, p.stderr
-    return out
-
-
-# (the line after which the signal is sent, how long after): mid-step 3 (its rollout or backward), and at
-# the periodic save after step 2 (the update, the metrics line and the save are one held block)
-MOMENTS = {"mid-step": ("step 2/6", 0.05), "periodic save": ("step 2/6", 0.0)}
-
-
-@pytest.mark.parametrize("moment, sig", [("mid-step", signal.SIGINT), ("periodic save", signal.SIGINT),
-                                         ("mid-step", signal.SIGTERM)], ids=["SIGINT-mid-step",
-                                                                              "SIGINT-periodic-save", "SIGTERM-mid-step"])
-def test_resume_after_a_signal_equals_uninterrupted_run(collapsed, tmp_path, uninterrupted, moment, sig):
-    line, delay = MOMENTS[moment]
-    out = tmp_path / "b"
-    r = signals.run_and_signal(reheat_cli(collapsed, out, *RESUME), when=lambda s: line in s, sig=sig, delay=delay)
-    assert r.signalled and r.returncode == 130, r.stderr[-3000:]
-    assert "state saved in" in r.stderr and "tsopsd: error: interrupted" in r.stderr
-    assert not out.exists() and (run_dir_for(out) / "state.pt").is_file()
-    if moment == "periodic save":
-        p = cli(*reheat_cli(collapsed, out, *RESUME))
-        assert p.returncode == 2 and "unfinished run exists" in p.stderr
-    p = cli(*reheat_cli(collapsed, out, *RESUME, "--resume"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit on CPU
-    la = [m["train/loss"] for m in steps_of(uninterrupted)]
-    assert [m["train/loss"] for m in steps_of(out)] == la and len(la) == 6
-    ra, rb = (json.loads((o / "reheat_report.json").read_text()) for o in (uninterrupted, out))
-    assert ra["after"] == rb["after"] and ra["before"] == rb["before"]
+# Resume after a signal at any moment (SIGINT, SIGTERM, SIGKILL; mid-step, at a periodic save, around
+# the output's rename) equals an uninterrupted run: tests/test_faults.py.
 
 
 def test_existing_output_refused_without_overwrite(collapsed, tmp_path):

@@ -13,6 +13,8 @@ exists is complete.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import logging
 import os
@@ -223,9 +225,20 @@ def load_checkpoint(
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise TsopsdError(f"cannot load adapter {path} onto {base_path}: {str(e).splitlines()[0]}") from None
     check_vocab(model, tokenizer, path)
+    check_finite(model, path)
     model.to(dev)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, path=path, base_path=base_path, dtype=torch_dtype)
+
+
+@torch.no_grad()
+def check_finite(model: torch.nn.Module, path: Path) -> None:
+    """Every weight is finite: a NaN or inf would only surface later, deep in sampling, as a wrong index."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            n = int((~torch.isfinite(p)).sum())
+            raise TsopsdError(f"non-finite weights in {path}: {name} has {n} NaN/inf value(s); the checkpoint is "
+                              "broken (re-save it from a run that did not diverge)")
 
 
 def check_vocab(model, tokenizer, path: Path) -> None:
@@ -263,17 +276,97 @@ def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | No
                               "choose an --out apart from it")
 
 
+def fingerprint(*folders: Path | None) -> dict[str, list]:
+    """Sizes and header hashes of the weight and config files of `folders`: what a resume checks is unchanged.
+
+    Per file: its size, and a hash of its header (a safetensors header lists names, dtypes, shapes and
+    offsets; other formats: the first MiB) and of three 64 KiB samples of its data (start, middle,
+    end). Cheap at any size, and robust to copying; a re-saved checkpoint with new values changes the
+    samples even where names and shapes stay.
+    """
+    out = {}
+    for folder in folders:
+        if folder is None:
+            continue
+        for f in sorted(Path(folder).iterdir()):
+            if not f.is_file() or not (f.suffix in (".safetensors", ".bin", ".pt") or f.name.endswith("config.json")):
+                continue
+            size = f.stat().st_size
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                if f.suffix == ".safetensors" and len(head) == 8:
+                    head += fh.read(min(struct.unpack("<Q", head)[0], 100_000_000))
+                else:
+                    head += fh.read(2**20)
+                h.update(head)
+                for at in (len(head), (len(head) + size) // 2, max(len(head), size - 2**16)):
+                    fh.seek(at)
+                    h.update(fh.read(2**16))
+            out[str(f.resolve())] = [size, h.hexdigest()]
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_writable(out: str | os.PathLike, *, folder: bool = True) -> None:
+    """Find out before any work that `out` can be written (a folder, or with folder=False a file).
+
+    A probe file is created and removed in the nearest existing folder above `out`: permissions, a
+    read-only filesystem and a file standing where a folder must be all show up here, not at the end.
+    """
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise TsopsdError(f"output path exists and is not a folder: {out}")
+    if not folder and out.is_dir():
+        raise TsopsdError(f"--out {out} is a folder: name a file to write the JSON to")
+    above = out.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise TsopsdError(f"cannot write {out}: {above} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=above, prefix=".tsopsd-probe-"):
+            pass
+    except OSError as e:
+        raise TsopsdError(f"cannot write {out}: {above} is not writable ({e.strerror})") from None
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove temporary folders and files that dead runs left beside `out` (named with their pid)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, rest = path.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
+            log.info("removing %s, left by a run that is gone (pid %s)", path, pid)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success rename it to `out`, else remove it.
 
     A folder at `out` therefore always holds a complete output. An existing `out` is replaced only
-    with `overwrite`, and only once the new one is complete.
+    with `overwrite`, and only once the new one is complete. Temporaries carry the pid, so the next
+    run removes those of a killed one.
     """
     out = Path(out)
     check_output_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -302,6 +395,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer."""
     check_output_dir(Path(out), overwrite=overwrite)
     check_apart(out, {"adapter": adapter, "adapter base": base})
+    check_writable(out)
     ckpt = load_checkpoint(adapter, base=base, device="cpu", dtype="float32")
     check_apart(out, {"adapter base": ckpt.base_path})
     if not ckpt.is_adapter:

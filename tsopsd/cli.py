@@ -10,6 +10,7 @@ Exit codes: 0 ok, 2 bad input or usage, 1 unexpected failure. Errors are one lin
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -70,20 +71,41 @@ def _run(fn: Callable[[], T], *, debug: bool) -> T:
         raise _fail(str(e), 2) from None
     except TrainingStopped as e:  # a guard stopped training; the last good state was written
         raise _fail(str(e), 1) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted", 130) from None
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into one line
+        if not _disk_full(e):
+            raise _unexpected(e, debug) from None
+        where = getattr(e, "filename", None) or "the output"
+        raise _fail(f"no space left on device writing {where}: free some, then rerun (with --resume where a run "
+                    "folder was kept)", 2) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; --debug shows where it landed
         if debug:
             traceback.print_exc()
-        raise _fail(f"unexpected failure: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1) from None
+        raise _fail("interrupted", 130) from None
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk or quota, however the writing library reported it (safetensors says it in words)."""
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e)
+
+
+def _unexpected(e: BaseException, debug: bool) -> typer.Exit:
+    if debug:
+        traceback.print_exc()
+    return _fail(f"unexpected failure: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
 
 
 def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[], object]) -> None:
     if out is not None:  # written beside and renamed, so the file is never half there
+        from tsopsd.checkpoint import remove_stale_temporaries
+
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        try:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
@@ -136,6 +158,10 @@ def measure_entropy(
         from tsopsd.metrics import measure_checkpoint
 
         console.setup_logging(quiet=quiet)
+        if out is not None:  # found out now, not after the whole measurement
+            from tsopsd.checkpoint import check_writable
+
+            check_writable(out, folder=False)
         result = measure_checkpoint(
             ckpt, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, reference=reference, limit=limit,

@@ -59,3 +59,13 @@ def tied_embeddings(model) -> bool:
     lm = causal_lm(model)
     head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
     return head is not None and emb is not None and head.weight is emb.weight
+
+
+def max_positions(model) -> int | None:
+    """How many positions the model was built for (prompt plus completion), or None when its config does not say."""
+    cfg = causal_lm(model).config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

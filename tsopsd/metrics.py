@@ -26,8 +26,8 @@ from tsopsd.checkpoint import load_checkpoint
 from tsopsd.console import progress
 from tsopsd.distributions import entropy, kl_divergence, summarize_entropy, temperature_for_entropy, topk_overlap
 from tsopsd.errors import TsopsdError
-from tsopsd.family import eos_token_ids
-from tsopsd.prompts import Prompt, load_prompts
+from tsopsd.family import eos_token_ids, max_positions
+from tsopsd.prompts import Prompt, load_prompts, prompt_room
 from tsopsd.rollout import sample_rollouts
 from tsopsd.scoring import as_scorer
 
@@ -198,7 +198,8 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
             raise TsopsdError(f"reference {reference} has a different tokenizer than {ckpt}: they must share one")
         ref_model = ref_ckpt.model
     items = load_prompts(prompts, model_ckpt.tokenizer, prompt_field=prompt_field,
-                         max_prompt_tokens=max_prompt_tokens, limit=limit)
+                         max_prompt_tokens=max_prompt_tokens, limit=limit,
+                         room=prompt_room(max_positions(model_ckpt.model), max_new_tokens))
     log.info("measuring %s on %d prompts x %d samples", ckpt, len(items), samples_per_prompt)
     with progress(show_progress) as task:
         metrics = measure(model_ckpt.model, model_ckpt.tokenizer, items, reference=ref_model,

@@ -23,6 +23,8 @@ from tsopsd.errors import TsopsdError
 
 log = logging.getLogger(__name__)
 
+ROLES = {"system", "user", "assistant", "tool", "developer"}  # the roles chat templates know
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -52,6 +54,9 @@ def _records_jsonl(path: Path, field: str | None) -> list[tuple[int, object]]:
                 value = obj["prompt"]
             elif "messages" in obj:
                 value = obj["messages"]
+                if not isinstance(value, list):
+                    raise TsopsdError(f"{path}:{lineno}: 'messages' must be a list of {{role, content}} messages, "
+                                      f"got {type(value).__name__}")
             else:
                 raise TsopsdError(f"{path}:{lineno}: missing field 'prompt' (or 'messages'); use --prompt-field")
             records.append((lineno, value))
@@ -87,6 +92,10 @@ def _to_text(value: object, tokenizer, where: str) -> str:
     if isinstance(value, list) and value and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
+        unknown = sorted({m["role"] for m in value} - ROLES)
+        if unknown:
+            raise TsopsdError(f"{where}: unknown chat role {', '.join(map(repr, unknown))}: use "
+                              f"{', '.join(sorted(ROLES))}")
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
         # No template: join the turns plainly, as a base model would see a transcript.
@@ -103,6 +112,7 @@ def load_prompts(
     prompt_field: str | None = None,
     max_prompt_tokens: int | None = None,
     limit: int | None = None,
+    room: int | None = None,
 ) -> list[Prompt]:
     """Read and tokenize a prompt file.
 
@@ -112,6 +122,8 @@ def load_prompts(
         prompt_field: the field (column) holding the prompt; default ``prompt`` then ``messages``.
         max_prompt_tokens: longer prompts keep their last tokens (left truncation); counted in a warning.
         limit: keep only the first N prompts.
+        room: the most prompt tokens the model can take (its context minus the completion length);
+            longer prompts keep their last tokens, with a warning, like `max_prompt_tokens`.
 
     Raises:
         TsopsdError: a missing or empty file, bad JSON, a missing field or a wrong type (naming the line).
@@ -135,6 +147,7 @@ def load_prompts(
         raise TsopsdError(f"prompt file is empty: {path}")
     if limit is not None:
         records = records[:limit]
+    cut = min((n for n in (max_prompt_tokens, room) if n is not None), default=None)
     prompts, truncated = [], 0
     for lineno, value in records:
         where = f"{path}:{lineno}"
@@ -143,11 +156,26 @@ def load_prompts(
         ids = tokenizer(text, add_special_tokens=not isinstance(value, list))["input_ids"]
         if not ids:
             raise TsopsdError(f"{where}: prompt tokenizes to nothing")
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            ids = ids[-max_prompt_tokens:]
+        if cut is not None and len(ids) > cut:
+            ids = ids[-cut:]
             truncated += 1
         prompts.append(Prompt(text=text, ids=tuple(ids)))
     if truncated:
-        log.warning("%d of %d prompts were longer than %d tokens and were left-truncated",
-                    truncated, len(prompts), max_prompt_tokens)
+        why = "the model's context minus the completion length" if cut == room else "max_prompt_tokens"
+        log.warning("%d of %d prompts were longer than %d tokens (%s) and kept their last %d",
+                    truncated, len(prompts), cut, why, cut)
     return prompts
+
+
+def prompt_room(positions: int | None, max_new_tokens: int) -> int | None:
+    """Prompt tokens that fit beside `max_new_tokens` in a context of `positions` (None: no known limit).
+
+    Raises:
+        TsopsdError: when the completion length alone fills the context.
+    """
+    if positions is None:
+        return None
+    if max_new_tokens >= positions:
+        raise TsopsdError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                          f"{positions} positions: lower it below {positions}")
+    return positions - max_new_tokens

@@ -23,26 +23,36 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from tsopsd.batch import Rollout
-from tsopsd.checkpoint import check_apart, check_output_dir, load_checkpoint, resolve_device, saved_dtype
+from tsopsd.checkpoint import (
+    check_apart,
+    check_output_dir,
+    check_writable,
+    fingerprint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_device,
+    saved_dtype,
+)
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped, TsopsdError
+from tsopsd.family import max_positions
 from tsopsd.loss import ChunkStats, Workspace, chunked_divergence_backward
 from tsopsd.metrics import measure
 from tsopsd.output import versions, write_output
 from tsopsd.parallel import Backend, join, make_backend
 from tsopsd.policy import Policy, make_optimizer, prepare_policy
-from tsopsd.prompts import Prompt, load_prompts
+from tsopsd.prompts import Prompt, load_prompts, prompt_room
 from tsopsd.rollout import sample_rollouts
 from tsopsd.scoring import completion_hidden, head_logits
-from tsopsd.state import STATE_FILE, RunState, comparable, interrupts, run_dir_for
+from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparable, discard_run_dir, interrupts, run_dir_for
 from tsopsd.stop import StopRules
 from tsopsd.teacher import calibrate_temperature, check_teacher
 
@@ -173,6 +183,9 @@ class Run:
     save_dtype: torch.dtype  # the input's dtype: what a merged output is saved in
     dtype: torch.dtype  # what the model runs in
     started: float
+    lock: OutputLock | None = None  # held by rank 0 from setup to the end of the run
+    signals: Interrupts = field(default_factory=Interrupts)  # `reheat` installs the real handlers
+    input_fingerprint: dict | None = None  # sizes and header hashes of the input's files
 
     @property
     def run_dir(self) -> Path:
@@ -228,7 +241,8 @@ class Run:
 def train(run: Run, *, show_progress: bool = True) -> None:
     """The method, one step at a time: rollout -> teacher -> loss -> stop rules -> step -> log -> save."""
     cfg, backend, policy, state, optimizer = run.cfg, run.backend, run.policy, run.state, run.optimizer
-    with progress(run.shows_progress(show_progress), plain=False) as task, interrupts() as signals:
+    signals = run.signals
+    with progress(run.shows_progress(show_progress), plain=False) as task:
         advance = task("reheat", cfg.train.steps)
         advance(state.next_step)
         try:
@@ -292,11 +306,24 @@ def setup(cfg: Config) -> Run:
     launch = join(cfg.model.device, group=cfg.train.parallel == "fsdp")
     backend = make_backend(cfg.train.parallel, launch, resolve_device(launch.device))
 
+    lock = OutputLock(out)
+
     def preflight() -> None:
         check_apart(out, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
                           "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
-        check_output_dir(out, overwrite=cfg.output.overwrite)
+        check_writable(out)
+        check_writable(run_dir)
+        lock.acquire()  # from here on this run owns OUT and its run folder
+        check_output_dir(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
+        remove_stale_temporaries(out)
+        if run_dir.exists() and not (run_dir / STATE_FILE).is_file():  # killed before its first save
+            log.warning("removing %s: a run folder without saved state (its run stopped before saving any)", run_dir)
+            shutil.rmtree(run_dir)
+            if cfg.output.resume:
+                raise TsopsdError(f"nothing to resume: {run_dir} held no saved state (removed); rerun without --resume")
         if cfg.output.resume and not (run_dir / STATE_FILE).is_file():
+            if out.is_dir():
+                raise TsopsdError(f"nothing to resume: {out} is complete (its run finished)")
             raise TsopsdError(f"nothing to resume: no saved state in {run_dir}")
         if not cfg.output.resume and run_dir.exists():
             if not cfg.output.overwrite:
@@ -304,8 +331,28 @@ def setup(cfg: Config) -> Run:
                                   "--overwrite to start over")
             shutil.rmtree(run_dir)
 
-    backend.on_main(preflight)  # rank 0 owns the output folders; every rank learns the verdict
+    try:
+        backend.on_main(preflight)  # rank 0 owns the output folders; every rank learns the verdict
+        run = _build(cfg, backend, launch, started)
+    except BaseException:
+        _let_go(lock, run_dir)
+        raise
+    run.lock = lock
+    return run
+
+
+def _let_go(lock: OutputLock, run_dir: Path) -> None:
+    """Release OUT; a run folder that never got a saved state is removed (nothing in it to resume)."""
+    if lock.held and run_dir.is_dir() and not (run_dir / STATE_FILE).is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    lock.release()
+
+
+def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
+    """Everything after the preflight: checkpoint, prompts, policy, optimizer, state."""
+    out = Path(cfg.output.out)
     torch.manual_seed(cfg.seed)
+    log.info("loading %s", cfg.model.path)
     ckpt = backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=launch.device,
                                                       dtype=cfg.model.dtype), prefix="checkpoint failed to load on ")
     model = ckpt.model
@@ -316,7 +363,8 @@ def setup(cfg: Config) -> Run:
                               "(tsopsd merge ADAPTER --out MERGED)")
         model = model.merge_and_unload()  # the teacher is the checkpoint as loaded: base + adapter
     prompts = load_prompts(cfg.data.prompts, ckpt.tokenizer, prompt_field=cfg.data.prompt_field,
-                           max_prompt_tokens=cfg.data.max_prompt_tokens, limit=cfg.data.limit)
+                           max_prompt_tokens=cfg.data.max_prompt_tokens, limit=cfg.data.limit,
+                           room=prompt_room(max_positions(model), cfg.rollout.max_new_tokens))
     train_prompts, eval_prompts = hold_out(prompts, cfg.output.eval_prompts, cfg.seed)
     need = backend.world_size * cfg.rollout.prompts_per_step
     if len(train_prompts) < need:
@@ -334,7 +382,7 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
               scheduler=scheduler, stop=StopRules(cfg.stop), state=None, prompts=train_prompts,
               eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.base_path or ckpt.path), dtype=ckpt.dtype,
-              started=started)
+              started=started, input_fingerprint=fingerprint(ckpt.path, ckpt.base_path))
     run.state = _resume(run) if cfg.output.resume else _start(run)
     return run
 
@@ -358,7 +406,7 @@ def _start(run: Run) -> RunState:
             run.policy.teacher, rollout0, target, chunk_size=cfg.loss.chunk_size or 1024)))
         log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
     state = RunState(next_step=0, tau=tau, tau_source=source, before=run.evaluate(), world_size=backend.world_size,
-                     config=comparable(cfg))
+                     config=comparable(cfg), input_fingerprint=run.input_fingerprint)
     if backend.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
         (run.run_dir / "metrics.jsonl").write_text("")
@@ -377,6 +425,11 @@ def _resume(run: Run) -> RunState:
     if state.config != now:
         diff = sorted(k for k in state.config if state.config[k] != now.get(k))
         raise TsopsdError(f"cannot resume: the config differs from the saved run in section(s) {', '.join(diff)}")
+    then, now = state.input_fingerprint, run.input_fingerprint
+    changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    if changed:
+        raise TsopsdError(f"cannot resume: the input checkpoint changed since the run began ({changed[0]}); "
+                          "rerun with --overwrite to start over on the new input")
     run.stop.last_good = backend.load_trainable(run.run_dir, state.trainable, run.policy, run.optimizer)
     state.trainable = None
     run.stop.load_state_dict(state.stop)
@@ -405,9 +458,10 @@ def finish(run: Run) -> dict:
             "after": after, "device": str(run.policy.teacher.device), "dtype": str(run.dtype).removeprefix("torch."),
             "seconds": time.monotonic() - run.started, "versions": versions(),
         }
-        write_output(cfg, trained, mode=run.policy.mode, tokenizer=run.tokenizer, save_dtype=run.save_dtype,
-                     report=report, metrics=run.run_dir / "metrics.jsonl")
-        shutil.rmtree(run.run_dir, ignore_errors=True)
+        with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
+            write_output(cfg, trained, mode=run.policy.mode, tokenizer=run.tokenizer, save_dtype=run.save_dtype,
+                         report=report, metrics=run.run_dir / "metrics.jsonl")
+            discard_run_dir(run.run_dir)
         log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
     backend.finish()
     if state.failed:
@@ -426,9 +480,14 @@ def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
         TrainingStopped: a non-finite loss; the last good state was written to the output.
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving resumable state.
     """
-    run = setup(cfg)
-    train(run, show_progress=show_progress)
-    return finish(run)
+    with interrupts() as signals:  # Ctrl-C and SIGTERM: saved state, exit 130
+        run = setup(cfg)
+        run.signals = signals
+        try:
+            train(run, show_progress=show_progress)
+            return finish(run)
+        finally:
+            _let_go(run.lock, run.run_dir)
 
 
 def _entropy_of(path: str, prompts: list[Prompt], cfg: Config, prompts_tokenizer_vocab: dict) -> float:

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +32,10 @@ from pathlib import Path
 
 import torch
 
+from tsopsd.checkpoint import pid_alive
 from tsopsd.errors import TsopsdError
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 
@@ -53,6 +59,8 @@ class RunState:
         scheduler: the learning-rate scheduler's state.
         trainable: the trainable weights, optimizer state and rollback copy, as the backend packs them.
         stop_reason: why the run ended (None while it goes); `kept_step`: updates in the kept weights.
+        input_fingerprint: `checkpoint.fingerprint` of the input (and adapter base): a resume refuses a
+            changed input.
     """
 
     next_step: int
@@ -67,12 +75,19 @@ class RunState:
     stop_reason: str | None = None
     kept_step: int | None = None
     failed: bool = False
+    input_fingerprint: dict = dataclasses.field(default_factory=dict)
 
     def save(self, run_dir: Path) -> None:
         """Write the state file atomically, then remove sharded folders it no longer names."""
         run_dir = Path(run_dir)
         tmp = run_dir / (STATE_FILE + ".tmp")
-        torch.save(dataclasses.asdict(self), tmp)
+        try:
+            torch.save(dataclasses.asdict(self), tmp)
+        except (OSError, RuntimeError) as e:
+            tmp.unlink(missing_ok=True)
+            if shutil.disk_usage(run_dir).free < 2**20:  # torch's writer reports a full disk as a bare RuntimeError
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
+            raise
         os.replace(tmp, run_dir / STATE_FILE)
         keep = (self.trainable or {}).get("folder")
         for old in run_dir.glob("sharded-*"):
@@ -89,6 +104,16 @@ class RunState:
         return cls(**saved)
 
 
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove a finished run's folder: renamed away at once (atomic), then deleted; a kill during the
+    deletion leaves a hidden `.OUT.old-PID-run` that the next command on OUT removes."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        away = run_dir.with_name(f".{run_dir.name.removesuffix('.tsopsd-run')}.old-{os.getpid()}-run")
+        os.replace(run_dir, away)
+        shutil.rmtree(away, ignore_errors=True)
+
+
 def comparable(cfg) -> dict:
     """The config fields that must match for a resume to continue the same run."""
     d = cfg.to_dict()
@@ -98,7 +123,46 @@ def comparable(cfg) -> dict:
     return d
 
 
-class _Interrupts:
+class OutputLock:
+    """`OUT.tsopsd-lock` beside OUT, holding the pid and host of the run writing OUT.
+
+    A second run on the same OUT is refused while the first lives; the lock of a run that is gone
+    (killed) is taken over with a note.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.path = out, out.with_name(out.name + ".tsopsd-lock")
+        self.mine = f"{os.getpid()} {socket.gethostname()}"
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid, _, host = self.path.read_text().partition(" ") if self.path.exists() else ("", "", "")
+                if host.strip() != socket.gethostname():
+                    raise TsopsdError(f"another run is writing {self.out} (pid {pid} on {host.strip() or '?'}); if it "
+                                      f"is gone, remove {self.path}") from None
+                if pid.isdigit() and pid_alive(int(pid)):
+                    raise TsopsdError(f"another run is writing {self.out} (pid {pid}): wait for it or stop it") from None
+                log.warning("taking over %s from a run that is gone (pid %s)", self.path, pid or "?")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.mine)
+            self.held = True
+            return
+        raise TsopsdError(f"cannot take the lock {self.path}: other runs keep taking it")
+
+    def release(self) -> None:
+        if self.held and self.path.exists() and self.path.read_text() == self.mine:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+
+class Interrupts:
     def __init__(self):
         self.depth = 0
         self.pending: int | None = None
@@ -123,9 +187,9 @@ class _Interrupts:
 
 
 @contextlib.contextmanager
-def interrupts() -> Iterator[_Interrupts]:
+def interrupts() -> Iterator[Interrupts]:
     """SIGINT and SIGTERM raise KeyboardInterrupt, except inside `held()` blocks; restored on exit."""
-    guard = _Interrupts()
+    guard = Interrupts()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield guard
         return
