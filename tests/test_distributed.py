@@ -132,6 +132,7 @@ def test_checkpoint_failure_is_one_line_naming_the_ranks(tmp_path, prompts_file)
     assert "checkpoint failed to load on rank 0: checkpoint not found" in ours[0] and "rank 1:" in ours[0]
 
 
+@pytest.mark.slow  # 20 s; torchrun covers the same code path in `make test`
 def test_accelerate_launch_runs_the_same_job(collapsed, tmp_path):
     """`accelerate launch --multi_gpu` sets the same RANK/WORLD_SIZE variables as torchrun (gloo on a CPU)."""
     ckpt, prompts = collapsed

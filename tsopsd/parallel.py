@@ -173,6 +173,15 @@ class Backend:
     def finish(self) -> None:
         """Leave the process group (after the last collective)."""
 
+    def close(self) -> None:
+        """Leave the process group at once, on any way out (no barrier: another rank may be gone).
+
+        A group still alive at interpreter exit tears its threads down in an undefined order (gloo's
+        "terminate called without an active exception").
+        """
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
     # ---- model and state --------------------------------------------------------------------------
     def for_model(self, model: torch.nn.Module, parallel: str, *, mode: str, adapter_input: bool) -> Backend:
         """The backend the loaded model needs: auto turns to FSDP when one device cannot hold the run."""

@@ -336,6 +336,7 @@ def setup(cfg: Config) -> Run:
         run = _build(cfg, backend, launch, started)
     except BaseException:
         _let_go(lock, run_dir)
+        backend.close()
         raise
     run.lock = lock
     return run
@@ -488,6 +489,7 @@ def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
             return finish(run)
         finally:
             _let_go(run.lock, run.run_dir)
+            run.backend.close()
 
 
 def _entropy_of(path: str, prompts: list[Prompt], cfg: Config, prompts_tokenizer_vocab: dict) -> float:
