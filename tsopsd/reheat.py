@@ -292,8 +292,9 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                     state.stop_reason, state.kept_step = f"completed {cfg.train.steps} steps", cfg.train.steps
                 run.save()  # an interrupted finish resumes straight to the output
         except KeyboardInterrupt:
-            optimizer.zero_grad(set_to_none=True)
-            run.save()
+            with signals.held():  # a second Ctrl-C waits for this save
+                optimizer.zero_grad(set_to_none=True)
+                run.save()
             run.note(f"interrupted at step {state.next_step + 1}: state saved in {run.run_dir}; continue with --resume")
             raise
 
