@@ -111,7 +111,6 @@ def make_backend(parallel: str, launch: Launch, device: torch.device) -> Backend
 class Backend:
     """One process (the base class is the single-process backend); subclasses add the collectives."""
 
-    name = "single"
     lockstep = False  # every rank must run the same forwards and backwards (sharded weights)
 
     def __init__(self, launch: Launch, device: torch.device):
@@ -142,8 +141,16 @@ class Backend:
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
         """Clip by the global L2 norm of all gradients; returns the norm before clipping."""
         grads = [p.grad for p in params if p.grad is not None]
-        total = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
-        return _clip(grads, float(total.sqrt()), max_norm)
+        norm = float(self._squared_norm(grads).sqrt())
+        if max_norm > 0 and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+        return norm
+
+    def _squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of squares of `grads` (float64), as one process sees them."""
+        return sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64, device=self.device))
 
     @property
     def done_everywhere(self) -> Callable[[bool], bool] | None:
@@ -221,18 +228,8 @@ class Backend:
 Single = Backend
 
 
-def _clip(grads: list[torch.Tensor], norm: float, max_norm: float) -> float:
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(scale)
-    return norm
-
-
 class DDP(Backend):
     """Data parallel replicas: each rank holds the whole student; gradients are summed across ranks."""
-
-    name = "ddp"
 
     def sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -297,7 +294,6 @@ def _is_sharded(t: torch.Tensor) -> bool:
 class FSDP(DDP):
     """FSDP2 shards of the decoder layers and trunk; the LM head replicated; every rank in lock-step."""
 
-    name = "fsdp"
     lockstep = True
     _saves = 0  # sharded state folders written (sharded-1, sharded-2, ...)
 
@@ -310,18 +306,11 @@ class FSDP(DDP):
         for p in replicated:
             p.grad.div_(self.world_size)
 
-    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
-        grads = [p.grad for p in params if p.grad is not None]
-        sharded = [g for g in grads if _is_sharded(g)]
-        local = [g for g in grads if not _is_sharded(g)]
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        if sharded:
-            part = sum(g.to_local().double().pow(2).sum() for g in sharded)
-            tdist.all_reduce(part)
-            total = total + part
-        if local:
-            total = total + sum(g.double().pow(2).sum() for g in local)
-        return _clip(sharded + local, float(total.sqrt()), max_norm)
+    def _squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Shards add up across ranks; the replicated LM head's gradients count once."""
+        sharded = super()._squared_norm([g.to_local() for g in grads if _is_sharded(g)])
+        tdist.all_reduce(sharded)
+        return sharded + super()._squared_norm([g for g in grads if not _is_sharded(g)])
 
     @property
     def done_everywhere(self) -> Callable[[bool], bool]:

@@ -185,7 +185,7 @@ class Run:
     started: float
     lock: OutputLock | None = None  # held by rank 0 from setup to the end of the run
     signals: Interrupts = field(default_factory=Interrupts)  # `reheat` installs the real handlers
-    input_fingerprint: dict | None = None  # sizes and header hashes of the input's files
+    input_fingerprint: dict | None = None  # `checkpoint.fingerprint` of the input (and adapter base)
 
     @property
     def run_dir(self) -> Path:
