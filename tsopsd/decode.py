@@ -30,7 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tsopsd.family import causal_lm, transform_logits
+from tsopsd.family import causal_lm, is_fake, plain_tensor, transform_logits
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ class _Linear:
         outs = []
         for base, lora in self.parts:
             y = F.linear(x, base.weight, base.bias)
-            for a, b, scale in lora:
-                y = y + b(a(x.to(a.weight.dtype))) * scale
+            for a, b, scale in lora:  # adapters may be float32 over a bf16 base: back to the base's dtype, as peft does
+                y = y + (b(a(x.to(a.weight.dtype))) * scale).to(y.dtype)
             outs.append(y)
         return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
 
@@ -188,7 +188,7 @@ class LeanDecoder:
             if hasattr(m, "_hf_hook") or hasattr(m, "_fsdp_param_group") or type(m).__name__.startswith("FSDP"):
                 raise Unsupported("offloaded or sharded model")
         for p in model.parameters():
-            if p.is_meta or type(p.data) is not torch.Tensor:  # DTensor (FSDP2), quantized tensor subclasses
+            if p.is_meta or not plain_tensor(p.data):  # DTensor (FSDP2), quantized tensor subclasses
                 raise Unsupported("parameters that are not plain tensors")
         trunk = lm.model
         self.embed = trunk.embed_tokens
@@ -202,7 +202,8 @@ class LeanDecoder:
         # the packed copy doubles the decoder's weights for the rollout: only where memory allows
         linears = [m for m in trunk.layers.modules() if type(m) is torch.nn.Linear] + [head_base]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        pack = self.device.type == "cpu" and _mkldnn_ok(self.dtype) and _room_for(nbytes)
+        pack = self.device.type == "cpu" and not is_fake(head_base.weight) and not torch.is_autocast_enabled("cpu") \
+            and _mkldnn_ok(self.dtype) and _room_for(nbytes)
         self.config = cfg
         self.norm = _RMSNorm(trunk.norm)
         self.layers = [_Layer(layer, pack=pack, batch_size=batch_size) for layer in trunk.layers]
@@ -253,6 +254,10 @@ class _Session:
             kb[:, :, :P], vb[:, :, :P] = k, v
             self.keys.append(kb)
             self.values.append(vb)
+            # Adopted: the prefill's copy goes now, layer by layer, so the peak is the full-length cache
+            # plus one layer's prefill, not plus all of it (the cache object is the caller's to drop).
+            del k, v
+            cache.layers[i].keys = cache.layers[i].values = None
         self.bias = torch.zeros(B, self.capacity, dtype=dec.dtype, device=attention_mask.device)
         self.bias[:, :P].masked_fill_(attention_mask == 0, float("-inf"))
 

@@ -69,3 +69,19 @@ def max_positions(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def plain_tensor(t: torch.Tensor) -> bool:
+    """An ordinary dense tensor: not a DTensor shard or a quantized subclass (a `tsopsd plan` fake counts)."""
+    if type(t) is torch.Tensor:
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """A fake tensor of `tsopsd plan`: shape and dtype, no memory."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)

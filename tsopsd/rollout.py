@@ -73,7 +73,11 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
     next_pos = positions[:, -1] + 1
     logits = out.logits[:, -1].float()  # (B, V)
     del out
-    step = lean.session(cache, mask, capacity=width + min(max_new_tokens, 256)) if lean is not None else None
+    # The KV cache is sized for the whole completion at once: no regrowth (which briefly holds the old
+    # and the new cache, 1.5x at the doubling), and the prefill's own cache is dropped once adopted.
+    step = lean.session(cache, mask, capacity=width + max_new_tokens) if lean is not None else None
+    if step is not None:
+        del cache
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, live = [], [], []
     for _ in range(max_new_tokens):
@@ -99,7 +103,7 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], *, pad_id: int, eos_id
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         next_pos = next_pos + 1
-    del cache, step
+    del step
     completion = torch.stack(tokens, 1)
     completion_mask = torch.stack(live, 1)
     return ids, completion, completion_mask, torch.stack(logprobs, 1), width
