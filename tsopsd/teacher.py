@@ -9,6 +9,7 @@ z0 the model's own output logits (soft-capping and logit scaling included, see `
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,26 +41,44 @@ def calibrate_temperature(teacher: Scorer, rollout: Rollout, target_entropy: flo
 
 @torch.no_grad()
 def check_teacher(teacher: Scorer, rollout: Rollout, tau: float, *, measured_teacher_entropy: float | None = None,
-                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
+                  dtype: torch.dtype = torch.float32, chunk_size: int = 512) -> dict[str, float]:
     """Guards at step 0, computed independently of the training path.
 
-    Runs the model's own `forward` (full logits, adapter disabled for LoRA) on `rollout` and computes,
-    in float64, the mean entropy at T=1 and at tau on completion positions. Raises when the model is
-    near uniform (random or broken weights), when the teacher at tau is near uniform, or when
+    Runs the model's own `forward` (its LM head and logit transforms; adapter disabled for LoRA) and
+    computes, in float64, the mean entropy at T=1 and at tau on completion positions. Raises when the
+    model is near uniform (random or broken weights), when the teacher at tau is near uniform, or when
     `measured_teacher_entropy` (what the training path computed) disagrees.
+
+    Memory: one row at a time, cut after its last position of the chunk, and the logits of at most
+    `chunk_size` positions per forward (`logits_to_keep`), so at most chunk_size x V logits (and their
+    float64 copy) exist at once, never B x T x V. Each row's prefix runs once per chunk of its positions.
     """
     model = teacher.model
-    ctx = model.disable_adapter() if teacher.adapter_disabled else torch.no_grad()
+    ctx = model.disable_adapter() if teacher.adapter_disabled else contextlib.nullcontext()
     r = rollout.to(teacher.device)
+    predict = prediction_mask(r)
+    positions = position_ids_from_mask(r.attention_mask)
+    step = chunk_size or r.input_ids.shape[1]
+    h1_sum = h_tau_sum = 0.0
+    n, log_v = 0, None
+    # Completion positions are predicted from columns [P - 1, T - 1). Every row runs the same number of
+    # forwards whatever its length (ranks of a sharded model must run the same forwards).
+    first, T = r.prompt_width - 1, r.input_ids.shape[1]
     with ctx:
-        logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask,
-                       position_ids=position_ids_from_mask(r.attention_mask)).logits
-    z = logits[prediction_mask(r)].double()  # (N, V)
-    del logits
-    n = max(z.shape[0], 1)
-    h1 = entropy_sum_float64(z, 1.0) / n
-    h_tau = entropy_sum_float64(z, tau) / n
-    log_v = math.log(z.shape[-1])
+        for b in range(r.input_ids.shape[0]):
+            for s in range(max(first, 0), T - 1, step):
+                keep = torch.arange(s, min(s + step, T - 1), device=r.input_ids.device)
+                end = int(keep[-1]) + 1  # causal: nothing after the last kept position matters
+                z = model(input_ids=r.input_ids[b:b + 1, :end], attention_mask=r.attention_mask[b:b + 1, :end],
+                          position_ids=positions[b:b + 1, :end], logits_to_keep=keep, use_cache=False).logits[0]
+                z = z[predict[b, keep]].double()  # (n, V), the positions that predict a completion token
+                h1_sum += entropy_sum_float64(z, 1.0)
+                h_tau_sum += entropy_sum_float64(z, tau)
+                n, log_v = n + z.shape[0], math.log(z.shape[-1])
+                del z
+    if not n:  # no completion tokens: nothing to check
+        return {"entropy_t1": 0.0, "entropy_tau": 0.0, "log_vocab": log_v or 0.0}
+    h1, h_tau = h1_sum / n, h_tau_sum / n
     if h1 >= NEAR_UNIFORM * log_v:
         raise TsopsdError(f"the checkpoint is near uniform (mean entropy {h1:.3f} nats vs log V = {log_v:.3f}): "
                           "random or broken weights; there is nothing to reheat")
