@@ -36,8 +36,8 @@ def main() -> None:
     from tsopsd.config import load_config
     from tsopsd.policy import make_optimizer, prepare_policy
     from tsopsd.prompts import Prompt
-    from tsopsd.reheat import train_step
     from tsopsd.rollout import sample_rollouts
+    from tsopsd.step import train_step
 
     ck = load_checkpoint(args.model, device=args.device, dtype=args.dtype)
     dev = next(ck.model.parameters()).device

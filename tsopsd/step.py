@@ -1,0 +1,85 @@
+"""One training step's gradient: teacher and student passes over the rollout, the chunked loss, backward.
+
+    stats = train_step(policy, rollout, tau=1.5, cfg=cfg)     # gradients left in .grad
+
+Per micro-batch of `train.micro_batch` sequences: the frozen teacher's hidden states at completion
+positions (no grad), the student's (with grad, under its compute dtype), then the divergence to
+softmax(z0 / tau) over the full vocabulary chunk by chunk (`loss.chunked_divergence_backward`), so no
+B x T x V tensor exists. `reheat.train` calls it once per step; `plan` calls it on fake tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from functools import partial
+
+import torch
+
+from tsopsd.batch import Rollout
+from tsopsd.config import Config
+from tsopsd.loss import ChunkStats, Workspace, chunked_divergence_backward
+from tsopsd.policy import Policy
+from tsopsd.scoring import completion_hidden, head_logits
+
+
+def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: float | None = None,
+               skip_empty: bool = True, timings: dict[str, float] | None = None) -> ChunkStats:
+    """Accumulate gradients of the mean divergence over the rollout's completion tokens.
+
+    Args:
+        normalizer: divide the summed divergence by this many tokens (default: this rollout's count;
+            data-parallel runs pass the backend's `loss_normalizer` so that reduced gradients give the
+            global mean).
+        skip_empty: skip micro-batches without completion tokens and stop at a non-finite one (False:
+            run every forward and backward, as ranks in lock-step must).
+        timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
+            added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
+
+    Returns statistics summed over tokens. Gradients are left in `.grad` (not applied).
+    """
+    n_tokens = normalizer if normalizer is not None else int(rollout.completion_mask.sum())
+    total = ChunkStats()
+    mb = cfg.train.micro_batch
+    clock = _Clock(policy.teacher.device, timings)
+    workspace = Workspace()  # chunk x V buffers shared by all micro-batches of the step
+    for s in range(0, rollout.input_ids.shape[0], mb):
+        part = rollout.rows(s, s + mb)
+        if skip_empty and not part.completion_mask.any():
+            continue
+        with clock("teacher"), torch.no_grad():
+            teacher_hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
+        with clock("student"):
+            with policy.compute():  # autocast to bf16 over fp32 master weights, where there are some
+                student_hidden = completion_hidden(policy.student, part)  # (n, D), with grad
+            stats = chunked_divergence_backward(
+                student_hidden, teacher_hidden, partial(head_logits, policy.student), policy.teacher.logits,
+                normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
+                chunk_size=cfg.loss.chunk_size, workspace=workspace)
+        total.add(stats)
+        del teacher_hidden, student_hidden
+        if total.nonfinite and skip_empty:
+            break
+    return total
+
+
+class _Clock:
+    """Adds wall time of `with clock(name):` blocks to a dict (no-op without one)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device, self.timings = device, timings
+
+    def __call__(self, name: str):
+        if self.timings is None:
+            return contextlib.nullcontext()
+        return self._timed(name)
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
