@@ -2,6 +2,7 @@
 
     tsopsd measure-entropy ckpt/ --prompts prompts.jsonl --samples-per-prompt 4 --json
     tsopsd reheat ckpt/ --prompts prompts.jsonl --out reheated/ --temperature 1.5
+    tsopsd plan ckpt/config.json --config configs/qwen3-4b-1gpu.yaml --gpus 1 --gpu-memory 80GB
     tsopsd demo
 
 Exit codes: 0 ok, 2 bad input or usage, 1 unexpected failure. Errors are one line on stderr;
@@ -112,7 +113,10 @@ def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[
     else:
         from rich.console import Console
 
-        Console().print(table())
+        console = Console()
+        if not console.is_terminal:  # piped: wide enough for the widest table rather than 80 columns
+            console = Console(width=160)
+        console.print(table())
 
 
 # ---- shared options ----------------------------------------------------------------------------
@@ -197,32 +201,67 @@ class Divergence(str, Enum):
     jsd = "jsd"
 
 
+# ---- reheat's options (plan takes the same) -------------------------------------------------------
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")]
+Temperature = Annotated[Optional[float], typer.Option(help="Teacher temperature tau > 1.")]
+TargetEntropy = Annotated[Optional[float], typer.Option(help="Choose tau so the teacher's mean entropy is H nats.")]
+TargetFrom = Annotated[Optional[Path], typer.Option(help="Target: the entropy of this checkpoint (e.g. the SFT one).")]
+ModeOpt = Annotated[Optional[Mode], typer.Option("--mode", help="Train a LoRA adapter or all weights.")]
+SaveOpt = Annotated[Optional[Save], typer.Option("--save", help="Write a PEFT adapter (lora only) or a merged checkpoint.")]
+ParallelOpt = Annotated[Optional[Parallel], typer.Option("--parallel", help="Ranks: ddp replicas or fsdp shards; auto: ddp if fits")]
+DivergenceOpt = Annotated[Optional[Divergence], typer.Option("--divergence", help="forward_kl = KL(teacher||student), reverse_kl, or jsd.")]
+Beta = Annotated[Optional[float], typer.Option(help="JSD weight of the teacher, 0 < beta < 1.")]
+Steps = Annotated[Optional[int], typer.Option(help="Training steps.")]
+PerStep = Annotated[Optional[int], typer.Option(help="Prompts per step.")]
+Samples = Annotated[Optional[int], typer.Option(help="On-policy completions per prompt.")]
+NewTokens = Annotated[Optional[int], typer.Option(help="Completion length cap.")]
+Lr = Annotated[Optional[float], typer.Option(help="Learning rate.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set train.lora_r=8 (repeatable).")]
+
+
+def _overrides(flags: dict, teacher: dict, set_: list[str] | None) -> dict:
+    """Config overrides from flags (None: not given); a teacher flag replaces the file's teacher choice."""
+    from tsopsd.config import parse_set
+
+    overrides = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
+                 for k, v in flags.items() if v is not None}
+    teacher = {k: str(v) if isinstance(v, Path) else v for k, v in teacher.items()}
+    if any(v is not None for v in teacher.values()):
+        overrides.update(teacher)
+    overrides.update(parse_set(set_ or []))
+    return overrides
+
+
 @app.command()
 def reheat(
     ckpt: Ckpt,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompt file: .jsonl, .txt or .parquet.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (written complete, or not at all).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature tau > 1.")] = None,
-    target_entropy: Annotated[Optional[float], typer.Option(help="Choose tau so the teacher's mean entropy is H nats.")] = None,
-    target_entropy_from: Annotated[Optional[Path], typer.Option(help="Target: the entropy of this checkpoint (e.g. the SFT one).")] = None,
-    mode: Annotated[Optional[Mode], typer.Option(help="Train a LoRA adapter or all weights.")] = None,
-    save: Annotated[Optional[Save], typer.Option(help="Write a PEFT adapter (lora only) or a merged checkpoint.")] = None,
-    parallel: Annotated[Optional[Parallel], typer.Option(help="Several ranks: ddp replicas or fsdp shards; auto: ddp if it fits")] = None,
-    divergence: Annotated[Optional[Divergence], typer.Option(help="forward_kl = KL(teacher||student), reverse_kl, or jsd.")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="JSD weight of the teacher, 0 < beta < 1.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
-    prompts_per_step: Annotated[Optional[int], typer.Option(help="Prompts per step.")] = None,
-    samples_per_prompt: Annotated[Optional[int], typer.Option(help="On-policy completions per prompt.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Completion length cap.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    config: ConfigFile = None,
+    temperature: Temperature = None,
+    target_entropy: TargetEntropy = None,
+    target_entropy_from: TargetFrom = None,
+    mode: ModeOpt = None,
+    save: SaveOpt = None,
+    parallel: ParallelOpt = None,
+    divergence: DivergenceOpt = None,
+    beta: Beta = None,
+    steps: Steps = None,
+    prompts_per_step: PerStep = None,
+    samples_per_prompt: Samples = None,
+    max_new_tokens: NewTokens = None,
+    lr: Lr = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is complete).")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print this run's plan (tsopsd plan), one GPU a rank; exit.")] = False,
+    seed: SeedOpt = None,
     base: Base = None,
-    device: Annotated[Optional[str], typer.Option(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set train.lora_r=8 (repeatable).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    set_: SetOpt = None,
     as_json: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -230,9 +269,8 @@ def reheat(
     """Reheat a checkpoint: on-policy self-distillation toward its own temperature-scaled logits."""
     def body() -> None:
         from tsopsd import console
-        from tsopsd.config import load_config, parse_set
+        from tsopsd.config import load_config
         from tsopsd.parallel import launched_rank
-        from tsopsd.reheat import reheat as run_reheat
         from tsopsd.tables import metrics_table
 
         rank = launched_rank()  # under torchrun only rank 0 talks
@@ -244,19 +282,18 @@ def reheat(
             "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
             "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
             "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,
+            "output.resume": True if resume else None, "output.overwrite": True if overwrite else None,
         }
-        overrides = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
-                     for k, v in flags.items() if v is not None}
-        if resume:
-            overrides["output.resume"] = True
-        if overwrite:
-            overrides["output.overwrite"] = True
-        # A teacher flag replaces whichever teacher setting the config file chose.
-        teacher = {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
-                   "teacher.target_entropy_from": str(target_entropy_from) if target_entropy_from else None}
-        if any(v is not None for v in teacher.values()):
-            overrides.update(teacher)
-        overrides.update(parse_set(set_ or []))
+        overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
+                                       "teacher.target_entropy_from": target_entropy_from}, set_)
+        if dry_run:
+            cfg = load_config(config, overrides, inputs=False)
+            gpus = int(os.environ.get("WORLD_SIZE", "1"))
+            _plan_and_print(cfg, ckpt, gpus=gpus, memory=None, flops=None, bandwidth=None, prompt_tokens=None,
+                            as_json=as_json)
+            return
+        from tsopsd.reheat import reheat as run_reheat
+
         cfg = load_config(config, overrides)
         report = run_reheat(cfg, show_progress=not quiet)
         # Free the run's models now: under torchrun their reference cycles (FSDP state, hooks) can keep
@@ -268,6 +305,81 @@ def reheat(
         _emit(report, as_json=as_json, out=None,
               table=lambda: metrics_table(columns, title=f"tsopsd reheat: tau={report['teacher_temperature']:.3f}, "
                                                          f"{report['steps_run']} steps, {report['stop_reason']}"))
+
+    _run(body, debug=debug)
+
+
+def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flops: Optional[float],
+                    bandwidth: Optional[float], prompt_tokens: Optional[int], as_json: bool) -> dict:
+    import warnings
+
+    from tsopsd.errors import TsopsdError
+    from tsopsd.plan import Hardware, parse_bytes, plan
+    from tsopsd.tables import plan_table
+
+    if gpus < 1:
+        raise TsopsdError(f"--gpus must be >= 1, got {gpus}")
+    for name, v in (("--gpu-flops", flops), ("--gpu-bandwidth", bandwidth), ("--prompt-tokens", prompt_tokens)):
+        if v is not None and not v > 0:
+            raise TsopsdError(f"{name} must be > 0, got {v}")
+    default = Hardware()
+    hardware = Hardware(gpus=gpus, memory=parse_bytes(memory) if memory is not None else default.memory,
+                        flops=flops or default.flops, bandwidth=bandwidth or default.bandwidth)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation notes about its checkpointing flags
+        result = plan(cfg, source, hardware, prompt_tokens=prompt_tokens)
+
+    def table():
+        from rich.console import Group
+        from rich.text import Text
+
+        lines = [Text(f"to fit: {tip}") for tip in result["advice"]]
+        return Group(plan_table(result), *lines)
+
+    _emit(result, as_json=as_json, out=None, table=table)
+    return result
+
+
+@app.command()
+def plan(
+    source: Annotated[Path, typer.Argument(help="Checkpoint folder or its config.json (only the config is read).")],
+    config: ConfigFile = None,
+    gpus: Annotated[int, typer.Option(help="Devices (ranks) the run will use.")] = 1,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="Memory per device, e.g. 80GB (default 80 GiB).")] = None,
+    gpu_flops: Annotated[Optional[float], typer.Option(help="Peak dense FLOP/s per device (default 989e12, H100 bf16).")] = None,
+    gpu_bandwidth: Annotated[Optional[float], typer.Option(help="Memory bytes/s per device (default 3.35e12, H100).")] = None,
+    prompt_tokens: Annotated[Optional[int], typer.Option(help="Prompt length to plan (default data.max_prompt_tokens, else 512).")] = None,
+    temperature: Temperature = None,
+    target_entropy: TargetEntropy = None,
+    target_entropy_from: TargetFrom = None,
+    mode: ModeOpt = None,
+    save: SaveOpt = None,
+    parallel: ParallelOpt = None,
+    divergence: DivergenceOpt = None,
+    beta: Beta = None,
+    steps: Steps = None,
+    prompts_per_step: PerStep = None,
+    samples_per_prompt: Samples = None,
+    max_new_tokens: NewTokens = None,
+    lr: Lr = None,
+    dtype: DtypeOpt = None,
+    set_: SetOpt = None,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Will a reheat run fit? One worst-case step on fake tensors: peak memory per phase, roofline time."""
+    def body() -> None:
+        from tsopsd.config import load_config
+
+        flags = {"model.path": str(source), "model.dtype": dtype, "train.mode": mode, "output.save": save,
+                 "train.parallel": parallel, "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
+                 "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
+                 "rollout.max_new_tokens": max_new_tokens, "train.lr": lr}
+        overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
+                                       "teacher.target_entropy_from": target_entropy_from}, set_)
+        cfg = load_config(config, overrides, inputs=False)
+        _plan_and_print(cfg, source, gpus=gpus, memory=gpu_memory, flops=gpu_flops, bandwidth=gpu_bandwidth,
+                        prompt_tokens=prompt_tokens, as_json=as_json)
 
     _run(body, debug=debug)
 

@@ -75,6 +75,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0: no clipping
     micro_batch: int = 8  # sequences per student forward/backward (gradients accumulate)
+    activation_checkpointing: Literal["auto", "true", "false"] = "auto"  # auto: on where the plan says activations would not fit
     lora_r: int = 16
     lora_alpha: int = 32
     lora_target_modules: str = "all-linear"  # or a comma-separated list of module names
@@ -86,6 +87,7 @@ class StopConfig:
     window: int = 5  # ...averaged over the last `window` steps (single steps are noisy)
     min_top1_agreement: float = 0.9  # drift guard: stop and roll back below this agreement with the original
     rollback: bool = True  # keep a copy of the last state that passed the guard
+    rollback_every: int | None = None  # copy the weights every N steps (None: every step for lora, 10 for full)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML's true/false for "true"/"false"
+            value = str(value).lower()
         if value not in choices:
             raise ValueError(f"must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
@@ -204,15 +208,15 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-def validate(cfg: Config) -> list[str]:
-    """Range and consistency checks; returns every problem found."""
+def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
+    """Range and consistency checks; returns every problem found (`inputs`: also the paths a run needs)."""
     e = []
     t, r, lo, tr, st, o = cfg.teacher, cfg.rollout, cfg.loss, cfg.train, cfg.stop, cfg.output
-    if not cfg.model.path:
+    if inputs and not cfg.model.path:
         e.append("model.path: required (the checkpoint to reheat)")
-    if not cfg.data.prompts:
+    if inputs and not cfg.data.prompts:
         e.append("data.prompts: required (a prompt file)")
-    if not o.out:
+    if inputs and not o.out:
         e.append("output.out: required (the output folder)")
     chosen = [n for n, v in (("temperature", t.temperature), ("target_entropy", t.target_entropy),
                              ("target_entropy_from", t.target_entropy_from)) if v is not None]
@@ -242,6 +246,8 @@ def validate(cfg: Config) -> list[str]:
                     ("output.eval_prompts", o.eval_prompts), ("stop.entropy_tolerance", st.entropy_tolerance)):
         if v < 0:
             e.append(f"{name}: must be >= 0, got {v}")
+    if st.rollback_every is not None and st.rollback_every < 1:
+        e.append(f"stop.rollback_every: must be >= 1, got {st.rollback_every}")
     if o.eval_samples_per_prompt < 1:
         e.append(f"output.eval_samples_per_prompt: must be >= 1, got {o.eval_samples_per_prompt}")
     if not 0 <= st.min_top1_agreement <= 1:
@@ -253,8 +259,11 @@ def validate(cfg: Config) -> list[str]:
     return e
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                inputs: bool = True) -> Config:
     """Build a `Config` from defaults, an optional YAML file and dotted-key overrides.
+
+    `inputs=False` leaves out the checks of the checkpoint, prompts and output paths (`tsopsd plan`).
 
     Raises:
         ConfigError: unreadable YAML, unknown keys, wrong types or values (all listed at once).
@@ -275,7 +284,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _set_dotted(tree, key, value)
     errors: list[str] = []
     cfg = _build(Config, tree, "", errors)
-    errors += validate(cfg)
+    errors += validate(cfg, inputs=inputs)
     if errors:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}: " + "; ".join(errors))

@@ -1,7 +1,7 @@
 """The output folder of `tsopsd reheat`: weights or adapter, tokenizer, config, metrics, report, card.
 
-    write_output(cfg, trained_student, mode="lora", tokenizer=tok, save_dtype=torch.bfloat16,
-                 report=report, metrics=run_dir / "metrics.jsonl")
+    model = written_model(trained_student, mode="lora", save="merged", save_dtype=torch.bfloat16)
+    write_output(cfg, model, tokenizer=tok, report=report, metrics=run_dir / "metrics.jsonl")
 
 Written into a temporary folder beside OUT and renamed into place (`checkpoint.atomic_output`), so a
 folder at OUT is always complete. Plain `transformers`/`peft` load what is written, without tsopsd.
@@ -9,6 +9,7 @@ folder at OUT is always complete. Plain `transformers`/`peft` load what is writt
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -46,17 +47,52 @@ def model_card(report: dict) -> str:
     )
 
 
-def write_output(cfg: Config, student, *, mode: str, tokenizer, save_dtype: torch.dtype, report: dict,
-                 metrics: Path) -> None:
-    """Write the output folder `cfg.output.out` atomically (replacing one only with overwrite or resume)."""
+def written_model(student, *, mode: str, save: str, save_dtype: torch.dtype, keep_student: bool = True):
+    """The model the output folder will hold, so that the after-report measures exactly that.
+
+    adapter: the PEFT student as trained. merged LoRA: a copy with the adapter merged into the base and
+    cast to `save_dtype` (the student stays intact with `keep_student`: its base is the teacher).
+    full: the student cast to `save_dtype`, in place (training is over).
+    """
+    if save == "adapter":
+        return student
+    if mode == "lora":
+        merged = (copy.deepcopy(student) if keep_student else student).merge_and_unload()
+        return _cast(merged, save_dtype)
+    return _cast(student, save_dtype)
+
+
+@torch.no_grad()
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)` for what is saved (parameters, persistent buffers), one tensor at a time.
+
+    New parameter objects are put in place rather than their data swapped, which `tsopsd plan`'s fake
+    tensors do not support.
+    """
+    done: dict[int, torch.nn.Parameter] = {}  # tied weights stay one tensor
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = done[id(p)]
+        for name, b in list(module._buffers.items()):  # only what is saved: a rotary table is rebuilt at load
+            if b is not None and b.is_floating_point() and b.dtype != dtype \
+                    and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = b.to(dtype)
+    return model
+
+
+def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) -> None:
+    """Write the output folder `cfg.output.out` atomically (replacing one only with overwrite or resume).
+
+    `model` is what `written_model` gave: a PEFT adapter, or the merged and cast checkpoint.
+    """
     out = Path(cfg.output.out)
     with atomic_output(out, overwrite=cfg.output.overwrite or cfg.output.resume) as tmp:
         if cfg.output.save == "adapter":
-            student.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
-            student.save_pretrained(str(tmp))
-        else:
-            merged = student.merge_and_unload() if mode == "lora" else student
-            merged.to(save_dtype).save_pretrained(str(tmp))
+            model.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / "config.yaml")
         shutil.copy(metrics, tmp / "metrics.jsonl")

@@ -26,6 +26,7 @@ Launchers set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables; NCCL on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -90,15 +91,20 @@ def join(device: str = "auto", *, group: bool = False) -> Launch:
     return Launch(rank=rank, world_size=max(world, 1), device=device)
 
 
-def _needs_sharding(model: torch.nn.Module, mode: str) -> bool:
-    """auto: shard when one device cannot hold the run (a rough count of weights, grads and AdamW state)."""
+def _needs_sharding(model: torch.nn.Module, mode: str, device_memory: int | None = None) -> bool:
+    """auto: shard when one device cannot hold the run (a rough count of weights, grads and AdamW state).
+
+    `device_memory`: the device's bytes (default: the CUDA device's; a CPU run never shards by itself).
+    """
     p = next(model.parameters())
-    if p.device.type != "cuda":
-        return False
+    if device_memory is None:
+        if p.device.type != "cuda":
+            return False
+        device_memory = torch.cuda.get_device_properties(p.device).total_memory
     n = sum(x.numel() for x in model.parameters())
     per = p.element_size()
     need = n * per * (2 + 1) + n * 8 if mode == "full" else n * per * 1.2
-    return need > 0.8 * torch.cuda.get_device_properties(p.device).total_memory
+    return need > 0.8 * device_memory
 
 
 def make_backend(parallel: str, launch: Launch, device: torch.device) -> Backend:
@@ -190,10 +196,11 @@ class Backend:
             tdist.destroy_process_group()
 
     # ---- model and state --------------------------------------------------------------------------
-    def for_model(self, model: torch.nn.Module, parallel: str, *, mode: str, adapter_input: bool) -> Backend:
+    def for_model(self, model: torch.nn.Module, parallel: str, *, mode: str, adapter_input: bool,
+                  device_memory: int | None = None) -> Backend:
         """The backend the loaded model needs: auto turns to FSDP when one device cannot hold the run."""
         backend = self
-        if parallel == "auto" and self.world_size > 1 and _needs_sharding(model, mode):
+        if parallel == "auto" and self.world_size > 1 and _needs_sharding(model, mode, device_memory):
             backend = FSDP(Launch(self.rank, self.world_size), self.device)
         if backend.lockstep and adapter_input:  # the gathered output is rebuilt from the input folder
             raise TsopsdError("--parallel fsdp with an adapter input is not supported: merge it first (tsopsd merge)")
@@ -202,8 +209,14 @@ class Backend:
     def prepare(self, policy) -> None:
         """Give every rank the same trainable values (and shard the model where the backend shards)."""
 
+    def generating(self, policy):
+        """The context rollouts and reports sample in (FSDP: the student's weights gathered once for it)."""
+        return contextlib.nullcontext()
+
     def snapshot(self, policy) -> dict[str, torch.Tensor]:
-        """A copy of the trainable parameters (CPU for plain tensors, on device for shards)."""
+        """A copy of the trainable parameters: on the device for LoRA (small), in host memory for full."""
+        if policy.mode == "lora":
+            return {n: v.detach().clone() for n, v in policy.trainable_state().items()}
         return {n: v.to("cpu", copy=True) for n, v in policy.trainable_state().items()}
 
     def save_trainable(self, run_dir: Path, policy, optimizer, last_good: dict | None) -> dict | None:
@@ -322,10 +335,41 @@ class FSDP(DDP):
 
     def prepare(self, policy) -> None:
         super().prepare(policy)
-        _shard(policy.student, self.device)
+        _shard(policy.student, self.device, compute_dtype=policy.compute_dtype)
         if policy.mode == "full":
             _shard(policy.teacher.model, self.device)
         policy.trainable = [p for p in policy.student.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def generating(self, policy):
+        """Gather the student's shards once for the whole rollout and free them after.
+
+        Decoding runs a forward per token; with the shards resharded after each forward, every token
+        would all-gather every layer's weights again. Unsharded for the rollout, each rank holds the
+        whole student (in the compute dtype) while it samples, and no collective runs per token but
+        the lock-step "all done?" check.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in policy.student.modules() if isinstance(m, FSDPModule)]
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+
+    @torch.no_grad()
+    def round_to(self, policy, dtype: torch.dtype) -> str:
+        """Round the sharded student's weights to what a `dtype` checkpoint holds; says what the report sees."""
+        if policy.mode == "lora":
+            return "the sharded student before its adapter is merged (merging rounds the delta to the saved dtype)"
+        for p in policy.student.parameters():
+            p.copy_(p.to(dtype))
+        return f"the sharded student with its weights rounded to {str(dtype).removeprefix('torch.')}, as written"
 
     def snapshot(self, policy) -> dict[str, torch.Tensor]:
         return {n: (v.detach().clone() if _is_sharded(v) else v.to("cpu", copy=True))
@@ -366,10 +410,13 @@ class FSDP(DDP):
         return _rebuild(path, full, policy) if self.is_main else None
 
 
-def _shard(model: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2 (`fully_shard`) on each decoder layer and on the trunk (embeddings, final norm)."""
+def _shard(model: torch.nn.Module, device: torch.device, *, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 (`fully_shard`) on each decoder layer and on the trunk (embeddings, final norm).
+
+    `compute_dtype`: float32 master shards gathered in this dtype for compute, gradients reduced in float32.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from tsopsd.family import causal_lm
 
@@ -380,9 +427,11 @@ def _shard(model: torch.nn.Module, device: torch.device) -> None:
     if layers is None:
         raise TsopsdError(f"--parallel fsdp: cannot find the decoder layers of {type(trunk).__name__}")
     mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else \
+        MixedPrecisionPolicy()
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(trunk, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(trunk, mesh=mesh, mp_policy=mp)
 
 
 def _rebuild(path: str, full: dict[str, torch.Tensor], policy):

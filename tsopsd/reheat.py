@@ -24,7 +24,6 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,16 +42,16 @@ from tsopsd.checkpoint import (
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped, TsopsdError
-from tsopsd.family import max_positions
-from tsopsd.loss import ChunkStats, Workspace, chunked_divergence_backward
+from tsopsd.family import causal_lm, max_positions
+from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure
-from tsopsd.output import versions, write_output
+from tsopsd.output import versions, write_output, written_model
 from tsopsd.parallel import Backend, join, make_backend
-from tsopsd.policy import Policy, make_optimizer, prepare_policy
+from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, load_prompts, prompt_room
 from tsopsd.rollout import sample_rollouts
-from tsopsd.scoring import completion_hidden, head_logits
 from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparable, discard_run_dir, interrupts, run_dir_for
+from tsopsd.step import train_step
 from tsopsd.stop import StopRules
 from tsopsd.teacher import calibrate_temperature, check_teacher
 
@@ -105,67 +104,6 @@ class StepResult:
                 f"train {self.trained_tokens_per_s:.0f} tok/s")
 
 
-def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: float | None = None,
-               skip_empty: bool = True, timings: dict[str, float] | None = None) -> ChunkStats:
-    """Accumulate gradients of the mean divergence over the rollout's completion tokens.
-
-    Args:
-        normalizer: divide the summed divergence by this many tokens (default: this rollout's count;
-            data-parallel runs pass the backend's `loss_normalizer` so that reduced gradients give the
-            global mean).
-        skip_empty: skip micro-batches without completion tokens and stop at a non-finite one (False:
-            run every forward and backward, as ranks in lock-step must).
-        timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
-            added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
-
-    Returns statistics summed over tokens. Gradients are left in `.grad` (not applied).
-    """
-    n_tokens = normalizer if normalizer is not None else int(rollout.completion_mask.sum())
-    total = ChunkStats()
-    mb = cfg.train.micro_batch
-    clock = _Clock(policy.teacher.device, timings)
-    workspace = Workspace()  # chunk x V buffers shared by all micro-batches of the step
-    for s in range(0, rollout.input_ids.shape[0], mb):
-        part = rollout.rows(s, s + mb)
-        if skip_empty and not part.completion_mask.any():
-            continue
-        with clock("teacher"), torch.no_grad():
-            teacher_hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
-        with clock("student"):
-            student_hidden = completion_hidden(policy.student, part)  # (n, D), with grad
-            stats = chunked_divergence_backward(
-                student_hidden, teacher_hidden, partial(head_logits, policy.student), policy.teacher.logits,
-                normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
-                chunk_size=cfg.loss.chunk_size, workspace=workspace)
-        total.add(stats)
-        del teacher_hidden, student_hidden
-        if total.nonfinite and skip_empty:
-            break
-    return total
-
-
-class _Clock:
-    """Adds wall time of `with clock(name):` blocks to a dict (no-op without one)."""
-
-    def __init__(self, device: torch.device, timings: dict[str, float] | None):
-        self.device, self.timings = device, timings
-
-    def __call__(self, name: str):
-        if self.timings is None:
-            return contextlib.nullcontext()
-        return self._timed(name)
-
-    @contextlib.contextmanager
-    def _timed(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-
-
 @dataclass
 class Run:
     """A reheat run after `setup`: the model, optimizer, backend and state the loop works on."""
@@ -200,20 +138,28 @@ class Run:
         cfg, k = self.cfg, self.cfg.rollout.samples_per_prompt
         per_step = cfg.rollout.prompts_per_step * self.backend.world_size
         start, mine = self.backend.my_share(prompts_for_step(len(self.prompts), per_step, step, cfg.seed))
-        return sample_rollouts(self.policy.student, self.tokenizer, [self.prompts[i] for i in mine],
-                               samples_per_prompt=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
-                               batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step), row_offset=start * k,
-                               done_everywhere=self.backend.done_everywhere, engine=cfg.rollout.engine)
+        with self.backend.generating(self.policy), self.policy.compute():
+            return sample_rollouts(self.policy.student, self.tokenizer, [self.prompts[i] for i in mine],
+                                   samples_per_prompt=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
+                                   batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
+                                   row_offset=start * k, done_everywhere=self.backend.done_everywhere,
+                                   engine=cfg.rollout.engine)
 
-    def evaluate(self, reference=None) -> dict | None:
-        """The before/after report on the held-out prompts (None without any); on rank 0."""
+    def evaluate(self, model=None, reference=None) -> dict | None:
+        """The before/after report of `model` (default: the student) on the held-out prompts; on rank 0."""
         cfg = self.cfg
         if not self.eval_prompts:
             return None
-        return self.backend.measure(lambda: measure(
-            self.policy.student, self.tokenizer, self.eval_prompts, reference=reference,
-            samples_per_prompt=cfg.output.eval_samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-            batch_size=cfg.rollout.batch_size, seed=cfg.seed, done_everywhere=self.backend.done_everywhere))
+        student = model is None
+        context = contextlib.ExitStack()
+        if student:
+            context.enter_context(self.backend.generating(self.policy))
+            context.enter_context(self.policy.compute())
+        with context:
+            return self.backend.measure(lambda: measure(
+                self.policy.student if student else model, self.tokenizer, self.eval_prompts, reference=reference,
+                samples_per_prompt=cfg.output.eval_samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+                batch_size=cfg.rollout.batch_size, seed=cfg.seed, done_everywhere=self.backend.done_everywhere))
 
     def log(self, result: StepResult) -> None:
         if self.backend.is_main:
@@ -255,7 +201,7 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 stats = train_step(policy, rollout, tau=state.tau, cfg=cfg, skip_empty=not backend.lockstep,
                                    normalizer=backend.loss_normalizer(n_tokens))  # teacher, student, loss, backward
                 if step == 0:  # the training path against the model's own forward, in float64
-                    check_teacher(policy.teacher, rollout, state.tau, dtype=run.dtype,
+                    check_teacher(policy.teacher, rollout, state.tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
                                   measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
                 stats = ChunkStats.from_sums(backend.sum(stats.sums()))
                 backend.reduce_gradients(policy.trainable)
@@ -266,7 +212,7 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                         state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
                         state.failed = verdict.failure
                         break
-                    run.stop.passed(step, backend.snapshot(policy) if run.stop.wants_snapshot else None)
+                    run.stop.passed(step, backend.snapshot(policy) if run.stop.wants_snapshot(step) else None)
                     grad_norm = backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm) \
                         if cfg.train.max_grad_norm > 0 else None
                     lr = run.scheduler.get_last_lr()[0]
@@ -378,15 +324,41 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
     policy = prepare_policy(model, cfg.train)
     backend.prepare(policy)
+    if _wants_checkpointing(cfg, backend, policy):
+        enable_checkpointing(policy)
     optimizer = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
-              scheduler=scheduler, stop=StopRules(cfg.stop), state=None, prompts=train_prompts,
+              scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
               eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.base_path or ckpt.path), dtype=ckpt.dtype,
               started=started, input_fingerprint=fingerprint(ckpt.path, ckpt.base_path))
     run.state = _resume(run) if cfg.output.resume else _start(run)
     return run
+
+
+def _wants_checkpointing(cfg: Config, backend: Backend, policy: Policy) -> bool:
+    """`train.activation_checkpointing`; auto: on a GPU, on when the plan of one micro-batch says its
+    activations would not fit in what the device has left once gradients and optimizer state exist."""
+    choice = cfg.train.activation_checkpointing
+    if choice != "auto" or backend.device.type != "cuda":
+        return choice == "true"
+
+    def decide() -> bool:
+        import warnings
+
+        from tsopsd.plan import activations_need_checkpointing
+
+        free, _ = torch.cuda.mem_get_info(backend.device)
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in policy.trainable)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            need = activations_need_checkpointing(cfg, causal_lm(policy.teacher.model).config, free_bytes=free,
+                                                  later_bytes=local * 12)  # float32 gradient and AdamW state
+        log.info("activation checkpointing %s (auto, from the plan of one micro-batch)", "on" if need else "off")
+        return need
+
+    return bool(backend.broadcast(decide() if backend.is_main else None))
 
 
 def _start(run: Run) -> RunState:
@@ -445,10 +417,19 @@ def _resume(run: Run) -> RunState:
 
 
 def finish(run: Run) -> dict:
-    """Measure the result, write the output folder (rank 0) and remove the run folder; returns the report."""
-    cfg, backend, state = run.cfg, run.backend, run.state
-    after = run.evaluate(reference=run.policy.teacher)
-    trained = backend.gather_for_saving(run.policy, cfg.model.path)
+    """Measure the result as it will be written, write the output folder (rank 0), remove the run folder."""
+    cfg, backend, state, policy = run.cfg, run.backend, run.state, run.policy
+    save = dict(mode=policy.mode, save=cfg.output.save, save_dtype=run.save_dtype)
+    if backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
+        measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
+        after = run.evaluate(reference=policy.teacher)
+        trained = backend.gather_for_saving(policy, cfg.model.path)
+        written = written_model(trained, **save, keep_student=False) if backend.is_main else None
+    else:
+        written = written_model(policy.student, **save)  # merged and cast as it will be saved
+        adapter = cfg.output.save == "adapter"
+        measured_on = "the adapter" if adapter else "the written checkpoint"
+        after = run.evaluate(model=None if adapter else written, reference=policy.teacher)
     report: dict = {}
     if backend.is_main:
         report = {
@@ -457,12 +438,12 @@ def finish(run: Run) -> dict:
             "target_entropy": cfg.teacher.target_entropy, "divergence": cfg.loss.divergence,
             "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
             "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
-            "after": after, "device": str(run.policy.teacher.device), "dtype": str(run.dtype).removeprefix("torch."),
-            "seconds": time.monotonic() - run.started, "versions": versions(),
+            "after": after, "after_measured_on": measured_on, "device": str(policy.teacher.device),
+            "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
+            "versions": versions(),
         }
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
-            write_output(cfg, trained, mode=run.policy.mode, tokenizer=run.tokenizer, save_dtype=run.save_dtype,
-                         report=report, metrics=run.run_dir / "metrics.jsonl")
+            write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=run.run_dir / "metrics.jsonl")
             discard_run_dir(run.run_dir)
         log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
     backend.finish()

@@ -12,6 +12,9 @@ applied *before* a teacher temperature divides them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
@@ -60,8 +63,6 @@ class Scorer:
         self.adapter_disabled = adapter_disabled
 
     def _context(self):
-        import contextlib
-
         if self.adapter_disabled:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
@@ -75,8 +76,15 @@ class Scorer:
             return completion_hidden(self.model, rollout.to(self.device), micro_batch=micro_batch)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        with self._context():
+        # Switching a PEFT adapter off walks every module (~80 ms for a 36-layer model), and the loss
+        # asks for logits once per chunk: only when the head itself carries an adapter is it needed.
+        with self._context() if self._head_adapted else contextlib.nullcontext():
             return head_logits(self.model, hidden)
+
+    @functools.cached_property
+    def _head_adapted(self) -> bool:
+        head = causal_lm(self.model).get_output_embeddings()
+        return self.adapter_disabled and hasattr(head, "lora_A")
 
 
 def as_scorer(model_or_scorer) -> Scorer:

@@ -12,8 +12,12 @@ Three rules, checked on every step's statistics (summed over ranks) before its u
 - **converged**: the student's mean entropy over the last `stop.window` steps reached the teacher's
   within `stop.entropy_tolerance`: the run is done; the current weights are kept.
 
-The rules own the rollback copy (the weights at the start of the last step that passed) and the
-convergence window; both are part of the resumable state.
+The rules own the rollback copy and the convergence window; both are part of the resumable state.
+The copy holds the weights at the start of a step that passed, taken every `stop.rollback_every`
+steps: every step for LoRA (a few MB, kept on the device), every 10th for full fine-tuning, where a
+copy is every weight (16 GB for an 8B model in bf16, in host memory) and copying it each step would
+cost more than the step's update. A rollback then returns to the newest copy, up to N-1 steps older
+than the last step that passed; the stop reason says which.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class Verdict:
 
 
 class StopRules:
-    def __init__(self, cfg: StopConfig):
+    def __init__(self, cfg: StopConfig, *, mode: str = "lora"):
         self.cfg = cfg
+        self.every = cfg.rollback_every or (1 if mode == "lora" else 10)
         self.window: deque[tuple[float, float]] = deque(maxlen=cfg.window)  # (student, teacher) entropy
         self.last_good: dict | None = None  # trainable weights at the start of the last step that passed
         self.last_good_step = 0  # ...which are the weights after this many updates
@@ -63,9 +68,9 @@ class StopRules:
                                         f"{step + 2 - len(self.window)}-{step + 1}")
         return None
 
-    @property
-    def wants_snapshot(self) -> bool:
-        return self.cfg.rollback
+    def wants_snapshot(self, step: int) -> bool:
+        """Whether step `step` (0-based, about to be applied) takes the rollback copy."""
+        return self.cfg.rollback and step % self.every == 0
 
     def passed(self, step: int, snapshot: dict | None) -> None:
         """Step `step` passed every rule; `snapshot` copies the weights it started from (None: rollback is off)."""

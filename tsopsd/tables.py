@@ -55,3 +55,35 @@ def metrics_table(columns: dict[str, dict], title: str | None = None) -> Table:
             continue
         table.add_row(label, *("–" if v is None else fmt.format(v) for v in values))
     return table
+
+
+def plan_table(r: dict):
+    """The `tsopsd plan` result: peak memory per phase (by category), then the verdict and the bound."""
+    from rich.table import Table
+
+    gib = 2**30
+    short = {"weights": "weights", "optimizer state": "optim", "gradients": "grads", "activations": "activ",
+             "kv cache": "KV", "logits chunks": "logits", "temporaries": "temp"}
+    cats = [c for c in short if any(p["breakdown"].get(c, 0) for p in r["phases"].values())]
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    t = Table(title=(f"tsopsd plan: {r['architecture']} ({r['parameters'] / 1e9:.2f}B params, "
+                     f"{r['trainable_parameters'] / 1e6:.1f}M trainable), {r['mode']}, {r['dtype']}, "
+                     f"{r['backend']} on {r['gpus']} x {r['gpu_memory_bytes'] / gib:.0f} GiB: {verdict}"),
+              caption=(f"GiB per device (rank 0; every rank alike). {r['sequences_per_rank']} sequences of "
+                       f"{r['prompt_tokens']} + {r['max_new_tokens']} tokens per rank. Activation checkpointing: "
+                       f"{'on' if r['activation_checkpointing'] else 'off'} ({r['activation_checkpointing_why']}). "
+                       f"Peak {r['peak_bytes'] / gib:.1f} GiB in {r['peak_phase']} + {r['reserved_bytes'] / gib:.0f} "
+                       f"GiB reserved; margin {r['margin_bytes'] / gib:+.1f} GiB. Step: {r['step_flops'] / 1e12:.0f} "
+                       f"TFLOP, {r['step_bytes'] / 1e12:.1f} TB moved, roofline {r['step_roofline_s']:.1f} s: a lower "
+                       f"bound at {r['gpu_flops'] / 1e12:.0f} TFLOP/s and {r['gpu_bandwidth'] / 1e12:.2f} TB/s, "
+                       "not a measurement."))
+    t.add_column("phase")
+    t.add_column("peak", justify="right")
+    for c in cats:
+        t.add_column(short[c], justify="right")
+    t.add_column("host", justify="right")
+    t.add_column("bound s", justify="right")
+    for name, p in r["phases"].items():
+        t.add_row(name, f"{p['peak_bytes'] / gib:.1f}", *[f"{p['breakdown'].get(c, 0) / gib:.1f}" for c in cats],
+                  f"{p['host_bytes'] / gib:.1f}", f"{p['roofline_s']:.2f}")
+    return t

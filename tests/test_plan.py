@@ -1,0 +1,238 @@
+"""`tsopsd plan`: its peaks against a real step's, the shipped configs at their real sizes, bad input.
+
+The measured side (`tests/memory_probe.py`) runs the same functions on real tensors of a random
+model in a subprocess and reads its resident memory per phase (glibc's mmap threshold pinned so that
+freed tensors leave RSS). On a CPU the plan's device and host bytes are the same memory, so the
+comparison is against their sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tsopsd.cli import app
+from tsopsd.config import load_config
+from tsopsd.plan import Hardware, load_model_config, parse_bytes, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+# (hidden, intermediate, layers, vocab): ~30M, ~50M and ~110M parameters. Smaller models are not held
+# to 15%: RSS also holds ~10 MiB that are not tensors (heap, Python objects), which at 12M parameters
+# (48 MB) is 20% of the update phase.
+SIZES = {"30M": (384, 1152, 6, 24000), "50M": (512, 1536, 6, 32000), "110M": (768, 2304, 8, 32000)}
+PROBE = {"model.dtype": "float32", "rollout.engine": "model", "rollout.prompts_per_step": "2",
+         "rollout.samples_per_prompt": "2", "rollout.batch_size": "4", "rollout.max_new_tokens": "128",
+         "data.max_prompt_tokens": "64", "train.micro_batch": "2", "loss.chunk_size": "128",
+         "teacher.temperature": "1.5"}
+
+
+def _qwen3(folder: Path, hidden: int, intermediate: int, layers: int, vocab: int, **extra) -> Path:
+    from transformers import Qwen3Config
+
+    Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1), head_dim=64,
+                tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, **extra).save_pretrained(folder)
+    return folder
+
+
+def _measure(folder: Path, mode: str) -> tuple[Path, dict, dict[str, int]]:
+    sets = {**PROBE, "train.mode": mode}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    probe = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(ROOT / "configs/default.yaml"),
+                            str(folder), *[f"{k}={v}" for k, v in sets.items()]],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    return folder, sets, json.loads(probe.stdout.strip().splitlines()[-1])
+
+
+def _compare(folder: Path, sets: dict, measured: dict[str, int], label: str) -> dict[str, tuple[float, float]]:
+    """Plan (in this process: `plan` is not thread-safe) and hold it against the measured peaks."""
+    cfg = load_config(ROOT / "configs/default.yaml", sets, inputs=False)
+    planned = plan(cfg, folder, Hardware(memory=64 * GiB))["phases"]
+    out = {}
+    for phase, real in measured.items():
+        p = planned[phase]["peak_bytes"] + planned[phase]["host_bytes"]
+        out[phase] = (p, real)
+        print(f"{label} {phase:8s} plan {p / 2**20:8.1f} MiB  measured {real / 2**20:8.1f} MiB  ratio {p / real:.3f}")
+    return out
+
+
+def _check(result: dict[str, tuple[float, float]]) -> None:
+    off = {ph: round(p / real, 3) for ph, (p, real) in result.items() if abs(p / real - 1) > 0.15}
+    assert not off, f"plan / measured outside 15%: {off}"
+
+
+def _agrees(tmp_path: Path, size: str) -> None:
+    folder = _qwen3(tmp_path / size, *SIZES[size])  # here: transformers' lazy imports are not thread-safe
+    with ThreadPoolExecutor(2) as pool:  # the two measuring subprocesses at once: two cores
+        measured = list(pool.map(lambda mode: _measure(folder, mode), ["lora", "full"]))
+    for mode, (folder, sets, peaks) in zip(["lora", "full"], measured):
+        _check(_compare(folder, sets, peaks, f"{size} {mode}"))
+
+
+def test_plan_agrees_with_a_measured_step(tmp_path):
+    """~50M parameters, LoRA and full."""
+    _agrees(tmp_path, "50M")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["30M", "110M"])
+def test_plan_agrees_with_a_measured_step_at_more_sizes(tmp_path, size):
+    _agrees(tmp_path, size)
+
+
+# ---- the shipped configs at the sizes they name --------------------------------------------------
+QWEN3 = {  # the published architectures: layers, hidden, intermediate, heads, KV heads, head dim, tied
+    "Qwen3-4B": dict(num_hidden_layers=36, hidden_size=2560, intermediate_size=9728, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-8B": dict(num_hidden_layers=36, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+SHIPPED = [  # config, the model it names, GPUs (80 GB each) it names
+    ("qwen3-4b-1gpu.yaml", "Qwen3-4B", 1),
+    ("qwen3-8b-full-8gpu.yaml", "Qwen3-8B", 8),
+]
+
+
+def _real_config(folder: Path, name: str) -> Path:
+    from transformers import Qwen3Config
+
+    Qwen3Config(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6,
+                eos_token_id=151645, pad_token_id=151643, dtype="bfloat16", **QWEN3[name]).save_pretrained(folder)
+    return folder
+
+
+def test_every_gpu_config_is_planned_here():
+    named = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if "gpu" in p.name)
+    assert named == sorted(c for c, _, _ in SHIPPED), "a new GPU config needs a line in SHIPPED"
+
+
+def test_shipped_gpu_configs_fit_their_hardware(tmp_path):
+    """Each GPU config planned from a config.json of the architecture it names, through the CLI."""
+    def run(entry):
+        config, name, gpus = entry
+        folder = _real_config(tmp_path / name, name)
+        proc = subprocess.run([sys.executable, "-m", "tsopsd", "plan", str(folder), "--config",
+                               str(ROOT / "configs" / config), "--gpus", str(gpus), "--gpu-memory", "80GB", "--json"],
+                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        return entry, proc
+
+    with ThreadPoolExecutor(2) as pool:  # two cores: both at once
+        results = list(pool.map(run, SHIPPED))
+    for (config, name, gpus), proc in results:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        r = json.loads(proc.stdout)
+        print(f"{config} ({name}, {gpus} x 80 GiB): peak {r['peak_bytes'] / GiB:.1f} GiB in {r['peak_phase']}, "
+              f"margin {r['margin_bytes'] / GiB:+.1f} GiB, roofline {r['step_roofline_s']:.0f} s/step")
+        assert r["parameters"] > 3.5e9 and r["gpus"] == gpus
+        assert r["fits"], (config, r["peak_phase"], r["margin_bytes"] / GiB, r["advice"])
+
+
+def test_tiny_cpu_config_plans_and_fits(tmp_path):
+    folder = _qwen3(tmp_path / "tiny", 64, 128, 2, 512)
+    cfg = load_config(ROOT / "configs/tiny-cpu.yaml", inputs=False)
+    r = plan(cfg, folder / "config.json", Hardware(memory=8 * GiB))
+    assert r["fits"] and set(r["phases"]) >= {"load", "rollout", "check", "train", "update"}
+
+
+# ---- what the plan shows --------------------------------------------------------------------------
+def test_plan_counts_the_weights_kv_cache_and_logits_it_should(tmp_path):
+    """Exact figures that follow from the shapes: bf16 weights, a full-length KV cache, chunk x V logits."""
+    hidden, inter, layers, vocab = 256, 512, 2, 4096
+    folder = _qwen3(tmp_path / "m", hidden, inter, layers, vocab)
+    cfg = load_config(ROOT / "configs/default.yaml", {"model.dtype": "bfloat16", "train.mode": "lora",
+                                                      "rollout.batch_size": 8, "rollout.prompts_per_step": 2,
+                                                      "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 96,
+                                                      "data.max_prompt_tokens": 32}, inputs=False)
+    r = plan(cfg, folder)
+    n_params = sum(p.numel() for p in _model(folder).parameters())
+    assert r["parameters"] == n_params
+    assert r["phases"]["load"]["breakdown"]["weights"] >= 2 * n_params
+    kv = 8 * (32 + 96) * layers * 2 * (hidden // 128) * 64 * 2  # rows x tokens x layers x (k, v) x heads x dim x bf16
+    one_prefill_layer = 8 * 32 * 2 * (hidden // 128) * 64 * 2  # adopted layer by layer: one is ever doubled
+    assert kv <= r["phases"]["rollout"]["most"]["kv cache"] <= kv + 1.1 * one_prefill_layer
+    chunk = 512 * vocab * 4  # loss.chunk_size x V float32
+    assert chunk <= r["phases"]["train"]["most"]["logits chunks"] <= 8 * chunk
+
+
+def _model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(load_model_config(folder))
+
+
+def test_activation_checkpointing_shrinks_the_planned_activations(tmp_path):
+    folder = _qwen3(tmp_path / "m", 256, 768, 4, 4096)
+    base = {"model.dtype": "bfloat16", "rollout.max_new_tokens": 128, "data.max_prompt_tokens": 32,
+            "train.micro_batch": 4, "output.eval_prompts": 0}
+    off = plan(load_config(None, {**base, "train.activation_checkpointing": "false"}, inputs=False), folder)
+    on = plan(load_config(None, {**base, "train.activation_checkpointing": "true"}, inputs=False), folder)
+    a_off = off["phases"]["train"]["breakdown"]["activations"]
+    a_on = on["phases"]["train"]["breakdown"]["activations"]
+    assert a_on < 0.5 * a_off, (a_on, a_off)
+    assert on["step_flops"] > off["step_flops"]  # the recomputation is paid for
+
+
+def test_auto_checkpointing_turns_on_only_where_activations_do_not_fit(tmp_path):
+    folder = _qwen3(tmp_path / "m", 256, 768, 4, 4096)
+    cfg = load_config(None, {"model.dtype": "bfloat16", "rollout.max_new_tokens": 512, "train.micro_batch": 8,
+                             "data.max_prompt_tokens": 32, "output.eval_prompts": 0}, inputs=False)
+    roomy = plan(cfg, folder, Hardware(memory=64 * GiB))
+    assert not roomy["activation_checkpointing"] and roomy["fits"]
+    without = roomy["phases"]["train"]["peak_bytes"]
+    tight = plan(cfg, folder, Hardware(memory=int(without + 3 * GiB - 64 * 2**20)))  # 64 MiB short, reserve aside
+    assert tight["activation_checkpointing"], tight["activation_checkpointing_why"]
+    assert tight["phases"]["train"]["peak_bytes"] < without
+
+
+def test_fsdp_rollout_gathers_each_module_once_not_per_token(tmp_path):
+    folder = _qwen3(tmp_path / "m", 128, 256, 3, 1024)
+    cfg = load_config(None, {"model.dtype": "bfloat16", "train.mode": "full", "train.parallel": "fsdp",
+                             "rollout.max_new_tokens": 32, "data.max_prompt_tokens": 16}, inputs=False)
+    r = plan(cfg, folder, Hardware(gpus=4))
+    assert r["backend"] == "FSDP"
+    gathers = r["phases"]["rollout"]["collectives"].get("all_gather", 0)
+    assert 0 < gathers <= 3 + 1, gathers  # the decoder layers and the trunk, once for the whole rollout
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def _cli(*args: str):
+    return CliRunner().invoke(app, ["plan", *args])
+
+
+def test_plan_bad_input_is_one_line_and_exit_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "not-a-model", "vocab_size": 10}))
+    good = _qwen3(tmp_path / "good", 64, 128, 2, 512)
+    cases = {
+        "no config.json": [str(empty)],
+        "unknown architecture": [str(unknown)],
+        "memory in words": [str(good), "--gpu-memory", "eighty"],
+        "zero gpus": [str(good), "--gpus", "0"],
+        "bad config key": [str(good), "--set", "train.nope=1"],
+    }
+    for name, args in cases.items():
+        result = _cli(*args)
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert result.exit_code == 2, (name, result.output)
+        assert len(lines) == 1 and lines[0].startswith("tsopsd: error: "), (name, result.output)
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80 * GiB == parse_bytes("80 GiB") == parse_bytes("80g")
+    assert parse_bytes("141GB") == 141 * GiB
+    assert parse_bytes("1.5e9") == 1_500_000_000
