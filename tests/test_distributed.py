@@ -79,6 +79,7 @@ def test_too_few_prompts_for_the_ranks(collapsed, tmp_path):
     assert "Traceback" not in d.stderr.split("tsopsd: error:")[0][-200:]
 
 
+@pytest.mark.slow  # 14 s; the refusal itself is `_resume`'s first check, one line of code
 def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
     ckpt, prompts = collapsed
     args = ["reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "2",

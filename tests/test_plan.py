@@ -31,7 +31,7 @@ GiB = 2**30
 # (48 MB) is 20% of the update phase.
 SIZES = {"30M": (384, 1152, 6, 24000), "50M": (512, 1536, 6, 32000), "110M": (768, 2304, 8, 32000)}
 PROBE = {"model.dtype": "float32", "rollout.engine": "model", "rollout.prompts_per_step": "2",
-         "rollout.samples_per_prompt": "2", "rollout.batch_size": "4", "rollout.max_new_tokens": "128",
+         "rollout.samples_per_prompt": "2", "rollout.batch_size": "4", "rollout.max_new_tokens": "96",
          "data.max_prompt_tokens": "64", "train.micro_batch": "2", "loss.chunk_size": "128",
          "teacher.temperature": "1.5"}
 
@@ -172,28 +172,22 @@ def _model(folder: Path):
         return AutoModelForCausalLM.from_config(load_model_config(folder))
 
 
-def test_activation_checkpointing_shrinks_the_planned_activations(tmp_path):
+def test_activation_checkpointing_shrinks_activations_and_auto_turns_it_on_only_where_needed(tmp_path):
     folder = _qwen3(tmp_path / "m", 256, 768, 4, 4096)
-    base = {"model.dtype": "bfloat16", "rollout.max_new_tokens": 128, "data.max_prompt_tokens": 32,
-            "train.micro_batch": 4, "output.eval_prompts": 0}
-    off = plan(load_config(None, {**base, "train.activation_checkpointing": "false"}, inputs=False), folder)
+    base = {"model.dtype": "bfloat16", "rollout.max_new_tokens": 384, "train.micro_batch": 8,
+            "data.max_prompt_tokens": 32, "output.eval_prompts": 0}
+    roomy = plan(load_config(None, base, inputs=False), folder, Hardware(memory=64 * GiB))  # auto: off
+    assert not roomy["activation_checkpointing"] and roomy["fits"]
     on = plan(load_config(None, {**base, "train.activation_checkpointing": "true"}, inputs=False), folder)
-    a_off = off["phases"]["train"]["breakdown"]["activations"]
+    a_off = roomy["phases"]["train"]["breakdown"]["activations"]
     a_on = on["phases"]["train"]["breakdown"]["activations"]
     assert a_on < 0.5 * a_off, (a_on, a_off)
-    assert on["step_flops"] > off["step_flops"]  # the recomputation is paid for
-
-
-def test_auto_checkpointing_turns_on_only_where_activations_do_not_fit(tmp_path):
-    folder = _qwen3(tmp_path / "m", 256, 768, 4, 4096)
-    cfg = load_config(None, {"model.dtype": "bfloat16", "rollout.max_new_tokens": 512, "train.micro_batch": 8,
-                             "data.max_prompt_tokens": 32, "output.eval_prompts": 0}, inputs=False)
-    roomy = plan(cfg, folder, Hardware(memory=64 * GiB))
-    assert not roomy["activation_checkpointing"] and roomy["fits"]
+    assert on["phases"]["train"]["flops"] > roomy["phases"]["train"]["flops"]  # the recomputation is paid for
     without = roomy["phases"]["train"]["peak_bytes"]
-    tight = plan(cfg, folder, Hardware(memory=int(without + 3 * GiB - 64 * 2**20)))  # 64 MiB short, reserve aside
+    tight = plan(load_config(None, base, inputs=False), folder,  # 64 MiB short of fitting without it
+                 Hardware(memory=int(without + 3 * GiB - 64 * 2**20)))
     assert tight["activation_checkpointing"], tight["activation_checkpointing_why"]
-    assert tight["phases"]["train"]["peak_bytes"] < without
+    assert tight["phases"]["train"]["peak_bytes"] == on["phases"]["train"]["peak_bytes"]
 
 
 def test_fsdp_rollout_gathers_each_module_once_not_per_token(tmp_path):
@@ -236,3 +230,13 @@ def test_parse_bytes():
     assert parse_bytes("80GB") == 80 * GiB == parse_bytes("80 GiB") == parse_bytes("80g")
     assert parse_bytes("141GB") == 141 * GiB
     assert parse_bytes("1.5e9") == 1_500_000_000
+
+
+def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, prompts_file):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts_file), "--out", str(out),
+                                      "--dry-run", "--json", "--set", "rollout.max_new_tokens=16"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["fits"] and r["max_new_tokens"] == 16 and "train" in r["phases"]
+    assert not out.exists() and not list(tmp_path.glob("out*"))
