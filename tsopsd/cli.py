@@ -286,7 +286,9 @@ def reheat(
         }
         overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
                                        "teacher.target_entropy_from": target_entropy_from}, set_)
-        if dry_run:
+        if dry_run:  # under torchrun every rank would plan the same: rank 0 does, alone
+            if rank != 0:
+                return
             cfg = load_config(config, overrides, inputs=False)
             gpus = int(os.environ.get("WORLD_SIZE", "1"))
             _plan_and_print(cfg, ckpt, gpus=gpus, memory=None, flops=None, bandwidth=None, prompt_tokens=None,
