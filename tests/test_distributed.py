@@ -71,6 +71,7 @@ def test_two_ranks_match_one_process(collapsed, tmp_path):
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "ddp"))
 
 
+@pytest.mark.slow  # 9 s; the same refusal with one process is in test_faults' bad-input matrix
 def test_too_few_prompts_for_the_ranks(collapsed, tmp_path):
     ckpt, prompts = collapsed
     d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "9", *COMMON)
@@ -91,7 +92,7 @@ def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
     assert "saved with 1 rank(s), this launch has 2" in d.stderr
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", pytest.param("lora", marks=pytest.mark.slow)])  # lora: 15 s, make test-slow
 def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
     """FSDP2 (layers and trunk sharded, LM head replicated) on CPU/gloo gives the single-process result."""
     args = [*COMMON, "--mode", mode, "--lr", "3e-4" if mode == "full" else "2e-3",

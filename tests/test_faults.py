@@ -126,6 +126,8 @@ BAD = {
     "--samples-per-prompt 0": (lambda w, t: reheat_args(w, t / "o", "--samples-per-prompt", "0"),
                                "rollout.samples_per_prompt"),
     "--prompts-per-step 0": (lambda w, t: reheat_args(w, t / "o", "--prompts-per-step", "0"), "rollout.prompts_per_step"),
+    "more prompts per step than the file has": (lambda w, t: reheat_args(w, t / "o", "--prompts-per-step", "500"),
+                                                "prompts per step: lower rollout.prompts_per_step"),
     "--temperature -1": (lambda w, t: reheat_args(w, t / "o", "--temperature", "-1"), "teacher.temperature"),
     "--temperature nan": (lambda w, t: reheat_args(w, t / "o", "--temperature", "nan"), "teacher.temperature"),
     "--lr inf": (lambda w, t: reheat_args(w, t / "o", "--lr", "inf"), "train.lr"),

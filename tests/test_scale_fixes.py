@@ -152,7 +152,7 @@ def test_after_report_measures_the_written_checkpoint(tmp_path, ckpt, prompts_fi
     _, held = hold_out(prompts, 1, 0)
     reference = load_checkpoint(bf16, device="cpu", dtype="bfloat16").model
     again = measure(out.model, out.tokenizer, held, reference=reference, samples_per_prompt=4, max_new_tokens=12,
-                    batch_size=32, seed=0)
+                    batch_size=32, score_batch=8, seed=0)  # the run's rollout batch and training micro-batch
     assert report["after"]["entropy"]["mean"] == pytest.approx(again["entropy"]["mean"], rel=1e-6)
     assert report["after"]["reference"]["top1_agreement"] == pytest.approx(again["reference"]["top1_agreement"])
     saved = json.loads((tmp_path / "out" / "reheat_report.json").read_text())

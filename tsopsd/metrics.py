@@ -139,12 +139,15 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
 
 def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samples_per_prompt: int = 4,
             max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-            batch_size: int = 16, seed: int = 0, verifier: Callable[[int, str], bool] | None = None,
+            batch_size: int = 16, score_batch: int | None = None, seed: int = 0,
+            verifier: Callable[[int, str], bool] | None = None,
             keep_token_entropy: bool = False, done_everywhere: Callable[[bool], bool] | None = None,
             progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
     """Sample k completions per prompt and measure entropy and diversity (and drift vs a reference).
 
     Args:
+        score_batch: sequences per scoring forward (default `batch_size`); a run passes its training
+            micro-batch, so the report's scoring needs no more activation memory than a training step.
         verifier: optional ``verifier(prompt index, completion text) -> correct``; adds ``accuracy``,
             the fraction of sampled completions it accepts.
         keep_token_entropy: also return every completion token's entropy (``token_entropy``).
@@ -160,7 +163,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
                               batch_size=batch_size, seed=seed, on_batch=advance,
                               done_everywhere=done_everywhere)
     result = score_rollout(model, rollout, reference=reference, sampling_temperature=temperature,
-                           micro_batch=batch_size, seed=seed, keep_token_entropy=keep_token_entropy)
+                           micro_batch=score_batch or batch_size, seed=seed, keep_token_entropy=keep_token_entropy)
     result.update(sequence_stats(rollout, eos_token_ids(model, tokenizer)))
     if verifier is not None:
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completions()]

@@ -600,7 +600,7 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
             eval_rows = min(cfg.rollout.batch_size, cfg.output.eval_prompts * cfg.output.eval_samples_per_prompt)
             with tracker.in_phase("report"), backend.generating(policy), policy.compute():
                 score_rollout(policy.student, worst_case_rollout(eval_rows, P, L), reference=policy.teacher,
-                              micro_batch=cfg.rollout.batch_size, chunk_size=1024)
+                              micro_batch=cfg.train.micro_batch, chunk_size=1024)
         if "save" in phases:
             with tracker.in_phase("save"):
                 if backend.lockstep:  # rounded in place, gathered onto rank 0's host memory and rebuilt there

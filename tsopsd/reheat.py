@@ -159,7 +159,8 @@ class Run:
             return self.backend.measure(lambda: measure(
                 self.policy.student if student else model, self.tokenizer, self.eval_prompts, reference=reference,
                 samples_per_prompt=cfg.output.eval_samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                batch_size=cfg.rollout.batch_size, seed=cfg.seed, done_everywhere=self.backend.done_everywhere))
+                batch_size=cfg.rollout.batch_size, score_batch=cfg.train.micro_batch, seed=cfg.seed,
+                done_everywhere=self.backend.done_everywhere))
 
     def log(self, result: StepResult) -> None:
         if self.backend.is_main:
