@@ -126,11 +126,11 @@ def _run(tmp_path, ckpt, prompts_file, name, **over):
 def test_full_mode_rollback_every_n_steps_restores_the_last_copy(tmp_path, ckpt, prompts_file):
     """Full mode copies the weights every `stop.rollback_every` steps; a drift stop restores that copy."""
     report = _run(tmp_path, ckpt, prompts_file, "out", **{
-        "train.mode": "full", "train.lr": 0.05, "train.steps": 12, "stop.rollback_every": 3,
-        "stop.min_top1_agreement": 0.97, "stop.window": 50})
+        "train.mode": "full", "train.lr": 0.0001, "train.steps": 12, "stop.rollback_every": 3,
+        "stop.min_top1_agreement": 0.85, "stop.window": 50})
     assert report["stop_reason"].startswith("drift guard"), report["stop_reason"]
-    kept = report["weights_after_step"]
-    assert kept % 3 == 0 and kept < report["steps_run"] + 1, report
+    tripped = int(report["stop_reason"].split(" at step ")[1].split(";")[0])  # 1-based
+    assert report["weights_after_step"] == 3 * ((tripped - 2) // 3), report  # the newest copy: steps 0, 3, 6...
     assert "rolled back to" in report["stop_reason"]
 
 

@@ -19,7 +19,8 @@ state, gradients, activations saved for backward, KV cache, logits chunks, tempo
 each phase's peak; data-parallel and FSDP plans run under a fake process group of `--gpus` ranks
 (rank 0's view; every rank holds the same amount). Decoding is run for a few steps and extrapolated
 linearly to `max_new_tokens` from what each step added; micro-batches and rollout batches after the
-first two are alike and are counted, not run. FLOPs (matmuls and attention, from
+first two are alike and are counted, not run (the report's scoring too: its other micro-batches add
+only their hidden states). FLOPs (matmuls and attention, from
 `torch.utils.flop_counter`) and bytes read and written (every op's inputs and outputs) give a roofline
 time: per op the larger of FLOPs / peak FLOP/s and bytes / bandwidth. That is a lower bound on a
 step's time, not a measurement; kernels that fuse or overlap move it, launches and Python add to it.
@@ -136,7 +137,7 @@ class PhaseRecord:
     flops: float = 0.0
     bytes: float = 0.0
     roofline_s: float = 0.0
-    extra: int = 0  # bytes added by extrapolation (decoding past the probed steps)
+    extra: int = 0  # bytes counted, not run: decoding past the probed steps, the report's other hidden states
     collectives: dict[str, int] = field(default_factory=dict)  # all_gather, reduce_scatter, all_reduce calls
     most: dict[str, int] = field(default_factory=dict)  # category -> the most it held at any moment
     planning_s: float = 0.0  # what planning the phase took here
@@ -426,6 +427,11 @@ def _shape_facts(model_config) -> tuple[int, int, int]:
     return text.vocab_size, kv, head_dim
 
 
+def _hidden_size(model_config) -> int:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
+
+
 def worst_case_rollout(rows: int, prompt_tokens: int, new_tokens: int) -> Rollout:
     """`rows` sequences of a `prompt_tokens` prompt and a `new_tokens` completion: no row ends early."""
     T = prompt_tokens + new_tokens
@@ -597,10 +603,15 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
                                if isinstance(v, torch.Tensor)], "optimizer state")
                 optimizer.zero_grad(set_to_none=True)
         if "report" in phases and cfg.output.eval_prompts:
+            # Scored in training micro-batches; two of them are run, the others add only their hidden
+            # states (N x D for the model and the reference), which are counted.
             eval_rows = min(cfg.rollout.batch_size, cfg.output.eval_prompts * cfg.output.eval_samples_per_prompt)
-            with tracker.in_phase("report"), backend.generating(policy), policy.compute():
-                score_rollout(policy.student, worst_case_rollout(eval_rows, P, L), reference=policy.teacher,
+            run_rows = min(eval_rows, 2 * cfg.train.micro_batch)
+            with tracker.in_phase("report") as record, backend.generating(policy), policy.compute():
+                score_rollout(policy.student, worst_case_rollout(run_rows, P, L), reference=policy.teacher,
                               micro_batch=cfg.train.micro_batch, chunk_size=1024)
+                record.extra = (eval_rows - run_rows) * L * 2 * _hidden_size(model_config) * dtype.itemsize
+            scale["report"] = eval_rows / run_rows
         if "save" in phases:
             with tracker.in_phase("save"):
                 if backend.lockstep:  # rounded in place, gathered onto rank 0's host memory and rebuilt there
@@ -654,9 +665,10 @@ def _summary(cfg: Config, hw: Hardware, tracker: Tracker, scale: dict, *, model_
         if r is None:
             continue
         s = scale.get(name, 1.0)
+        grown = "kv cache" if name == "rollout" else "temporaries"  # what the extrapolated steps add to
         phases[name] = {
-            "peak_bytes": r.peak + r.extra, "breakdown": {**r.breakdown, "kv cache": r.breakdown.get("kv cache", 0) + r.extra},
-            "most": {**r.most, "kv cache": r.most.get("kv cache", 0) + r.extra},
+            "peak_bytes": r.peak + r.extra, "breakdown": {**r.breakdown, grown: r.breakdown.get(grown, 0) + r.extra},
+            "most": {**r.most, grown: r.most.get(grown, 0) + r.extra},
             "host_bytes": r.host_peak, "planning_s": r.planning_s, "collectives": dict(r.collectives),
             "flops": r.flops * s, "bytes": r.bytes * s,
             "roofline_s": r.roofline_s * s,
