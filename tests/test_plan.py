@@ -240,3 +240,18 @@ def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, promp
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["fits"] and r["max_new_tokens"] == 16 and "train" in r["phases"]
     assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
+def test_a_plan_that_does_not_fit_says_what_would(tmp_path):
+    folder = _qwen3(tmp_path / "m", 256, 768, 4, 4096)
+    sets = {"model.dtype": "bfloat16", "rollout.max_new_tokens": 256, "train.micro_batch": 8,
+            "data.max_prompt_tokens": 32, "output.eval_prompts": 0, "train.activation_checkpointing": "false"}
+    roomy = plan(load_config(None, sets, inputs=False), folder, Hardware(memory=64 * GiB))
+    assert roomy["peak_phase"] == "train" and roomy["advice"] == []
+    tight = Hardware(memory=int(roomy["peak_bytes"] * 0.8) + 3 * GiB)  # 20% short, reserve aside
+    short = plan(load_config(None, sets, inputs=False), folder, tight)
+    assert not short["fits"] and short["margin_bytes"] < 0
+    assert any(tip.startswith("train.activation_checkpointing: true") for tip in short["advice"]), short["advice"]
+    smaller = [int(t.split(": ")[1]) for t in short["advice"] if t.startswith("train.micro_batch: ")]
+    assert smaller and 1 <= smaller[0] < 8, short["advice"]
+    assert plan(load_config(None, {**sets, "train.micro_batch": smaller[0]}, inputs=False), folder, tight)["fits"]
