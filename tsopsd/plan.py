@@ -123,9 +123,6 @@ class _Tokenizer:
         pad = getattr(model_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else self.eos_token_id
 
-    def get_vocab(self) -> dict:
-        return {}
-
 
 # ---- counting bytes and FLOPs ----------------------------------------------------------------------
 
