@@ -2,6 +2,7 @@
 
     entropy(logits, temperature=1.5)                      # (N,) nats
     temperature_for_entropy(hidden, head, target=0.8)     # T with mean H(softmax(head(h) / T)) = target
+    solve_increasing(f, target, start=1.5, low=1, high=50, tol=1e-4)   # Newton on log x, safeguarded
 
 With z the logits over the vocabulary, p = softmax(z), r = softmax(z_ref):
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -66,6 +68,20 @@ def summarize_entropy(values: torch.Tensor) -> dict[str, float]:
             "top20_mean": float(top.mean())}
 
 
+def entropy_and_slope(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) entropy H of q = softmax(logits / T) and (N,) its derivative dH/dT, in float32.
+
+    With z = logits / T: dH/dT = Var_q(logits) / T^3 = Var_q(z) / T (non-negative: H rises with T).
+    """
+    z = logits.float() / temperature
+    logq = z.log_softmax(-1)
+    q = logq.exp()
+    h = -(q * logq).sum(-1)
+    mean = (q * z).sum(-1, keepdim=True)
+    var = (q * (z - mean).square_()).sum(-1)
+    return h, var / temperature
+
+
 def mean_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], temperature: float = 1.0,
                  *, chunk_size: int = 1024) -> float:
     """Mean entropy of softmax(head(hidden) / T) over the rows of (N, D) `hidden`, one chunk of logits at a time."""
@@ -74,28 +90,76 @@ def mean_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tens
     return total / max(hidden.shape[0], 1)
 
 
+@dataclass(frozen=True)
+class Solution:
+    """`solve_increasing`'s answer: x, f(x), how many evaluations, and whether f(x) hit the target
+    (False: the target lies outside [f(low), f(high)] and x is the nearer bound)."""
+
+    x: float
+    value: float
+    evaluations: int
+    reached: bool
+
+
+def solve_increasing(f: Callable[[float], tuple[float, float]], target: float, *, start: float, low: float,
+                     high: float, tol: float, max_iter: int = 50) -> Solution:
+    """x in [low, high] with f(x) = target (within `tol`) for an increasing f, by Newton's method on log x.
+
+    `f(x)` returns (f(x), f'(x)), one evaluation each (for an entropy, one pass over the logits gives
+    both). Safeguarded: a Newton step that leaves the bracket known to hold the root tries the bound
+    itself once (so an unreachable target is found in one evaluation), then bisects. From a good
+    `start` (the previous step's tau) two or three evaluations suffice.
+    """
+    lo, hi = math.log(low), math.log(high)
+    bounds = (lo, hi)
+    u = math.log(min(max(start, low), high))
+    value, n = float("nan"), 0
+    for n in range(1, max_iter + 1):
+        value, slope = f(math.exp(u))
+        if abs(value - target) <= tol:
+            return Solution(math.exp(u), value, n, True)
+        if value < target:
+            if u >= bounds[1]:
+                return Solution(high, value, n, False)  # even the highest x stays below the target
+            lo = u
+        else:
+            if u <= bounds[0]:
+                return Solution(low, value, n, False)  # even the lowest x stays above the target
+            hi = u
+        d = slope * math.exp(u)  # df/du
+        nxt = u - (value - target) / d if d > 0 and math.isfinite(d) else None
+        if nxt is None or not lo < nxt < hi:
+            if nxt is not None and nxt >= hi == bounds[1]:
+                nxt = hi  # beyond the top of the range: try the bound itself
+            elif nxt is not None and nxt <= lo == bounds[0]:
+                nxt = lo
+            else:
+                nxt = (lo + hi) / 2
+        if hi - lo < 1e-12:
+            break
+        u = nxt
+    return Solution(math.exp(u), value, n, abs(value - target) <= tol)
+
+
 def temperature_for_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], target: float,
                             *, low: float = 0.05, high: float = 50.0, chunk_size: int = 1024,
-                            tol: float = 1e-4, max_iter: int = 60) -> float | None:
-    """The T at which the mean entropy of softmax(head(hidden) / T) equals `target`, by bisection.
+                            tol: float = 1e-5, start: float = 1.0) -> float | None:
+    """The T at which the mean entropy of softmax(head(hidden) / T) equals `target` (within `tol` nats).
 
-    Mean entropy is increasing in T (for non-constant logits), so bisection on log T converges.
+    Mean entropy is increasing in T; `solve_increasing` finds it with a few passes over the logits.
 
     Returns:
         T, or None when the target lies outside [H(low), H(high)].
     """
-    def mean_h(t: float) -> float:
-        return mean_entropy(hidden, head, t, chunk_size=chunk_size)
-
-    if hidden.shape[0] == 0 or not (mean_h(low) <= target <= mean_h(high)):
+    if hidden.shape[0] == 0:
         return None
-    lo, hi = math.log(low), math.log(high)
-    for _ in range(max_iter):
-        mid = (lo + hi) / 2
-        if mean_h(math.exp(mid)) < target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < tol:
-            break
-    return math.exp((lo + hi) / 2)
+
+    def mean_h(t: float) -> tuple[float, float]:
+        h = s = 0.0
+        for c in range(0, hidden.shape[0], chunk_size):
+            hc, sc = entropy_and_slope(head(hidden[c:c + chunk_size]), t)
+            h, s = h + float(hc.double().sum()), s + float(sc.double().sum())
+        return h / hidden.shape[0], s / hidden.shape[0]
+
+    found = solve_increasing(mean_h, target, start=start, low=low, high=high, tol=tol)
+    return found.x if found.reached else None

@@ -1,7 +1,7 @@
-"""The heated teacher: choosing tau and checking the teacher before training.
+"""The heated teacher: solving tau for a target entropy and checking the teacher before training.
 
-    tau = calibrate_temperature(teacher, rollout, target_entropy=2.1)
-    check_teacher(teacher, rollout, tau)
+    found = solve_temperature(teacher, [hidden], target=2.1, start=1.5)   # re-solved every step
+    check_teacher(teacher, rollout, found.x)
 
 The teacher is the checkpoint as loaded, frozen forever; its distribution is softmax(z0 / tau) with
 z0 the model's own output logits (soft-capping and logit scaling included, see `scoring.head_logits`).
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 
 from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
-from tsopsd.distributions import entropy_sum_float64, mean_entropy, temperature_for_entropy
+from tsopsd.distributions import Solution, entropy_and_slope, entropy_sum_float64, solve_increasing
 from tsopsd.errors import TsopsdError
 from tsopsd.scoring import Scorer
 
@@ -25,18 +26,54 @@ NEAR_UNIFORM = 0.9
 TEACHER_NEAR_UNIFORM = 0.98
 
 
-def calibrate_temperature(teacher: Scorer, rollout: Rollout, target_entropy: float, *, chunk_size: int = 1024) -> float:
-    """The tau at which the teacher's mean entropy on `rollout`'s completion tokens equals the target."""
-    with torch.no_grad():
-        hidden = teacher.hidden(rollout)
-    tau = temperature_for_entropy(hidden, teacher.logits, target_entropy, low=1.0, high=50.0, chunk_size=chunk_size,
-                                  tol=1e-5)
-    if tau is None:
-        with torch.no_grad():
-            h1 = mean_entropy(hidden, teacher.logits, 1.0, chunk_size=chunk_size)
-        raise TsopsdError(f"target entropy {target_entropy:.4f} nats is not reachable with tau in [1, 50]: the "
-                          f"checkpoint's entropy at T=1 is {h1:.4f} nats (a target must be higher than that)")
-    return tau
+# The range tau is solved in: below 1 the teacher would be colder than the checkpoint, above 50 it is noise.
+TAU_RANGE = (1.0, 50.0)
+
+
+def solve_temperature(teacher: Scorer, hidden: list[torch.Tensor | None], target: float, *, start: float,
+                      total: Callable[[list[float]], list[float]] | None = None, chunk_size: int = 1024,
+                      tol: float = 1e-4, max_iter: int = 50) -> Solution:
+    """The tau at which the teacher's mean entropy over the tokens of `hidden` equals `target`.
+
+    Args:
+        hidden: the teacher's (n, D) hidden states at completion positions, one per micro-batch (None
+            for a skipped one): what the step computes anyway, so solving costs passes of the LM head
+            only (two or three from the previous step's tau).
+        start: where Newton's method starts (the previous step's tau).
+        total: sums a list of floats over ranks (data-parallel runs solve on the whole step's tokens;
+            every rank gets the same tau); None: this process's tokens only.
+        tol: relative tolerance on the entropy.
+
+    Returns:
+        `distributions.Solution`: tau, the teacher's entropy there, evaluations, and whether the
+        target was reached (False: it lies outside tau in `TAU_RANGE`; tau is the nearer bound).
+    """
+    parts = [h for h in hidden if h is not None]
+    step = chunk_size or 1024
+
+    @torch.no_grad()
+    def mean_and_slope(tau: float) -> tuple[float, float]:
+        sums = [0.0, 0.0, 0.0]  # entropy, dH/dtau, tokens
+        for h in parts:
+            for c in range(0, h.shape[0], step):
+                e, s = entropy_and_slope(teacher.logits(h[c:c + step]), tau)
+                sums[0] += float(e.double().sum())
+                sums[1] += float(s.double().sum())
+                sums[2] += e.shape[0]
+        h_sum, s_sum, n = total(sums) if total is not None else sums
+        return h_sum / max(n, 1), s_sum / max(n, 1)
+
+    return solve_increasing(mean_and_slope, target, start=start, low=TAU_RANGE[0], high=TAU_RANGE[1],
+                            tol=tol * max(target, 1e-6), max_iter=max_iter)
+
+
+def unreachable(target: float, found: Solution) -> TsopsdError:
+    """The error for a target that no tau in `TAU_RANGE` reaches on the first step's rollouts."""
+    if found.x <= TAU_RANGE[0]:
+        return TsopsdError(f"target entropy {target:.4f} nats is not reachable with tau in [1, 50]: the checkpoint's "
+                           f"entropy at T=1 is {found.value:.4f} nats (a target must be higher than that)")
+    return TsopsdError(f"target entropy {target:.4f} nats is not reachable with tau in [1, 50]: the teacher's "
+                       f"entropy at tau = 50 is only {found.value:.4f} nats")
 
 
 @torch.no_grad()
