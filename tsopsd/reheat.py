@@ -51,11 +51,13 @@ from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_
 from tsopsd.prompts import Prompt, load_prompts, prompt_room
 from tsopsd.rollout import sample_rollouts
 from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparable, discard_run_dir, interrupts, run_dir_for
-from tsopsd.step import train_step
+from tsopsd.step import teacher_states, train_step
 from tsopsd.stop import StopRules
-from tsopsd.teacher import calibrate_temperature, check_teacher
+from tsopsd.teacher import check_teacher, solve_temperature, unreachable
 
 log = logging.getLogger(__name__)
+
+TRACKING_START = 1.5  # tau where a target-entropy run's first solve starts
 
 __all__ = ["reheat", "setup", "train", "finish", "train_step", "run_dir_for"]
 
@@ -84,6 +86,7 @@ def hold_out(prompts: list[Prompt], n: int, seed: int) -> tuple[list[Prompt], li
 @dataclass
 class StepResult:
     step: int
+    tau: float
     loss: float
     student_entropy: float
     teacher_entropy: float
@@ -98,7 +101,7 @@ class StepResult:
     seconds: float
 
     def line(self, total: int) -> str:
-        return (f"step {self.step + 1}/{total}  loss {self.loss:.4f}  H student {self.student_entropy:.3f}  "
+        return (f"step {self.step + 1}/{total}  tau {self.tau:.3f}  loss {self.loss:.4f}  H student {self.student_entropy:.3f}  "
                 f"H teacher {self.teacher_entropy:.3f}  top-1 agree {self.top1_agreement:.3f}  "
                 f"len {self.completion_length:.1f}  gen {self.generated_tokens_per_s:.0f} tok/s  "
                 f"train {self.trained_tokens_per_s:.0f} tok/s")
@@ -144,6 +147,27 @@ class Run:
                                    batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
                                    row_offset=start * k, done_everywhere=self.backend.done_everywhere,
                                    engine=cfg.rollout.engine)
+
+    def temperature(self, step: int, rollout: Rollout) -> tuple[float, list[torch.Tensor | None] | None]:
+        """Step `step`'s tau and, when it was solved on them, the teacher's hidden states (the loss reuses them).
+
+        A fixed --temperature is returned as is. With a target entropy, tau is re-solved on this step's
+        rollouts (over all ranks) so that the teacher's mean entropy on them equals the target: as the
+        student heats up and its rollouts move, tau follows.
+        """
+        state = self.state
+        if state.target is None:
+            return state.tau, None
+        hidden = teacher_states(self.policy, rollout, micro_batch=self.cfg.train.micro_batch,
+                                skip_empty=not self.backend.lockstep)
+        found = solve_temperature(self.policy.teacher, hidden, state.target, start=state.tau, total=self.backend.sum,
+                                  chunk_size=self.cfg.loss.chunk_size)
+        if not found.reached:
+            if step == 0:
+                raise unreachable(state.target, found)
+            self.note(f"step {step + 1}: the target entropy {state.target:.4f} is out of reach on this step's "
+                      f"rollouts; tau = {found.x:g} gives {found.value:.4f}")
+        return found.x, hidden
 
     def evaluate(self, model=None, reference=None) -> dict | None:
         """The before/after report of `model` (default: the student) on the held-out prompts; on rank 0."""
@@ -199,10 +223,12 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 t_gen = time.monotonic() - t0
                 local_tokens = int(rollout.completion_mask.sum())
                 n_tokens = int(backend.sum([float(local_tokens)])[0])
-                stats = train_step(policy, rollout, tau=state.tau, cfg=cfg, skip_empty=not backend.lockstep,
-                                   normalizer=backend.loss_normalizer(n_tokens))  # teacher, student, loss, backward
+                tau, teacher_hidden = run.temperature(step, rollout)  # fixed, or solved for the target entropy
+                stats = train_step(policy, rollout, tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
+                                   normalizer=backend.loss_normalizer(n_tokens),
+                                   teacher_hidden=teacher_hidden)  # teacher, student, loss, backward
                 if step == 0:  # the training path against the model's own forward, in float64
-                    check_teacher(policy.teacher, rollout, state.tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
+                    check_teacher(policy.teacher, rollout, tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
                                   measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
                 stats = ChunkStats.from_sums(backend.sum(stats.sums()))
                 backend.reduce_gradients(policy.trainable)
@@ -220,10 +246,10 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                     optimizer.step()
                     run.scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    state.next_step = step + 1
+                    state.next_step, state.tau = step + 1, tau
                     n = max(n_tokens, 1)
                     run.log(StepResult(
-                        step=step, loss=stats.divergence / n, student_entropy=stats.student_entropy / n,
+                        step=step, tau=tau, loss=stats.divergence / n, student_entropy=stats.student_entropy / n,
                         teacher_entropy=stats.teacher_entropy / n, kl_student_original=stats.kl_student_original / n,
                         top1_agreement=stats.top1_agreement / n, tokens=n_tokens,
                         completion_length=float(rollout.completion_lengths.float().mean()),
@@ -335,6 +361,7 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
               eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.base_path or ckpt.path), dtype=ckpt.dtype,
               started=started, input_fingerprint=fingerprint(ckpt.path, ckpt.base_path))
     run.state = _resume(run) if cfg.output.resume else _start(run)
+    run.stop.target = run.state.target
     return run
 
 
@@ -363,25 +390,20 @@ def _wants_checkpointing(cfg: Config, backend: Backend, policy: Policy) -> bool:
 
 
 def _start(run: Run) -> RunState:
-    """A fresh state: tau (fixed or calibrated on step 0's rollouts) and the before-report."""
+    """A fresh state: tau (fixed, or the target entropy it will be solved for every step) and the before-report."""
     cfg, backend = run.cfg, run.backend
     if backend.is_main:
         run.run_dir.mkdir(parents=True)
     tau, source, target = cfg.teacher.temperature, "temperature", cfg.teacher.target_entropy
     if cfg.teacher.target_entropy_from is not None:
-        target = _entropy_of(cfg.teacher.target_entropy_from, run.prompts, cfg, run.tokenizer.get_vocab())
+        target = backend.broadcast(backend.measure(lambda: _entropy_of(cfg.teacher.target_entropy_from, run)))
         source = f"target_entropy_from:{cfg.teacher.target_entropy_from}"
     elif target is not None:
         source = "target_entropy"
     if target is not None:
-        # Calibrate on exactly the completions step 0 trains on (same seed and prompts; rank 0's share
-        # when data-parallel, and every rank uses rank 0's tau).
-        rollout0 = run.rollout(0)
-        tau = backend.broadcast(backend.measure(lambda: calibrate_temperature(
-            run.policy.teacher, rollout0, target, chunk_size=cfg.loss.chunk_size or 1024)))
-        log.info("teacher temperature tau = %.4f gives mean entropy %.4f nats", tau, target)
-    state = RunState(next_step=0, tau=tau, tau_source=source, before=run.evaluate(), world_size=backend.world_size,
-                     config=comparable(cfg), input_fingerprint=run.input_fingerprint)
+        tau = TRACKING_START  # where step 0's solve starts; every later one starts from the step before's tau
+    state = RunState(next_step=0, tau=tau, tau_source=source, target=target, before=run.evaluate(),
+                     world_size=backend.world_size, config=comparable(cfg), input_fingerprint=run.input_fingerprint)
     if backend.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
         (run.run_dir / "metrics.jsonl").write_text("")
@@ -436,7 +458,8 @@ def finish(run: Run) -> dict:
         report = {
             "input": str(cfg.model.path), "output": str(cfg.output.out), "mode": cfg.train.mode,
             "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
-            "target_entropy": cfg.teacher.target_entropy, "divergence": cfg.loss.divergence,
+            "target_entropy": state.target, "teacher_temperature_over_run": _taus(run.run_dir / "metrics.jsonl"),
+            "target": _against_target(state.target, state.before, after), "divergence": cfg.loss.divergence,
             "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
             "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
             "after": after, "after_measured_on": measured_on, "device": str(policy.teacher.device),
@@ -475,15 +498,38 @@ def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
             run.backend.close()
 
 
-def _entropy_of(path: str, prompts: list[Prompt], cfg: Config, prompts_tokenizer_vocab: dict) -> float:
-    """Mean token entropy of another checkpoint on its own rollouts, as measure-entropy computes it."""
+def _taus(metrics: Path) -> list[float]:
+    """tau of every applied step, from the run's metrics.jsonl."""
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return [json.loads(line)["train/tau"] for line in lines]
+
+
+def _against_target(target: float | None, before: dict | None, after: dict | None) -> dict | None:
+    """The held-out entropy before and after against the target (None without a target)."""
+    if target is None:
+        return None
+    out: dict = {"entropy": target}
+    for name, r in (("before", before), ("after", after)):
+        if r is not None:
+            h = r["entropy"]["mean"]
+            out[name] = {"entropy": h, "relative_error": (h - target) / target}
+    return out
+
+
+def _entropy_of(path: str, run: Run) -> float:
+    """Mean token entropy of another checkpoint on its own rollouts, measured as the after-report measures
+    the output: on the held-out prompts with `output.eval_samples_per_prompt` (without held-out
+    prompts: on the first training prompts), so that target and result are the same quantity."""
+    cfg = run.cfg
     other = load_checkpoint(path, device=cfg.model.device, dtype=cfg.model.dtype)
-    if other.tokenizer.get_vocab() != prompts_tokenizer_vocab:
+    if other.tokenizer.get_vocab() != run.tokenizer.get_vocab():
         raise TsopsdError(f"--target-entropy-from {path}: its tokenizer differs from the checkpoint's")
-    n = cfg.output.eval_prompts or cfg.rollout.prompts_per_step
-    result = measure(other.model, other.tokenizer, prompts[:n], samples_per_prompt=cfg.rollout.samples_per_prompt,
-                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed)
+    prompts = run.eval_prompts or run.prompts[:max(cfg.rollout.prompts_per_step, 32)]
+    result = measure(other.model, other.tokenizer, prompts, samples_per_prompt=cfg.output.eval_samples_per_prompt,
+                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                     score_batch=cfg.train.micro_batch, seed=cfg.seed)
     h = result["entropy"]["mean"]
-    log.info("target entropy from %s: %.4f nats", path, h)
+    log.info("target entropy from %s: %.4f nats (%d prompts x %d samples)", path, h, len(prompts),
+             cfg.output.eval_samples_per_prompt)
     del other
     return h

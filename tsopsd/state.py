@@ -51,7 +51,9 @@ class RunState:
 
     Attributes:
         next_step: the first step not applied yet (0-based).
-        tau: the teacher temperature; `tau_source` says how it was chosen.
+        tau: the teacher temperature (with a target entropy: the last applied step's, where the next
+            step's solve starts); `tau_source` says how it was chosen.
+        target: the target entropy in nats that tau is solved for every step (None: tau is fixed).
         before: the before-report (measured once, at the start).
         world_size: ranks of the run (a resume needs the same number).
         config: the config fields a resume must match (`comparable`).
@@ -66,6 +68,7 @@ class RunState:
     next_step: int
     tau: float
     tau_source: str
+    target: float | None
     before: dict | None
     world_size: int
     config: dict

@@ -1,6 +1,8 @@
 """One training step's gradient: teacher and student passes over the rollout, the chunked loss, backward.
 
     stats = train_step(policy, rollout, tau=1.5, cfg=cfg)     # gradients left in .grad
+    hidden = teacher_states(policy, rollout, micro_batch=4)   # first, when tau is solved on them
+    stats = train_step(policy, rollout, tau=tau, cfg=cfg, teacher_hidden=hidden)
 
 Per micro-batch of `train.micro_batch` sequences: the frozen teacher's hidden states at completion
 positions (no grad), the student's (with grad, under its compute dtype), then the divergence to
@@ -23,8 +25,29 @@ from tsopsd.policy import Policy
 from tsopsd.scoring import completion_hidden, head_logits
 
 
+def teacher_states(policy: Policy, rollout: Rollout, *, micro_batch: int, skip_empty: bool = True,
+                   timings: dict[str, float] | None = None) -> list[torch.Tensor | None]:
+    """The frozen teacher's (n, D) hidden states at completion positions, one per micro-batch (None for
+    a micro-batch without completion tokens, when `skip_empty`).
+
+    A run that tracks a target entropy computes them before the loss, solves tau on them and hands
+    them to `train_step`: N x D values kept for the step, where the logits would be N x V.
+    """
+    clock = _Clock(policy.teacher.device, timings)
+    out = []
+    for s in range(0, rollout.input_ids.shape[0], micro_batch):
+        part = rollout.rows(s, s + micro_batch)
+        if skip_empty and not part.completion_mask.any():
+            out.append(None)
+            continue
+        with clock("teacher"), torch.no_grad():
+            out.append(policy.teacher.hidden(part))
+    return out
+
+
 def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: float | None = None,
-               skip_empty: bool = True, timings: dict[str, float] | None = None) -> ChunkStats:
+               skip_empty: bool = True, timings: dict[str, float] | None = None,
+               teacher_hidden: list[torch.Tensor | None] | None = None) -> ChunkStats:
     """Accumulate gradients of the mean divergence over the rollout's completion tokens.
 
     Args:
@@ -35,6 +58,9 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
             run every forward and backward, as ranks in lock-step must).
         timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
             added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
+        teacher_hidden: `teacher_states` of this rollout, computed beforehand (None: computed here,
+            one micro-batch at a time); the list's entries are set to None as their micro-batches finish,
+            so each is freed once used.
 
     Returns statistics summed over tokens. Gradients are left in `.grad` (not applied).
     """
@@ -43,21 +69,25 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
     mb = cfg.train.micro_batch
     clock = _Clock(policy.teacher.device, timings)
     workspace = Workspace()  # chunk x V buffers shared by all micro-batches of the step
-    for s in range(0, rollout.input_ids.shape[0], mb):
+    given = teacher_hidden  # emptied as the step goes: each micro-batch's states are freed after it
+    for i, s in enumerate(range(0, rollout.input_ids.shape[0], mb)):
         part = rollout.rows(s, s + mb)
         if skip_empty and not part.completion_mask.any():
             continue
-        with clock("teacher"), torch.no_grad():
-            teacher_hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
+        if given is not None:
+            hidden, given[i] = given[i], None
+        else:
+            with clock("teacher"), torch.no_grad():
+                hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
         with clock("student"):
             with policy.compute():  # autocast to bf16 over fp32 master weights, where there are some
                 student_hidden = completion_hidden(policy.student, part)  # (n, D), with grad
             stats = chunked_divergence_backward(
-                student_hidden, teacher_hidden, partial(head_logits, policy.student), policy.teacher.logits,
+                student_hidden, hidden, partial(head_logits, policy.student), policy.teacher.logits,
                 normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
                 chunk_size=cfg.loss.chunk_size, workspace=workspace)
         total.add(stats)
-        del teacher_hidden, student_hidden
+        del hidden, student_hidden
         if total.nonfinite and skip_empty:
             break
     return total

@@ -10,7 +10,8 @@ Three rules, checked on every step's statistics (summed over ranks) before its u
 - **drift**: top-1 agreement with the input on the step's rollouts below `stop.min_top1_agreement`:
   the current weights drifted; with `stop.rollback` the last state that passed is restored.
 - **converged**: the student's mean entropy over the last `stop.window` steps reached the teacher's
-  within `stop.entropy_tolerance`: the run is done; the current weights are kept.
+  within `stop.entropy_tolerance` (with a target entropy: is within that tolerance of the target, on
+  either side): the run is done; the current weights are kept.
 
 The rules own the rollback copy and the convergence window; both are part of the resumable state.
 The copy holds the weights at the start of a step that passed, taken every `stop.rollback_every`
@@ -49,6 +50,7 @@ class StopRules:
         self.window: deque[tuple[float, float]] = deque(maxlen=cfg.window)  # (student, teacher) entropy
         self.last_good: dict | None = None  # trainable weights at the start of the last step that passed
         self.last_good_step = 0  # ...which are the weights after this many updates
+        self.target: float | None = None  # the target entropy a tracking run holds the student at
 
     def check(self, step: int, stats: ChunkStats, n_tokens: int) -> Verdict | None:
         """The verdict on step `step` (0-based) from its summed statistics, or None to go on."""
@@ -62,10 +64,17 @@ class StopRules:
         self.window.append((stats.student_entropy / n, stats.teacher_entropy / n))
         mean_s = sum(h for h, _ in self.window) / len(self.window)
         mean_t = sum(h for _, h in self.window) / len(self.window)
-        if len(self.window) == self.cfg.window and mean_s >= mean_t * (1 - self.cfg.entropy_tolerance):
-            return Verdict("converged", f"converged: student entropy {mean_s:.4f} within "
-                                        f"{self.cfg.entropy_tolerance:.0%} of the teacher's {mean_t:.4f} over steps "
-                                        f"{step + 2 - len(self.window)}-{step + 1}")
+        if len(self.window) < self.cfg.window:
+            return None
+        steps = f"steps {step + 2 - len(self.window)}-{step + 1}"
+        tol = self.cfg.entropy_tolerance
+        if self.target is not None:
+            if abs(mean_s - self.target) <= tol * self.target:
+                return Verdict("converged", f"converged: student entropy {mean_s:.4f} within {tol:.0%} of the "
+                                            f"target {self.target:.4f} over {steps}")
+        elif mean_s >= mean_t * (1 - tol):
+            return Verdict("converged", f"converged: student entropy {mean_s:.4f} within {tol:.0%} of the "
+                                        f"teacher's {mean_t:.4f} over {steps}")
         return None
 
     def wants_snapshot(self, step: int) -> bool:
