@@ -34,13 +34,18 @@ def model_card(report: dict) -> str:
     b, a = report.get("before") or {}, report.get("after") or {}
     ent = lambda r: f"{r['entropy']['mean']:.4f}" if r else "n/a"  # noqa: E731
     agree = a.get("reference", {}).get("top1_agreement") if a else None
+    taus = report.get("teacher_temperature_over_run") or []
+    target = report.get("target_entropy")
+    tau = f"teacher temperature tau = {report['teacher_temperature']:.4f}" if target is None else (
+        f"target entropy {target:.4f} nats (tau re-solved every step: {min(taus):.4f} to {max(taus):.4f})"
+        if taus else f"target entropy {target:.4f} nats")
     return (
         "---\nlibrary_name: transformers\ntags: [tsopsd, reheated]\n---\n\n"
         f"# Reheated with tsopsd {__version__}\n\n"
         f"Input checkpoint: `{report['input']}`. Method: TS-OPSD (temperature-scaled on-policy self-distillation), "
-        f"teacher temperature tau = {report['teacher_temperature']:.4f}, divergence `{report['divergence']}`, "
+        f"{tau}, divergence `{report['divergence']}`, "
         f"mode `{report['mode']}`, {report['steps_run']} steps (stopped: {report['stop_reason']}).\n\n"
-        f"| | before | after |\n|---|---|---|\n| mean token entropy (nats) | {ent(b)} | {ent(a)} |\n"
+        f"| | before | after |\n|---|---|---|\n| mean token entropy (nats, held-out prompts) | {ent(b)} | {ent(a)} |\n"
         f"| top-1 agreement with input | 1.000 | {agree if agree is None else f'{agree:.3f}'} |\n\n"
         "Files: `config.yaml` (the resolved run config), `metrics.jsonl` (one line per step), "
         "`reheat_report.json` (before/after metrics).\n"

@@ -36,13 +36,20 @@ def _get(d: dict, path: tuple[str, ...]):
     return d
 
 
-def metrics_table(columns: dict[str, dict], title: str | None = None) -> Table:
-    """A table of `measure()` results side by side; rows absent from every column are left out."""
+def metrics_table(columns: dict[str, dict], title: str | None = None, *, target: float | None = None) -> Table:
+    """A table of `measure()` results side by side; rows absent from every column are left out.
+
+    `target`: a target entropy; adds the row "entropy vs target" (each column's mean entropy relative to it).
+    """
     table = Table(title=title)
     table.add_column("metric")
     for name in columns:
         table.add_column(name, justify="right")
     for label, path, fmt in ROWS:
+        if target is not None and label == "entropy p10 / p50 / p90":
+            table.add_row(f"entropy vs target {target:.4f}",
+                          *(f"{(r['entropy']['mean'] - target) / target:+.1%}" if r.get("entropy") else "–"
+                            for r in columns.values()))
         if path is None:  # quantiles share one row
             cells = []
             for r in columns.values():
