@@ -62,6 +62,7 @@ RESERVED_BYTES = 3 * 2**30
 SHADOW_NUMEL = 1 << 22  # integer/bool tensors up to this size are also computed for real
 SHADOW_FLOAT_NUMEL = 64  # ...and float ones this small (an optimizer's step count), from real inputs only
 DECODE_PROBE = 3  # decoding steps run per rollout batch; the rest are extrapolated
+SOLVE_EVALUATIONS = 3  # passes of the LM head a tracked step spends solving tau (2 or 3 from the last tau)
 GiB = 2**30
 
 
@@ -510,8 +511,8 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     from tsopsd.policy import enable_checkpointing, make_optimizer, prepare_policy
     from tsopsd.prompts import Prompt
     from tsopsd.rollout import sample_rollouts
-    from tsopsd.step import train_step
-    from tsopsd.teacher import check_teacher
+    from tsopsd.step import teacher_states, train_step
+    from tsopsd.teacher import check_teacher, solve_temperature
 
     dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda")) if cfg.model.dtype != "auto" else torch.bfloat16
     save_dtype = getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", None) or dtype
@@ -522,6 +523,8 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     rows = cfg.rollout.prompts_per_step * k  # per rank
     mb = cfg.train.micro_batch
     tau = cfg.teacher.temperature or 1.5
+    # A target entropy (from a number or a checkpoint; any positive value plans the same) is tracked.
+    tracking = None if cfg.teacher.temperature is not None else (cfg.teacher.target_entropy or 1.0)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = Tracker(vocab=vocab, kv_heads=kv_heads, head_dim=head_dim, flops=hardware.flops,
                       bandwidth=hardware.bandwidth)
@@ -578,11 +581,18 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
             scale["check"] = rows
         n_mb = math.ceil(rows / mb)
         run_mb = min(2, n_mb)  # the second micro-batch is accumulating: the steady state
-        with tracker.in_phase("train"), torch.autograd.graph.saved_tensors_hooks(
+        with tracker.in_phase("train") as record, torch.autograd.graph.saved_tensors_hooks(
                 lambda t: _saved(tracker, t), lambda t: t):
             n_tokens = rows * L * hardware.gpus
-            train_step(policy, rollout.rows(0, run_mb * mb), tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
-                       normalizer=backend.loss_normalizer(n_tokens))
+            part, hidden = rollout.rows(0, run_mb * mb), None
+            if tracking:  # the teacher's hidden states of the whole step are kept while tau is solved on them
+                hidden = teacher_states(policy, part, micro_batch=mb, skip_empty=not backend.lockstep)
+                solve_temperature(policy.teacher, hidden, tracking, start=tau, chunk_size=cfg.loss.chunk_size,
+                                  max_iter=SOLVE_EVALUATIONS)
+                record.extra = (n_mb - run_mb) * mb * L * _hidden_size(model_config) * dtype.itemsize
+            train_step(policy, part, tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
+                       normalizer=backend.loss_normalizer(n_tokens), teacher_hidden=hidden)
+            del hidden
             tracker.label([p.grad for p in policy.trainable], "gradients")
         scale["train"] = n_mb / run_mb
         if "update" in phases:
