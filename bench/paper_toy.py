@@ -38,7 +38,7 @@ from tsopsd.distributions import entropy  # noqa: E402
 from tsopsd.lab.demo import CONFIG as DEMO_CONFIG  # noqa: E402
 from tsopsd.lab.demo import FULL, QUICK, run_demo  # noqa: E402
 from tsopsd.lab.grpo import grpo  # noqa: E402
-from tsopsd.lab.sumtask import TARGETS, is_correct  # noqa: E402
+from tsopsd.lab.sumtask import is_correct, parse_target  # noqa: E402
 from tsopsd.prompts import load_prompts  # noqa: E402
 from tsopsd.reheat import reheat  # noqa: E402
 from tsopsd.rollout import sample_rollouts  # noqa: E402
@@ -62,7 +62,7 @@ def evaluate(model, tokenizer, prompts, *, samples: int = 16, seed: int = 12345)
         per_prompt.setdefault(i, []).append(t)
     acc, p1, p4, p16, distinct = [], [], [], [], []
     for i, ts in per_prompt.items():
-        ok = [is_correct(TARGETS[i], t) for t in ts]
+        ok = [is_correct(parse_target(prompts[i].text), t) for t in ts]
         c = sum(ok)
         acc.append(c / len(ts))
         p1.append(pass_at_k(len(ts), c, 1))
@@ -79,7 +79,7 @@ def continued_rl(folder: Path, prompts_file: Path, *, steps: int, temperature: f
     ck = load_checkpoint(folder, device="cpu")
     prompts = load_prompts(prompts_file, ck.tokenizer)
     torch.manual_seed(seed)
-    history = grpo(ck.model, ck.tokenizer, prompts, lambda i, t: is_correct(TARGETS[i], t), steps=steps,
+    history = grpo(ck.model, ck.tokenizer, prompts, lambda i, t: is_correct(parse_target(prompts[i].text), t), steps=steps,
                    lr=1e-3, group_size=8, sampling_temperature=temperature, seed=1000 + seed)
     return {"history": history, "final": evaluate(ck.model, ck.tokenizer, prompts, seed=777 + seed)}
 
@@ -129,9 +129,11 @@ def main() -> None:
         ck = load_checkpoint(folder, device="cpu")
         initial[name] = evaluate(ck.model, ck.tokenizer, load_prompts(prompts_file, ck.tokenizer))
     abl_steps = size.reheat_steps
-    variants = {f"tau={t}": {"teacher.temperature": t} for t in (1.2, 1.5, 2.0)}
-    variants |= {d: {"loss.divergence": d} for d in ("reverse_kl", "jsd")}
-    variants |= {"lora (lr 1e-3)": {"train.mode": "lora", "train.lr": 1e-3}}
+    sft_entropy = {"teacher.target_entropy_from": str(args.work / "sft")}  # the demo's own: tracked SFT entropy
+    variants = {"target = SFT entropy (demo)": sft_entropy}
+    variants |= {f"tau={t}": {"teacher.temperature": t, "teacher.target_entropy_from": None} for t in (1.2, 1.5, 2.0)}
+    variants |= {d: {"loss.divergence": d, **sft_entropy} for d in ("reverse_kl", "jsd")}
+    variants |= {"lora (lr 1e-3)": {"train.mode": "lora", "train.lr": 1e-3, **sft_entropy}}
     abl = {name: ablation(collapsed, prompts_file, args.work / "ablation", ov, abl_steps)
            for name, ov in variants.items()}
 
@@ -146,8 +148,9 @@ def main() -> None:
          "initial": initial, "continued_rl": summary, "ablations": abl,
          "curves": {n: [[h["reward"] for h in r["history"]] for r in rs] for n, rs in runs.items()}}, indent=1))
     cmd = "python bench/paper_toy.py" + (" --quick" if args.quick else "")
+    n_prompts = len(prompts_file.read_text().splitlines())
     lines = [f"# TS-OPSD toy lab\n\nCommand: `{cmd}`; {seeds} seeds; continued GRPO: {rl_steps} steps "
-             f"(8 prompts x 8 samples, lr 1e-3) from each start; evaluation: 17 prompts x 16 samples at T=1.\n",
+             f"(8 prompts x 8 samples, lr 1e-3) from each start; evaluation: {n_prompts} prompts x 16 samples at T=1.\n",
              "## Starting points\n", "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for n, v in initial.items()]
     lines += ["\n## After the same continued-RL budget (mean over seeds)\n",

@@ -37,21 +37,23 @@ class DemoSize:
     rl_steps: int = 300
     rl_lr: float = 1e-3
     rl_group_size: int = 16
-    reheat_steps: int = 120
+    reheat_steps: int = 200
     eval_samples: int = 32
+    phrasings: int = 4  # each target asked four ways: held-out prompts are new phrasings of trained targets
+    arch: str = "qwen3"
     seed: int = 0
 
 
 FULL = DemoSize()
-QUICK = DemoSize(sft_steps=800, rl_steps=150, reheat_steps=60, eval_samples=16)
+QUICK = DemoSize(sft_steps=800, rl_steps=150, reheat_steps=80, eval_samples=16)
 
 
 def _build_sft(path: Path, size: DemoSize) -> None:
     from tsopsd.lab.sumtask import build_task_model, build_task_tokenizer, train_sft
 
-    tok = build_task_tokenizer()
-    model = build_task_model(tok, seed=size.seed)
-    losses = train_sft(model, tok, steps=size.sft_steps, seed=size.seed)
+    tok = build_task_tokenizer(phrasings=size.phrasings)
+    model = build_task_model(tok, seed=size.seed, arch=size.arch)
+    losses = train_sft(model, tok, steps=size.sft_steps, seed=size.seed, phrasings=size.phrasings)
     with atomic_output(path, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
@@ -60,12 +62,11 @@ def _build_sft(path: Path, size: DemoSize) -> None:
 
 def _build_collapsed(sft: Path, path: Path, prompts_file: Path, size: DemoSize) -> None:
     from tsopsd.lab.grpo import grpo
-    from tsopsd.lab.sumtask import TARGETS, is_correct
     from tsopsd.prompts import load_prompts
 
     ck = load_checkpoint(sft, device="cpu")
     prompts = load_prompts(prompts_file, ck.tokenizer)
-    history = grpo(ck.model, ck.tokenizer, prompts, lambda i, t: is_correct(TARGETS[i], t), steps=size.rl_steps,
+    history = grpo(ck.model, ck.tokenizer, prompts, verifier(prompts), steps=size.rl_steps,
                    lr=size.rl_lr, group_size=size.rl_group_size, seed=size.seed)
     with atomic_output(path, overwrite=True) as tmp:
         ck.model.save_pretrained(str(tmp))
@@ -73,18 +74,26 @@ def _build_collapsed(sft: Path, path: Path, prompts_file: Path, size: DemoSize) 
         (tmp / "rl_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
 
-def _reheat(collapsed: Path, path: Path, prompts_file: Path, size: DemoSize, show_progress: bool) -> None:
+def _reheat(sft: Path, collapsed: Path, path: Path, prompts_file: Path, size: DemoSize, show_progress: bool) -> None:
     from tsopsd.config import load_config
     from tsopsd.reheat import reheat
 
     cfg = load_config(CONFIG, {"model.path": str(collapsed), "data.prompts": str(prompts_file), "output.out": str(path),
-                               "train.steps": size.reheat_steps, "seed": size.seed, "output.overwrite": True})
+                               "teacher.target_entropy_from": str(sft), "train.steps": size.reheat_steps,
+                               "seed": size.seed, "output.overwrite": True})
     reheat(cfg, show_progress=show_progress)
+
+
+def verifier(prompts):
+    """(prompt index, completion) -> correct, for the task's `prompts` in file order."""
+    from tsopsd.lab.sumtask import is_correct, parse_target
+
+    targets = [parse_target(p.text) for p in prompts]
+    return lambda i, text: is_correct(targets[i], text)
 
 
 def evaluate(folders: dict[str, Path], prompts_file: Path, reference: Path, *, samples: int, seed: int) -> dict:
     """Measure each checkpoint on the task's prompts against `reference` (the collapsed model)."""
-    from tsopsd.lab.sumtask import TARGETS, is_correct
     from tsopsd.metrics import measure
     from tsopsd.prompts import load_prompts
 
@@ -94,9 +103,27 @@ def evaluate(folders: dict[str, Path], prompts_file: Path, reference: Path, *, s
         ck = load_checkpoint(folder, device="cpu")
         prompts = load_prompts(prompts_file, ck.tokenizer)
         results[name] = measure(ck.model, ck.tokenizer, prompts, reference=ref, samples_per_prompt=samples,
-                                max_new_tokens=8, seed=seed + 1, verifier=lambda i, t: is_correct(TARGETS[i], t),
+                                max_new_tokens=8, seed=seed + 1, verifier=verifier(prompts),
                                 keep_token_entropy=True)
     return results
+
+
+def build_models(out: str | Path, size: DemoSize = FULL) -> tuple[Path, Path, Path]:
+    """Stages 1 and 2 (each skipped when its folder exists): (SFT folder, collapsed folder, prompt file)."""
+    from tsopsd.lab.sumtask import write_prompts
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(size.seed)
+    prompts_file = write_prompts(out / "prompts.jsonl", phrasings=size.phrasings)
+    sft, collapsed = out / "sft", out / "collapsed"
+    if not sft.is_dir():
+        log.info("1/3 SFT on diverse correct answers (%d steps) -> %s", size.sft_steps, sft)
+        _build_sft(sft, size)
+    if not collapsed.is_dir():
+        log.info("2/3 GRPO until entropy collapses (%d steps) -> %s", size.rl_steps, collapsed)
+        _build_collapsed(sft, collapsed, prompts_file, size)
+    return sft, collapsed, prompts_file
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, fresh: bool = False,
@@ -106,25 +133,15 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, fresh: bool 
     Returns:
         {"results": {name: measure result}, "pictures": [paths], "charts": text or None, "out": str}
     """
-    from tsopsd.lab.sumtask import write_prompts
-
     size = QUICK if quick else FULL
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(size.seed)
-    prompts_file = write_prompts(out / "prompts.jsonl")
-    sft, collapsed, reheated = out / "sft", out / "collapsed", out / "reheated"
-    if not sft.is_dir():
-        log.info("1/3 SFT on diverse correct answers (%d steps) -> %s", size.sft_steps, sft)
-        _build_sft(sft, size)
-    if not collapsed.is_dir():
-        log.info("2/3 GRPO until entropy collapses (%d steps) -> %s", size.rl_steps, collapsed)
-        _build_collapsed(sft, collapsed, prompts_file, size)
+    sft, collapsed, prompts_file = build_models(out, size)
+    reheated = out / "reheated"
     if not reheated.is_dir():
         log.info("3/3 reheat with %s (%d steps) -> %s", CONFIG.name, size.reheat_steps, reheated)
-        _reheat(collapsed, reheated, prompts_file, size, show_progress)
+        _reheat(sft, collapsed, reheated, prompts_file, size, show_progress)
     log.info("measuring the three checkpoints (%d samples per prompt)", size.eval_samples)
     results = evaluate({"sft": sft, "collapsed": collapsed, "reheated": reheated}, prompts_file, collapsed,
                        samples=size.eval_samples, seed=size.seed)

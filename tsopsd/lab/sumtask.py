@@ -20,10 +20,19 @@ from tsopsd.lab.tiny import build_tokenizer, model_config
 
 TARGETS = tuple(range(4, 21))
 ANSWER = re.compile(r"^\s*(\d+) (\d+)\s*$")
+# Ways to ask for the same thing. With several, a prompt held out of training is a new phrasing of a
+# target the model is trained on (as a held-out problem is a new problem of a kind it trains on);
+# with one, every prompt is a target of its own.
+PHRASINGS = ("sum {} =", "add to {} =", "split {} =", "pair for {} =")
 
 
-def prompt_text(target: int) -> str:
-    return f"sum {target} ="
+def prompt_text(target: int, phrasing: int = 0) -> str:
+    return PHRASINGS[phrasing].format(target)
+
+
+def task_prompts(targets=TARGETS, phrasings: int = 1) -> list[str]:
+    """Every target in each of the first `phrasings` phrasings, phrasing by phrasing."""
+    return [prompt_text(t, k) for k in range(phrasings) for t in targets]
 
 
 def answers(target: int) -> list[str]:
@@ -31,7 +40,7 @@ def answers(target: int) -> list[str]:
 
 
 def parse_target(prompt: str) -> int:
-    return int(prompt.split()[1])
+    return int(re.search(r"\d+", prompt)[0])
 
 
 def is_correct(target: int, completion: str) -> bool:
@@ -40,19 +49,19 @@ def is_correct(target: int, completion: str) -> bool:
     return bool(m) and int(m[1]) > 0 and int(m[2]) > 0 and int(m[1]) + int(m[2]) == target
 
 
-def task_texts() -> list[str]:
+def task_texts(phrasings: int = 1) -> list[str]:
     """Every prompt with every correct answer, for training the task's tokenizer."""
-    return [prompt_text(t) + a for t in range(0, 40) for a in answers(max(t, 2))]
+    return [prompt_text(t, k) + a for k in range(phrasings) for t in range(0, 40) for a in answers(max(t, 2))]
 
 
-def build_task_tokenizer(out: str | Path | None = None):
-    return build_tokenizer(out, vocab_size=320, texts=task_texts() * 3, chat_template=False)
+def build_task_tokenizer(out: str | Path | None = None, *, phrasings: int = 1):
+    return build_tokenizer(out, vocab_size=320, texts=task_texts(phrasings) * 3, chat_template=False)
 
 
-def build_task_model(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2):
+def build_task_model(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2, arch: str = "qwen3"):
     from transformers import AutoModelForCausalLM
 
-    cfg = model_config("qwen3", len(tokenizer), hidden=hidden, layers=layers, heads=4, eos_id=tokenizer.eos_token_id,
+    cfg = model_config(arch, len(tokenizer), hidden=hidden, layers=layers, heads=4, eos_id=tokenizer.eos_token_id,
                        max_positions=64)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -61,25 +70,28 @@ def build_task_model(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int 
     return model
 
 
-def _examples(tokenizer, targets, answers_per_target: int | None, rng: random.Random):
+def _examples(tokenizer, targets, answers_per_target: int | None, rng: random.Random, phrasings: int = 1):
     """(prompt ids, completion ids incl. EOS) pairs; `answers_per_target` limits each target's answers."""
     out = []
+    chosen = {}  # a target's answers are the same in every phrasing (a collapsed model prefers an answer, not a wording)
     for t in targets:
-        choices = answers(t)
+        chosen[t] = answers(t)
         if answers_per_target is not None:
-            choices = rng.sample(choices, min(answers_per_target, len(choices)))
-        for a in choices:
-            p = tokenizer(prompt_text(t))["input_ids"]
+            chosen[t] = rng.sample(chosen[t], min(answers_per_target, len(chosen[t])))
+    for k, t in ((k, t) for k in range(phrasings) for t in targets):
+        for a in chosen[t]:
+            p = tokenizer(prompt_text(t, k))["input_ids"]
             c = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             out.append((p, c))
     return out
 
 
 def train_sft(model, tokenizer, *, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-              answers_per_target: int | None = None, targets=TARGETS) -> list[float]:
-    """Plain next-token training on completions only. Returns the loss per step."""
+              answers_per_target: int | None = None, targets=TARGETS, phrasings: int = 1) -> list[float]:
+    """Plain next-token training on completions only (every target in `phrasings` phrasings). Returns the
+    loss per step."""
     rng = random.Random(seed)
-    data = _examples(tokenizer, targets, answers_per_target, rng)
+    data = _examples(tokenizer, targets, answers_per_target, rng, phrasings)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pad = tokenizer.eos_token_id
     losses = []
@@ -104,19 +116,20 @@ def train_sft(model, tokenizer, *, steps: int = 300, batch_size: int = 64, lr: f
     return losses
 
 
-def build_collapsed_checkpoint(out: str | Path, *, seed: int = 0, steps: int = 150):
-    """A small model trained on one answer per target: accurate, near-deterministic. Saved to `out`."""
-    tok = build_task_tokenizer()
-    model = build_task_model(tok, seed=seed)
-    train_sft(model, tok, steps=steps, answers_per_target=1, seed=seed)
+def build_collapsed_checkpoint(out: str | Path, *, seed: int = 0, steps: int = 150, arch: str = "qwen3",
+                               phrasings: int = 1):
+    """A small model trained on one answer per prompt: accurate, near-deterministic. Saved to `out`."""
+    tok = build_task_tokenizer(phrasings=phrasings)
+    model = build_task_model(tok, seed=seed, arch=arch)
+    train_sft(model, tok, steps=steps, answers_per_target=1, seed=seed, phrasings=phrasings)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return model, tok
 
 
-def write_prompts(path: str | Path, targets=TARGETS) -> Path:
+def write_prompts(path: str | Path, targets=TARGETS, *, phrasings: int = 1) -> Path:
     import json
 
     path = Path(path)
-    path.write_text("".join(json.dumps({"prompt": prompt_text(t)}) + "\n" for t in targets))
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in task_prompts(targets, phrasings)))
     return path
