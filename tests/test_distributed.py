@@ -54,6 +54,7 @@ def two_ranks_and_one_process(collapsed, tmp_path, name, args, *, launch=(), wei
     for a, b in zip(md, ms):
         assert a["train/tokens"] == b["train/tokens"]  # the same completions were sampled
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6)
+        assert a["train/tau"] == pytest.approx(b["train/tau"], rel=1e-5)  # a target is solved on all ranks' tokens
     wd, ws = load_file(tmp_path / name / weights), load_file(tmp_path / "one" / weights)
     assert set(wd) == set(ws) and len(ws) > 0
     assert all(torch.allclose(wd[k], ws[k], atol=1e-5) for k in ws)
@@ -61,7 +62,8 @@ def two_ranks_and_one_process(collapsed, tmp_path, name, args, *, launch=(), wei
 
 
 def test_two_ranks_match_one_process(collapsed, tmp_path):
-    md, ms = two_ranks_and_one_process(collapsed, tmp_path, "ddp", COMMON)
+    md, ms = two_ranks_and_one_process(collapsed, tmp_path, "ddp", [*COMMON, "--target-entropy", "0.35"])
+    assert len({m["train/tau"] for m in md}) == len(md)  # tau re-solved on every step
     for a, b in zip(md, ms):
         assert a["train/student_entropy"] == pytest.approx(b["train/student_entropy"], rel=1e-4)
     # one output, written by rank 0, loadable like any other
@@ -96,7 +98,7 @@ def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
 def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
     """FSDP2 (layers and trunk sharded, LM head replicated) on CPU/gloo gives the single-process result."""
     args = [*COMMON, "--mode", mode, "--lr", "3e-4" if mode == "full" else "2e-3",
-            "--save", "merged" if mode == "full" else "adapter"]
+            "--save", "merged" if mode == "full" else "adapter", "--target-entropy", "0.35"]
     two_ranks_and_one_process(collapsed, tmp_path, "fsdp", args, launch=("--parallel", "fsdp"),
                               weights="model.safetensors" if mode == "full" else "adapter_model.safetensors")
     if mode == "lora":  # the adapter of a sharded run loads with plain peft, base pointing at the input

@@ -288,7 +288,7 @@ STEPS = 4
 def fault_args(world, out):
     return ["reheat", world / "ckpt", "--prompts", world / "prompts.jsonl", "--out", out, "--config", TINY,
             "--steps", STEPS, "--set", "output.save_every=2", "--set", "output.eval_prompts=2",
-            "--set", "stop.entropy_tolerance=0", "--debug"]
+            "--set", "stop.entropy_tolerance=0", "--target-entropy", "0.35", "--debug"]  # tau re-solved every step
 
 
 # moment: how the test finds it (a line the run prints, or a file it writes) and how long it waits after
@@ -354,9 +354,21 @@ def recover(world, row: dict, reference: dict) -> dict:
     row["stderr"] = rec.stderr[-2000:]
     weights = load_file(out / "model.safetensors") if complete(out) else {}
     row["equal to uninterrupted"] = bool(weights) and weights.keys() == reference.keys() and all(
-        torch.equal(weights[k], reference[k]) for k in reference)
+        torch.equal(weights[k], reference[k]) for k in reference) and taus(out) == taus(reference_out(row))
     row["leftovers"] = leftovers(out)
     return row
+
+
+def taus(out: Path) -> list[float]:
+    """The run's tau, step by step (re-solved on each step's rollouts), as metrics.jsonl and the report give it."""
+    report = json.loads((out / "reheat_report.json").read_text()) if complete(out) else {}
+    steps = [json.loads(line)["train/tau"] for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if complete(out) else None
+    return steps if steps == report.get("teacher_temperature_over_run") else None
+
+
+def reference_out(row: dict) -> Path:
+    return row["out"].parent.parent / "reference" / "o"
 
 
 def test_signals_at_every_moment_lose_nothing(world, tmp_path):

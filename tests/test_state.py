@@ -11,7 +11,7 @@ from tsopsd.state import STATE_FILE, RunState, interrupts
 
 
 def test_run_state_round_trips_every_field(tmp_path):
-    state = RunState(next_step=7, tau=1.37, tau_source="target_entropy", before={"entropy": {"mean": 0.2}},
+    state = RunState(next_step=7, tau=1.37, tau_source="target_entropy", target=0.5, before={"entropy": {"mean": 0.2}},
                      world_size=2, config={"seed": 3}, stop={"window": [(0.1, 0.3)], "last_good_step": 6},
                      scheduler={"last_epoch": 7}, trainable={"trainable": {"w": torch.arange(3.0)}},
                      stop_reason=None, kept_step=None)
@@ -35,7 +35,7 @@ def test_a_state_file_of_another_shape_is_refused(tmp_path):
 def test_save_removes_sharded_folders_it_no_longer_names(tmp_path):
     for name in ("sharded-1", "sharded-2"):
         (tmp_path / name).mkdir()
-    RunState(0, 1.5, "temperature", None, 1, {}, trainable={"folder": "sharded-2"}).save(tmp_path)
+    RunState(0, 1.5, "temperature", None, None, 1, {}, trainable={"folder": "sharded-2"}).save(tmp_path)
     assert [p.name for p in tmp_path.glob("sharded-*")] == ["sharded-2"]
 
 
