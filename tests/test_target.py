@@ -164,7 +164,7 @@ def demo_collapsed(quick_demo):
     out, _ = quick_demo
     train, held = _split(out / "prompts.jsonl", out)
     return {"collapsed": out / "collapsed", "train": train, "held": held, "settings": {
-        "train.steps": 150, "output.eval_prompts": 0, "stop.entropy_tolerance": 0.01}}  # stops once converged on it
+        "train.lr": 1e-3, "train.steps": 150, "output.eval_prompts": 0, "stop.entropy_tolerance": 0.01}}
 
 
 @pytest.mark.slow
