@@ -82,12 +82,18 @@ def entropy_and_slope(logits: torch.Tensor, temperature: float) -> tuple[torch.T
     return h, var / temperature
 
 
-def mean_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], temperature: float = 1.0,
-                 *, chunk_size: int = 1024) -> float:
-    """Mean entropy of softmax(head(hidden) / T) over the rows of (N, D) `hidden`, one chunk of logits at a time."""
-    total = sum(float(entropy(head(hidden[s:s + chunk_size]), temperature).sum())
-                for s in range(0, hidden.shape[0], chunk_size))
-    return total / max(hidden.shape[0], 1)
+def entropy_sums(parts: list[torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor], temperature: float,
+                 *, chunk_size: int = 1024) -> list[float]:
+    """[sum of H, sum of dH/dT, rows] of softmax(head(h) / T) over the rows of (n, D) hidden `parts`,
+    one chunk of logits at a time; the sums in float64 (lists of floats add across processes)."""
+    sums = [0.0, 0.0, 0.0]
+    for hidden in parts:
+        for c in range(0, hidden.shape[0], chunk_size):
+            h, slope = entropy_and_slope(head(hidden[c:c + chunk_size]), temperature)
+            sums[0] += float(h.double().sum())
+            sums[1] += float(slope.double().sum())
+            sums[2] += h.shape[0]
+    return sums
 
 
 @dataclass(frozen=True)
@@ -155,11 +161,8 @@ def temperature_for_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor],
         return None
 
     def mean_h(t: float) -> tuple[float, float]:
-        h = s = 0.0
-        for c in range(0, hidden.shape[0], chunk_size):
-            hc, sc = entropy_and_slope(head(hidden[c:c + chunk_size]), t)
-            h, s = h + float(hc.double().sum()), s + float(sc.double().sum())
-        return h / hidden.shape[0], s / hidden.shape[0]
+        h, slope, n = entropy_sums([hidden], head, t, chunk_size=chunk_size)
+        return h / n, slope / n
 
     found = solve_increasing(mean_h, target, start=start, low=low, high=high, tol=tol)
     return found.x if found.reached else None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
-from tsopsd.distributions import Solution, entropy_and_slope, entropy_sum_float64, solve_increasing
+from tsopsd.distributions import Solution, entropy_sum_float64, entropy_sums, solve_increasing
 from tsopsd.errors import TsopsdError
 from tsopsd.scoring import Scorer
 
@@ -49,19 +49,14 @@ def solve_temperature(teacher: Scorer, hidden: list[torch.Tensor | None], target
         target was reached (False: it lies outside tau in `TAU_RANGE`; tau is the nearer bound).
     """
     parts = [h for h in hidden if h is not None]
-    step = chunk_size or 1024
 
     @torch.no_grad()
     def mean_and_slope(tau: float) -> tuple[float, float]:
-        sums = [0.0, 0.0, 0.0]  # entropy, dH/dtau, tokens
-        for h in parts:
-            for c in range(0, h.shape[0], step):
-                e, s = entropy_and_slope(teacher.logits(h[c:c + step]), tau)
-                sums[0] += float(e.double().sum())
-                sums[1] += float(s.double().sum())
-                sums[2] += e.shape[0]
-        h_sum, s_sum, n = total(sums) if total is not None else sums
-        return h_sum / max(n, 1), s_sum / max(n, 1)
+        sums = entropy_sums(parts, teacher.logits, tau, chunk_size=chunk_size or 1024)
+        h, slope, n = total(sums) if total is not None else sums
+        if not n:  # no completion tokens anywhere: nothing to solve on, tau stays where it starts
+            return target, 1.0
+        return h / n, slope / n
 
     return solve_increasing(mean_and_slope, target, start=start, low=TAU_RANGE[0], high=TAU_RANGE[1],
                             tol=tol * max(target, 1e-6), max_iter=max_iter)
