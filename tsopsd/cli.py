@@ -304,11 +304,11 @@ def reheat(
         if rank != 0:
             return
         columns = {"before": report["before"], "after": report["after"]} if report["before"] else {}
-        target, taus = report["target_entropy"], report["teacher_temperature_over_run"]
-        tau = f"tau={report['teacher_temperature']:.3f}" if target is None else \
-            f"target {target:.4f} nats, tau {min(taus, default=0):.3f}-{max(taus, default=0):.3f}"
+        from tsopsd.output import teacher_line
+
         _emit(report, as_json=as_json, out=None,
-              table=lambda: metrics_table(columns, target=target, title=f"tsopsd reheat: {tau}, "
+              table=lambda: metrics_table(columns, target=report["target_entropy"],
+                                          title=f"tsopsd reheat: {teacher_line(report, 3)}, "
                                           f"{report['steps_run']} steps, {report['stop_reason']}; held-out prompts"))
 
     _run(body, debug=debug)
@@ -434,11 +434,11 @@ def demo(
             return
         report = summary["reheat_report"]
         con = Console()
-        taus, target = report["teacher_temperature_over_run"], report["target_entropy"]
-        con.print(metrics_table(summary["results"], target=target, title=(
-            f"tsopsd demo: SFT -> GRPO-collapsed -> reheated to the SFT model's entropy {target:.3f} "
-            f"(tau {min(taus, default=0):.2f}-{max(taus, default=0):.2f}, {report['steps_run']} steps); "
-            "all prompts; reference for KL/agreement: the collapsed model")))
+        from tsopsd.output import teacher_line
+
+        con.print(metrics_table(summary["results"], target=report["target_entropy"], title=(
+            f"tsopsd demo: SFT -> GRPO-collapsed -> reheated to the SFT model's entropy: {teacher_line(report, 2)}, "
+            f"{report['steps_run']} steps; all prompts; reference for KL/agreement: the collapsed model")))
         if summary["charts"]:
             con.print(summary["charts"], highlight=False)
         for picture in summary["pictures"]:

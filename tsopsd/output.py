@@ -29,21 +29,25 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
+def teacher_line(report: dict, digits: int = 4) -> str:
+    """How the report's teacher was heated: its fixed tau, or the target and the range tau moved in."""
+    taus, target = report.get("teacher_temperature_over_run") or [], report.get("target_entropy")
+    if target is None:
+        return f"teacher temperature tau = {report['teacher_temperature']:.{digits}f}"
+    moved = f" (tau re-solved every step: {min(taus):.{digits}f} to {max(taus):.{digits}f})" if taus else ""
+    return f"target entropy {target:.4f} nats{moved}"
+
+
 def model_card(report: dict) -> str:
     """The output's README.md: what was done, and entropy before and after."""
     b, a = report.get("before") or {}, report.get("after") or {}
     ent = lambda r: f"{r['entropy']['mean']:.4f}" if r else "n/a"  # noqa: E731
     agree = a.get("reference", {}).get("top1_agreement") if a else None
-    taus = report.get("teacher_temperature_over_run") or []
-    target = report.get("target_entropy")
-    tau = f"teacher temperature tau = {report['teacher_temperature']:.4f}" if target is None else (
-        f"target entropy {target:.4f} nats (tau re-solved every step: {min(taus):.4f} to {max(taus):.4f})"
-        if taus else f"target entropy {target:.4f} nats")
     return (
         "---\nlibrary_name: transformers\ntags: [tsopsd, reheated]\n---\n\n"
         f"# Reheated with tsopsd {__version__}\n\n"
         f"Input checkpoint: `{report['input']}`. Method: TS-OPSD (temperature-scaled on-policy self-distillation), "
-        f"{tau}, divergence `{report['divergence']}`, "
+        f"{teacher_line(report)}, divergence `{report['divergence']}`, "
         f"mode `{report['mode']}`, {report['steps_run']} steps (stopped: {report['stop_reason']}).\n\n"
         f"| | before | after |\n|---|---|---|\n| mean token entropy (nats, held-out prompts) | {ent(b)} | {ent(a)} |\n"
         f"| top-1 agreement with input | 1.000 | {agree if agree is None else f'{agree:.3f}'} |\n\n"

@@ -69,13 +69,12 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
     mb = cfg.train.micro_batch
     clock = _Clock(policy.teacher.device, timings)
     workspace = Workspace()  # chunk x V buffers shared by all micro-batches of the step
-    given = teacher_hidden  # emptied as the step goes: each micro-batch's states are freed after it
     for i, s in enumerate(range(0, rollout.input_ids.shape[0], mb)):
         part = rollout.rows(s, s + mb)
         if skip_empty and not part.completion_mask.any():
             continue
-        if given is not None:
-            hidden, given[i] = given[i], None
+        if teacher_hidden is not None:  # emptied as the step goes: each micro-batch's states freed after it
+            hidden, teacher_hidden[i] = teacher_hidden[i], None
         else:
             with clock("teacher"), torch.no_grad():
                 hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
