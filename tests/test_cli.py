@@ -26,6 +26,7 @@ def test_measure_entropy_json_is_one_object(ckpt, prompts_file, tmp_path):
     m = obj["metrics"]
     assert m["prompts"] == 3 and m["samples_per_prompt"] == 2
     assert m["reference"]["top1_agreement"] == 1.0
+    assert m["reference"]["layers"]["cosine"] == pytest.approx([1.0, 1.0], abs=1e-6)  # the same model, 2 layers
     assert obj["device"] == "cpu" and obj["dtype"] == "float32"
 
 

@@ -16,7 +16,7 @@ from tsopsd.distributions import (
     topk_overlap,
 )
 from tsopsd.lab.tiny import sharpen_
-from tsopsd.metrics import distinct_n, measure, score_rollout, sequence_stats
+from tsopsd.metrics import distinct_n, layer_similarity, measure, score_rollout, sequence_stats
 from tsopsd.prompts import Prompt
 from tsopsd.rollout import sample_rollouts
 
@@ -147,7 +147,8 @@ def test_all_masked_batch_gives_zeros_not_nan(rollout_and_model):
     r2.completion_mask = torch.zeros_like(r.completion_mask)
     s = score_rollout(ck.model, r2, reference=ck.model)
     assert s["tokens"] == 0
-    flat = [s["entropy"]["mean"], s["top1_prob"], *[v for v in s["reference"].values() if v is not None]]
+    flat = [s["entropy"]["mean"], s["top1_prob"],
+            *[v for k, v in s["reference"].items() if v is not None and k != "layers"]]
     assert all(v == 0.0 for v in flat)
 
 
@@ -174,3 +175,80 @@ def test_measure_end_to_end_fields(rollout_and_model):
                 "distinct_2", "unique_completion_rate", "tokens"):
         assert key in m
     assert m["entropy_at_sampling_temperature"] < m["entropy"]["mean"]  # T<1 sharpens
+
+
+# ---- per-layer similarity to a reference -------------------------------------------------------------
+
+def ref_cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def ref_cka(xs, ys):
+    """Linear CKA by its HSIC definition: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H)), H = I - 11'/n."""
+    n = len(xs)
+    gram = lambda rows: [[sum(a * b for a, b in zip(r, s)) for s in rows] for r in rows]  # noqa: E731
+    centre = lambda k: [[k[i][j] - sum(k[i]) / n - sum(r[j] for r in k) / n + sum(map(sum, k)) / n ** 2  # noqa: E731
+                         for j in range(n)] for i in range(n)]
+    k, m = centre(gram(xs)), centre(gram(ys))
+    hsic = lambda p, q: sum(p[i][j] * q[i][j] for i in range(n) for j in range(n))  # noqa: E731
+    return hsic(k, m) / math.sqrt(hsic(k, k) * hsic(m, m))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_layer_states_are_each_layers_output_at_the_final_position(ckpts, arch):
+    """The hooks record what `output_hidden_states` gives for every layer but the last (whose entry there
+    is after the final norm), at each row's last real token."""
+    from tsopsd.scoring import completion_hidden, final_positions
+
+    ck = load_checkpoint(ckpts[arch], device="cpu")
+    prompts = [Prompt(t, tuple(ck.tokenizer(t)["input_ids"])) for t in ["the cat", "one two three four five"]]
+    r = sample_rollouts(ck.model, ck.tokenizer, prompts, samples_per_prompt=3, max_new_tokens=6, seed=1)
+    states = []
+    completion_hidden(ck.model, r, micro_batch=4, layer_states=states)
+    states = torch.cat(states)
+    assert states.shape[:2] == (6, 2)
+    with torch.no_grad():
+        out = ck.model(input_ids=r.input_ids, attention_mask=r.attention_mask, output_hidden_states=True,
+                       position_ids=(r.attention_mask.cumsum(-1) - 1).clamp_min(0))
+    last = [max(j for j in range(r.attention_mask.shape[1]) if r.attention_mask[i, j]) for i in range(6)]
+    assert final_positions(r.attention_mask).tolist() == last
+    expect = torch.stack([out.hidden_states[1][i, j] for i, j in enumerate(last)])
+    assert torch.allclose(states[:, 0], expect, atol=1e-5)
+
+
+def test_layer_similarity_matches_plain_float64():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, 5, generator=g)
+    y = x + 0.7 * torch.randn(7, 3, 5, generator=g)
+    got = layer_similarity(x, y)
+    for layer in range(3):
+        a, b = x[:, layer].double().tolist(), y[:, layer].double().tolist()
+        assert got["cosine"][layer] == pytest.approx(sum(ref_cosine(u, v) for u, v in zip(a, b)) / 7, abs=1e-12)
+        assert got["linear_cka"][layer] == pytest.approx(ref_cka(a, b), abs=1e-12)
+    # CKA is blind to rotation and scale; cosine is not.
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    turned = layer_similarity(x.double(), 3 * x.double() @ q)
+    assert turned["linear_cka"] == pytest.approx([1.0] * 3, abs=1e-12)
+    assert max(turned["cosine"]) < 0.99
+    assert layer_similarity(x[:1], x[:1])["linear_cka"] == [None] * 3  # one sequence: nothing to compare across
+    assert layer_similarity(x, x[:, :2]) is None
+
+
+def test_layer_similarity_is_one_for_the_same_model_and_shows_the_perturbed_layer(ckpt, rollout_and_model):
+    ck, r = rollout_and_model
+    same = score_rollout(ck.model, r, reference=ck.model)["reference"]["layers"]
+    assert same["cosine"] == pytest.approx([1.0, 1.0], abs=1e-9)
+    assert same["linear_cka"] == pytest.approx([1.0, 1.0], abs=1e-9)
+    for hit in (0, 1):
+        other = load_checkpoint(ckpt, device="cpu").model
+        with torch.no_grad():
+            layer = other.model.layers[hit]
+            layer.mlp.down_proj.weight.add_(torch.randn_like(layer.mlp.down_proj.weight) * 0.5)
+        got = score_rollout(ck.model, r, reference=other)["reference"]["layers"]
+        for i in range(2):
+            if i < hit:  # layers before the perturbed one see exactly the same inputs
+                assert got["cosine"][i] == pytest.approx(1.0, abs=1e-9)
+                assert got["linear_cka"][i] == pytest.approx(1.0, abs=1e-9)
+            else:
+                assert got["cosine"][i] < 0.999 and got["linear_cka"][i] < 0.999

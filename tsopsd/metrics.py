@@ -84,6 +84,34 @@ def token_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None = None,
     return out
 
 
+# ---- representations ------------------------------------------------------------------------------
+
+def layer_similarity(states: torch.Tensor, ref_states: torch.Tensor) -> dict | None:
+    """Per-layer similarity of two models' hidden states on the same sequences, in float64.
+
+    Args:
+        states, ref_states: (n, L, D) each decoder layer's output at each sequence's final position.
+
+    Returns:
+        ``cosine``: per layer, the mean over sequences of cos(h_model, h_ref) (1.0 = same direction);
+        ``linear_cka``: per layer, linear CKA across the n sequences (Kornblith et al. 2019), 1.0 when the
+        two sets of states are the same up to rotation and scale; null with fewer than 2 sequences or
+        states that do not vary. None when the layer counts or widths differ.
+    """
+    if states.shape != ref_states.shape or states.ndim != 3:
+        return None
+    x, y = states.double(), ref_states.double()
+    cosine = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-30).mean(0)  # (L,)
+    cka = []
+    for layer in range(x.shape[1]):
+        a = x[:, layer] - x[:, layer].mean(0)
+        b = y[:, layer] - y[:, layer].mean(0)
+        k, m = a @ a.T, b @ b.T
+        norms = k.norm() * m.norm()
+        cka.append(float((k * m).sum() / norms) if x.shape[0] > 1 and norms > 0 else None)
+    return {"cosine": [float(c) for c in cosine], "linear_cka": cka}
+
+
 # Effective temperature is found on at most this many positions (seeded subsample) to bound its cost.
 MAX_EFFECTIVE_T_POSITIONS = 16384
 
@@ -96,11 +124,15 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
     `model` and `reference` are modules or `Scorer`s (a Scorer can view a PEFT model's base).
 
     Returns a dict with ``entropy`` (summary at T=1), ``entropy_at_sampling_temperature``,
-    ``top1_prob``, ``tokens`` and, with a reference, a ``reference`` dict.
+    ``top1_prob``, ``tokens`` and, with a reference, a ``reference`` dict (its ``layers`` from
+    `layer_similarity`, on the final position of every rollout row).
     """
     model, reference = as_scorer(model), (as_scorer(reference) if reference is not None else None)
-    hidden = model.hidden(rollout, micro_batch=micro_batch)  # (N, D)
-    ref_hidden = reference.hidden(rollout, micro_batch=micro_batch) if reference is not None else None
+    layers = ([], []) if reference is not None else (None, None)  # per-layer final-position states
+    hidden = model.hidden(rollout, micro_batch=micro_batch, layer_states=layers[0])  # (N, D)
+    ref_hidden = None
+    if reference is not None:
+        ref_hidden = reference.hidden(rollout, micro_batch=micro_batch, layer_states=layers[1])
     per_token: dict[str, list[torch.Tensor]] = {}
     for s in range(0, hidden.shape[0], chunk_size):
         logits = model.logits(hidden[s:s + chunk_size])
@@ -133,6 +165,7 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
             sub = ref_hidden[torch.randperm(n, generator=g)[:MAX_EFFECTIVE_T_POSITIONS].to(ref_hidden.device)]
         ref["effective_temperature"] = temperature_for_entropy(
             sub, reference.logits, result["entropy"]["mean"], chunk_size=chunk_size)
+        ref["layers"] = layer_similarity(torch.cat(layers[0]), torch.cat(layers[1])) if layers[0] else None
         result["reference"] = ref
     return result
 

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
-from tsopsd.family import causal_lm, transform_logits
+from tsopsd.family import causal_lm, decoder_layers, transform_logits
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -35,20 +35,57 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return transform_logits(lm.config, lm.get_output_embeddings()(hidden).float())
 
 
-def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None) -> torch.Tensor:
+def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None,
+                      layer_states: list[torch.Tensor] | None = None) -> torch.Tensor:
     """(N, D) hidden states at the positions that predict each completion token.
 
     Args:
         micro_batch: rows per forward pass (None: all at once).
+        layer_states: when a list is given, one (rows, L, D) float32 tensor per micro-batch is appended
+            to it: every decoder layer's output at each row's final real position (see `final_positions`),
+            taken during the same forward pass. Only those positions are kept, so this costs rows x L x D.
     """
     mask = prediction_mask(rollout)
     B = rollout.input_ids.shape[0]
     step = micro_batch or B
     parts = []
     for s in range(0, B, step):
-        h = final_hidden(model, rollout.input_ids[s:s + step], rollout.attention_mask[s:s + step])
+        ids, attention = rollout.input_ids[s:s + step], rollout.attention_mask[s:s + step]
+        with _captured(model, final_positions(attention), layer_states):
+            h = final_hidden(model, ids, attention)
         parts.append(h[mask[s:s + step]])
     return torch.cat(parts, 0)
+
+
+def final_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) column of each row's last real token (its last completion token, EOS included when sampled)."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+@contextlib.contextmanager
+def _captured(model, columns: torch.Tensor, into: list[torch.Tensor] | None):
+    """While active, record each decoder layer's output at `columns` (one per row) and append (B, L, D) to `into`."""
+    if into is None:
+        yield
+        return
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(causal_lm(model)).__name__}")
+    rows = torch.arange(columns.shape[0])
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        seen.append(h[rows.to(h.device), columns.to(h.device)].detach().float().cpu())
+
+    handles = [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    into.append(torch.stack(seen, 1))
 
 
 class Scorer:
@@ -71,9 +108,11 @@ class Scorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def hidden(self, rollout: Rollout, *, micro_batch: int | None = None) -> torch.Tensor:
+    def hidden(self, rollout: Rollout, *, micro_batch: int | None = None,
+               layer_states: list[torch.Tensor] | None = None) -> torch.Tensor:
         with self._context():
-            return completion_hidden(self.model, rollout.to(self.device), micro_batch=micro_batch)
+            return completion_hidden(self.model, rollout.to(self.device), micro_batch=micro_batch,
+                                     layer_states=layer_states)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Switching a PEFT adapter off walks every module (~80 ms for a 36-layer model), and the loss

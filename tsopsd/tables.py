@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-# (label, path into a measure() result, format)
+# (label, path into a measure() result, format string or function of the value)
 ROWS = [
     ("mean token entropy (nats, T=1)", ("entropy", "mean"), "{:.4f}"),
     ("entropy p10 / p50 / p90", None, None),
@@ -25,6 +25,8 @@ ROWS = [
     ("top-5 overlap with ref", ("reference", "top5_overlap"), "{:.3f}"),
     ("top-10 overlap with ref", ("reference", "top10_overlap"), "{:.3f}"),
     ("effective temperature vs ref", ("reference", "effective_temperature"), "{:.3f}"),
+    ("hidden-state cosine vs ref, min / last layer", ("reference", "layers"),
+     lambda v: f"{min(v['cosine']):.3f} / {v['cosine'][-1]:.3f}"),
 ]
 
 
@@ -60,7 +62,7 @@ def metrics_table(columns: dict[str, dict], title: str | None = None, *, target:
         values = [_get(r, path) for r in columns.values()]
         if all(v is None for v in values):
             continue
-        table.add_row(label, *("–" if v is None else fmt.format(v) for v in values))
+        table.add_row(label, *("–" if v is None else fmt(v) if callable(fmt) else fmt.format(v) for v in values))
     return table
 
 
