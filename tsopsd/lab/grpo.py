@@ -11,6 +11,8 @@ advantage and teaches nothing.
 
 `sampling_temperature` > 1 gives "rollout-level reheating" (sample hotter, score at T=1 with the
 importance weight ignored, as verl and OpenRLHF do when users raise the rollout temperature).
+`entropy_coeff` > 0 adds an entropy bonus to the loss, -coeff x (mean full-vocabulary entropy over the
+step's completion tokens), as verl's `actor.entropy_coeff` does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tsopsd.scoring import completion_hidden, head_logits
 
 def grpo(model, tokenizer, prompts: Sequence[Prompt], verifier: Callable[[int, str], bool], *, steps: int = 60,
          prompts_per_step: int = 8, group_size: int = 8, max_new_tokens: int = 8, lr: float = 1e-3,
-         sampling_temperature: float = 1.0, seed: int = 0, parameters=None,
+         sampling_temperature: float = 1.0, entropy_coeff: float = 0.0, seed: int = 0, parameters=None,
          on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Run GRPO; returns one dict per step (reward, entropy, loss).
 
@@ -60,12 +62,14 @@ def grpo(model, tokenizer, prompts: Sequence[Prompt], verifier: Callable[[int, s
         lengths = rollout.completion_lengths.clamp_min(1).float()
         # Sequence-level policy gradient, each sequence's log-prob averaged over its tokens.
         loss = -(adv[row] * logp / lengths[row]).sum() / len(rewards)
+        token_entropy = entropy(logits)
+        if entropy_coeff:
+            loss = loss - entropy_coeff * token_entropy.mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            h = float(entropy(logits.detach()).mean())
+        h = float(token_entropy.detach().mean())
         record = {"step": step, "reward": float(rewards.mean()), "entropy": h, "loss": loss.item()}
         history.append(record)
         if on_step:

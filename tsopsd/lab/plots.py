@@ -87,3 +87,31 @@ def terminal_charts(curves: dict[str, list[float]], histograms: dict[str, list[f
         lines.append(f"  {name:>12} |" + "".join(BARS[0 if c == 0 else 1 + int(c / peak * (len(BARS) - 2))]
                                                   for c in counts) + f"| max {top:.2f} nats")
     return "\n".join(lines)
+
+
+def save_band_plot(path: Path, panels: dict[str, dict[str, tuple[list, list, list, list]]], *, title: str,
+                   xlabel: str = "continued GRPO step") -> Path:
+    """One row of panels; in each, per series a mean line and a shaded interval.
+
+    Args:
+        panels: {panel title: {series label: (x, mean, low, high)}}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, (x, mean, low, high) in series.items():
+            (line,) = ax.plot(x, mean, label=label, linewidth=1.4)
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -49,6 +49,19 @@ def is_correct(target: int, completion: str) -> bool:
     return bool(m) and int(m[1]) > 0 and int(m[2]) > 0 and int(m[1]) + int(m[2]) == target
 
 
+def larger_first(target: int, completion: str) -> bool:
+    """The shifted reward of the lab's second continuation: correct, and the first number is the larger.
+
+    Every target from 3 up has such answers (about half of its correct ones), so the reward is reachable
+    on every prompt; a collapsed model's favourite answer meets it on some prompts and misses on others.
+    """
+    m = ANSWER.match(completion)
+    return is_correct(target, completion) and int(m[1]) > int(m[2])
+
+
+REWARDS = {"same": is_correct, "shifted": larger_first}  # the lab's two continued-RL rewards
+
+
 def task_texts(phrasings: int = 1) -> list[str]:
     """Every prompt with every correct answer, for training the task's tokenizer."""
     return [prompt_text(t, k) + a for k in range(phrasings) for t in range(0, 40) for a in answers(max(t, 2))]
