@@ -1,6 +1,6 @@
 """The lab: does reheating give continued RL a better start? A toy-scale check of the paper's claims.
 
-    python bench/paper_toy.py --suite exploration            # ~15 min on 2 CPU cores (8 seeds)
+    python bench/paper_toy.py --suite exploration            # 13 min on 2 CPU cores (8 seeds, 2 jobs)
     python bench/paper_toy.py --suite exploration --quick    # ~2 min, 2 seeds: a smoke run, not evidence
     python bench/paper_toy.py --suite ablations              # the reheat itself: tau, divergence, LoRA vs full
 

@@ -234,6 +234,13 @@ def describe_checkpoints(paths: dict[str, Path], budget: Budget) -> dict:
     return out
 
 
+def _worker() -> None:
+    from tsopsd.console import setup_logging
+
+    setup_logging(quiet=True)  # no weight-loading bars from every run
+    torch.set_num_threads(1)
+
+
 def run_suite(work: str | Path, budget: Budget = SUITE, *, seeds: int = 8, quick: bool = False, jobs: int = 1,
               fresh: bool = False, on_done: Callable[[int, int, dict], None] | None = None) -> dict:
     """Build or reuse the checkpoints, run every (start, reward, seed), summarize. JSON-ready."""
@@ -257,8 +264,7 @@ def run_suite(work: str | Path, budget: Budget = SUITE, *, seeds: int = 8, quick
 
         # Tiny models spend their time in per-op overhead, not in maths: one thread per process, several
         # processes, is faster than one process with several threads.
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker) as pool:
             for future in as_completed([pool.submit(continued_rl, job) for job in todo]):
                 runs.append(future.result())
                 if on_done:
@@ -375,6 +381,17 @@ def curves(result: dict, reward: str) -> dict[str, dict[str, tuple[list, list, l
     return panels
 
 
+def _rounded(obj, digits: int = 5):
+    """`obj` with every float rounded (the per-step records of 80 runs are most of the JSON)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 def write_results(result: dict, out: str | Path, command: str) -> list[Path]:
     """results.json, results.md and one PNG per reward (when matplotlib is there) under `out`."""
     import json
@@ -384,7 +401,8 @@ def write_results(result: dict, out: str | Path, command: str) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
-    written[0].write_text(json.dumps({"command": command, "machine": machine(), **result}, indent=1) + "\n")
+    compact = _rounded({"command": command, "machine": machine(), **result})
+    written[0].write_text(json.dumps(compact, separators=(",", ":")) + "\n")
     written[1].write_text(markdown(result, command))
     if have_matplotlib():
         for reward in result["summary"]:
