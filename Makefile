@@ -17,11 +17,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Tests run in JOBS worker processes (at most 4) of one thread each: the tiny models spend their time in
+# per-operation overhead, so two one-thread workers do twice the work of one two-thread process. Tests that
+# share the quick demo's checkpoints run on one worker (xdist_group "quick_demo"), which builds them once.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup
+
 test: install
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(PYTEST) -m "not slow and not gpu"
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m "slow"
+	$(PYTEST) -m "slow"
 
 lint: install
 	$(BIN)/ruff check tsopsd tests bench

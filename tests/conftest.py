@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,11 +77,23 @@ def quick_demo(tmp_path_factory):
     return out, run_demo(out, quick=True, show_progress=False)
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The fault-injection report (tests/test_faults.py), whatever the outcome."""
-    import test_faults
+def pytest_configure(config):
+    # Reports that tests write for the end of the run (the fault-injection table): one file that the
+    # xdist workers, which inherit this environment, append to and the main process prints.
+    if "TSOPSD_TEST_REPORT" not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="tsopsd-test-report-", suffix=".txt")
+        os.close(fd)
+        os.environ["TSOPSD_TEST_REPORT"] = path
 
-    if test_faults.REPORT:
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The fault-injection report (tests/test_faults.py), whatever the outcome; in the main process only."""
+    if hasattr(config, "workerinput"):
+        return
+    path = Path(os.environ["TSOPSD_TEST_REPORT"])
+    text = path.read_text() if path.exists() else ""
+    path.unlink(missing_ok=True)
+    if text:
         terminalreporter.write_sep("-", "fault injection report")
-        for line in test_faults.REPORT:
+        for line in text.splitlines():
             terminalreporter.write_line(line)

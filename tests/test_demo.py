@@ -5,6 +5,8 @@ import pytest
 from tsopsd.lab.demo import run_demo
 from tsopsd.lab.plots import terminal_charts
 
+pytestmark = pytest.mark.xdist_group("quick_demo")  # one worker builds the quick demo for all its users
+
 
 @pytest.fixture(scope="module")
 def demo(quick_demo):

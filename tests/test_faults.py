@@ -34,7 +34,10 @@ from tsopsd.cli import app
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
 runner = CliRunner()
-REPORT: list[str] = []  # printed by conftest's terminal summary
+def report(lines: list[str]) -> None:
+    """Add lines to the report conftest prints at the end of the run (from any xdist worker)."""
+    with open(os.environ["TSOPSD_TEST_REPORT"], "a") as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 def tree_hash(*folders) -> str:
@@ -371,14 +374,17 @@ def reference_out(row: dict) -> Path:
     return row["out"].parent.parent / "reference" / "o"
 
 
-def test_signals_at_every_moment_lose_nothing(world, tmp_path):
+# SIGINT and SIGTERM share one handler (`state.interrupts`), so `make test` sends SIGTERM and SIGKILL at every
+# moment and `make test-slow` adds SIGINT at every moment.
+@pytest.mark.parametrize("signals_sent", [("SIGKILL", "SIGTERM"), pytest.param(("SIGINT",), marks=pytest.mark.slow)])
+def test_signals_at_every_moment_lose_nothing(world, tmp_path, signals_sent):
     """Every (moment, signal) pair: OUT absent or complete, input unchanged, recovery equals the uninterrupted run."""
     ref_out = tmp_path / "reference" / "o"
     p = cli(fault_args(world, ref_out))
     assert p.returncode == 0, p.stderr[-3000:]
     reference = load_file(ref_out / "model.safetensors")
     before = tree_hash(world)
-    cases = [(m, s) for m in MOMENTS for s in SIGNALS]
+    cases = [(m, s) for m in MOMENTS for s in signals_sent]
     with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: each run is mostly one core's start-up
         rows = list(pool.map(lambda c: interrupted_run(world, tmp_path, *c), cases))
     threads = torch.get_num_threads()
@@ -387,14 +393,15 @@ def test_signals_at_every_moment_lose_nothing(world, tmp_path):
         rows = [recover(world, row, reference) for row in rows]
     finally:
         torch.set_num_threads(threads)
-    REPORT.append("fault injection (tests/test_faults.py): moment x signal -> where it landed, what was left, recovery")
-    REPORT.append(f"  {'moment':<24} {'signal':<8} {'exit':>4}  {'landed in':<34} {'OUT after':<9} recovery -> result")
+    lines = ["fault injection (tests/test_faults.py): moment x signal -> where it landed, what was left, recovery",
+             f"  {'moment':<24} {'signal':<8} {'exit':>4}  {'landed in':<34} {'OUT after':<9} recovery -> result"]
     for row in rows:
         result = "equal, clean" if row["equal to uninterrupted"] and row["recovered"] and not row["leftovers"] else \
             f"FAILED {row['leftovers']}"
-        REPORT.append(f"  {row['moment']:<24} {row['signal']:<8} {row['exit']:>4}  {row['landed']:<34} "
-                      f"{row['out after signal']:<9} {row['recovery']} -> {result}")
-    assert tree_hash(world) == before  # the input, after 18 interrupted runs and their recoveries
+        lines.append(f"  {row['moment']:<24} {row['signal']:<8} {row['exit']:>4}  {row['landed']:<34} "
+                     f"{row['out after signal']:<9} {row['recovery']} -> {result}")
+    report(lines)
+    assert tree_hash(world) == before  # the input, after every interrupted run and its recovery
     for row in rows:
         assert row["signalled"], row
         assert row["out after signal"] in ("absent", "complete"), row

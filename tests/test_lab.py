@@ -66,7 +66,7 @@ def test_entropy_bonus_raises_grpo_entropy(collapsed):
     for coeff in (0.0, 0.5):
         ck = load_checkpoint(ckpt, device="cpu")
         prompts = load_prompts(prompts_file, ck.tokenizer)
-        history = grpo(ck.model, ck.tokenizer, prompts, lambda i, t: is_correct(parse_target(prompts[i].text), t),
+        history = grpo(ck.model, ck.tokenizer, prompts, lambda i, t, ps=prompts: is_correct(parse_target(ps[i].text), t),
                        steps=15, group_size=4, lr=3e-3, entropy_coeff=coeff, seed=1)
         ends[coeff] = sum(h["entropy"] for h in history[-5:]) / 5
         firsts.append(history[0]["entropy"])
@@ -84,6 +84,7 @@ def test_steps_to_threshold_and_bold_only_with_enough_seeds():
     assert not exploration._diff({**real, "n": 2}).startswith("**")
 
 
+@pytest.mark.xdist_group("quick_demo")
 def test_exploration_suite_runs_paired_and_writes_its_results(quick_demo, tmp_path):
     """A tiny budget end to end (the real GRPO, evaluation, statistics and files). Directions are checked only
     where they are robust: every start from the same checkpoint sees the same step-0 evaluation (paired

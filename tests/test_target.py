@@ -168,6 +168,7 @@ def demo_collapsed(quick_demo):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_demo")
 @pytest.mark.parametrize("name, fixed_tau, targets", [
     ("gpt2_collapsed", 1.25, (0.55, 0.8)),
     ("demo_collapsed", 1.5, (0.5, 0.8)),

@@ -8,9 +8,12 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.xdist_group("quick_demo")
 def test_demo_quick_runs_from_an_installed_wheel(tmp_path, quick_demo):
     dist = tmp_path / "dist"
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
