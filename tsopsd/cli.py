@@ -135,7 +135,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info 
 
 @app.command("measure-entropy")
 def measure_entropy(
-    ckpt: Ckpt,
+    ckpts: Annotated[list[Path], typer.Argument(
+        help="A checkpoint folder (save_pretrained) or PEFT adapter folder; or an RL run folder (checkpoint-N, "
+             "global_step_N inside), or several checkpoints: then every one is measured, in step order.")],
     prompts: Prompts,
     samples_per_prompt: Annotated[int, typer.Option(help="Completions sampled per prompt (k).")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 256,
@@ -153,19 +155,38 @@ def measure_entropy(
     max_prompt_tokens: MaxPromptTokens = None,
     as_json: Json = False,
     out: Annotated[Optional[Path], typer.Option(help="Also write the JSON result to this file.")] = None,
+    collapse_ratio: Annotated[float, typer.Option(
+        help="Several checkpoints: entropy below this fraction of the first checkpoint's marks the collapse.")] = 0.5,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Several checkpoints: also draw entropy over steps to this PNG (needs matplotlib).")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Measure token entropy and diversity of a checkpoint's own rollouts (and drift from a reference)."""
+    """Measure token entropy and diversity of a checkpoint's own rollouts (and drift from a reference).
+
+    Given a run folder or several checkpoints: measure each, in step order, mark the collapse, say which to reheat.
+    """
     def body() -> None:
         from tsopsd import console
+        from tsopsd.checkpoint import check_writable
         from tsopsd.metrics import measure_checkpoint
+        from tsopsd.trajectory import find_checkpoints
 
         console.setup_logging(quiet=quiet)
-        if out is not None:  # found out now, not after the whole measurement
-            from tsopsd.checkpoint import check_writable
+        for path in (out, plot):
+            if path is not None:  # found out now, not after the whole measurement
+                check_writable(path, folder=False)
+        if plot is not None:
+            from tsopsd.charts import have_matplotlib
 
-            check_writable(out, folder=False)
+            if not have_matplotlib():
+                raise TsopsdError("--plot needs matplotlib: pip install 'tsopsd[plot]'")
+        found = find_checkpoints(ckpts)
+        if found:
+            return _trajectory(found)
+        if plot is not None:
+            raise TsopsdError("--plot draws entropy over several checkpoints: give a run folder or several checkpoints")
+        ckpt = ckpts[0]
         result = measure_checkpoint(
             ckpt, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, reference=reference, limit=limit,
@@ -175,6 +196,21 @@ def measure_entropy(
 
         _emit(result, as_json=as_json, out=out,
               table=lambda: metrics_table({str(ckpt): result["metrics"]}, title="tsopsd measure-entropy"))
+
+    def _trajectory(found) -> None:
+        from tsopsd.tables import trajectory_table
+        from tsopsd.trajectory import measure_trajectory
+
+        result = measure_trajectory(
+            found, prompts, reference=reference, collapse_ratio=collapse_ratio, samples_per_prompt=samples_per_prompt,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, limit=limit,
+            batch_size=batch_size, seed=seed, base=base, device=device, dtype=dtype, prompt_field=prompt_field,
+            max_prompt_tokens=max_prompt_tokens, show_progress=not quiet)
+        if plot is not None:
+            from tsopsd.charts import save_trajectory_png
+
+            result["plot"] = str(save_trajectory_png(plot, result))
+        _emit(result, as_json=as_json, out=out, table=lambda: trajectory_table(result))
 
     _run(body, debug=debug)
 

@@ -66,6 +66,34 @@ def metrics_table(columns: dict[str, dict], title: str | None = None, *, target:
     return table
 
 
+def trajectory_table(result: dict) -> Table:
+    """`measure_trajectory`'s checkpoints, one row each in step order; the collapse marked, the advice below."""
+    from tsopsd.charts import sparkline
+
+    import os
+
+    rows = result["checkpoints"]
+    entropies = [r["metrics"]["entropy"]["mean"] for r in rows]
+    at = result["collapse"]["index"]
+    paths = [r["checkpoint"] for r in rows]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if len(paths) > 1 else os.path.dirname(paths[0])
+    short = lambda p: os.path.relpath(p, root) if p else "none"  # noqa: E731 - names within the run folder
+    table = Table(title=f"tsopsd measure-entropy: {len(rows)} checkpoints in {root}, reference "
+                        f"{short(result['reference']) if result['reference'] in paths else result['reference']}",
+                  caption=f"entropy {entropies[0]:.3f} {sparkline(entropies)} {entropies[-1]:.3f}\n"
+                          f"reheat: {short(result['reheat']['checkpoint'])} ({result['reheat']['why']})")
+    for name in ("step", "checkpoint", "entropy", "p10 / p90", "unique / prompt", "top-1 agreement", "KL(model ‖ ref)",
+                 ""):
+        table.add_column(name, justify="left" if name in ("checkpoint", "") else "right")
+    for i, r in enumerate(rows):
+        m, ref = r["metrics"], r["metrics"].get("reference", {})
+        table.add_row("–" if r["step"] is None else str(r["step"]), short(r["checkpoint"]), f"{m['entropy']['mean']:.4f}",
+                      f"{m['entropy']['p10']:.3f} / {m['entropy']['p90']:.3f}", f"{m['unique_completion_rate']:.3f}",
+                      f"{ref.get('top1_agreement', 0):.3f}", f"{ref.get('kl_model_ref', 0):.4f}",
+                      f"< {result['collapse']['ratio']:g} x first: collapsed" if i == at else "")
+    return table
+
+
 def plan_table(r: dict):
     """The `tsopsd plan` result: peak memory per phase (by category), then the verdict and the bound."""
     from rich.table import Table

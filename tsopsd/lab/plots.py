@@ -7,15 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BARS = " ▁▂▃▄▅▆▇█"
-
-
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from tsopsd.charts import BARS, have_matplotlib, sparkline  # noqa: F401  (re-exported for the lab's callers)
 
 
 def save_pngs(out: Path, curves: dict[str, list[float]], histograms: dict[str, list[float]],
@@ -58,17 +50,6 @@ def save_pngs(out: Path, curves: dict[str, list[float]], histograms: dict[str, l
     fig.savefig(hist, dpi=120)
     plt.close(fig)
     return [curve, hist]
-
-
-def sparkline(values: list[float], width: int = 60) -> str:
-    """One line of block characters for `values` (resampled to `width`)."""
-    if not values:
-        return ""
-    step = max(1, len(values) / width)
-    picked = [values[min(len(values) - 1, int(i * step))] for i in range(min(width, len(values)))]
-    lo, hi = min(picked), max(picked)
-    span = (hi - lo) or 1.0
-    return "".join(BARS[1 + int((v - lo) / span * (len(BARS) - 2))] for v in picked)
 
 
 def terminal_charts(curves: dict[str, list[float]], histograms: dict[str, list[float]], bins: int = 30) -> str:
@@ -115,3 +96,4 @@ def save_band_plot(path: Path, panels: dict[str, dict[str, tuple[list, list, lis
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+

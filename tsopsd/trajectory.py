@@ -1,0 +1,140 @@
+"""A run's entropy trajectory: every checkpoint of an RL run measured the same way, in step order.
+
+    found = find_checkpoints([Path("checkpoints/proj/exp")])      # [(step, folder), ...] or [] for one model
+    result = measure_trajectory(found, "prompts.jsonl", samples_per_prompt=4)
+
+`tsopsd measure-entropy RUN_DIR` (or several folders) lands here. Recognized below a run folder, one level
+down: TRL's `checkpoint-N/`, verl's `global_step_N/` (its model in `actor/huggingface/` or `actor/`) and
+any model folder whose name ends in a number. Each checkpoint is measured on the same prompts with the
+same seed, against one reference (`--reference`, default the first checkpoint), loaded one at a time,
+so memory holds the reference and one checkpoint. The first checkpoint whose mean entropy falls below
+`collapse_ratio` x the first one's marks the collapse, and that checkpoint is the one to reheat: it has
+all the RL progress made before the collapse, and the steps after it trained on near-identical rollouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from tsopsd.errors import TsopsdError
+
+log = logging.getLogger(__name__)
+
+STEP = re.compile(r"(?:global_step_|checkpoint-|step[-_]?)?(\d+)$")
+INSIDE = ("", "actor/huggingface", "actor", "huggingface")  # where a run's step folder keeps its model
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
+
+
+def _model_in(folder: Path) -> Path | None:
+    for sub in INSIDE:
+        candidate = folder / sub if sub else folder
+        if is_model_folder(candidate):
+            return candidate
+    return None
+
+
+def step_of(folder: Path) -> int | None:
+    m = STEP.search(folder.name)
+    return int(m[1]) if m else None
+
+
+def find_checkpoints(paths: Sequence[Path]) -> list[tuple[int | None, Path]]:
+    """The checkpoints to measure, in step order, as (step, model folder); [] when `paths` is one model folder.
+
+    A path that is a model folder is one checkpoint; otherwise its subfolders that hold a model (directly
+    or where verl keeps it) are. Folders without a step number keep their given order, after those with one.
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and is_model_folder(paths[0]):
+        return []
+    found: list[tuple[int | None, Path]] = []
+    for path in paths:
+        if not path.exists():
+            raise TsopsdError(f"checkpoint not found: {path}")
+        model = _model_in(path)
+        if model is not None:
+            found.append((step_of(path), model))
+            continue
+        inside = [(step_of(child), _model_in(child)) for child in sorted(path.iterdir()) if child.is_dir()]
+        inside = [(s, m) for s, m in inside if m is not None]
+        if not inside:
+            if len(paths) == 1:
+                return []  # one path, no model and no checkpoints: the single-checkpoint loader says what is wrong
+            raise TsopsdError(f"no checkpoint in {path}: expected a model folder or folders such as checkpoint-N "
+                              "or global_step_N holding one")
+        found += inside
+    numbered = sorted((x for x in found if x[0] is not None), key=lambda x: x[0])
+    return numbered + [x for x in found if x[0] is None]
+
+
+def collapse_point(entropies: Sequence[float], ratio: float) -> int | None:
+    """Index of the first checkpoint whose entropy is below `ratio` x the first one's, or None."""
+    if not entropies:
+        return None
+    return next((i for i, h in enumerate(entropies) if h < ratio * entropies[0]), None)
+
+
+def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path, *, reference: Path | None = None,
+                       collapse_ratio: float = 0.5, samples_per_prompt: int = 4, max_new_tokens: int = 256,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, limit: int | None = None,
+                       batch_size: int = 16, seed: int = 0, base: Path | None = None, device: str = "auto",
+                       dtype: str = "auto",
+                       prompt_field: str | None = None, max_prompt_tokens: int | None = None,
+                       show_progress: bool = True) -> dict:
+    """Measure every checkpoint of `found` (see `find_checkpoints`); JSON-ready (README, "A run's trajectory")."""
+    import gc
+
+    from tsopsd import __version__
+    from tsopsd.checkpoint import load_checkpoint
+    from tsopsd.console import progress
+    from tsopsd.family import max_positions
+    from tsopsd.metrics import measure
+    from tsopsd.prompts import load_prompts, prompt_room
+
+    if not 0 < collapse_ratio < 1:
+        raise TsopsdError(f"--collapse-ratio must be in (0, 1), got {collapse_ratio}")
+    ref_path = Path(reference) if reference is not None else found[0][1]
+    ref = load_checkpoint(ref_path, base=base, device=device, dtype=dtype)
+    items = load_prompts(prompts, ref.tokenizer, prompt_field=prompt_field, max_prompt_tokens=max_prompt_tokens,
+                         limit=limit, room=prompt_room(max_positions(ref.model), max_new_tokens))
+    rows = []
+    log.info("measuring %d checkpoints on %d prompts x %d samples against %s", len(found), len(items),
+             samples_per_prompt, ref_path)
+    with progress(show_progress) as task:
+        advance = task("checkpoints", len(found))
+        for step, folder in found:
+            ck = ref if folder.resolve() == ref_path.resolve() else load_checkpoint(folder, base=base, device=device,
+                                                                                          dtype=dtype)
+            if ck.tokenizer.get_vocab() != ref.tokenizer.get_vocab():
+                raise TsopsdError(f"{folder} has a different tokenizer than {ref_path}: a run's checkpoints share one")
+            metrics = measure(ck.model, ck.tokenizer, items, reference=ref.model, samples_per_prompt=samples_per_prompt,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              batch_size=batch_size, seed=seed)
+            rows.append({"step": step, "checkpoint": str(folder), "metrics": metrics})
+            if ck is not ref:
+                del ck
+                gc.collect()
+            advance(1)
+    entropies = [r["metrics"]["entropy"]["mean"] for r in rows]
+    at = collapse_point(entropies, collapse_ratio)
+    first = entropies[0]
+    if at is None:
+        advice = {"checkpoint": None, "step": None,
+                  "why": f"no collapse: entropy stayed above {collapse_ratio:g} x the first checkpoint's ({first:.4f})"}
+    else:
+        advice = {"checkpoint": rows[at]["checkpoint"], "step": rows[at]["step"],
+                  "why": f"the first checkpoint whose entropy ({entropies[at]:.4f}) is below {collapse_ratio:g} x the "
+                         f"first one's ({first:.4f}): it keeps the RL progress made before the collapse"}
+    return {
+        "checkpoints": rows, "reference": str(ref_path), "prompts_file": str(prompts),
+        "collapse": {"ratio": collapse_ratio, "first_entropy": first, "index": at,
+                     "step": rows[at]["step"] if at is not None else None},
+        "reheat": advice, "tsopsd_version": __version__,
+        "device": str(next(ref.model.parameters()).device), "dtype": str(ref.dtype).removeprefix("torch."),
+    }
