@@ -41,6 +41,7 @@ def test_find_checkpoints_orders_by_step_and_knows_trl_and_verl_layouts(tmp_path
 def test_collapse_point_by_hand():
     assert collapse_point([0.8, 0.6, 0.41, 0.39, 0.2], 0.5) == 3
     assert collapse_point([0.8, 0.7, 0.5], 0.5) is None
+    assert collapse_point([1.0, 0.5], 0.5) is None  # at the line is not below it
     assert collapse_point([], 0.5) is None
 
 
