@@ -108,7 +108,7 @@ def test_exploration_suite_runs_paired_and_writes_its_results(quick_demo, tmp_pa
             reheated = runs[exploration.STARTS[4].label]["curve"][0]["entropy"]
             assert reheated > from_collapsed[0]["entropy"] + 0.05
         s = result["summary"][reward]
-        for label, row in s["starts"].items():
+        for row in s["starts"].values():
             for m in exploration.METRICS:
                 assert row[m]["low"] <= row[m]["mean"] + 1e-12 and row[m]["mean"] <= row[m]["high"] + 1e-12
         a, e = exploration.STARTS[0].label, exploration.STARTS[4].label

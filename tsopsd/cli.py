@@ -298,6 +298,9 @@ def reheat(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     set_: SetOpt = None,
+    report_to: Annotated[Optional[str], typer.Option(
+        "--report-to", help="Step metrics also to tensorboard and/or wandb (offline), comma-separated; "
+                            "written under OUT.logs/ (output.logging_dir).")] = None,
     as_json: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -319,6 +322,7 @@ def reheat(
             "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
             "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,
             "output.resume": True if resume else None, "output.overwrite": True if overwrite else None,
+            "output.report_to": report_to,
         }
         overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
                                        "teacher.target_entropy_from": target_entropy_from}, set_)

@@ -99,6 +99,16 @@ class OutputConfig:
     eval_samples_per_prompt: int = 4
     overwrite: bool = False
     resume: bool = False
+    report_to: str = ""  # step metrics also to: tensorboard, wandb (offline), comma-separated
+    logging_dir: str = ""  # where they go (default: OUT.logs beside OUT)
+
+
+REPORT_TO = ("tensorboard", "wandb")
+
+
+def report_kinds(spec: str) -> tuple[str, ...]:
+    """output.report_to 'tensorboard,wandb' -> ('tensorboard', 'wandb'); '' or 'none' -> ()."""
+    return tuple(k.strip() for k in spec.split(",") if k.strip() and k.strip() != "none")
 
 
 @dataclass(frozen=True)
@@ -254,6 +264,9 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"stop.min_top1_agreement: must be in [0, 1], got {st.min_top1_agreement}")
     if tr.mode == "full" and o.save == "adapter":
         e.append("output.save: 'adapter' needs train.mode lora (full fine-tuning saves a merged checkpoint)")
+    unknown = [k for k in report_kinds(o.report_to) if k not in REPORT_TO]
+    if unknown:
+        e.append(f"output.report_to: unknown {', '.join(unknown)} (choose from {', '.join(REPORT_TO)})")
     if o.overwrite and o.resume:
         e.append("output: choose --overwrite or --resume, not both")
     return e

@@ -54,6 +54,7 @@ from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparabl
 from tsopsd.step import teacher_states, train_step
 from tsopsd.stop import StopRules
 from tsopsd.teacher import check_teacher, solve_temperature, unreachable
+from tsopsd.trackers import Trackers, check_trackers, logging_dir, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Run:
     lock: OutputLock | None = None  # held by rank 0 from setup to the end of the run
     signals: Interrupts = field(default_factory=Interrupts)  # `reheat` installs the real handlers
     input_fingerprint: dict | None = None  # `checkpoint.fingerprint` of the input (and adapter base)
+    trackers: Trackers = field(default_factory=lambda: Trackers([]))  # TensorBoard / W&B, rank 0 only
 
     @property
     def run_dir(self) -> Path:
@@ -188,8 +190,10 @@ class Run:
 
     def log(self, result: StepResult) -> None:
         if self.backend.is_main:
+            record = {k if k == "step" else f"train/{k}": v for k, v in asdict(result).items()}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({k if k == "step" else f"train/{k}": v for k, v in asdict(result).items()}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            self.trackers.log(result.step, record)
             log.info(result.line(self.cfg.train.steps))
 
     def shows_progress(self, wanted: bool) -> bool:
@@ -287,6 +291,7 @@ def setup(cfg: Config) -> Run:
                           "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
         check_writable(out)
         check_writable(run_dir)
+        check_trackers(cfg.output.report_to)
         lock.acquire()  # from here on this run owns OUT and its run folder
         check_output_dir(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
         remove_stale_temporaries(out)
@@ -308,6 +313,9 @@ def setup(cfg: Config) -> Run:
     try:
         backend.on_main(preflight)  # rank 0 owns the output folders; every rank learns the verdict
         run = _build(cfg, backend, launch, started)
+        if backend.is_main and cfg.output.report_to:
+            run.trackers = open_trackers(cfg.output.report_to, logging_dir(out, cfg.output.logging_dir),
+                                         resume_step=run.state.next_step, config=cfg.to_dict(), name=out.name)
     except BaseException:
         _let_go(lock, run_dir)
         backend.close()
@@ -471,6 +479,7 @@ def finish(run: Run) -> dict:
             discard_run_dir(run.run_dir)
         log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
     backend.finish()
+    run.trackers.close()
     if state.failed:
         raise TrainingStopped(f"{state.stop_reason}; written to {cfg.output.out}")
     return report
@@ -494,6 +503,7 @@ def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
             train(run, show_progress=show_progress)
             return finish(run)
         finally:
+            run.trackers.close()
             _let_go(run.lock, run.run_dir)
             run.backend.close()
 

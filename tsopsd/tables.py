@@ -68,9 +68,9 @@ def metrics_table(columns: dict[str, dict], title: str | None = None, *, target:
 
 def trajectory_table(result: dict) -> Table:
     """`measure_trajectory`'s checkpoints, one row each in step order; the collapse marked, the advice below."""
-    from tsopsd.charts import sparkline
-
     import os
+
+    from tsopsd.charts import sparkline
 
     rows = result["checkpoints"]
     entropies = [r["metrics"]["entropy"]["mean"] for r in rows]
