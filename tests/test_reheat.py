@@ -66,6 +66,8 @@ def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
     assert report["eval_prompts"] == 6 and before["prompts"] == 6
     assert after["entropy"]["mean"] - before["entropy"]["mean"] >= 0.5 * (h_teacher - before["entropy"]["mean"])
     assert after["reference"]["top1_agreement"] >= 0.9
+    # the output behaves like the input sampled hotter, and the report says how much hotter
+    assert report["effective_temperature"] == after["reference"]["effective_temperature"] > 1.05
     layers = after["reference"]["layers"]  # representations measured against the frozen input, layer by layer
     assert len(layers["cosine"]) == 2 and all(0.5 < c < 1 for c in layers["cosine"]), layers
     # the teacher never moved: after 80 steps it is still bit for bit the input file (the frozen copy in

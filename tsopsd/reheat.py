@@ -470,7 +470,8 @@ def finish(run: Run) -> dict:
             "target": _against_target(state.target, state.before, after), "divergence": cfg.loss.divergence,
             "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
             "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
-            "after": after, "after_measured_on": measured_on, "device": str(policy.teacher.device),
+            "after": after, "after_measured_on": measured_on,
+            "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
             "versions": versions(),
         }
