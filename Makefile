@@ -27,6 +27,7 @@ test: install
 	$(PYTEST) -m "not slow and not gpu"
 
 test-slow: install
+	$(BIN)/pip install -q -e ".[dev,bench]"  # TRL: the peer benchmark and the continued-RL test
 	$(PYTEST) -m "slow"
 
 lint: install
