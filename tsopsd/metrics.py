@@ -207,13 +207,9 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
     return result
 
 
-def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_prompt: int = 4,
-                       max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                       reference: str | Path | None = None, limit: int | None = None, batch_size: int = 16,
-                       seed: int = 0, base: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-                       prompt_field: str | None = None, max_prompt_tokens: int | None = None,
-                       show_progress: bool = True) -> dict:
-    """Load a checkpoint (and a reference) and prompts, then `measure`; returns the JSON the CLI prints."""
+def check_options(*, samples_per_prompt: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                  limit: int | None, batch_size: int, max_prompt_tokens: int | None) -> None:
+    """`measure-entropy`'s sampling options: every bad one in one line (TsopsdError), before anything loads."""
     bad = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
         ("--samples-per-prompt", samples_per_prompt, samples_per_prompt >= 1, ">= 1"),
         ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
@@ -226,6 +222,17 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
     ) if not ok]
     if bad:
         raise TsopsdError("; ".join(bad))
+
+
+def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_prompt: int = 4,
+                       max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       reference: str | Path | None = None, limit: int | None = None, batch_size: int = 16,
+                       seed: int = 0, base: str | Path | None = None, device: str = "auto", dtype: str = "auto",
+                       prompt_field: str | None = None, max_prompt_tokens: int | None = None,
+                       show_progress: bool = True) -> dict:
+    """Load a checkpoint (and a reference) and prompts, then `measure`; returns the JSON the CLI prints."""
+    check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     model_ckpt = load_checkpoint(ckpt, base=base, device=device, dtype=dtype)
     ref_model = None
     if reference is not None:

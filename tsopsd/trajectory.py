@@ -94,9 +94,11 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
     from tsopsd.checkpoint import load_checkpoint
     from tsopsd.console import progress
     from tsopsd.family import max_positions
-    from tsopsd.metrics import measure
+    from tsopsd.metrics import check_options, measure
     from tsopsd.prompts import load_prompts, prompt_room
 
+    check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     if not 0 < collapse_ratio < 1:
         raise TsopsdError(f"--collapse-ratio must be in (0, 1), got {collapse_ratio}")
     ref_path = Path(reference) if reference is not None else found[0][1]

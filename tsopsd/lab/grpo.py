@@ -62,7 +62,7 @@ def grpo(model, tokenizer, prompts: Sequence[Prompt], verifier: Callable[[int, s
         lengths = rollout.completion_lengths.clamp_min(1).float()
         # Sequence-level policy gradient, each sequence's log-prob averaged over its tokens.
         loss = -(adv[row] * logp / lengths[row]).sum() / len(rewards)
-        token_entropy = entropy(logits)
+        token_entropy = entropy(logits if entropy_coeff else logits.detach())  # a graph only for the bonus
         if entropy_coeff:
             loss = loss - entropy_coeff * token_entropy.mean()
         opt.zero_grad()
