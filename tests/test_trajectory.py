@@ -24,10 +24,14 @@ def test_find_checkpoints_orders_by_step_and_knows_trl_and_verl_layouts(tmp_path
     trl = [_model(run / f"checkpoint-{n}") for n in (100, 20, 3)]
     verl = _model(run / "global_step_50" / "actor" / "huggingface")
     (run / "logs").mkdir()  # not a checkpoint: ignored
-    (run / "global_step_60" / "actor").mkdir(parents=True)  # verl shards only, no model folder: not one either
+    (run / "global_step_60" / "actor").mkdir(parents=True)  # an empty actor folder: not a checkpoint
+    sharded = run / "global_step_70" / "actor"  # verl rank shards, huggingface/ without weights: the actor is one
+    _model(sharded / "huggingface")
+    (sharded / "fsdp_config.json").write_text('{"FSDP_version": 2, "world_size": 2}')
     found = find_checkpoints([run])
-    assert found == [(3, trl[2]), (20, trl[1]), (50, verl), (100, trl[0])]
+    assert found == [(3, trl[2]), (20, trl[1]), (50, verl.parent), (70, sharded), (100, trl[0])]  # the actor loads
     assert find_checkpoints([trl[0]]) == []  # one model folder: the single-checkpoint measurement
+    assert find_checkpoints([sharded.parent]) == []  # one verl step folder too
     assert find_checkpoints([trl[0], trl[2]]) == [(3, trl[2]), (100, trl[0])]
     plain = _model(tmp_path / "final")
     assert find_checkpoints([plain, trl[1]]) == [(20, trl[1]), (None, plain)]  # unnumbered after numbered

@@ -1,7 +1,8 @@
-"""Load and save checkpoints: Hugging Face model folders and PEFT adapter folders.
+"""Load and save checkpoints: Hugging Face model folders, PEFT adapter folders and verl FSDP actor folders.
 
     ckpt = load_checkpoint("runs/collapsed", device="auto", dtype="auto")
     ckpt.model, ckpt.tokenizer
+    load_checkpoint("checkpoints/proj/exp/global_step_120")    # verl: its actor/, shards merged in memory
 
 Everything is read from local folders only (``local_files_only``): a path that does not exist is an
 error here, never a hub download. Weights are checked before transformers sees them, so a missing or
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.errors import TsopsdError
+from tsopsd.verl_fsdp import Actor, base_of_peft, find_actor, is_peft_state, merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class Checkpoint:
         path: the folder it was loaded from.
         base_path: for an adapter, the base model folder; else None.
         dtype: the dtype the weights were loaded in.
+        config_dir: the folder whose config.json describes the model (the base's, verl's huggingface/).
+        source: what was loaded, in words (for logs and reports).
     """
 
     model: torch.nn.Module
@@ -51,6 +55,12 @@ class Checkpoint:
     path: Path
     base_path: Path | None
     dtype: torch.dtype
+    config_dir: Path | None = None
+    source: str = "model folder"
+
+    def __post_init__(self):
+        if self.config_dir is None:
+            self.config_dir = self.base_path or self.path
 
     @property
     def is_adapter(self) -> bool:
@@ -107,7 +117,7 @@ def check_model_folder(path: Path) -> None:
     if not path.is_dir():
         raise TsopsdError(f"checkpoint must be a folder saved by save_pretrained, got a file: {path}")
     if not (path / "config.json").is_file():
-        raise TsopsdError(f"not a model folder (no config.json): {path}")
+        raise TsopsdError(f"not a model folder (no config.json): {path}; {unknown_layout(path)}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -126,6 +136,39 @@ def check_model_folder(path: Path) -> None:
     if (path / "pytorch_model.bin").is_file():
         return  # legacy format: torch.load will validate it
     raise TsopsdError(f"no weights in {path}: expected model.safetensors or a sharded index")
+
+
+def unknown_layout(path: Path) -> str:
+    """What a folder that tsopsd cannot load holds, and how to convert it (the end of an error line)."""
+    if (path / "actor").is_dir():  # a verl step folder: what matters is its actor/
+        path = path / "actor"
+    names = sorted(f.name for f in path.iterdir())
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") if names else "nothing"
+    verl = "python -m verl.model_merger merge --backend {b} --local_dir {p} --target_dir MERGED"
+    if any(n.endswith(".distcp") for n in names):
+        kind, fix = "a torch.distributed.checkpoint (DCP) save", f"`{verl.format(b='fsdp', p=path)}`"
+    elif "dist_ckpt" in names or "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names):
+        kind, fix = "a Megatron checkpoint", f"`{verl.format(b='megatron', p=path)}`"
+    elif "latest" in names or any(n.startswith(("zero_pp_rank_", "mp_rank_")) for n in names) or \
+            any((path / n).is_dir() and n.startswith("global_step") for n in names):
+        kind, fix = "a DeepSpeed checkpoint (OpenRLHF _actor/)", "its Hugging Face copy (OpenRLHF's <tag>_hf folder) " \
+            "or DeepSpeed's zero_to_fp32.py"
+    else:
+        kind, fix = "no known layout", f"a save_pretrained folder, a PEFT adapter, or a verl actor/ folder " \
+            f"(`{verl.format(b='fsdp', p=path)}` converts a verl one)"
+    return f"found {shown}: {kind}; use {fix}"
+
+
+def loadable_folder(path: str | os.PathLike) -> Path | None:
+    """The folder plain transformers/peft load for `path` (itself, or a verl actor's huggingface/ with weights);
+    None for a verl checkpoint held only in rank shards (an adapter output cannot name it as its base)."""
+    path = Path(path)
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path
+    actor = find_actor(path)
+    if actor is None:
+        return path
+    return actor.hf if actor.hf_weights and actor.lora is None else None
 
 
 def check_adapter_folder(path: Path) -> None:
@@ -203,6 +246,12 @@ def load_checkpoint(
     if not path.exists():
         raise TsopsdError(f"checkpoint not found: {path}")
     is_adapter = (path / "adapter_config.json").is_file()
+    if not is_adapter and not (path / "config.json").is_file() and (actor := find_actor(path)) is not None:
+        if actor.hf_weights and actor.lora is None:
+            ckpt = load_checkpoint(actor.hf, device=dev, dtype=torch_dtype)
+            ckpt.source = actor.describe()
+            return ckpt
+        return _load_actor(actor, dev, torch_dtype)
     base_path = None
     if is_adapter:
         check_adapter_folder(path)
@@ -229,6 +278,55 @@ def load_checkpoint(
     model.to(dev)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, path=path, base_path=base_path, dtype=torch_dtype)
+
+
+def _load_actor(actor: Actor, dev: torch.device, dtype: torch.dtype) -> Checkpoint:
+    """A verl actor from its rank shards (merged in memory, in `dtype`), with its LoRA adapter merged in."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    tokenizer = load_tokenizer(actor.hf)
+    try:
+        config = AutoConfig.from_pretrained(str(actor.hf), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise TsopsdError(f"cannot read {actor.hf / 'config.json'}: {str(e).splitlines()[0]}") from None
+    if actor.shards:
+        log.info("merging %d verl rank shard(s) of %s", actor.world_size, actor.path)
+        state = merged_state_dict(actor, dtype)
+        if is_peft_state(state):
+            if actor.lora is None:
+                raise TsopsdError(f"the shards of {actor.path} hold a LoRA model but lora_adapter/ is missing: "
+                                  "copy it from the run (verl writes it beside the shards)")
+            state = base_of_peft(state)
+        kwargs = {"state_dict": state}
+    else:  # a LoRA run whose huggingface/ holds the base weights
+        kwargs = {"pretrained_model_name_or_path": str(actor.hf), "local_files_only": True}
+    try:  # the concrete class: the Auto class wants a folder even when handed the weights
+        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+            kwargs.pop("pretrained_model_name_or_path", None), config=config, dtype=dtype, output_loading_info=True,
+            **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise TsopsdError(f"cannot build the model of {actor.path}: {str(e).splitlines()[0]}") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in bad.items())
+        raise TsopsdError(f"the shards of {actor.path} do not fit huggingface/config.json ({detail}); "
+                          f"convert with `python -m verl.model_merger merge --backend fsdp --local_dir {actor.path} "
+                          "--target_dir MERGED`")
+    if actor.lora is not None:
+        from peft import PeftModel
+
+        check_adapter_folder(actor.lora)
+        try:
+            model = PeftModel.from_pretrained(model, str(actor.lora), is_trainable=False).merge_and_unload()
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise TsopsdError(f"cannot apply {actor.lora} to the model of {actor.path}: "
+                              f"{str(e).splitlines()[0]}") from None
+    check_vocab(model, tokenizer, actor.path)
+    check_finite(model, actor.path)
+    model.to(dev)
+    model.eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, path=actor.path, base_path=None, dtype=dtype,
+                      config_dir=actor.hf, source=actor.describe())
 
 
 @torch.no_grad()

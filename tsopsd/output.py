@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tsopsd import __version__
-from tsopsd.checkpoint import atomic_output
+from tsopsd.checkpoint import atomic_output, loadable_folder
 from tsopsd.config import Config, save_config
 
 
@@ -100,7 +100,8 @@ def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) 
     out = Path(cfg.output.out)
     with atomic_output(out, overwrite=cfg.output.overwrite or cfg.output.resume) as tmp:
         if cfg.output.save == "adapter":
-            model.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
+            base = loadable_folder(cfg.model.path) or Path(cfg.model.path)  # a verl actor: its huggingface/
+            model.peft_config["default"].base_model_name_or_path = str(base.resolve())
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / "config.yaml")

@@ -35,6 +35,7 @@ from tsopsd.checkpoint import (
     check_writable,
     fingerprint,
     load_checkpoint,
+    loadable_folder,
     remove_stale_temporaries,
     resolve_device,
     saved_dtype,
@@ -292,6 +293,10 @@ def setup(cfg: Config) -> Run:
         check_writable(out)
         check_writable(run_dir)
         check_trackers(cfg.output.report_to)
+        if cfg.output.save == "adapter" and loadable_folder(cfg.model.path) is None:
+            raise TsopsdError(f"{cfg.model.path} is a verl checkpoint held in rank shards, which an adapter cannot "
+                              "name as its base: reheat it with --save merged (or convert it with verl's model_merger "
+                              "and reheat that folder)")
         lock.acquire()  # from here on this run owns OUT and its run folder
         check_output_dir(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
         remove_stale_temporaries(out)
@@ -339,6 +344,8 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     ckpt = backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=launch.device,
                                                       dtype=cfg.model.dtype), prefix="checkpoint failed to load on ")
     model = ckpt.model
+    if ckpt.source != "model folder":
+        log.info("loaded %s", ckpt.source)
     backend.on_main(lambda: check_apart(out, {"adapter base": ckpt.base_path}))
     if ckpt.is_adapter:
         if cfg.output.save == "adapter":
@@ -366,7 +373,7 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
               scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
-              eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.base_path or ckpt.path), dtype=ckpt.dtype,
+              eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.config_dir), dtype=ckpt.dtype,
               started=started, input_fingerprint=fingerprint(ckpt.path, ckpt.base_path))
     run.state = _resume(run) if cfg.output.resume else _start(run)
     run.stop.target = run.state.target

@@ -5,7 +5,8 @@
 
 `tsopsd measure-entropy RUN_DIR` (or several folders) lands here. Recognized below a run folder, one level
 down: TRL's `checkpoint-N/`, verl's `global_step_N/` (its model in `actor/huggingface/` or `actor/`) and
-any model folder whose name ends in a number. Each checkpoint is measured on the same prompts with the
+any model folder whose name ends in a number. A verl step is loaded from `actor/huggingface/` when that
+holds weights, else from the actor's rank shards (`verl_fsdp`). Each checkpoint is measured on the same prompts with the
 same seed, against one reference (`--reference`, default the first checkpoint), loaded one at a time,
 so memory holds the reference and one checkpoint. The first checkpoint whose mean entropy falls below
 `collapse_ratio` x the first one's marks the collapse, and that checkpoint is the one to reheat: it has
@@ -20,15 +21,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tsopsd.errors import TsopsdError
+from tsopsd.verl_fsdp import is_actor
 
 log = logging.getLogger(__name__)
 
 STEP = re.compile(r"(?:global_step_|checkpoint-|step[-_]?)?(\d+)$")
-INSIDE = ("", "actor/huggingface", "actor", "huggingface")  # where a run's step folder keeps its model
+INSIDE = ("", "actor", "huggingface")  # where a run's step folder keeps its model
 
 
 def is_model_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
+    """A folder `load_checkpoint` takes: a model or adapter folder, or a verl actor (its huggingface/ always
+    holds a config.json, with weights or without, so the actor is what counts)."""
+    if not path.is_dir():
+        return False
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file() or is_actor(path)
 
 
 def _model_in(folder: Path) -> Path | None:
@@ -51,8 +57,8 @@ def find_checkpoints(paths: Sequence[Path]) -> list[tuple[int | None, Path]]:
     or where verl keeps it) are. Folders without a step number keep their given order, after those with one.
     """
     paths = [Path(p) for p in paths]
-    if len(paths) == 1 and is_model_folder(paths[0]):
-        return []
+    if len(paths) == 1 and (is_model_folder(paths[0]) or is_actor(paths[0] / "actor")):
+        return []  # one checkpoint (a verl step folder too: the loader finds its actor/)
     found: list[tuple[int | None, Path]] = []
     for path in paths:
         if not path.exists():
