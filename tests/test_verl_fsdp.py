@@ -73,7 +73,7 @@ def test_rank_shards_load_as_the_model_they_were_saved_from(verl, kind):
 
 
 def test_lora_run_is_base_shards_plus_its_adapter(verl):
-    """Without lora_adapter/ the LoRA shards are refused; the adapter changes the model (it is applied)."""
+    """The adapter is applied: the loaded policy differs from the base (and equals base + adapter, above)."""
     ck = load_checkpoint(verl["lora"] / "global_step_3", device="cpu", dtype="float32")
     plain = load_checkpoint(verl["hf"], device="cpu", dtype="float32")
     assert (logits(ck.model) - logits(plain.model)).abs().max() > 1e-2
@@ -108,6 +108,10 @@ def copy_actor(verl, tmp_path, kind="full"):
     actor = tmp_path / "global_step_3" / "actor"
     shutil.copytree(verl[kind] / "global_step_3" / "actor", actor)
     return actor
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def one_line(res) -> str:
@@ -168,11 +172,26 @@ def test_broken_shard_sets_give_one_line_and_exit_2(verl, tmp_path, case, kind, 
     assert message in one_line(measure(tmp_path / "global_step_3"))
 
 
-def test_measure_entropy_of_the_shards_equals_the_saved_model(verl, tmp_path):
-    actor = copy_actor(verl, tmp_path)
-    shutil.copytree(verl["hf"], tmp_path / "hf")
+def saved_from(verl, kind, tmp_path) -> Path:
+    """The model the shards were saved from, as an ordinary folder: the base, or base + adapter merged by peft."""
+    if kind == "full":
+        shutil.copytree(verl["hf"], tmp_path / "hf")
+        return tmp_path / "hf"
+    adapter = tmp_path / "adapter"
+    shutil.copytree(verl["lora"] / "global_step_3" / "actor" / "lora_adapter", adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(verl["hf"])}))
+    res = runner.invoke(app, ["merge", str(adapter), "--out", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.stderr
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_measure_entropy_of_the_shards_equals_the_saved_model(verl, tmp_path, kind):
+    actor = copy_actor(verl, tmp_path, kind)
+    original = saved_from(verl, kind, tmp_path)
     (tmp_path / "p.txt").write_text("the cat sat on\none two three\ngive me a number\n")
-    a, b = measure(actor.parent, "--json"), measure(tmp_path / "hf", "--json")
+    a, b = measure(actor.parent, "--json"), measure(original, "--json")
     assert a.exit_code == 0 and b.exit_code == 0, a.stderr + b.stderr
     ma, mb = json.loads(a.stdout)["metrics"], json.loads(b.stdout)["metrics"]
     assert ma["entropy"] == pytest.approx(mb["entropy"], abs=1e-5) and ma["entropy"]["mean"] > 0.1
@@ -185,20 +204,21 @@ def reheat(path, out, *extra):
                                "--steps", "2", "--set", "output.eval_prompts=0", "--seed", "5", "--quiet", *extra])
 
 
-def test_reheat_of_the_shards_equals_reheat_of_the_saved_model(verl, tmp_path):
-    actor = copy_actor(verl, tmp_path)
-    shutil.copytree(verl["hf"], tmp_path / "hf")
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_reheat_of_the_shards_equals_reheat_of_the_saved_model(verl, tmp_path, kind):
+    actor = copy_actor(verl, tmp_path, kind)
+    original = saved_from(verl, kind, tmp_path)
     (tmp_path / "p.txt").write_text("".join(f"{w} {n}\n" for w in ("the cat", "one two", "a number") for n in range(3)))
     res = reheat(actor, tmp_path / "from-shards", "--save", "adapter")
     assert "reheat it with --save merged" in one_line(res) and not (tmp_path / "from-shards").exists()
-    a, b = reheat(actor, tmp_path / "from-shards"), reheat(tmp_path / "hf", tmp_path / "from-hf")
+    a, b = reheat(actor, tmp_path / "from-shards"), reheat(original, tmp_path / "from-hf")
     assert a.exit_code == 0 and b.exit_code == 0, a.stderr + b.stderr
     wa, wb = load_file(tmp_path / "from-shards" / "model.safetensors"), load_file(tmp_path / "from-hf" / "model.safetensors")
     assert set(wa) == set(wb) and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wb)
     ma = (tmp_path / "from-shards" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "from-hf" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["train/loss"] for x in ma] == pytest.approx([json.loads(x)["train/loss"] for x in mb], abs=1e-6)
-    assert sorted(p.name for p in actor.iterdir()) == sorted(p.name for p in (verl["full"] / "global_step_3" / "actor").iterdir())
+    assert tree(actor) == tree(verl[kind] / "global_step_3" / "actor")  # the input is untouched
 
 
 def test_huggingface_weights_are_used_when_saved(verl, tmp_path):
