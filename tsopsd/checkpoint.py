@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.errors import TsopsdError
-from tsopsd.verl_fsdp import Actor, base_of_peft, find_actor, is_peft_state, merged_state_dict
+from tsopsd.verl_fsdp import Actor, base_of_peft, convert_command, find_actor, is_peft_state, merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +144,17 @@ def unknown_layout(path: Path) -> str:
         path = path / "actor"
     names = sorted(f.name for f in path.iterdir())
     shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") if names else "nothing"
-    verl = "python -m verl.model_merger merge --backend {b} --local_dir {p} --target_dir MERGED"
     if any(n.endswith(".distcp") for n in names):
-        kind, fix = "a torch.distributed.checkpoint (DCP) save", f"`{verl.format(b='fsdp', p=path)}`"
+        kind, fix = "a torch.distributed.checkpoint (DCP) save", f"`{convert_command(path)}`"
     elif "dist_ckpt" in names or "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names):
-        kind, fix = "a Megatron checkpoint", f"`{verl.format(b='megatron', p=path)}`"
+        kind, fix = "a Megatron checkpoint", f"`{convert_command(path, 'megatron')}`"
     elif "latest" in names or any(n.startswith(("zero_pp_rank_", "mp_rank_")) for n in names) or \
             any((path / n).is_dir() and n.startswith("global_step") for n in names):
         kind, fix = "a DeepSpeed checkpoint (OpenRLHF _actor/)", "its Hugging Face copy (OpenRLHF's <tag>_hf folder) " \
             "or DeepSpeed's zero_to_fp32.py"
     else:
         kind, fix = "no known layout", f"a save_pretrained folder, a PEFT adapter, or a verl actor/ folder " \
-            f"(`{verl.format(b='fsdp', p=path)}` converts a verl one)"
+            f"(`{convert_command(path)}` converts a verl one)"
     return f"found {shown}: {kind}; use {fix}"
 
 
@@ -297,21 +296,19 @@ def _load_actor(actor: Actor, dev: torch.device, dtype: torch.dtype) -> Checkpoi
                 raise TsopsdError(f"the shards of {actor.path} hold a LoRA model but lora_adapter/ is missing: "
                                   "copy it from the run (verl writes it beside the shards)")
             state = base_of_peft(state)
-        kwargs = {"state_dict": state}
+        folder, weights = None, {"state_dict": state}
     else:  # a LoRA run whose huggingface/ holds the base weights
-        kwargs = {"pretrained_model_name_or_path": str(actor.hf), "local_files_only": True}
+        folder, weights = str(actor.hf), {"local_files_only": True}
     try:  # the concrete class: the Auto class wants a folder even when handed the weights
         model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-            kwargs.pop("pretrained_model_name_or_path", None), config=config, dtype=dtype, output_loading_info=True,
-            **kwargs)
+            folder, config=config, dtype=dtype, output_loading_info=True, **weights)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise TsopsdError(f"cannot build the model of {actor.path}: {str(e).splitlines()[0]}") from None
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in bad.items())
         raise TsopsdError(f"the shards of {actor.path} do not fit huggingface/config.json ({detail}); "
-                          f"convert with `python -m verl.model_merger merge --backend fsdp --local_dir {actor.path} "
-                          "--target_dir MERGED`")
+                          f"convert with `{convert_command(actor.path)}`")
     if actor.lora is not None:
         from peft import PeftModel
 

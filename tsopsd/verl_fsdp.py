@@ -34,7 +34,11 @@ from tsopsd.errors import TsopsdError
 log = logging.getLogger(__name__)
 
 SHARD = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
-CONVERT = "python -m verl.model_merger merge --backend fsdp --local_dir {actor} --target_dir MERGED"
+def convert_command(folder: Path, backend: str = "fsdp") -> str:
+    """verl's own converter of a checkpoint folder to a Hugging Face one (named in error lines)."""
+    return f"python -m verl.model_merger merge --backend {backend} --local_dir {folder} --target_dir MERGED"
+
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")  # names FSDP1 or compile add
@@ -98,7 +102,6 @@ def find_actor(path: Path) -> Actor | None:
         if m := SHARD.match(f.name):
             found.setdefault(int(m[1]), {})[int(m[2])] = f
     declared = _declared_world_size(path)
-    convert = CONVERT.format(actor=path)
     if not found:
         if (path / "huggingface").is_dir() and Actor(path, 0, (), None).hf_weights:
             return Actor(path, declared or 0, (), _lora(path))
@@ -118,7 +121,7 @@ def find_actor(path: Path) -> Actor | None:
                           "copy the whole actor/ folder")
     if not (path / "huggingface" / "config.json").is_file():
         raise TsopsdError(f"verl checkpoint {path} has no huggingface/config.json to build the model from; "
-                          f"convert it with `{convert}`")
+                          f"convert it with `{convert_command(path)}`")
     return Actor(path, world, tuple(ranks[r] for r in range(world)), _lora(path))
 
 
@@ -157,7 +160,7 @@ def _load_shard(file: Path) -> dict:
         what = f"a {found[1]}" if found else "objects other than tensors and DTensors"
         hint = " (FSDP1 without a device mesh)" if found and "ShardedTensor" in found[1] else ""
         raise TsopsdError(f"verl shard {file} holds {what}{hint}, which tsopsd does not unpickle; convert the "
-                          f"checkpoint with `{CONVERT.format(actor=file.parent)}` and pass MERGED") from None
+                          f"checkpoint with `{convert_command(file.parent)}` and pass MERGED") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise TsopsdError(f"cannot read verl shard {file}: {str(e).splitlines()[0]}; re-copy the checkpoint") from None
     if not isinstance(state, dict):
@@ -185,7 +188,7 @@ def _region(shape: torch.Size, mesh: torch.Tensor, placements, rank: int, file: 
             continue
         if type(p) is not Shard:  # Partial sums, strided shards (FSDP2 + TP): not a verl FSDP save
             raise TsopsdError(f"verl shard {file} records placement {p}, which tsopsd cannot merge; convert the "
-                              f"checkpoint with `{CONVERT.format(actor=file.parent)}`")
+                              f"checkpoint with `{convert_command(file.parent)}`")
         d, n = p.dim, mesh.shape[m]
         chunk = -(-(hi[d] - lo[d]) // n)  # torch.chunk's split: ceil, the last chunks short or empty
         start = min(lo[d] + coord[m] * chunk, hi[d])
