@@ -127,6 +127,8 @@ def test_shipped_gpu_configs_fit_their_hardware(tmp_path):
                               capture_output=True, text=True, timeout=900, cwd=tmp_path)
         return entry, proc
 
+    from transformers import Qwen3Config  # noqa: F401  imported once here: transformers' lazy import is not thread-safe
+
     with ThreadPoolExecutor(2) as pool:  # two cores: both at once
         results = list(pool.map(run, SHIPPED))
     for (config, name, gpus), proc in results:
