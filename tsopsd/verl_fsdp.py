@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +32,19 @@ import torch
 
 from tsopsd.errors import TsopsdError
 
-log = logging.getLogger(__name__)
-
 SHARD = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")  # names FSDP1 or compile add
+
+
 def convert_command(folder: Path, backend: str = "fsdp") -> str:
     """verl's own converter of a checkpoint folder to a Hugging Face one (named in error lines)."""
     return f"python -m verl.model_merger merge --backend {backend} --local_dir {folder} --target_dir MERGED"
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")  # names FSDP1 or compile add
+def _has_weights(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in WEIGHT_FILES)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class Actor:
 
     @property
     def hf_weights(self) -> bool:
-        return any((self.hf / f).is_file() for f in WEIGHT_FILES)
+        return _has_weights(self.hf)
 
     def describe(self) -> str:
         lora = " + lora_adapter/" if self.lora else ""
@@ -90,7 +93,7 @@ def find_actor(path: Path) -> Actor | None:
 
     Raises:
         TsopsdError: a partial set of shards, shards of two world sizes, a world size that disagrees with
-            fsdp_config.json, no huggingface/ config to build the model from, or a LoRA run without its adapter.
+            fsdp_config.json, no shards and no huggingface/ weights, or no huggingface/ config to build from.
     """
     path = Path(path)
     if not is_actor(path):
@@ -103,7 +106,7 @@ def find_actor(path: Path) -> Actor | None:
             found.setdefault(int(m[1]), {})[int(m[2])] = f
     declared = _declared_world_size(path)
     if not found:
-        if (path / "huggingface").is_dir() and Actor(path, 0, (), None).hf_weights:
+        if _has_weights(path / "huggingface"):
             return Actor(path, declared or 0, (), _lora(path))
         raise TsopsdError(f"no model shards in verl checkpoint {path} (no model_world_size_W_rank_R.pt) and no weights "
                           "in its huggingface/: the step was saved without 'model' in checkpoint.save_contents")
@@ -239,17 +242,10 @@ def merged_state_dict(actor: Actor, dtype: torch.dtype) -> dict[str, torch.Tenso
                                   f"{first.placements} over {mesh.tolist()} gives {region}; the shard is damaged")
             full[region] = local
             covered.add(tuple((s.start, s.stop) for s in region))
-        if sum(_numel(r) for r in covered) != full.numel():
+        if sum(math.prod(b - a for a, b in r) for r in covered) != full.numel():
             raise TsopsdError(f"verl shards of {actor.path} do not cover all of '{name}'; the shard set is damaged")
         merged[_clean(name)] = full
     return merged
-
-
-def _numel(region: tuple[tuple[int, int], ...]) -> int:
-    n = 1
-    for a, b in region:
-        n *= b - a
-    return n
 
 
 def base_of_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
