@@ -234,50 +234,88 @@ class LeanDecoder:
             raise Unsupported("oneDNN packed linear disagrees with F.linear")
 
     def session(self, cache, attention_mask: torch.Tensor, capacity: int) -> _Session:
-        """Adopt the prefilled transformers cache (one entry per layer) for decoding."""
-        return _Session(self, cache, attention_mask, capacity)
+        """Adopt the prefilled transformers cache (one entry per layer) of a whole batch for decoding."""
+        session = _Session(self, attention_mask.shape[0], capacity)
+        session.admit(list(range(attention_mask.shape[0])), cache, attention_mask)
+        return session
+
+    def slots(self, n: int, capacity: int) -> _Session:
+        """An empty cache of `n` slots, `capacity` positions each, to be filled with `admit` (continuous batching)."""
+        return _Session(self, n, capacity)
 
 
 class _Session:
-    """The KV cache and mask of one batch being decoded."""
+    """The KV cache of the sequences being decoded, one slot each, every slot at its own length.
 
-    def __init__(self, dec: LeanDecoder, cache, attention_mask: torch.Tensor, capacity: int):
+    A slot's sequence starts at column 0 (a prefill's left padding included, masked) and grows by one
+    column per step while it is alive. A slot can be (re)filled at any step from a prefill (`admit`),
+    which is what continuous batching needs; `keep` drops finished slots so the tail of a rollout
+    does not pay for them.
+    """
+
+    def __init__(self, dec: LeanDecoder, slots: int, capacity: int):
         self.dec = dec
-        B, P = attention_mask.shape
-        self.length = P
-        self.capacity = max(capacity, P + 1)
-        self.keys, self.values = [], []
-        for i in range(len(dec.layers)):
-            k, v = cache.layers[i].keys, cache.layers[i].values  # (B, n_kv, P, head_dim), after RoPE
-            kb = k.new_empty(B, k.shape[1], self.capacity, k.shape[3])  # grows by doubling (_grow)
-            vb = v.new_empty(B, v.shape[1], self.capacity, v.shape[3])
-            kb[:, :, :P], vb[:, :, :P] = k, v
-            self.keys.append(kb)
-            self.values.append(vb)
-            # Adopted: the prefill's copy goes now, layer by layer, so the peak is the full-length cache
-            # plus one layer's prefill, not plus all of it (the cache object is the caller's to drop).
+        self.capacity = max(capacity, 2)
+        self.slots = slots
+        self.keys, self.values = [], []  # allocated by the first `admit`, in the dtype of the model's cache
+        self.bias = torch.full((slots, self.capacity), float("-inf"), dtype=dec.dtype, device=dec.device)
+        self.lengths = [0] * slots  # on the host: the step's width is their max, known without a device sync
+
+    def admit(self, slots: list[int], cache, attention_mask: torch.Tensor) -> None:
+        """Fill `slots` with the rows of a prefilled transformers cache ((len(slots), W) left-padded mask)."""
+        W = attention_mask.shape[1]
+        while W + 1 > self.capacity:
+            self._grow()
+        index = torch.tensor(slots, device=self.bias.device)
+        for i in range(len(self.dec.layers)):
+            k, v = cache.layers[i].keys, cache.layers[i].values  # (n, n_kv, W, head_dim), after RoPE
+            if len(self.keys) == i:  # zeros, not empty: an unwritten column is masked, and 0 x garbage is NaN
+                shape = (self.slots, k.shape[1], self.capacity, k.shape[3])
+                self.keys.append(k.new_zeros(shape))
+                self.values.append(v.new_zeros(shape))
+            self.keys[i][index, :, :W] = k
+            self.values[i][index, :, :W] = v
+            # Adopted: the prefill's copy goes now, layer by layer, so the peak is the cache plus one
+            # layer's prefill, not plus all of it (the cache object is the caller's to drop).
             del k, v
             cache.layers[i].keys = cache.layers[i].values = None
-        self.bias = torch.zeros(B, self.capacity, dtype=dec.dtype, device=attention_mask.device)
-        self.bias[:, :P].masked_fill_(attention_mask == 0, float("-inf"))
+        bias = torch.full((len(slots), self.capacity), float("-inf"), dtype=self.bias.dtype, device=self.bias.device)
+        bias[:, :W].masked_fill_(attention_mask.bool(), 0.0)
+        self.bias[index] = bias
+        for s in slots:
+            self.lengths[s] = W
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only `slots`, in that order (the others are done): later steps run on fewer rows."""
+        index = torch.tensor(slots, device=self.bias.device)
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        self.bias = self.bias[index]
+        self.lengths = [self.lengths[s] for s in slots]
+        self.slots = len(slots)
 
     def _grow(self) -> None:
         new = self.capacity * 2
         self.keys = [_resize(k, new) for k in self.keys]
         self.values = [_resize(v, new) for v in self.values]
-        bias = self.bias.new_zeros(self.bias.shape[0], new)
+        bias = self.bias.new_full((self.bias.shape[0], new), float("-inf"))
         bias[:, :self.capacity] = self.bias
         self.bias, self.capacity = bias, new
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Append `tokens` (B,) at `positions` (B,); `alive` False masks the new column. Returns (B, V) float32."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
+                 live: list[bool] | None = None) -> torch.Tensor:
+        """Append `tokens` (B,) at `positions` (B,), one per slot; `alive` False masks the new column (the
+        slot is done or idle). `live`, `alive` on the host, is what moves the slots' lengths: a slot not
+        live stays where it is (None: every slot moves, as in a batch decoded in lock-step, and nothing
+        is read back from the device). Returns (B, V) float32 logits."""
         dec = self.dec
-        if self.length == self.capacity:
+        n = max(self.lengths) + 1
+        while n > self.capacity:
             self._grow()
-        t = self.length
-        self.bias[:, t] = torch.where(alive, 0.0, float("-inf")).to(self.bias.dtype)
-        n = t + 1
+        slots = torch.arange(tokens.shape[0], device=tokens.device)
+        t = torch.tensor(self.lengths, device=tokens.device)
+        self.bias[slots, t] = torch.where(alive, 0.0, float("-inf")).to(self.bias.dtype)
         h = F.embedding(tokens, dec.embed.weight)  # (B, D)
         B = h.shape[0]
         cos, sin = dec.rotary(h[:, None], positions[:, None])  # (B, 1, head_dim)
@@ -294,14 +332,15 @@ class _Session:
                 qk = layer.qk_norm(qk, layer.qk_weight)
             qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # RoPE on q and k together
             K, V = self.keys[i], self.values[i]
-            K[:, :, t], V[:, :, t] = qk[:, n_q:], qkv[:, n_q + n_kv:]
-            K, V = K[:, :, :n].reshape(-1, n, hd), V[:, :, :n].reshape(-1, n, hd)  # views: (B * n_kv, n, hd)
+            K[slots, :, t], V[slots, :, t] = qk[:, n_q:], qkv[:, n_q + n_kv:]  # each slot at its own length
+            K, V = K[:, :, :n].reshape(-1, n, hd), V[:, :, :n].reshape(-1, n, hd)  # (B * n_kv, n, hd)
             q = qk[:, :n_q].reshape(-1, g, hd)  # query heads grouped by the KV head they share
             probs = torch.baddbmm(bias, q, K.transpose(1, 2), alpha=layer.scaling).softmax(-1, dtype=torch.float32)
             h = h + layer.o(torch.bmm(probs.to(q.dtype), V).view(B, n_q * hd))
             gate, up = layer.gate_up(layer.norm_post(h)).split(layer.intermediate, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
-        self.length = n
+        self.lengths = [length + 1 for length in self.lengths] if live is None else \
+            [length + a for length, a in zip(self.lengths, live)]
         return transform_logits(dec.config, dec.head(dec.norm(h)).float())
 
 
