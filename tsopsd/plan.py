@@ -586,11 +586,13 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
             n_tokens = rows * L * hardware.gpus
             part, hidden = rollout.rows(0, run_mb * mb), None
             if tracking:  # the teacher's hidden states of the whole step are kept while tau is solved on them
-                hidden = teacher_states(policy, part, micro_batch=mb, skip_empty=not backend.lockstep)
+                hidden = teacher_states(policy, part, micro_batch=mb, skip_empty=not backend.lockstep,
+                                        share_prompts=False)
                 solve_temperature(policy.teacher, hidden, tracking, start=tau, chunk_size=cfg.loss.chunk_size,
                                   max_iter=SOLVE_EVALUATIONS)
                 record.extra = (n_mb - run_mb) * mb * L * _hidden_size(model_config) * dtype.itemsize
-            train_step(policy, part, tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
+            unshared = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, share_prompts=False))
+            train_step(policy, part, tau=tau, cfg=unshared, skip_empty=not backend.lockstep,
                        normalizer=backend.loss_normalizer(n_tokens), teacher_hidden=hidden)
             del hidden
             tracker.label([p.grad for p in policy.trainable], "gradients")

@@ -78,7 +78,19 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 
 
 def _prefill(model, prompt_ids: list[Sequence[int]], pad_id: int, device):
-    """Left-pad `prompt_ids` and run them through the model: (ids, mask, next positions, last logits, cache)."""
+    """Left-pad `prompt_ids` and run them through the model: (ids, mask, next positions, last logits, cache).
+
+    A prompt that appears in several rows (the k samples of one prompt) runs once; its keys, values
+    and logits are copied to each of its rows.
+    """
+    unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    if len(unique) < len(prompt_ids):
+        where = {p: i for i, p in enumerate(unique)}
+        index = torch.tensor([where[tuple(p)] for p in prompt_ids], device=device)
+        ids, mask, next_pos, logits, cache = _prefill(model, unique, pad_id, device)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        return ids[index], mask[index], next_pos[index], logits[index], cache
     from transformers import DynamicCache
 
     width = max(len(p) for p in prompt_ids)

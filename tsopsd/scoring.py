@@ -35,8 +35,51 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return transform_logits(lm.config, lm.get_output_embeddings()(hidden).float())
 
 
+def shared_prompt_hidden(model, ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                         prompt_index: torch.Tensor) -> torch.Tensor:
+    """`final_hidden` with each prompt run once: rows that share a prompt (consecutive rows with the same
+    `prompt_index`, the k samples of one prompt) take its keys and values from one pass over it.
+
+    The prompts' pass fills a KV cache (with gradient, when the student's pass needs one); the cache is
+    indexed out to every row and the completions run against it. So a micro-batch of n prompts x k
+    samples costs n prompts plus n*k completions, not n*k prompts; the result is `final_hidden`'s.
+    """
+    from transformers import DynamicCache
+
+    trunk = causal_lm(model).base_model
+    P = prompt_width
+    _, row_prompt, counts = torch.unique_consecutive(prompt_index, return_inverse=True, return_counts=True)
+    firsts = (counts.cumsum(0) - counts).to(ids.device)
+    row_prompt = row_prompt.to(ids.device)
+    prompt_mask = attention_mask[firsts, :P]
+    config = causal_lm(model).config
+    cache = DynamicCache(config=config)
+    prompt_out = trunk(input_ids=ids[firsts, :P], attention_mask=prompt_mask,
+                       position_ids=position_ids_from_mask(prompt_mask), cache=cache, use_cache=True)
+    rows = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):  # every row's copy of its prompt's keys and values
+        rows.update(layer.keys[row_prompt], layer.values[row_prompt], i)
+    del cache
+    out = trunk(input_ids=ids[:, P:], attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask)[:, P:], cache=rows, use_cache=True)
+    return torch.cat([prompt_out.last_hidden_state[row_prompt], out.last_hidden_state], 1)
+
+
+def can_share_prompts(model) -> bool:
+    """Whether `shared_prompt_hidden` applies now. Not for a sharded (FSDP) model, whose ranks must run
+    the same forwards while whether a micro-batch shares depends on its rows; not where the model
+    recomputes its layers in backward (activation checkpointing drops the cache when gradients are on)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = list(causal_lm(model).modules())
+    if any(isinstance(m, FSDPModule) for m in modules):
+        return False
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) and m.training for m in modules)
+    return not (checkpointed and torch.is_grad_enabled())
+
+
 def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None,
-                      layer_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      layer_states: list[torch.Tensor] | None = None, share_prompts: bool = True) -> torch.Tensor:
     """(N, D) hidden states at the positions that predict each completion token.
 
     Args:
@@ -44,15 +87,22 @@ def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None
         layer_states: when a list is given, one (rows, L, D) float32 tensor per micro-batch is appended
             to it: every decoder layer's output at each row's final real position (see `final_positions`),
             taken during the same forward pass. Only those positions are kept, so this costs rows x L x D.
+        share_prompts: run a prompt once for all its samples in a micro-batch (`shared_prompt_hidden`),
+            where that applies (not with `layer_states`, nor under activation checkpointing with grad).
     """
     mask = prediction_mask(rollout)
     B = rollout.input_ids.shape[0]
     step = micro_batch or B
+    share = share_prompts and layer_states is None and rollout.prompt_width > 0 and can_share_prompts(model)
     parts = []
     for s in range(0, B, step):
         ids, attention = rollout.input_ids[s:s + step], rollout.attention_mask[s:s + step]
-        with _captured(model, final_positions(attention), layer_states):
-            h = final_hidden(model, ids, attention)
+        index = rollout.prompt_index[s:s + step]
+        if share and bool((index[1:] == index[:-1]).any()):  # some prompt has two or more rows here
+            h = shared_prompt_hidden(model, ids, attention, rollout.prompt_width, index)
+        else:
+            with _captured(model, final_positions(attention), layer_states):
+                h = final_hidden(model, ids, attention)
         parts.append(h[mask[s:s + step]])
     return torch.cat(parts, 0)
 
@@ -109,10 +159,10 @@ class Scorer:
         return next(self.model.parameters()).device
 
     def hidden(self, rollout: Rollout, *, micro_batch: int | None = None,
-               layer_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+               layer_states: list[torch.Tensor] | None = None, share_prompts: bool = True) -> torch.Tensor:
         with self._context():
             return completion_hidden(self.model, rollout.to(self.device), micro_batch=micro_batch,
-                                     layer_states=layer_states)
+                                     layer_states=layer_states, share_prompts=share_prompts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Switching a PEFT adapter off walks every module (~80 ms for a 36-layer model), and the loss

@@ -26,7 +26,7 @@ from tsopsd.scoring import completion_hidden, head_logits
 
 
 def teacher_states(policy: Policy, rollout: Rollout, *, micro_batch: int, skip_empty: bool = True,
-                   timings: dict[str, float] | None = None) -> list[torch.Tensor | None]:
+                   timings: dict[str, float] | None = None, share_prompts: bool = True) -> list[torch.Tensor | None]:
     """The frozen teacher's (n, D) hidden states at completion positions, one per micro-batch (None for
     a micro-batch without completion tokens, when `skip_empty`).
 
@@ -41,7 +41,7 @@ def teacher_states(policy: Policy, rollout: Rollout, *, micro_batch: int, skip_e
             out.append(None)
             continue
         with clock("teacher"), torch.no_grad():
-            out.append(policy.teacher.hidden(part))
+            out.append(policy.teacher.hidden(part, share_prompts=share_prompts))
     return out
 
 
@@ -66,7 +66,7 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
     """
     n_tokens = normalizer if normalizer is not None else int(rollout.completion_mask.sum())
     total = ChunkStats()
-    mb = cfg.train.micro_batch
+    mb, share = cfg.train.micro_batch, cfg.train.share_prompts
     clock = _Clock(policy.teacher.device, timings)
     workspace = Workspace()  # chunk x V buffers shared by all micro-batches of the step
     for i, s in enumerate(range(0, rollout.input_ids.shape[0], mb)):
@@ -77,10 +77,10 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
             hidden, teacher_hidden[i] = teacher_hidden[i], None
         else:
             with clock("teacher"), torch.no_grad():
-                hidden = policy.teacher.hidden(part)  # (n, D), adapter disabled in LoRA mode
+                hidden = policy.teacher.hidden(part, share_prompts=share)  # (n, D), adapter disabled in LoRA mode
         with clock("student"):
             with policy.compute():  # autocast to bf16 over fp32 master weights, where there are some
-                student_hidden = completion_hidden(policy.student, part)  # (n, D), with grad
+                student_hidden = completion_hidden(policy.student, part, share_prompts=share)  # (n, D), with grad
             stats = chunked_divergence_backward(
                 student_hidden, hidden, partial(head_logits, policy.student), policy.teacher.logits,
                 normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
