@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +41,70 @@ def build_bench_model(out: Path, *, vocab: int, hidden: int, layers: int, heads:
     return out
 
 
+def bench_prompts(tok, n: int, prompt_tokens: int = 0) -> list[str]:
+    """`n` distinct prompt texts: the short `PROMPTS`, or (prompt_tokens > 0) each grown word by word from
+    a different start of them to at least `prompt_tokens` tokens (a long system prompt and question)."""
+    if prompt_tokens <= 0:
+        return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    words = " ".join(PROMPTS).split()
+    texts = []
+    for i in range(n):
+        out, j = [], i * 7
+        while len(tok(" ".join(out))["input_ids"]) < prompt_tokens:
+            out.extend(words[j % len(words):j % len(words) + 16])
+            j += 16
+        texts.append(" ".join(out))
+    return texts
+
+
+def matmul_peak() -> float:
+    """FLOP/s of a 1024^3 fp32 matmul, best of 5 (the threads set by `set_threads`)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * 1024**3 / best
+
+
+def bandwidth() -> float:
+    """Bytes/s read by a sum over 256 MiB of fp32, best of 5 (what a decode step's weight streaming sees)."""
+    x = torch.randn(64 * 2**20)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def step_floor(config, *, mode: str, prompts: int, samples: int, prompt_tokens: int, length: int,
+               peak: float, bw: float) -> dict:
+    """Seconds a reheat step cannot go below on this machine: its FLOPs at `peak` plus the bytes that must
+    stream at `bw`, counting each prompt once (what sharing makes possible) and fp32 weights.
+
+    FLOPs: 2 per weight per token for a forward (the body; the LM head only where a completion token is
+    predicted), for the rollout (prompts once, then `length` decode tokens per row), the teacher (1
+    forward) and the student (forward + backward: 3 forwards in full mode, 2 with LoRA, which needs no
+    weight gradients). Bytes: every weight once per decode step, and in full mode AdamW's read and
+    write of weights, gradients and two moments (32 bytes per weight).
+    """
+    D, V, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * getattr(config, "head_dim", D // config.num_attention_heads)
+    body = layers * (D * (D + 2 * kv) + D * D + 3 * D * config.intermediate_size)  # attention + gated MLP
+    head = D * V
+    rows = prompts * samples
+    tokens = prompts * prompt_tokens + rows * length  # what the teacher and the student pass over
+    passes = 1 + (3 if mode == "full" else 2)
+    flops = 2 * body * (prompts * prompt_tokens + rows * length) + 2 * head * rows * length  # rollout
+    flops += passes * (2 * body * tokens + 2 * head * rows * length)
+    weight_bytes = 4 * (body + head * (1 if config.tie_word_embeddings else 2))
+    moved = length * weight_bytes + (32 * (body + head) if mode == "full" else 0)
+    return {"floor_s": flops / peak + moved / bw, "flops": flops, "bytes": moved}
+
+
 def job_arguments(doc: str):
     """The flags both benchmark scripts share (the same job for both tools)."""
     import argparse
@@ -49,6 +114,8 @@ def job_arguments(doc: str):
     ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--prompts-per-step", type=int, default=8)
     ap.add_argument("--length", type=int, default=64, help="completion tokens (EOS suppressed)")
+    ap.add_argument("--samples-per-prompt", type=int, default=1)
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="grow each prompt to this many tokens (0: short)")
     ap.add_argument("--steps", type=int, default=6, help="measured steps (plus one warm-up)")
     ap.add_argument("--tau", type=float, default=1.5)
     ap.add_argument("--device", default="auto")

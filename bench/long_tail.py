@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PROMPTS, build_bench_model, set_threads  # noqa: E402
+from bench.common import PROMPTS, bandwidth, build_bench_model, matmul_peak, set_threads  # noqa: E402
 
 
 def long_tail_model(out: Path, *, vocab: int, mean: float) -> Path:
@@ -50,29 +50,6 @@ def long_tail_model(out: Path, *, vocab: int, mean: float) -> Path:
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
     return out
-
-
-def matmul_peak() -> float:
-    """FLOP/s of a 1024^3 fp32 matmul, best of 5."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * 1024**3 / best
-
-
-def bandwidth() -> float:
-    """Bytes/s read by a sum over 256 MiB of fp32, best of 5 (what a decode step's weight streaming sees)."""
-    x = torch.randn(64 * 2**20)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PROMPTS, job_arguments, peak_memory_mib, set_threads, summarize  # noqa: E402
+from bench.common import bench_prompts, job_arguments, peak_memory_mib, set_threads, summarize  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,9 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=dtype)
     teacher.config.logit_scale = 1.0 / args.tau  # teacher-only temperature (see the module docstring)
     n_prompts = args.prompts_per_step * (args.steps + 1)
-    data = Dataset.from_dict({"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)]})
+    texts = bench_prompts(tok, max(16, args.prompts_per_step), args.prompt_tokens)
+    k = args.samples_per_prompt  # k samples of a prompt: the prompt k times in a row (one completion each)
+    data = Dataset.from_dict({"prompt": [texts[i % len(texts)] for i in range(n_prompts) for _ in range(k)]})
     peft_config = None
     if args.mode == "lora":
         from peft import LoraConfig
@@ -58,7 +60,7 @@ def main() -> None:
                                  task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DistillationConfig(
-            output_dir=tmp, per_device_train_batch_size=args.prompts_per_step, gradient_accumulation_steps=1,
+            output_dir=tmp, per_device_train_batch_size=args.prompts_per_step * k, gradient_accumulation_steps=1,
             max_steps=args.steps + 1, learning_rate=1e-5, beta=0.0, temperature=1.0, bf16=use_cuda,
             gradient_checkpointing=False, max_completion_length=args.length, logging_steps=1, report_to=[],
             save_strategy="no", use_cpu=not use_cuda, shuffle_dataset=False, disable_dropout=True,
@@ -82,10 +84,11 @@ def main() -> None:
                                       processing_class=tok, peft_config=peft_config, callbacks=[Clock()])
         trainer.train()
     dev = torch.device("cuda" if use_cuda else "cpu")
-    n = args.prompts_per_step * args.length
+    n = args.prompts_per_step * k * args.length
     measured = [{"step_s": t, "tok_s": n / t} for t in times[1:]]
     summarize("trl", measured, {"mode": args.mode, "model": str(args.model), "prompts": args.prompts_per_step,
-                                "samples": 1, "length": args.length, "device": dev.type,
+                                "samples": k, "length": args.length,
+                                "prompt_tokens": len(tok(texts[0])["input_ids"]), "device": dev.type,
                                 "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                                 "peak_memory_mib": peak_memory_mib(dev), "trl_version": __import__("trl").__version__})
 

@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PROMPTS, job_arguments, peak_memory_mib, set_threads, summarize  # noqa: E402
+from bench.common import bench_prompts, job_arguments, peak_memory_mib, set_threads, summarize  # noqa: E402
 
 
 def main() -> None:
     ap = job_arguments(__doc__)
-    ap.add_argument("--samples-per-prompt", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--no-share-prompts", action="store_true", help="run every row's prompt (train.share_prompts false)")
     ap.add_argument("--engine", choices=["auto", "model"], default="auto",
                     help="decoding: auto = tsopsd's lean decoder where supported; model = the model's forward")
     args = ap.parse_args()
@@ -43,11 +43,12 @@ def main() -> None:
     dev = next(ck.model.parameters()).device
     cfg = load_config(None, {"model.path": str(args.model), "data.prompts": "-", "output.out": "-",
                              "train.mode": args.mode, "train.lr": 1e-5, "loss.chunk_size": args.chunk,
-                             "train.micro_batch": args.micro_batch})
+                             "train.micro_batch": args.micro_batch, "train.share_prompts": not args.no_share_prompts})
     policy = prepare_policy(ck.model, cfg.train)
     opt = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=0.0)
     tok = ck.tokenizer
-    prompts = [Prompt(t, tuple(tok(t)["input_ids"])) for t in PROMPTS]
+    texts = bench_prompts(tok, max(16, args.prompts_per_step), args.prompt_tokens)
+    prompts = [Prompt(t, tuple(tok(t)["input_ids"])) for t in texts]
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     measured = []
     for step in range(args.steps + 1):
@@ -56,7 +57,8 @@ def main() -> None:
         t0 = time.perf_counter()
         rollout = sample_rollouts(policy.student, tok, batch, samples_per_prompt=args.samples_per_prompt,
                                   max_new_tokens=args.length, batch_size=len(batch) * args.samples_per_prompt,
-                                  seed=step, suppress_eos=True, engine=args.engine)
+                                  seed=step, suppress_eos=True, engine=args.engine,
+                                  share_prompts=not args.no_share_prompts)
         sync()
         t_gen = time.perf_counter() - t0
         timings: dict[str, float] = {}
@@ -77,7 +79,8 @@ def main() -> None:
         if step > 0:
             measured.append(row)
     summarize("tsopsd", measured, {"mode": args.mode, "engine": args.engine, "model": str(args.model), "prompts": args.prompts_per_step,
-                                   "samples": args.samples_per_prompt, "length": args.length, "device": dev.type,
+                                   "samples": args.samples_per_prompt, "length": args.length,
+                                   "prompt_tokens": len(prompts[0].ids), "share_prompts": not args.no_share_prompts, "device": dev.type,
                                    "dtype": str(ck.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                                    "peak_memory_mib": peak_memory_mib(dev)})
 

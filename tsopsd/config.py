@@ -76,7 +76,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     micro_batch: int = 8  # sequences per student forward/backward (gradients accumulate)
     activation_checkpointing: Literal["auto", "true", "false"] = "auto"  # auto: on where the plan says activations would not fit
-    share_prompts: bool = True  # run a prompt once for its samples in the teacher and student passes (not under FSDP)
+    share_prompts: bool = True  # run a prompt once for its samples: rollout prefill, teacher and student passes
     lora_r: int = 16
     lora_alpha: int = 32
     lora_target_modules: str = "all-linear"  # or a comma-separated list of module names

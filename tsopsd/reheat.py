@@ -149,7 +149,7 @@ class Run:
                                    samples_per_prompt=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
                                    batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
                                    row_offset=start * k, done_everywhere=self.backend.done_everywhere,
-                                   engine=cfg.rollout.engine)
+                                   engine=cfg.rollout.engine, share_prompts=cfg.train.share_prompts)
 
     def temperature(self, step: int, rollout: Rollout) -> tuple[float, list[torch.Tensor | None] | None]:
         """Step `step`'s tau and, when it was solved on them, the teacher's hidden states (the loss reuses them).

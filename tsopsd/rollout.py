@@ -77,13 +77,13 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
     return torch.minimum(token, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
-def _prefill(model, prompt_ids: list[Sequence[int]], pad_id: int, device):
+def _prefill(model, prompt_ids: list[Sequence[int]], pad_id: int, device, share: bool = True):
     """Left-pad `prompt_ids` and run them through the model: (ids, mask, next positions, last logits, cache).
 
     A prompt that appears in several rows (the k samples of one prompt) runs once; its keys, values
     and logits are copied to each of its rows.
     """
-    unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    unique = list(dict.fromkeys(tuple(p) for p in prompt_ids)) if share else prompt_ids
     if len(unique) < len(prompt_ids):
         where = {p: i for i, p in enumerate(unique)}
         index = torch.tensor([where[tuple(p)] for p in prompt_ids], device=device)
@@ -108,13 +108,13 @@ def _prefill(model, prompt_ids: list[Sequence[int]], pad_id: int, device):
 
 def _sample_batch(model, prompt_ids: list[Sequence[int]], rows: torch.Tensor, *, seed: int, pad_id: int,
                   eos_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  suppress_eos: bool, lean: LeanDecoder | None = None,
+                  suppress_eos: bool, share_prompts: bool, lean: LeanDecoder | None = None,
                   done_everywhere: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
     """Sample one batch in lock-step, every row until the last one ends (the model's forward, or a sharded
     model). `rows` (B,) are the rows' global indices (their random draws). Run under no_grad. Returns
     the completions (B, L), their mask and log-probs; nothing is read back but "is every row done?"."""
     device = next(model.parameters()).device
-    ids, mask, next_pos, logits, cache = _prefill(model, prompt_ids, pad_id, device)
+    ids, mask, next_pos, logits, cache = _prefill(model, prompt_ids, pad_id, device, share_prompts)
     B, width = ids.shape
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     # The KV cache is sized for the whole completion at once: no regrowth (which briefly holds the old
@@ -153,7 +153,7 @@ def _sample_batch(model, prompt_ids: list[Sequence[int]], rows: torch.Tensor, *,
 
 def _sample_continuous(model, lean: LeanDecoder, prompt_ids: list[Sequence[int]], rows: list[int], *, slots: int,
                        seed: int, pad_id: int, eos_ids: list[int], max_new_tokens: int, temperature: float,
-                       top_p: float, top_k: int, suppress_eos: bool,
+                       top_p: float, top_k: int, suppress_eos: bool, share_prompts: bool,
                        on_done: Callable[[int], None] | None = None) -> tuple[torch.Tensor, ...]:
     """Continuous batching: `slots` sequences decode together; a finished row's slot is refilled with the
     next pending row (prefilled into that slot), so no step is spent on a row that has ended. Once no
@@ -165,7 +165,7 @@ def _sample_continuous(model, lean: LeanDecoder, prompt_ids: list[Sequence[int]]
     capacity = max(len(p) for p in prompt_ids) + max_new_tokens + 1
     pending = list(range(len(prompt_ids)))[::-1]  # popped from the end: row order
     first = [pending.pop() for _ in range(min(slots, len(pending)))]
-    _, mask, next_pos, logits, cache = _prefill(model, [prompt_ids[r] for r in first], pad_id, device)
+    _, mask, next_pos, logits, cache = _prefill(model, [prompt_ids[r] for r in first], pad_id, device, share_prompts)
     cache_rows = lean.slots(len(first), capacity)
     cache_rows.admit(list(range(len(first))), cache, mask)
     del cache
@@ -201,7 +201,8 @@ def _sample_continuous(model, lean: LeanDecoder, prompt_ids: list[Sequence[int]]
             next_pos = next_pos + torch.tensor(live, device=device, dtype=next_pos.dtype)
         refill = [(s, pending.pop()) for s in freed[:len(pending)]]
         if refill:
-            _, mask, pos, fresh, cache = _prefill(model, [prompt_ids[r] for _, r in refill], pad_id, device)
+            _, mask, pos, fresh, cache = _prefill(model, [prompt_ids[r] for _, r in refill], pad_id, device,
+                                                  share_prompts)
             cache_rows.admit([s for s, _ in refill], cache, mask)
             del cache
             at = torch.tensor([s for s, _ in refill], device=device)
@@ -245,6 +246,7 @@ def sample_rollouts(
     on_batch: Callable[[int], None] | None = None,
     engine: str = "auto",
     continuous: bool = True,
+    share_prompts: bool = True,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt.
 
@@ -273,6 +275,8 @@ def sample_rollouts(
         continuous: with the lean decoder and no lock-step (`done_everywhere` None), refill a finished
             row's slot with the next pending row (continuous batching); False: static batches, every row
             decoded until its batch's longest ends (the plan's worst case, same samples).
+        share_prompts: prefill a prompt once for all its rows in a batch and copy its keys and values
+            (False: every row runs its prompt, the plan's worst case; same samples).
 
     Returns:
         A `Rollout` with rows ordered prompt by prompt, k rows each.
@@ -287,7 +291,8 @@ def sample_rollouts(
         lean = LeanDecoder.build(model, batch_size=min(batch_size, len(rows)),
                                  max_length=max(len(ids) for _, ids in rows) + max_new_tokens)
     common = dict(seed=seed, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, top_k=top_k, suppress_eos=suppress_eos)
+                  temperature=temperature, top_p=top_p, top_k=top_k, suppress_eos=suppress_eos,
+                  share_prompts=share_prompts)
     prompt_ids = [ids for _, ids in rows]
     # inference mode trims per-op overhead, which is much of a small decode step; the lean path only, as
     # the model's own forward may be sharded (FSDP) and its hooks expect ordinary no-grad tensors. The
