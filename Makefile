@@ -42,6 +42,9 @@ smoke: install
 bench: install
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	bash bench/compare.sh
+	$(BIN)/python bench/cli_step.py          # the fixed-length job through the CLI, vs TRL, with floors
+	$(BIN)/python bench/prompt_heavy.py      # shared prompt prefixes vs unshared vs TRL
+	$(BIN)/python bench/long_tail.py         # continuous batching vs static vs HF generate
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,13 +2,15 @@
 
     python bench/cli_step.py [--steps 6] [--repeats 2] [--threads 2] [--no-trl]
 
-The job is `bench/compare.sh`'s step job: the random Qwen3 (8 layers x 512 hidden, vocab 8192, fp32),
-8 prompts x 1 sample, 64-token completions, tau 1.5, LoRA (r=16, all linear layers) and full. tsopsd
-runs as users run it, `python -m tsopsd reheat MODEL --prompts ... --config ...`, everything in: the
-rollout, the teacher and student passes, the optimizer, the stop rules' rollback copy, metrics and
-state files. Its time per step is the difference of a long run (2 + --steps steps) and a short one
-(2 steps), divided by --steps, so start-up, the reports and the output's writing cancel. Completions
-stop only at 64 tokens or at the tokenizer's EOS, which a random model samples about once in 8192 tokens.
+The job is `bench/compare.sh`'s step job: the random Qwen3 (8 layers x 512 hidden, vocab 8192, fp32;
+its final norm scaled by 8, as `tsopsd reheat` refuses a near-uniform model), 8 prompts x 1 sample,
+64-token completions, tau 1.5, LoRA (r=16, all linear layers) and full. tsopsd runs as users run
+it, `python -m tsopsd reheat MODEL --prompts ... --config ...`, everything in: the rollout, the
+teacher and student passes, the optimizer, the stop rules' rollback copy, metrics and state files.
+Its time per step is the difference of a long run (2 + --steps steps) and a short one (2 steps),
+divided by --steps, so start-up, the reports and the output's writing cancel. Completions stop at 64
+tokens or at the tokenizer's EOS (the CLI cannot suppress it; TRL's runs are held to 64 tokens, so
+an early EOS only makes tsopsd's step cheaper: `trained_tokens` says how many it trained).
 
 TRL's figure is `bench/peer_trl.py`'s median step (min_new_tokens = 64) on the same job. Beside
 each, the floor (`bench.common.step_floor`) at the matmul peak and memory bandwidth measured here.
@@ -41,6 +43,23 @@ output: {{save: {save}, save_every: 0, eval_prompts: 0}}
 """
 
 
+def sharpened(base: Path, factor: float = 8.0) -> Path:
+    """The bench model with its final norm scaled by `factor`: a random model is near uniform, which
+    `tsopsd reheat` refuses (nothing to reheat); sharpened, its entropy is a trained model's."""
+    out = base.parent / f"{base.name}-sharp"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tsopsd.lab.tiny import sharpen_
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    sharpen_(model, factor)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    return out
+
+
 def reheat_seconds(model: Path, prompts: Path, config: Path, steps: int, out: Path, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
@@ -62,7 +81,7 @@ def main() -> None:
     set_threads(args.threads)
     from transformers import AutoConfig, AutoTokenizer
 
-    model = build_bench_model(ROOT / "bench/out/models/q8x512", vocab=8192, hidden=512, layers=8)
+    model = sharpened(build_bench_model(ROOT / "bench/out/models/q8x512", vocab=8192, hidden=512, layers=8))
     peak, bw = matmul_peak(), bandwidth()
     tok = AutoTokenizer.from_pretrained(str(model))
     prompt_tokens = statistics.mean(len(tok(p)["input_ids"]) for p in PROMPTS)
@@ -79,9 +98,11 @@ def main() -> None:
             for rep in range(args.repeats):
                 short = reheat_seconds(model, prompts, config, 2, tmp / "o", args.threads)
                 long = reheat_seconds(model, prompts, config, 2 + args.steps, tmp / "o", args.threads)
+                steps = [json.loads(line) for line in (tmp / "o" / "metrics.jsonl").read_text().splitlines()]
+                tokens = statistics.mean(m["train/tokens"] for m in steps)
                 ours.append((long - short) / args.steps)
                 print(f"{mode} rep {rep}: tsopsd reheat {short:.1f} s (2 steps), {long:.1f} s ({2 + args.steps}): "
-                      f"{ours[-1]:.3f} s/step", flush=True)
+                      f"{ours[-1]:.3f} s/step, {tokens:.0f} trained tokens a step", flush=True)
                 if not args.no_trl:
                     out = subprocess.run([sys.executable, "bench/peer_trl.py", "--model", str(model), "--mode", mode,
                                           "--prompts-per-step", "8", "--length", str(args.length), "--steps", "5",
@@ -91,7 +112,7 @@ def main() -> None:
                     print(f"{mode} rep {rep}: TRL {trl[-1]:.3f} s/step", flush=True)
             floor = step_floor(AutoConfig.from_pretrained(str(model)), mode=mode, prompts=8, samples=1,
                                prompt_tokens=prompt_tokens, length=args.length, peak=peak, bw=bw)["floor_s"]
-            row = {"tsopsd_step_s": statistics.median(ours), "floor_s": floor}
+            row = {"tsopsd_step_s": statistics.median(ours), "floor_s": floor, "trained_tokens": tokens}
             row["tsopsd_x_floor"] = row["tsopsd_step_s"] / floor
             if trl:
                 row.update(trl_step_s=statistics.median(trl), trl_x_floor=statistics.median(trl) / floor,
