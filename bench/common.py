@@ -116,6 +116,8 @@ def job_arguments(doc: str):
     ap.add_argument("--length", type=int, default=64, help="completion tokens (EOS suppressed)")
     ap.add_argument("--samples-per-prompt", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=0, help="grow each prompt to this many tokens (0: short)")
+    ap.add_argument("--natural-eos", action="store_true", help="completions end at the model's EOS, up to --length")
+    ap.add_argument("--rollout-batch", type=int, default=0, help="sequences generated together (0: the whole step)")
     ap.add_argument("--steps", type=int, default=6, help="measured steps (plus one warm-up)")
     ap.add_argument("--tau", type=float, default=1.5)
     ap.add_argument("--device", default="auto")

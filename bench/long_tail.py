@@ -15,6 +15,9 @@ Timed, alternating, each --repeats times, on the same prompts (--rows = prompts 
   batch's longest ends;
 - `hf_generate`: `model.generate(do_sample=True)` in batches of --batch (what TRL uses without vLLM).
 
+Then (unless --no-step) whole LoRA reheat steps on the same rows: tsopsd's (`bench/step.py`) against
+TRL's DistillationTrainer (`bench/peer_trl.py`), which needs `pip install '.[bench]'`.
+
 The floor is measured here too. It is the useful tokens' FLOPs (2 x parameters per token) at this
 machine's fp32 matmul peak, plus the weight bytes one decode step reads, at the measured memory
 bandwidth, times the steps the slots need (useful tokens / batch). A large fp32 matmul gives the
@@ -52,6 +55,28 @@ def long_tail_model(out: Path, *, vocab: int, mean: float) -> Path:
     return out
 
 
+def whole_steps(args) -> dict:
+    """Whole reheat steps on this workload, LoRA: `bench/step.py` (tsopsd's step) and `bench/peer_trl.py`
+    (TRL's DistillationTrainer, generating with HF `generate` in batches of --batch and accumulating
+    over them), alternating, each in its own process; completions end at the model's stop ids."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    job = ["--model", str(args.out), "--mode", "lora", "--prompts-per-step", str(args.rows // args.samples),
+           "--samples-per-prompt", str(args.samples), "--length", str(args.cap), "--natural-eos",
+           "--rollout-batch", str(args.batch), "--steps", "2", "--threads", str(args.threads)]
+    times: dict[str, list[float]] = {"tsopsd": [], "trl": []}
+    for rep in range(args.repeats):
+        for name, script in (("tsopsd", "bench/step.py"), ("trl", "bench/peer_trl.py")):
+            out = subprocess.run([sys.executable, script, *job], cwd=root, capture_output=True, text=True, check=True)
+            times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["median_step_s"])
+            print(f"step {name:7s} rep {rep}: {times[name][-1]:.2f} s (median of 2 steps after a warm-up)", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"whole step, LoRA: tsopsd {med['tsopsd']:.2f} s, TRL {med['trl']:.2f} s, "
+          f"ratio {med['tsopsd'] / med['trl']:.2f}", flush=True)
+    return {"step_tsopsd_s": med["tsopsd"], "step_trl_s": med["trl"], "step_ratio": med["tsopsd"] / med["trl"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=64)
@@ -62,6 +87,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench/out/models/q8x512-longtail"))
+    ap.add_argument("--no-step", action="store_true", help="rollouts only: skip the whole-step comparison with TRL")
     args = ap.parse_args()
     set_threads(args.threads)
 
@@ -123,7 +149,8 @@ def main() -> None:
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in results.items()}
     for k in med:
         med[k]["tok_s_vs_hf_generate"] = med[k]["tok_s"] / med["hf_generate"]["tok_s"]
-    print(json.dumps({"bench": "long_tail", "rows": args.rows, "batch": args.batch, "mean": args.mean,
+    steps = {} if args.no_step else whole_steps(args)
+    print(json.dumps({"bench": "long_tail", **steps, "rows": args.rows, "batch": args.batch, "mean": args.mean,
                       "cap": args.cap, "threads": torch.get_num_threads(), "params": params,
                       "matmul_peak_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9, **med}), flush=True)
 

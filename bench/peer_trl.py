@@ -52,6 +52,10 @@ def main() -> None:
     texts = bench_prompts(tok, max(16, args.prompts_per_step), args.prompt_tokens)
     k = args.samples_per_prompt  # k samples of a prompt: the prompt k times in a row (one completion each)
     data = Dataset.from_dict({"prompt": [texts[i % len(texts)] for i in range(n_prompts) for _ in range(k)]})
+    rows = args.prompts_per_step * k
+    batch = args.rollout_batch or rows  # generated together; a step accumulates rows // batch of them
+    if rows % batch:
+        raise SystemExit(f"--rollout-batch {batch} must divide the step's {rows} rows")
     peft_config = None
     if args.mode == "lora":
         from peft import LoraConfig
@@ -60,11 +64,12 @@ def main() -> None:
                                  task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DistillationConfig(
-            output_dir=tmp, per_device_train_batch_size=args.prompts_per_step * k, gradient_accumulation_steps=1,
+            output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=rows // batch,
             max_steps=args.steps + 1, learning_rate=1e-5, beta=0.0, temperature=1.0, bf16=use_cuda,
             gradient_checkpointing=False, max_completion_length=args.length, logging_steps=1, report_to=[],
             save_strategy="no", use_cpu=not use_cuda, shuffle_dataset=False, disable_dropout=True,
-            generation_kwargs={"min_new_tokens": args.length}, seed=0, dataloader_num_workers=0)
+            generation_kwargs={} if args.natural_eos else {"min_new_tokens": args.length}, seed=0,
+            dataloader_num_workers=0)
         times: list[float] = []
 
         class Clock(TrainerCallback):

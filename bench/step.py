@@ -56,8 +56,9 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         rollout = sample_rollouts(policy.student, tok, batch, samples_per_prompt=args.samples_per_prompt,
-                                  max_new_tokens=args.length, batch_size=len(batch) * args.samples_per_prompt,
-                                  seed=step, suppress_eos=True, engine=args.engine,
+                                  max_new_tokens=args.length,
+                                  batch_size=args.rollout_batch or len(batch) * args.samples_per_prompt,
+                                  seed=step, suppress_eos=not args.natural_eos, engine=args.engine,
                                   share_prompts=not args.no_share_prompts)
         sync()
         t_gen = time.perf_counter() - t0

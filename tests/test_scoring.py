@@ -6,6 +6,8 @@ passes, which sum the k samples' gradients in different places, agree to float32
 each tensor's norm (measured: 1e-7; the prompt keys detached from the graph give 2e-3 to 0.2).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,3 +68,27 @@ def test_shared_prompts_with_lora_and_without_grad(ckpts, prompts_file):
     assert all(close(g1[n], g0[n]) for n in g0)
     with torch.no_grad(), lora.disable_adapter():  # the teacher's pass
         assert close(completion_hidden(lora, r), completion_hidden(lora, r, share_prompts=False))
+
+
+def test_micro_batches_run_only_the_columns_their_rows_use(ckpts, prompts_file):
+    """Rows of very different lengths: each micro-batch is trimmed to its own rows' columns; hidden states
+    and gradients equal each row run alone (no padding at all), in float64."""
+    model, r = _rollout(ckpts["qwen3"], prompts_file, k=2)
+    r.completion_mask[:4, r.prompt_width + 2:] = False  # the first micro-batch's rows are short
+    r.attention_mask[:4, r.prompt_width + 2:] = 0
+    part = r.rows(0, 4).trimmed()
+    assert part.input_ids.shape[1] < r.input_ids.shape[1] and part.prompt_width <= r.prompt_width
+    assert torch.equal(part.input_ids[part.attention_mask.bool()], r.rows(0, 4).input_ids[r.rows(0, 4).attention_mask.bool()])
+    h0, g0 = _loss_and_grads(model, r, share=False, micro_batch=4)
+    alone = [_loss_and_grads(model, r.rows(i, i + 1), share=False)[0] for i in range(r.input_ids.shape[0])]
+    assert close(h0, torch.cat(alone))
+    full = dataclasses.replace(r)  # the untrimmed pass: every micro-batch as wide as the whole step
+    from tsopsd import batch
+
+    orig = batch.Rollout.trimmed
+    try:
+        batch.Rollout.trimmed = lambda self: self
+        h1, g1 = _loss_and_grads(model, full, share=False, micro_batch=4)
+    finally:
+        batch.Rollout.trimmed = orig
+    assert close(h1, h0) and all(close(g1[n], g0[n]) for n in g0)

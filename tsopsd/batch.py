@@ -50,6 +50,23 @@ class Rollout:
         """The rows [start, stop) as a Rollout."""
         return Rollout(**{k: (v[start:stop] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
 
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every one of them: left of the longest
+        prompt, right of the longest completion. A micro-batch of short rows then costs what its rows
+        need, not the longest row of the whole step. Positions come from the mask, so nothing else moves."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if isinstance(self.attention_mask, FakeTensor):  # `tsopsd plan`: no values to look at (its rows are full)
+            return self
+        real = self.attention_mask.bool().any(0).nonzero()
+        if real.numel() == 0:
+            return self
+        first, last = min(int(real[0]), self.prompt_width), int(real[-1]) + 1
+        if first == 0 and last == self.attention_mask.shape[1]:
+            return self
+        cols = {k: v[:, first:last] for k, v in self.__dict__.items() if torch.is_tensor(v) and v.dim() == 2}
+        return Rollout(**{**self.__dict__, **cols, "prompt_width": self.prompt_width - first})
+
     def to(self, device) -> Rollout:
         return Rollout(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
 

@@ -90,20 +90,19 @@ def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None
         share_prompts: run a prompt once for all its samples in a micro-batch (`shared_prompt_hidden`),
             where that applies (not with `layer_states`, nor under activation checkpointing with grad).
     """
-    mask = prediction_mask(rollout)
     B = rollout.input_ids.shape[0]
     step = micro_batch or B
-    share = share_prompts and layer_states is None and rollout.prompt_width > 0 and can_share_prompts(model)
+    share = share_prompts and layer_states is None and can_share_prompts(model)
     parts = []
     for s in range(0, B, step):
-        ids, attention = rollout.input_ids[s:s + step], rollout.attention_mask[s:s + step]
-        index = rollout.prompt_index[s:s + step]
-        if share and bool((index[1:] == index[:-1]).any()):  # some prompt has two or more rows here
-            h = shared_prompt_hidden(model, ids, attention, rollout.prompt_width, index)
+        part = rollout.rows(s, s + step).trimmed()  # only the columns these rows use
+        ids, attention, index = part.input_ids, part.attention_mask, part.prompt_index
+        if share and part.prompt_width > 0 and bool((index[1:] == index[:-1]).any()):  # a prompt with 2+ rows
+            h = shared_prompt_hidden(model, ids, attention, part.prompt_width, index)
         else:
             with _captured(model, final_positions(attention), layer_states):
                 h = final_hidden(model, ids, attention)
-        parts.append(h[mask[s:s + step]])
+        parts.append(h[prediction_mask(part)])
     return torch.cat(parts, 0)
 
 
