@@ -99,7 +99,7 @@ def main() -> None:
     with sampler.phase("rollout", peaks, baseline), policy.compute():
         sample_rollouts(policy.student, _Tokenizer(mc), [Prompt(ids=[5] * P, text="") for _ in range(batch)],
                         samples_per_prompt=1, max_new_tokens=L, batch_size=batch, suppress_eos=True,
-                        engine=cfg.rollout.engine)
+                        engine=cfg.rollout.engine, share_prompts=False)  # the plan's worst case: every row's own prefill
     rollout = worst_case_rollout(rows, P, L)
     tau = cfg.teacher.temperature
     with sampler.phase("check", peaks, baseline):
