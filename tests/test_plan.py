@@ -257,3 +257,20 @@ def test_a_plan_that_does_not_fit_says_what_would(tmp_path):
     smaller = [int(t.split(": ")[1]) for t in short["advice"] if t.startswith("train.micro_batch: ")]
     assert smaller and 1 <= smaller[0] < 8, short["advice"]
     assert plan(load_config(None, {**sets, "train.micro_batch": smaller[0]}, inputs=False), folder, tight)["fits"]
+
+
+def test_an_in_place_index_write_counts_the_elements_written_not_the_tensor():
+    """The lean decoder writes each slot's new key into its KV cache at its own length (`index_put_`):
+    the roofline counts those elements, not the whole cache (which would double the 4B rollout's time)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tsopsd.plan import Tracker
+
+    tracker = Tracker(vocab=8, kv_heads=2, head_dim=4, flops=1e12, bandwidth=1e12)
+    with FakeTensorMode(), tracker, tracker.in_phase("rollout") as record:
+        cache = torch.zeros(4, 2, 1000, 4)  # (slots, kv heads, capacity, head dim): 128 kB
+        slots, at = torch.arange(4), torch.tensor([3, 7, 7, 9])
+        before = record.bytes
+        cache[slots, :, at] = torch.ones(4, 2, 4)  # 32 elements written
+        moved = record.bytes - before
+    assert 0 < moved <= 4 * (3 * 32 + 2 * 4 * 8), moved  # values read and written, plus the two index tensors

@@ -21,7 +21,8 @@ each phase's peak; data-parallel and FSDP plans run under a fake process group o
 linearly to `max_new_tokens` from what each step added; micro-batches and rollout batches after the
 first two are alike and are counted, not run (the report's scoring too: its other micro-batches add
 only their hidden states). FLOPs (matmuls and attention, from
-`torch.utils.flop_counter`) and bytes read and written (every op's inputs and outputs) give a roofline
+`torch.utils.flop_counter`) and bytes read and written (every op's inputs and outputs; an in-place
+indexed write, the elements it writes) give a roofline
 time: per op the larger of FLOPs / peak FLOP/s and bytes / bandwidth. That is a lower bound on a
 step's time, not a measurement; kernels that fuse or overlap move it, launches and Python add to it.
 
@@ -392,6 +393,8 @@ class Tracker(TorchDispatchMode):
         if aliases and not any(a.is_write for a in aliases):
             return  # a view: no data moves
         moved = (args, kwargs) if aliases else (args, kwargs, out)  # in place: the output is an input
+        if func is torch.ops.aten.index_put_.default:  # writes only the indexed elements, not all of `self`
+            moved = (args[1], args[2], args[2])  # the indices, the values read, as many elements written
         nbytes = sum(t.numel() * t.element_size() for t in tree_flatten(moved)[0] if isinstance(t, torch.Tensor))
         r.flops += flops
         r.bytes += nbytes
