@@ -138,8 +138,8 @@ class Run:
     def rollout(self, step: int) -> Rollout:
         """This rank's share of step `step`'s rollouts, sampled from the current student at T=1.
 
-        The step's global prompt list is the same for any world size; a rank samples its share with the
-        generator seeds one process would use for those rows.
+        The step's global prompt list is the same for any world size; a rank samples its share of rows
+        at their global indices (`row_offset`), so it draws what one process would draw for them.
         """
         cfg, k = self.cfg, self.cfg.rollout.samples_per_prompt
         per_step = cfg.rollout.prompts_per_step * self.backend.world_size
