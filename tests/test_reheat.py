@@ -269,3 +269,29 @@ def test_teacher_check_catches_a_wrong_training_path(collapsed):
     check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"])
     with pytest.raises(RuntimeError, match="teacher check failed"):
         check_teacher(Scorer(ck.model), r, 1.5, measured_teacher_entropy=good["entropy_tau"] * 1.01)
+
+
+def test_share_prompts_false_runs_every_rows_prompt_everywhere(collapsed, tmp_path, monkeypatch):
+    """`train.share_prompts: false` reaches every pass: the rollout's prefill, the tau solve's teacher
+    states (target entropy) and the loss's teacher and student passes. With it on, they share."""
+    import tsopsd.rollout
+    import tsopsd.scoring
+
+    calls = {"prefill": 0, "hidden": 0}
+    prefill, hidden = tsopsd.rollout._prefill, tsopsd.scoring.shared_prompt_hidden
+
+    def counted_prefill(model, prompt_ids, pad_id, device, share=True):
+        calls["prefill"] += share and len({tuple(p) for p in prompt_ids}) < len(prompt_ids)
+        return prefill(model, prompt_ids, pad_id, device, share)
+
+    def counted_hidden(*a, **k):
+        calls["hidden"] += 1
+        return hidden(*a, **k)
+
+    monkeypatch.setattr(tsopsd.rollout, "_prefill", counted_prefill)
+    monkeypatch.setattr(tsopsd.scoring, "shared_prompt_hidden", counted_hidden)
+    common = {"teacher.temperature": None, "teacher.target_entropy": 0.35, "train.steps": 2, "output.eval_prompts": 0}
+    reheat(cfg_for(collapsed, tmp_path / "off", **common, **{"train.share_prompts": False}), show_progress=False)
+    assert calls == {"prefill": 0, "hidden": 0}
+    reheat(cfg_for(collapsed, tmp_path / "on", **common), show_progress=False)
+    assert calls["prefill"] > 0 and calls["hidden"] > 0

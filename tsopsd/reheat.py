@@ -162,7 +162,7 @@ class Run:
         if state.target is None:
             return state.tau, None
         hidden = teacher_states(self.policy, rollout, micro_batch=self.cfg.train.micro_batch,
-                                skip_empty=not self.backend.lockstep)
+                                skip_empty=not self.backend.lockstep, share_prompts=self.cfg.train.share_prompts)
         found = solve_temperature(self.policy.teacher, hidden, state.target, start=state.tau, total=self.backend.sum,
                                   chunk_size=self.cfg.loss.chunk_size)
         if not found.reached:

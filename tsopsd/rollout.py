@@ -197,8 +197,9 @@ def _sample_continuous(model, lean: LeanDecoder, prompt_ids: list[Sequence[int]]
         if not any(live) and not pending:
             break
         if any(live):
-            logits = cache_rows(token, next_pos, torch.tensor(live, device=device), live)
-            next_pos = next_pos + torch.tensor(live, device=device, dtype=next_pos.dtype)
+            moving = torch.tensor(live, device=device)
+            logits = cache_rows(token, next_pos, moving, live)
+            next_pos = next_pos + moving
         refill = [(s, pending.pop()) for s in freed[:len(pending)]]
         if refill:
             _, mask, pos, fresh, cache = _prefill(model, [prompt_ids[r] for _, r in refill], pad_id, device,

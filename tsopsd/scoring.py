@@ -37,22 +37,24 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def shared_prompt_hidden(model, ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                          prompt_index: torch.Tensor) -> torch.Tensor:
-    """`final_hidden` with each prompt run once: rows that share a prompt (consecutive rows with the same
-    `prompt_index`, the k samples of one prompt) take its keys and values from one pass over it.
+    """`final_hidden` from the prompt's last column on (B, T - P + 1, D), with each prompt run once: rows
+    that share a prompt (consecutive rows with the same `prompt_index`, the k samples of one prompt)
+    take its keys and values from one pass over it.
 
     The prompts' pass fills a KV cache (with gradient, when the student's pass needs one); the cache is
     indexed out to every row and the completions run against it. So a micro-batch of n prompts x k
-    samples costs n prompts plus n*k completions, not n*k prompts; the result is `final_hidden`'s.
+    samples costs n prompts plus n*k completions, not n*k prompts. Only the prompt's last column is
+    returned of its part: the first position that predicts a completion token.
     """
     from transformers import DynamicCache
 
-    trunk = causal_lm(model).base_model
+    lm = causal_lm(model)
+    trunk, config = lm.base_model, lm.config
     P = prompt_width
     _, row_prompt, counts = torch.unique_consecutive(prompt_index, return_inverse=True, return_counts=True)
     firsts = (counts.cumsum(0) - counts).to(ids.device)
     row_prompt = row_prompt.to(ids.device)
     prompt_mask = attention_mask[firsts, :P]
-    config = causal_lm(model).config
     cache = DynamicCache(config=config)
     prompt_out = trunk(input_ids=ids[firsts, :P], attention_mask=prompt_mask,
                        position_ids=position_ids_from_mask(prompt_mask), cache=cache, use_cache=True)
@@ -62,7 +64,7 @@ def shared_prompt_hidden(model, ids: torch.Tensor, attention_mask: torch.Tensor,
     del cache
     out = trunk(input_ids=ids[:, P:], attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask)[:, P:], cache=rows, use_cache=True)
-    return torch.cat([prompt_out.last_hidden_state[row_prompt], out.last_hidden_state], 1)
+    return torch.cat([prompt_out.last_hidden_state[:, -1:][row_prompt], out.last_hidden_state], 1)
 
 
 def can_share_prompts(model) -> bool:
@@ -97,12 +99,14 @@ def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None
     for s in range(0, B, step):
         part = rollout.rows(s, s + step).trimmed()  # only the columns these rows use
         ids, attention, index = part.input_ids, part.attention_mask, part.prompt_index
+        mask = prediction_mask(part)
         if share and part.prompt_width > 0 and bool((index[1:] == index[:-1]).any()):  # a prompt with 2+ rows
             h = shared_prompt_hidden(model, ids, attention, part.prompt_width, index)
+            mask = mask[:, part.prompt_width - 1:]  # nothing before the prompt's last column predicts a completion
         else:
             with _captured(model, final_positions(attention), layer_states):
                 h = final_hidden(model, ids, attention)
-        parts.append(h[prediction_mask(part)])
+        parts.append(h[mask])
     return torch.cat(parts, 0)
 
 
