@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/cli_step.py          # the fixed-length job through the CLI, vs TRL, with floors
 	$(BIN)/python bench/prompt_heavy.py      # shared prompt prefixes vs unshared vs TRL
 	$(BIN)/python bench/long_tail.py         # continuous batching vs static vs HF generate
+	$(BIN)/python bench/decode.py            # one decode step, eager vs compiled, vs the bandwidth bound
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

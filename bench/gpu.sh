@@ -17,6 +17,7 @@ from bench.common import build_bench_model
 # Qwen3-0.6B-like shape: 28 layers x 1024 hidden, vocab 151,936 (about 0.6B parameters)
 build_bench_model(Path("bench/out/models/q05b"), vocab=151936, hidden=1024, layers=28, heads=16)
 PYEOF
+"$PY" bench/decode.py --model bench/out/models/q05b --device cuda --dtype bfloat16 --repeats 3  # CUDA graphs vs eager
 for mode in lora full; do
   "$PY" bench/step.py --model bench/out/models/q05b --mode "$mode" --prompts-per-step 16 --samples-per-prompt 4 \
       --length 256 --steps 3 --device cuda --dtype bfloat16 | tee -a bench/out/gpu.jsonl

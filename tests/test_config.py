@@ -25,6 +25,15 @@ def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
     assert (cfg.train.steps, cfg.train.lr) == (9, 0.5)  # coerced from a string; other keys kept
 
 
+def test_rollout_compile_takes_yamls_booleans_and_refuses_others(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("rollout:\n  compile: true\n")
+    assert load_config(y, REQUIRED).rollout.compile == "true"
+    assert load_config(None, REQUIRED).rollout.compile == "auto"
+    with pytest.raises(ConfigError, match="rollout.compile: must be one of"):
+        load_config(None, {**REQUIRED, "rollout.compile": "always"})
+
+
 def test_unknown_keys_and_bad_values_reported_all_at_once(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  stepz: 7\n  lr: fast\nloss:\n  divergence: kl\n  beta: 1.5\nteacher:\n  temperature: 0.8\n")

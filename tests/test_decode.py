@@ -206,3 +206,95 @@ def test_no_packed_copy_without_room(ckpts, monkeypatch):
     ref = _step_by_step(model, ids, mask, new, "model")
     got = _step_by_step(model, ids, mask, new, "lean")
     assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+@pytest.fixture
+def compile_state(monkeypatch):
+    """decode.COMPILE as it was, after the test (a step turned off stays off for the process otherwise)."""
+    for key, value in list(decode.COMPILE.items()):
+        monkeypatch.setitem(decode.COMPILE, key, value)
+    monkeypatch.setitem(decode.COMPILE, "why", "")
+    return decode.COMPILE
+
+
+def _compiled_steps(model, compile, steps=6):
+    """Logits of `steps` greedy lean decode steps over a left-padded batch, (steps, B, V)."""
+    ids, mask, _ = _batch(model.config.vocab_size)
+    cache = DynamicCache()
+    positions = position_ids_from_mask(mask)
+    out = []
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].float()
+        lean = decode.LeanDecoder.build(model, batch_size=ids.shape[0], max_length=ids.shape[1] + steps,
+                                        compile="false" if callable(compile) else compile)
+        if callable(compile):  # a stand-in for the compiled step
+            lean.compiled = compile
+        step = lean.session(cache, mask, capacity=ids.shape[1] + steps + 1)
+        pos, alive = positions[:, -1] + 1, torch.ones(ids.shape[0], dtype=torch.bool)
+        for _ in range(steps):
+            logits = step(logits.argmax(-1), pos, alive)
+            out.append(logits)
+            pos = pos + 1
+    return torch.stack(out), lean
+
+
+@pytest.mark.parametrize("fault", ["wrong logits", "compiler error"])
+def test_a_compiled_step_that_fails_or_disagrees_is_turned_off(ckpts, compile_state, fault, caplog):
+    """The first compiled step of a rollout is checked against the eager one: a wrong or failing compiled
+    step costs a warning, never a wrong token, and stays off for the process."""
+    model = load_checkpoint(ckpts["qwen3"], device="cpu").model
+
+    def broken(dec, keys, values, bias, lengths, tokens, positions, alive, n):
+        if fault == "compiler error":
+            raise RuntimeError("inductor could not compile this\nsecond line")
+        decode._forward(dec, keys, values, bias, lengths, tokens, positions, alive, n)  # writes the cache too
+        return torch.zeros(tokens.shape[0], model.config.vocab_size)
+
+    ref, _ = _compiled_steps(model, "false")
+    with caplog.at_level("WARNING"):
+        got, lean = _compiled_steps(model, broken)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))  # the first step attends over a rounded-up width, masked:
+    assert (got - ref).abs().max().item() < 1e-5 * ref.abs().max().item()  # the same logits to rounding
+    assert lean.compiled is None and not compile_state["on"]
+    assert compile_state["why"].startswith("turned off")
+    assert any("compiled decode step is off" in r.message for r in caplog.records)
+    again = decode.LeanDecoder.build(model, batch_size=2, max_length=8, compile="true")
+    assert again.compiled is None  # not retried in this process
+
+
+def test_compile_auto_is_off_on_cpu_and_false_is_off(ckpts, compile_state):
+    model = load_checkpoint(ckpts["qwen3"], device="cpu").model
+    for setting in ("auto", "false"):
+        lean = decode.LeanDecoder.build(model, batch_size=2, max_length=8, compile=setting)
+        assert lean.compiled is None and not compile_state["on"] and compile_state["setting"] == setting
+
+
+@pytest.mark.parametrize("pack", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["packed", "plain"])
+def test_compiled_step_equals_the_eager_step(ckpts, compile_state, pack, monkeypatch):
+    """torch.compile of the lean step (inductor on CPU; the packed oneDNN linears as a custom op) gives the
+    eager step's logits, step after step, and was checked and kept on."""
+    if not pack:
+        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+    model = _lora(load_checkpoint(ckpts["qwen3"], device="cpu").model)
+    ref, _ = _compiled_steps(model, "false")
+    got, lean = _compiled_steps(model, "true")
+    assert lean.packed == pack and lean.compiled is not None and compile_state["on"]
+    assert compile_state["compile_s"] > 0
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.slow
+def test_compiled_rollouts_sample_what_eager_rollouts_sample(ckpts, compile_state, monkeypatch):
+    """Continuous batching with the compiled step (slots refilled, the batch shrinking at the tail, the
+    attended width growing by COMPILED_WIDTHS: new shapes) samples the same tokens as the eager step."""
+    monkeypatch.setattr(decode, "COMPILED_WIDTHS", 8)
+    ck = load_checkpoint(ckpts["qwen3"], device="cpu")
+    tok = ck.tokenizer
+    prompts = [Prompt(t, tuple(tok(t)["input_ids"])) for t in ["the cat", "one two three four", "a red dog sat"]]
+    kw = dict(samples_per_prompt=3, max_new_tokens=24, seed=5, batch_size=4)
+    a = sample_rollouts(ck.model, tok, prompts, compile="false", **kw)
+    b = sample_rollouts(ck.model, tok, prompts, compile="true", **kw)
+    assert compile_state["on"]
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert (a.sample_logprobs - b.sample_logprobs).abs().max().item() < 1e-4

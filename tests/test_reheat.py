@@ -64,6 +64,8 @@ def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
           f"{before['entropy']['mean']:.4f} -> {after['entropy']['mean']:.4f}, agreement "
           f"{after['reference']['top1_agreement']:.3f}")
     assert report["eval_prompts"] == 6 and before["prompts"] == 6
+    assert report["rollout_compile"] == {"setting": "auto", "on": False, "compile_s": 0.0,
+                                         "why": "auto: off on cpu (measured not to pay there: bench/decode.py)"}
     assert after["entropy"]["mean"] - before["entropy"]["mean"] >= 0.5 * (h_teacher - before["entropy"]["mean"])
     assert after["reference"]["top1_agreement"] >= 0.9
     # the output behaves like the input sampled hotter, and the report says how much hotter
@@ -295,3 +297,26 @@ def test_share_prompts_false_runs_every_rows_prompt_everywhere(collapsed, tmp_pa
     assert calls == {"prefill": 0, "hidden": 0}
     reheat(cfg_for(collapsed, tmp_path / "on", **common), show_progress=False)
     assert calls["prefill"] > 0 and calls["hidden"] > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_what_an_eager_run_trains(collapsed, tmp_path, monkeypatch):
+    """`rollout.compile: true` end to end: compiled once for the run (the report says so and how long),
+    and the run's rollouts and losses are the eager run's to float rounding."""
+    from tsopsd import decode
+
+    for key, value in list(decode.COMPILE.items()):
+        monkeypatch.setitem(decode.COMPILE, key, value)
+    monkeypatch.setitem(decode.COMPILE, "why", "")
+    common = {"train.steps": 3, "output.eval_prompts": 0}
+    eager = reheat(cfg_for(collapsed, tmp_path / "eager", **common, **{"rollout.compile": "false"}),
+                   show_progress=False)
+    compiled = reheat(cfg_for(collapsed, tmp_path / "compiled", **common, **{"rollout.compile": "true"}),
+                      show_progress=False)
+    assert eager["rollout_compile"]["on"] is False and eager["rollout_compile"]["compile_s"] == 0
+    assert compiled["rollout_compile"]["on"] is True and compiled["rollout_compile"]["compile_s"] > 0
+    a, b = steps_of(tmp_path / "eager"), steps_of(tmp_path / "compiled")
+    for key in ("train/tokens", "train/completion_length"):
+        assert [m[key] for m in a] == [m[key] for m in b], key
+    for key in ("train/loss", "train/student_entropy"):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-4), key

@@ -17,6 +17,14 @@ adopted); weights are only read (a packed *copy* is made, LoRA merged into that 
 and the frozen teacher are untouched; results equal the model's own logits to float rounding
 (tests compare them on every supported architecture, with and without a LoRA adapter).
 
+Compiled (`compile="true"`; "auto": on a GPU only): the same step under `torch.compile`, with CUDA
+graphs on a GPU (`mode="reduce-overhead"`; the KV cache at fixed addresses, attention over a multiple
+of 256 columns, masked, so that 256 steps in a row have the same shapes). The first compiled step of each rollout is checked
+against the eager step on the same inputs; a failure to compile or a disagreement turns compilation
+off for the rest of the process, with a warning, and decoding goes on eagerly. On this project's CPU
+machines it does not pay (`bench/decode.py`: about 3% per step after 20-100 s of compiling), so
+"auto" leaves it off there.
+
 `build` returns None, and the caller falls back to calling the model, for anything it does not
 recognise: other architectures, quantized or sharded (FSDP, DTensor) or offloaded weights, LoRA
 variants (DoRA...) or merged adapters, sliding windows shorter than the sequence, other activations.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +70,56 @@ def _room_for(nbytes: int) -> bool:
     return nbytes < free // 2
 
 
+_PACKED: list = []  # the running compiled step's packed (weight, bias) pairs, indexed by `_Linear.index`
+
+
+@torch.library.custom_op("tsopsd::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+    """A packed oneDNN linear inside a compiled graph: the packed weight (an opaque oneDNN tensor, which
+    torch.compile cannot trace) is looked up by index instead of being an input of the graph."""
+    weight, bias = _PACKED[index]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_packed_linear.register_fake
+def _(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+COMPILED_WIDTHS = 256  # the compiled step attends over a multiple of this many columns
+COMPILE: dict = {"setting": None, "on": False, "why": "no lean decode yet", "compile_s": 0.0}  # the run report's view
+_compiled: dict = {}  # mode -> the compiled step, kept for the whole process (recompiled only on new shapes)
+
+
+def _frames_compiled() -> int:
+    """How many frames torch.compile has compiled in this process (a call that raised it compiled)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["frames"].values())
+
+
+def _compile_choice(setting: str, device: torch.device, fake: bool) -> tuple[bool, str]:
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"compile must be 'auto', 'true' or 'false', got {setting!r}")
+    COMPILE["setting"] = setting
+    if setting == "false":
+        return False, "rollout.compile: false"
+    if fake:
+        return False, "not on fake tensors (the plan)"
+    if COMPILE["why"].startswith("turned off"):  # it failed once in this process: not again
+        return False, COMPILE["why"]
+    if setting == "true":
+        return True, "rollout.compile: true"
+    if device.type == "cuda":
+        return True, "auto: CUDA graphs on a GPU"
+    return False, f"auto: off on {device.type} (measured not to pay there: bench/decode.py)"
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * max(float(want.abs().max()), 1.0)))
+
+
 def _lora_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, list[tuple[torch.nn.Linear, torch.nn.Linear, float]]]:
     """The plain base linear of `module` and its active, unmerged vanilla LoRA adapters (A, B, scaling)."""
     if type(module) is torch.nn.Linear:
@@ -91,6 +150,8 @@ class _Linear:
 
     def __init__(self, modules: list[torch.nn.Module], *, pack: bool, batch_size: int):
         self.parts = [_lora_parts(m) for m in modules]  # [(base, [(A, B, scaling)])]
+        self.out_features = sum(base.weight.shape[0] for base, _ in self.parts)
+        self.index = 0  # in LeanDecoder.linears (the compiled step's `_PACKED`)
         self.packed = self.bias = None
         if pack:
             weights, biases = [], []
@@ -109,6 +170,7 @@ class _Linear:
             if any(b is not None for b in biases):
                 self.bias = torch.cat([torch.zeros_like(w_[:, 0]) if b is None else b for w_, b in zip(weights, biases)])
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size)
+        self.is_packed = self.packed is not None  # what a compiled step reads: never the packed tensor itself
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -120,7 +182,9 @@ class _Linear:
         return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.is_packed:
+            if torch.compiler.is_compiling():
+                return torch.ops.tsopsd.packed_linear(x, self.index, self.out_features)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return self.plain(x)
 
@@ -177,7 +241,7 @@ class _Layer:
 class LeanDecoder:
     """Per-rollout view of a Llama-family model for decoding: packed weights, norms, rotary."""
 
-    def __init__(self, model: torch.nn.Module, *, batch_size: int, max_length: int):
+    def __init__(self, model: torch.nn.Module, *, batch_size: int, max_length: int, compile: str = "false"):
         lm = causal_lm(model)
         cfg = lm.config
         if getattr(cfg, "model_type", None) not in ARCHITECTURES:
@@ -214,12 +278,26 @@ class LeanDecoder:
         if pack:
             self._check_packing()
         self.packed = pack
+        self.linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.linears.append(self.head)
+        for i, lin in enumerate(self.linears):
+            lin.index = i
+        self.compiled = None  # the compiled step, or None: eager
+        on, COMPILE["why"] = _compile_choice(compile, self.device, is_fake(head_base.weight))
+        COMPILE["on"] = on
+        if on:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            if mode not in _compiled:
+                _compiled[mode] = torch.compile(_forward, mode=mode)
+            self.compiled = _compiled[mode]
 
     @classmethod
-    def build(cls, model: torch.nn.Module, *, batch_size: int, max_length: int) -> LeanDecoder | None:
+    def build(cls, model: torch.nn.Module, *, batch_size: int, max_length: int,
+              compile: str = "false") -> LeanDecoder | None:
+        """The lean decoder of `model`, or None (use the model's forward). `compile`: "auto", "true", "false"."""
         try:
             with torch.no_grad():
-                return cls(model, batch_size=batch_size, max_length=max_length)
+                return cls(model, batch_size=batch_size, max_length=max_length, compile=compile)
         except (Unsupported, AttributeError) as e:
             log.debug("lean decoding off, using the model's forward: %s", e)
             return None
@@ -260,6 +338,7 @@ class _Session:
         self.keys, self.values = [], []  # allocated by the first `admit`, in the dtype of the model's cache
         self.bias = torch.full((slots, self.capacity), float("-inf"), dtype=dec.dtype, device=dec.device)
         self.lengths = [0] * slots  # on the host: the step's width is their max, known without a device sync
+        self.verified = False  # the compiled step agreed with the eager one in this session
 
     def admit(self, slots: list[int], cache, attention_mask: torch.Tensor) -> None:
         """Fill `slots` with the rows of a prefilled transformers cache ((len(slots), W) left-padded mask)."""
@@ -309,39 +388,81 @@ class _Session:
         slot is done or idle). `live`, `alive` on the host, is what moves the slots' lengths: a slot not
         live stays where it is (None: every slot moves, as in a batch decoded in lock-step, and nothing
         is read back from the device). Returns (B, V) float32 logits."""
-        dec = self.dec
         n = max(self.lengths) + 1
         while n > self.capacity:
             self._grow()
-        slots = torch.arange(tokens.shape[0], device=tokens.device)
-        t = torch.tensor(self.lengths, device=tokens.device)
-        self.bias[slots, t] = torch.where(alive, 0.0, float("-inf")).to(self.bias.dtype)
-        h = F.embedding(tokens, dec.embed.weight)  # (B, D)
-        B = h.shape[0]
-        cos, sin = dec.rotary(h[:, None], positions[:, None])  # (B, 1, head_dim)
-        half = cos.shape[-1] // 2
-        # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]: one op instead of four
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        g = dec.layers[0].n_q // dec.layers[0].n_kv
-        bias = self.bias[:, None, None, :n].expand(B, dec.layers[0].n_kv, g, n).reshape(-1, g, n)
-        for i, layer in enumerate(dec.layers):
-            hd, n_q, n_kv = layer.head_dim, layer.n_q, layer.n_kv
-            qkv = layer.qkv(layer.norm_in(h)).view(B, n_q + 2 * n_kv, hd)
-            qk = qkv[:, :n_q + n_kv]
-            if layer.qk_norm is not None:
-                qk = layer.qk_norm(qk, layer.qk_weight)
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # RoPE on q and k together
-            K, V = self.keys[i], self.values[i]
-            K[slots, :, t], V[slots, :, t] = qk[:, n_q:], qkv[:, n_q + n_kv:]  # each slot at its own length
-            K, V = K[:, :, :n].reshape(-1, n, hd), V[:, :, :n].reshape(-1, n, hd)  # (B * n_kv, n, hd)
-            q = qk[:, :n_q].reshape(-1, g, hd)  # query heads grouped by the KV head they share
-            probs = torch.baddbmm(bias, q, K.transpose(1, 2), alpha=layer.scaling).softmax(-1, dtype=torch.float32)
-            h = h + layer.o(torch.bmm(probs.to(q.dtype), V).view(B, n_q * hd))
-            gate, up = layer.gate_up(layer.norm_post(h)).split(layer.intermediate, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+        args = (self.dec, self.keys, self.values, self.bias, torch.tensor(self.lengths, device=tokens.device),
+                tokens, positions, alive)
+        logits = _forward(*args, n) if self.dec.compiled is None else \
+            self._compiled(args, min(self.capacity, -(-n // COMPILED_WIDTHS) * COMPILED_WIDTHS))
         self.lengths = [length + 1 for length in self.lengths] if live is None else \
             [length + a for length, a in zip(self.lengths, live)]
-        return transform_logits(dec.config, dec.head(dec.norm(h)).float())
+        return logits
+
+    def _compiled(self, args: tuple, n: int) -> torch.Tensor:
+        """The compiled step over the first `n` columns, a multiple of COMPILED_WIDTHS (few shapes: few CUDA
+        graphs, and attention does not read the whole capacity from the first token); the first of a
+        session checked against the eager step on the same inputs (the same cache column written twice)."""
+        dec = self.dec
+        _PACKED[:] = [(lin.packed, lin.bias) for lin in dec.linears]
+        if dec.device.type == "cuda":
+            for t in (*self.keys, *self.values, self.bias):  # CUDA graphs may then write them in place
+                torch._dynamo.mark_static_address(t)
+            torch.compiler.cudagraph_mark_step_begin()
+        eager = None if self.verified else _forward(*args, n)
+        compiled_before = _frames_compiled()
+        t0 = time.perf_counter()
+        try:
+            got = dec.compiled(*args, n).clone()  # CUDA graphs reuse their output buffer
+        except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly, as without compiling
+            return self._off(f"compiling it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                             eager, args, n)
+        if _frames_compiled() != compiled_before:  # this call compiled (new shapes, a new model...)
+            COMPILE["compile_s"] += time.perf_counter() - t0
+        if eager is not None:
+            if not _agree(got, eager, dec.dtype):
+                return self._off("its logits disagreed with the eager step's", eager, args, n)
+            self.verified = True
+        return got
+
+    def _off(self, why: str, eager: torch.Tensor | None, args: tuple, n: int) -> torch.Tensor:
+        log.warning("tsopsd: the compiled decode step is off for this run: %s; decoding eagerly", why)
+        COMPILE.update(on=False, why=f"turned off: {why}")
+        self.dec.compiled = None
+        return eager if eager is not None else _forward(*args, n)
+
+
+def _forward(dec: LeanDecoder, keys: list[torch.Tensor], values: list[torch.Tensor], bias_all: torch.Tensor,
+             lengths: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
+             n: int) -> torch.Tensor:
+    """One decode step: write each slot's new column at `lengths` (B,), attend over the first `n` columns
+    (eager: up to the longest slot's; compiled: rounded up, masked), return (B, V) float32 logits."""
+    slots = torch.arange(tokens.shape[0], device=tokens.device)
+    bias_all[slots, lengths] = torch.where(alive, 0.0, float("-inf")).to(bias_all.dtype)
+    h = F.embedding(tokens, dec.embed.weight)  # (B, D)
+    B = h.shape[0]
+    cos, sin = dec.rotary(h[:, None], positions[:, None])  # (B, 1, head_dim)
+    half = cos.shape[-1] // 2
+    # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]: one op instead of four
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    g = dec.layers[0].n_q // dec.layers[0].n_kv
+    bias = bias_all[:, None, None, :n].expand(B, dec.layers[0].n_kv, g, n).reshape(-1, g, n)
+    for i, layer in enumerate(dec.layers):
+        hd, n_q, n_kv = layer.head_dim, layer.n_q, layer.n_kv
+        qkv = layer.qkv(layer.norm_in(h)).view(B, n_q + 2 * n_kv, hd)
+        qk = qkv[:, :n_q + n_kv]
+        if layer.qk_norm is not None:
+            qk = layer.qk_norm(qk, layer.qk_weight)
+        qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # RoPE on q and k together
+        K, V = keys[i], values[i]
+        K[slots, :, lengths], V[slots, :, lengths] = qk[:, n_q:], qkv[:, n_q + n_kv:]  # each slot at its own length
+        K, V = K[:, :, :n].reshape(-1, n, hd), V[:, :, :n].reshape(-1, n, hd)  # (B * n_kv, n, hd)
+        q = qk[:, :n_q].reshape(-1, g, hd)  # query heads grouped by the KV head they share
+        probs = torch.baddbmm(bias, q, K.transpose(1, 2), alpha=layer.scaling).softmax(-1, dtype=torch.float32)
+        h = h + layer.o(torch.bmm(probs.to(q.dtype), V).view(B, n_q * hd))
+        gate, up = layer.gate_up(layer.norm_post(h)).split(layer.intermediate, dim=-1)
+        h = h + layer.down(F.silu(gate) * up)
+    return transform_logits(dec.config, dec.head(dec.norm(h)).float())
 
 
 def _resize(t: torch.Tensor, capacity: int) -> torch.Tensor:

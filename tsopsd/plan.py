@@ -565,7 +565,8 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
                 sample_rollouts(policy.student, tok, prompts, samples_per_prompt=1, max_new_tokens=L,
                                 temperature=1.0, batch_size=batch, seed=0, done_everywhere=backend.done_everywhere,
                                 engine=cfg.rollout.engine, continuous=False,  # worst case: all rows to L,
-                                share_prompts=False)  # each row's own prefill (the rows' prompts are alike here)
+                                share_prompts=False,  # each row's own prefill (the rows' prompts are alike here)
+                                compile="false")
                 tracker.stop_decoding_after = None
             # Steps after the probed ones are alike: each adds what the probed ones added on average (to
             # the memory that grows, e.g. a KV cache extended by concatenation, and to the cost).

@@ -42,6 +42,7 @@ from tsopsd.checkpoint import (
 )
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress
+from tsopsd.decode import COMPILE
 from tsopsd.errors import TrainingStopped, TsopsdError
 from tsopsd.family import causal_lm, max_positions
 from tsopsd.loss import ChunkStats
@@ -149,7 +150,8 @@ class Run:
                                    samples_per_prompt=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
                                    batch_size=cfg.rollout.batch_size, seed=step_seed(cfg.seed, step),
                                    row_offset=start * k, done_everywhere=self.backend.done_everywhere,
-                                   engine=cfg.rollout.engine, share_prompts=cfg.train.share_prompts)
+                                   engine=cfg.rollout.engine, share_prompts=cfg.train.share_prompts,
+                                   compile=cfg.rollout.compile)
 
     def temperature(self, step: int, rollout: Rollout) -> tuple[float, list[torch.Tensor | None] | None]:
         """Step `step`'s tau and, when it was solved on them, the teacher's hidden states (the loss reuses them).
@@ -218,6 +220,7 @@ def train(run: Run, *, show_progress: bool = True) -> None:
     """The method, one step at a time: rollout -> teacher -> loss -> stop rules -> step -> log -> save."""
     cfg, backend, policy, state, optimizer = run.cfg, run.backend, run.policy, run.state, run.optimizer
     signals = run.signals
+    COMPILE["compile_s"] = 0.0  # this run's compiling (a compiled step is kept for the process)
     with progress(run.shows_progress(show_progress), plain=False) as task:
         advance = task("reheat", cfg.train.steps)
         advance(state.next_step)
@@ -480,6 +483,7 @@ def finish(run: Run) -> dict:
             "after": after, "after_measured_on": measured_on,
             "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
+            "rollout_compile": dict(COMPILE),
             "versions": versions(),
         }
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)

@@ -248,6 +248,7 @@ def sample_rollouts(
     engine: str = "auto",
     continuous: bool = True,
     share_prompts: bool = True,
+    compile: str = "auto",
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt.
 
@@ -278,6 +279,8 @@ def sample_rollouts(
             decoded until its batch's longest ends (the plan's worst case, same samples).
         share_prompts: prefill a prompt once for all its rows in a batch and copy its keys and values
             (False: every row runs its prompt, the plan's worst case; same samples).
+        compile: the lean decode step under torch.compile: "true", "false", or "auto" (on a GPU only);
+            see `decode`. Same samples to float rounding: the first compiled step is checked.
 
     Returns:
         A `Rollout` with rows ordered prompt by prompt, k rows each.
@@ -290,7 +293,7 @@ def sample_rollouts(
     lean = None
     if engine == "auto" and rows:
         lean = LeanDecoder.build(model, batch_size=min(batch_size, len(rows)),
-                                 max_length=max(len(ids) for _, ids in rows) + max_new_tokens)
+                                 max_length=max(len(ids) for _, ids in rows) + max_new_tokens, compile=compile)
     common = dict(seed=seed, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, top_k=top_k, suppress_eos=suppress_eos,
                   share_prompts=share_prompts)
