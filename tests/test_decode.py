@@ -298,3 +298,6 @@ def test_compiled_rollouts_sample_what_eager_rollouts_sample(ckpts, compile_stat
     assert compile_state["on"]
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.completion_mask, b.completion_mask)
     assert (a.sample_logprobs - b.sample_logprobs).abs().max().item() < 1e-4
+    compiled = decode._frames_compiled()  # a later rollout (a new LeanDecoder, as every step builds) compiles nothing
+    sample_rollouts(ck.model, tok, prompts, compile="true", **kw)
+    assert decode._frames_compiled() == compiled and compile_state["on"]
