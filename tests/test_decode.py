@@ -217,9 +217,9 @@ def compile_state(monkeypatch):
     return decode.COMPILE
 
 
-def _compiled_steps(model, compile, steps=6):
+def _compiled_steps(model, compile, steps=6, device="cpu"):
     """Logits of `steps` greedy lean decode steps over a left-padded batch, (steps, B, V)."""
-    ids, mask, _ = _batch(model.config.vocab_size)
+    ids, mask, _ = (t.to(device) for t in _batch(model.config.vocab_size))
     cache = DynamicCache()
     positions = position_ids_from_mask(mask)
     out = []
@@ -231,7 +231,7 @@ def _compiled_steps(model, compile, steps=6):
         if callable(compile):  # a stand-in for the compiled step
             lean.compiled = compile
         step = lean.session(cache, mask, capacity=ids.shape[1] + steps + 1)
-        pos, alive = positions[:, -1] + 1, torch.ones(ids.shape[0], dtype=torch.bool)
+        pos, alive = positions[:, -1] + 1, torch.ones(ids.shape[0], dtype=torch.bool, device=device)
         for _ in range(steps):
             logits = step(logits.argmax(-1), pos, alive)
             out.append(logits)
@@ -301,3 +301,14 @@ def test_compiled_rollouts_sample_what_eager_rollouts_sample(ckpts, compile_stat
     compiled = decode._frames_compiled()  # a later rollout (a new LeanDecoder, as every step builds) compiles nothing
     sample_rollouts(ck.model, tok, prompts, compile="true", **kw)
     assert decode._frames_compiled() == compiled and compile_state["on"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it on a lent device)")
+def test_compiled_step_with_cuda_graphs_equals_the_eager_step(ckpts, compile_state):
+    """CUDA graphs (`mode="reduce-overhead"`) over the same step: run by bench/gpu.sh on a lent device."""
+    model = _lora(load_checkpoint(ckpts["qwen3"], device="cuda", dtype="bfloat16").model)
+    ref, _ = _compiled_steps(model, "false", device="cuda")
+    got, lean = _compiled_steps(model, "true", device="cuda")
+    assert lean.compiled is not None and compile_state["on"], compile_state
+    assert (got - ref).abs().max().item() < 5e-2 * ref.abs().max().item()
