@@ -213,7 +213,7 @@ def compile_state(monkeypatch):
     """decode.COMPILE as it was, after the test (a step turned off stays off for the process otherwise)."""
     for key, value in list(decode.COMPILE.items()):
         monkeypatch.setitem(decode.COMPILE, key, value)
-    monkeypatch.setitem(decode.COMPILE, "why", "")
+    monkeypatch.setattr(decode, "_broken", [])
     return decode.COMPILE
 
 
@@ -259,8 +259,9 @@ def test_a_compiled_step_that_fails_or_disagrees_is_turned_off(ckpts, compile_st
     assert lean.compiled is None and not compile_state["on"]
     assert compile_state["why"].startswith("turned off")
     assert any("compiled decode step is off" in r.message for r in caplog.records)
+    decode.LeanDecoder.build(model, batch_size=2, max_length=8, compile="false")  # e.g. a measurement between
     again = decode.LeanDecoder.build(model, batch_size=2, max_length=8, compile="true")
-    assert again.compiled is None  # not retried in this process
+    assert again.compiled is None and compile_state["why"].startswith("turned off")  # not retried in this process
 
 
 def test_compile_auto_is_off_on_cpu_and_false_is_off(ckpts, compile_state):

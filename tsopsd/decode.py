@@ -89,6 +89,7 @@ def _(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
 COMPILED_WIDTHS = 256  # the compiled step attends over a multiple of this many columns
 COMPILE: dict = {"setting": None, "on": False, "why": "no lean decode yet", "compile_s": 0.0}  # the run report's view
 _compiled: dict = {}  # mode -> the compiled step, kept for the whole process (recompiled only on new shapes)
+_broken: list[str] = []  # why compiling was turned off in this process, once it was
 
 
 def _frames_compiled() -> int:
@@ -106,8 +107,8 @@ def _compile_choice(setting: str, device: torch.device, fake: bool) -> tuple[boo
         return False, "rollout.compile: false"
     if fake:
         return False, "not on fake tensors (the plan)"
-    if COMPILE["why"].startswith("turned off"):  # it failed once in this process: not again
-        return False, COMPILE["why"]
+    if _broken:  # it failed once in this process: not again
+        return False, _broken[0]
     if setting == "true":
         return True, "rollout.compile: true"
     if device.type == "cuda":
@@ -428,6 +429,7 @@ class _Session:
     def _off(self, why: str, eager: torch.Tensor | None, args: tuple, n: int) -> torch.Tensor:
         log.warning("tsopsd: the compiled decode step is off for this run: %s; decoding eagerly", why)
         COMPILE.update(on=False, why=f"turned off: {why}")
+        _broken[:] = [COMPILE["why"]]
         self.dec.compiled = None
         return eager if eager is not None else _forward(*args, n)
 

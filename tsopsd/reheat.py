@@ -131,6 +131,7 @@ class Run:
     signals: Interrupts = field(default_factory=Interrupts)  # `reheat` installs the real handlers
     input_fingerprint: dict | None = None  # `checkpoint.fingerprint` of the input (and adapter base)
     trackers: Trackers = field(default_factory=lambda: Trackers([]))  # TensorBoard / W&B, rank 0 only
+    rollout_compile: dict = field(default_factory=dict)  # `decode.COMPILE` after the loop's rollouts (the report's)
 
     @property
     def run_dir(self) -> Path:
@@ -268,6 +269,7 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                     if cfg.output.save_every and state.next_step % cfg.output.save_every == 0 \
                             and state.next_step < cfg.train.steps:
                         run.save()
+            run.rollout_compile = dict(COMPILE)
             with signals.held():
                 if state.stop_reason is None:
                     state.stop_reason, state.kept_step = f"completed {cfg.train.steps} steps", cfg.train.steps
@@ -483,7 +485,7 @@ def finish(run: Run) -> dict:
             "after": after, "after_measured_on": measured_on,
             "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
-            "rollout_compile": dict(COMPILE),
+            "rollout_compile": run.rollout_compile,
             "versions": versions(),
         }
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)

@@ -248,7 +248,7 @@ def sample_rollouts(
     engine: str = "auto",
     continuous: bool = True,
     share_prompts: bool = True,
-    compile: str = "auto",
+    compile: str = "false",
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt.
 
@@ -280,7 +280,9 @@ def sample_rollouts(
         share_prompts: prefill a prompt once for all its rows in a batch and copy its keys and values
             (False: every row runs its prompt, the plan's worst case; same samples).
         compile: the lean decode step under torch.compile: "true", "false", or "auto" (on a GPU only);
-            see `decode`. Same samples to float rounding: the first compiled step is checked.
+            see `decode`. Same samples to float rounding: the first compiled step is checked. Off by
+            default: compiling pays only over a long run's many rollouts (`reheat` passes
+            `rollout.compile`), not for one measurement.
 
     Returns:
         A `Rollout` with rows ordered prompt by prompt, k rows each.
