@@ -4,7 +4,7 @@
 
 Runs the functions `plan` runs, in the same order and on the same worst-case batch, but on real
 tensors of a randomly initialised model, and prints one JSON object: per phase, the peak resident
-memory (RSS, sampled every 0.2 ms by a thread; torch releases the GIL in its kernels) minus the RSS
+memory (RSS, read every 0.2 ms by a thread, torch releasing the GIL in its kernels; only the peak is kept) minus the RSS
 before the model was built. With glibc's mmap threshold pinned at 64 KiB every tensor of a
 measurable size is its own mapping, returned to the OS when freed, so RSS follows the live tensors.
 """
@@ -32,29 +32,51 @@ def rss() -> int:
 
 
 class Sampler:
-    """A thread that records (time, RSS) every 0.2 ms; a phase's peak is the largest sample inside it."""
+    """A thread that reads RSS every 0.2 ms and keeps the largest value since the phase began.
+
+    Only the running peak is kept: a list of every sample would itself grow RSS by ~100 bytes per
+    sample (~18 MiB over a 30 s probe), which the later phases would then measure as theirs.
+    """
 
     def __init__(self):
-        self.samples: list[tuple[float, int]] = []
+        self.peak = 0
         self.stop = False
+        self.lock = threading.Lock()  # a read from before a phase's reset cannot land after it
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while not self.stop:
-            self.samples.append((time.perf_counter(), rss()))
+            with self.lock:
+                self.peak = max(self.peak, rss())
             time.sleep(0.0002)
 
     @contextlib.contextmanager
     def phase(self, name: str, out: dict, baseline: int):
+        """Record the phase's peak RSS above `baseline`, less what RSS held at its start that is not tensors."""
         gc.collect()
-        start = time.perf_counter()
-        first = rss()
+        with self.lock:
+            self.peak = start = rss()
+        # Python objects, allocator state and library caches that earlier phases left (~20 MiB after a
+        # training step, whatever the model's size): not tensors, so not the plan's (it keeps a fixed
+        # reserve for them), and at the small sizes measured here as large as what is being checked.
+        others = max(start - baseline - tensor_bytes(), 0)
         yield
         time.sleep(0.002)
-        end = time.perf_counter()
-        inside = [v for t, v in self.samples if start <= t <= end]
-        out[name] = max([first, rss(), *inside]) - baseline
+        with self.lock:
+            out[name] = max(self.peak, rss()) - baseline - others
+
+
+def tensor_bytes() -> int:
+    """Bytes of the distinct storages of the CPU tensors alive now (found through the garbage collector) and
+    of their gradients."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):  # and its gradient, which has no Python object until it is read
+            for t in (obj, obj.grad):
+                if t is not None and t.device.type == "cpu" and not t.is_meta:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def main() -> None:
@@ -80,15 +102,19 @@ def main() -> None:
     mb, batch = cfg.train.micro_batch, min(cfg.rollout.batch_size, rows)
     import peft  # noqa: F401 - imported here, not inside the measured load phase (its code is ~10 MiB)
 
-    # Warm up torch's lazily made state (thread pools, kernels) on a throwaway model, then measure.
+    # Warm up torch's lazily made state (thread pools, kernels, the code pages of the optimizer's and the
+    # gradient clipping's kernels: ~16 MiB of RSS at their first call) on a throwaway model, then measure.
     small = {**mc.to_dict(), "num_hidden_layers": 1}
     small.pop("layer_types", None)
     tiny = AutoModelForCausalLM.from_config(mc.__class__(**small))
     tiny(input_ids=torch.zeros(2, 8, dtype=torch.long)).logits.sum().backward()
-    del tiny
+    backend = Single(Launch(), torch.device("cpu"))
+    warm = make_optimizer(list(tiny.parameters()), lr=1e-3, weight_decay=0.0)
+    backend.clip_grad_norm(list(tiny.parameters()), 1.0)
+    warm.step()
+    del tiny, warm
     gc.collect()
     baseline = rss()
-    backend = Single(Launch(), torch.device("cpu"))
     sampler = Sampler()
     peaks: dict[str, int] = {}
     with sampler.phase("load", peaks, baseline):

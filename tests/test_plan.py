@@ -26,9 +26,9 @@ from tsopsd.plan import Hardware, load_model_config, parse_bytes, plan
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 
-# (hidden, intermediate, layers, vocab): ~30M, ~50M and ~110M parameters. Smaller models are not held
-# to 15%: RSS also holds ~10 MiB that are not tensors (heap, Python objects), which at 12M parameters
-# (48 MB) is 20% of the update phase.
+# (hidden, intermediate, layers, vocab): ~30M, ~50M and ~110M parameters. The probe takes out of each
+# phase what RSS held at its start that is not tensors (Python objects, allocator and library state:
+# ~20 MiB after a training step, which at 30M parameters was 15% of the LoRA update phase).
 SIZES = {"30M": (384, 1152, 6, 24000), "50M": (512, 1536, 6, 32000), "110M": (768, 2304, 8, 32000)}
 PROBE = {"model.dtype": "float32", "rollout.engine": "model", "rollout.prompts_per_step": "2",
          "rollout.samples_per_prompt": "2", "rollout.batch_size": "4", "rollout.max_new_tokens": "96",
