@@ -18,12 +18,13 @@ and the frozen teacher are untouched; results equal the model's own logits to fl
 (tests compare them on every supported architecture, with and without a LoRA adapter).
 
 Compiled (`compile="true"`; "auto": on a GPU only): the same step under `torch.compile`, with CUDA
-graphs on a GPU (`mode="reduce-overhead"`; the KV cache at fixed addresses, attention over a multiple
-of 256 columns, masked, so that 256 steps in a row have the same shapes). The first compiled step of each rollout is checked
-against the eager step on the same inputs; a failure to compile or a disagreement turns compilation
-off for the rest of the process, with a warning, and decoding goes on eagerly. On this project's CPU
-machines it does not pay (`bench/decode.py`: about 3% per step after 20-100 s of compiling), so
-"auto" leaves it off there.
+graphs on a GPU (`mode="reduce-overhead"`; the KV cache at fixed addresses, attention over a
+multiple of 256 columns, masked, so that 256 steps in a row have the same shapes). The first
+compiled step of each rollout is checked against the eager step on the same inputs; a failure to
+compile or a disagreement turns compilation off for the rest of the process, with a warning, and
+decoding goes on eagerly. On this project's CPU machines it hardly pays (`bench/decode.py`: 0.89x
+the eager step after 22-37 s of compiling, so about 21,000 decode steps to break even), so "auto"
+leaves it off there.
 
 `build` returns None, and the caller falls back to calling the model, for anything it does not
 recognise: other architectures, quantized or sharded (FSDP, DTensor) or offloaded weights, LoRA
