@@ -140,6 +140,21 @@ def test_shipped_gpu_configs_fit_their_hardware(tmp_path):
         assert r["fits"], (config, r["peak_phase"], r["margin_bytes"] / GiB, r["advice"])
 
 
+def test_the_plan_sizes_the_kv_cache_a_compiled_decode_step_rounds_up(tmp_path):
+    """`rollout.compile` on (or auto: a GPU run compiles) rounds the decode cache up to a multiple of
+    `decode.COMPILED_WIDTHS` columns; the plan's rollout peak holds exactly those extra keys, values and mask."""
+    from tsopsd.decode import COMPILED_WIDTHS
+
+    folder = _qwen3(tmp_path / "m", 256, 512, 2, 4000)  # 2 layers, 2 KV heads of 64
+    sets = {**PROBE, "rollout.engine": "auto", "rollout.max_new_tokens": "400"}  # 64 + 400 columns: 512 compiled
+    peaks = {c: plan(load_config(ROOT / "configs/default.yaml", {**sets, "rollout.compile": c}, inputs=False), folder,
+                     Hardware(memory=64 * GiB))["phases"]["rollout"]["peak_bytes"] for c in ("false", "true", "auto")}
+    rows, extra = 4, -(-464 // COMPILED_WIDTHS) * COMPILED_WIDTHS - 464
+    assert extra > 0
+    assert peaks["true"] - peaks["false"] == 2 * 2 * 2 * 64 * 4 * rows * extra + rows * extra * 4  # K, V; the mask
+    assert peaks["auto"] == peaks["true"]
+
+
 def test_tiny_cpu_config_plans_and_fits(tmp_path):
     folder = _qwen3(tmp_path / "tiny", 64, 128, 2, 512)
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", inputs=False)
@@ -160,7 +175,10 @@ def test_plan_counts_the_weights_kv_cache_and_logits_it_should(tmp_path):
     n_params = sum(p.numel() for p in _model(folder).parameters())
     assert r["parameters"] == n_params
     assert r["phases"]["load"]["breakdown"]["weights"] >= 2 * n_params
-    kv = 8 * (32 + 96) * layers * 2 * (hidden // 128) * 64 * 2  # rows x tokens x layers x (k, v) x heads x dim x bf16
+    from tsopsd.decode import COMPILED_WIDTHS  # rollout.compile auto: a GPU run compiles, its cache rounded up
+
+    columns = -(-(32 + 96) // COMPILED_WIDTHS) * COMPILED_WIDTHS
+    kv = 8 * columns * layers * 2 * (hidden // 128) * 64 * 2  # rows x columns x layers x (k, v) x heads x dim x bf16
     one_prefill_layer = 8 * 32 * 2 * (hidden // 128) * 64 * 2  # adopted layer by layer: one is ever doubled
     assert kv <= r["phases"]["rollout"]["most"]["kv cache"] <= kv + 1.1 * one_prefill_layer
     chunk = 512 * vocab * 4  # loss.chunk_size x V float32

@@ -100,14 +100,12 @@ def _frames_compiled() -> int:
     return sum(counters["frames"].values())
 
 
-def _compile_choice(setting: str, device: torch.device, fake: bool) -> tuple[bool, str]:
+def _compile_choice(setting: str, device: torch.device) -> tuple[bool, str]:
     if setting not in ("auto", "true", "false"):
         raise ValueError(f"compile must be 'auto', 'true' or 'false', got {setting!r}")
     COMPILE["setting"] = setting
     if setting == "false":
         return False, "rollout.compile: false"
-    if fake:
-        return False, "not on fake tensors (the plan)"
     if _broken:  # it failed once in this process: not again
         return False, _broken[0]
     if setting == "true":
@@ -285,8 +283,14 @@ class LeanDecoder:
         for i, lin in enumerate(self.linears):
             lin.index = i
         self.compiled = None  # the compiled step, or None: eager
-        on, COMPILE["why"] = _compile_choice(compile, self.device, is_fake(head_base.weight))
-        COMPILE["on"] = on
+        on, why = _compile_choice(compile, self.device)
+        # A compiled step's KV cache holds a multiple of COMPILED_WIDTHS columns, so that its shapes repeat
+        # from rollout to rollout whatever the prompts' lengths (few recompiles, few CUDA graphs). The plan
+        # (fake tensors, nothing to compile) sizes its cache the same.
+        self.widths = COMPILED_WIDTHS if on else 1
+        if on and is_fake(head_base.weight):
+            on, why = False, "not on fake tensors (the plan)"
+        COMPILE["on"], COMPILE["why"] = on, why
         if on:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             if mode not in _compiled:
@@ -335,7 +339,7 @@ class _Session:
 
     def __init__(self, dec: LeanDecoder, slots: int, capacity: int):
         self.dec = dec
-        self.capacity = max(capacity, 2)
+        self.capacity = max(-(-capacity // dec.widths) * dec.widths, 2)
         self.slots = slots
         self.keys, self.values = [], []  # allocated by the first `admit`, in the dtype of the model's cache
         self.bias = torch.full((slots, self.capacity), float("-inf"), dtype=dec.dtype, device=dec.device)
@@ -396,7 +400,7 @@ class _Session:
         args = (self.dec, self.keys, self.values, self.bias, torch.tensor(self.lengths, device=tokens.device),
                 tokens, positions, alive)
         logits = _forward(*args, n) if self.dec.compiled is None else \
-            self._compiled(args, min(self.capacity, -(-n // COMPILED_WIDTHS) * COMPILED_WIDTHS))
+            self._compiled(args, min(self.capacity, -(-n // self.dec.widths) * self.dec.widths))
         self.lengths = [length + 1 for length in self.lengths] if live is None else \
             [length + a for length, a in zip(self.lengths, live)]
         return logits
@@ -413,6 +417,8 @@ class _Session:
             torch.compiler.cudagraph_mark_step_begin()
         eager = None if self.verified else _forward(*args, n)
         compiled_before = _frames_compiled()
+        if compiled_before == 0:  # the process's first: a pause that says what it is
+            log.info("compiling the decode step (torch.compile; once per run, new batch shapes aside)")
         t0 = time.perf_counter()
         try:
             got = dec.compiled(*args, n).clone()  # CUDA graphs reuse their output buffer
@@ -421,6 +427,7 @@ class _Session:
                              eager, args, n)
         if _frames_compiled() != compiled_before:  # this call compiled (new shapes, a new model...)
             COMPILE["compile_s"] += time.perf_counter() - t0
+            log.info("decode step compiled in %.1f s (batch %d, %d columns)", time.perf_counter() - t0, self.slots, n)
         if eager is not None:
             if not _agree(got, eager, dec.dtype):
                 return self._off("its logits disagreed with the eager step's", eager, args, n)

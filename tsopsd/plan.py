@@ -566,7 +566,9 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
                                 temperature=1.0, batch_size=batch, seed=0, done_everywhere=backend.done_everywhere,
                                 engine=cfg.rollout.engine, continuous=False,  # worst case: all rows to L,
                                 share_prompts=False,  # each row's own prefill (the rows' prompts are alike here)
-                                compile="false")
+                                # a GPU run compiles unless told not to ("auto" is on there): its cache is
+                                # sized for that (nothing is compiled on fake tensors)
+                                compile="false" if cfg.rollout.compile == "false" else "true")
                 tracker.stop_decoding_after = None
             # Steps after the probed ones are alike: each adds what the probed ones added on average (to
             # the memory that grows, e.g. a KV cache extended by concatenation, and to the cost).
