@@ -57,27 +57,35 @@ def bench_prompts(tok, n: int, prompt_tokens: int = 0) -> list[str]:
     return texts
 
 
-def matmul_peak() -> float:
-    """FLOP/s of a 1024^3 fp32 matmul, best of 5 (the threads set by `set_threads`)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def _best_seconds(fn, device: torch.device, repeat: int = 4) -> float:
+    """Seconds per call of `fn`, best of 5 rounds of `repeat` calls (a GPU's queue drained around each)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(5):
+        sync()
         t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * 1024**3 / best
+        for _ in range(repeat):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / repeat)
+    return best
 
 
-def bandwidth() -> float:
-    """Bytes/s read by a sum over 256 MiB of fp32, best of 5 (what a decode step's weight streaming sees)."""
-    x = torch.randn(64 * 2**20)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul in `dtype`, best of 5 (the threads set by `set_threads`): 1024^3 on a
+    CPU, 8192^3 on a GPU."""
+    device = torch.device(device)
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _best_seconds(lambda: a @ a, device)
+
+
+def bandwidth(device: str | torch.device = "cpu") -> float:
+    """Bytes/s read by a sum over fp32 (256 MiB on a CPU, 1 GiB on a GPU), best of 5: what a decode
+    step's weight streaming sees."""
+    device = torch.device(device)
+    x = torch.randn((256 if device.type == "cuda" else 64) * 2**20, device=device)
+    return x.numel() * 4 / _best_seconds(x.sum, device, repeat=1)
 
 
 def step_floor(config, *, mode: str, prompts: int, samples: int, prompt_tokens: int, length: int,

@@ -61,30 +61,6 @@ def session_times(model, prompt_ids: list[list[int]], tokens: int, compile: str)
     return times
 
 
-def device_bandwidth(device: torch.device) -> float:
-    x = torch.randn(256 * 2**20, device=device)
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        x.sum()
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
-
-
-def device_peak(device: torch.device, dtype: torch.dtype) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ a
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 8192**3 / best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -105,10 +81,7 @@ def main() -> None:
     model, cfg = ck.model.eval(), ck.model.config
     prompt_ids = [ck.tokenizer(t)["input_ids"] for t in bench_prompts(ck.tokenizer, args.batch, args.prompt_tokens)]
     device = next(model.parameters()).device
-    if device.type == "cuda":  # the device's own: a read of 1 GiB, best of 5; matmul peak in the model's dtype
-        peak, bw = device_peak(device, ck.dtype), device_bandwidth(device)
-    else:
-        peak, bw = matmul_peak(), bandwidth()
+    peak, bw = matmul_peak(device, ck.dtype), bandwidth(device)  # the device's own, the model's dtype
     width = torch.finfo(ck.dtype).bits // 8
 
     weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "norm" not in n)

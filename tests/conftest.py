@@ -42,6 +42,17 @@ def ckpts(tmp_path_factory, tokenizer_dir):
     return out
 
 
+@pytest.fixture
+def compile_state(monkeypatch):
+    """decode.COMPILE as it was, after the test (a step turned off stays off for the process otherwise)."""
+    from tsopsd import decode
+
+    for key, value in list(decode.COMPILE.items()):
+        monkeypatch.setitem(decode.COMPILE, key, value)
+    monkeypatch.setattr(decode, "_broken", [])
+    return decode.COMPILE
+
+
 @pytest.fixture(scope="session")
 def ckpt(ckpts):
     return ckpts["qwen3"]

@@ -208,15 +208,6 @@ def test_no_packed_copy_without_room(ckpts, monkeypatch):
     assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
-@pytest.fixture
-def compile_state(monkeypatch):
-    """decode.COMPILE as it was, after the test (a step turned off stays off for the process otherwise)."""
-    for key, value in list(decode.COMPILE.items()):
-        monkeypatch.setitem(decode.COMPILE, key, value)
-    monkeypatch.setattr(decode, "_broken", [])
-    return decode.COMPILE
-
-
 def _compiled_steps(model, compile, steps=6, device="cpu"):
     """Logits of `steps` greedy lean decode steps over a left-padded batch, (steps, B, V)."""
     ids, mask, _ = (t.to(device) for t in _batch(model.config.vocab_size))

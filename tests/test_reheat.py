@@ -300,14 +300,9 @@ def test_share_prompts_false_runs_every_rows_prompt_everywhere(collapsed, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_compiled_run_trains_what_an_eager_run_trains(collapsed, tmp_path, monkeypatch):
+def test_a_compiled_run_trains_what_an_eager_run_trains(collapsed, tmp_path, compile_state):
     """`rollout.compile: true` end to end: compiled once for the run (the report says so and how long),
     and the run's rollouts and losses are the eager run's to float rounding."""
-    from tsopsd import decode
-
-    for key, value in list(decode.COMPILE.items()):
-        monkeypatch.setitem(decode.COMPILE, key, value)
-    monkeypatch.setattr(decode, "_broken", [])
     common = {"train.steps": 3, "output.eval_prompts": 0}
     eager = reheat(cfg_for(collapsed, tmp_path / "eager", **common, **{"rollout.compile": "false"}),
                    show_progress=False)

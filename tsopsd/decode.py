@@ -116,8 +116,9 @@ def _compile_choice(setting: str, device: torch.device) -> tuple[bool, str]:
 
 
 def _agree(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """`got` equals `want` to `dtype`'s rounding (relative to want's largest entry): packed and compiled steps."""
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * max(float(want.abs().max()), 1.0)))
+    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())))
 
 
 def _lora_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, list[tuple[torch.nn.Linear, torch.nn.Linear, float]]]:
@@ -296,6 +297,7 @@ class LeanDecoder:
             if mode not in _compiled:
                 _compiled[mode] = torch.compile(_forward, mode=mode)
             self.compiled = _compiled[mode]
+            _PACKED[:] = [(lin.packed, lin.bias) for lin in self.linears]  # this rollout's (one at a time)
 
     @classmethod
     def build(cls, model: torch.nn.Module, *, batch_size: int, max_length: int,
@@ -312,9 +314,7 @@ class LeanDecoder:
         """Packed and plain linears agree on a random input (else oneDNN is off the table here)."""
         lin = self.layers[0].qkv
         x = torch.randn(2, lin.parts[0][0].weight.shape[1], dtype=self.dtype, device=self.device)
-        plain, got = lin.plain(x), lin(x)
-        tol = 1e-4 if self.dtype == torch.float32 else 3e-2
-        if not torch.allclose(got.float(), plain.float(), rtol=tol, atol=tol * float(plain.abs().max())):
+        if not _agree(lin(x), lin.plain(x), self.dtype):
             raise Unsupported("oneDNN packed linear disagrees with F.linear")
 
     def session(self, cache, attention_mask: torch.Tensor, capacity: int) -> _Session:
@@ -410,7 +410,6 @@ class _Session:
         graphs, and attention does not read the whole capacity from the first token); the first of a
         session checked against the eager step on the same inputs (the same cache column written twice)."""
         dec = self.dec
-        _PACKED[:] = [(lin.packed, lin.bias) for lin in dec.linears]
         if dec.device.type == "cuda":
             for t in (*self.keys, *self.values, self.bias):  # CUDA graphs may then write them in place
                 torch._dynamo.mark_static_address(t)
@@ -426,8 +425,9 @@ class _Session:
             return self._off(f"compiling it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                              eager, args, n)
         if _frames_compiled() != compiled_before:  # this call compiled (new shapes, a new model...)
-            COMPILE["compile_s"] += time.perf_counter() - t0
-            log.info("decode step compiled in %.1f s (batch %d, %d columns)", time.perf_counter() - t0, self.slots, n)
+            seconds = time.perf_counter() - t0
+            COMPILE["compile_s"] += seconds
+            log.info("decode step compiled in %.1f s (batch %d, %d columns)", seconds, self.slots, n)
         if eager is not None:
             if not _agree(got, eager, dec.dtype):
                 return self._off("its logits disagreed with the eager step's", eager, args, n)
