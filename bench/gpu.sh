@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-"$PY" -m pytest -q -m gpu tests/test_decode.py  # the lean decoder equals the model's forward on CUDA
+"$PY" -m pytest -q -s -m gpu tests/test_decode.py tests/test_plan.py  # lean decoder == model forward, CUDA graphs; plan vs max_memory_allocated
 "$PY" - <<'PYEOF'
 import sys
 from pathlib import Path

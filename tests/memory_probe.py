@@ -1,12 +1,15 @@
 """Measure a real reheat step's memory per phase on the CPU, to hold `tsopsd plan` against (test_plan.py).
 
     MALLOC_MMAP_THRESHOLD_=65536 python tests/memory_probe.py CONFIG.yaml MODEL_DIR [key=value ...]
+    python tests/memory_probe.py CONFIG.yaml MODEL_DIR model.device=cuda [key=value ...]
 
 Runs the functions `plan` runs, in the same order and on the same worst-case batch, but on real
 tensors of a randomly initialised model, and prints one JSON object: per phase, the peak resident
 memory (RSS, read every 0.2 ms by a thread, torch releasing the GIL in its kernels; only the peak is kept) minus the RSS
 before the model was built. With glibc's mmap threshold pinned at 64 KiB every tensor of a
 measurable size is its own mapping, returned to the OS when freed, so RSS follows the live tensors.
+With `model.device=cuda`: per phase `torch.cuda.max_memory_allocated` minus what was allocated
+before the model was built (the plan's device bytes; `bench/gpu.sh`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Sampler:
     def __init__(self):
         self.peak = 0
         self.stop = False
+        self.now = rss
         self.lock = threading.Lock()  # a read from before a phase's reset cannot land after it
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -65,6 +69,26 @@ class Sampler:
         time.sleep(0.002)
         with self.lock:
             out[name] = max(self.peak, rss()) - baseline - others
+
+
+class CudaPeaks:
+    """The same per-phase peaks on a GPU, from the caching allocator's own count of allocated bytes."""
+
+    stop = False
+
+    @staticmethod
+    def now() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, out: dict, baseline: int):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        torch.cuda.synchronize()
+        out[name] = torch.cuda.max_memory_allocated() - baseline
 
 
 def tensor_bytes() -> int:
@@ -96,6 +120,7 @@ def main() -> None:
 
     config, model_dir, *sets = sys.argv[1:]
     cfg = load_config(config, dict(s.split("=", 1) for s in sets), inputs=False)
+    device = torch.device("cuda" if cfg.model.device == "cuda" else "cpu")
     mc = AutoConfig.from_pretrained(model_dir)
     P, L = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
     rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
@@ -106,18 +131,18 @@ def main() -> None:
     # gradient clipping's kernels: ~16 MiB of RSS at their first call) on a throwaway model, then measure.
     small = {**mc.to_dict(), "num_hidden_layers": 1}
     small.pop("layer_types", None)
-    tiny = AutoModelForCausalLM.from_config(mc.__class__(**small))
-    tiny(input_ids=torch.zeros(2, 8, dtype=torch.long)).logits.sum().backward()
-    backend = Single(Launch(), torch.device("cpu"))
+    tiny = AutoModelForCausalLM.from_config(mc.__class__(**small)).to(device)
+    tiny(input_ids=torch.zeros(2, 8, dtype=torch.long, device=device)).logits.sum().backward()
+    backend = Single(Launch(), device)
     warm = make_optimizer(list(tiny.parameters()), lr=1e-3, weight_decay=0.0)
     backend.clip_grad_norm(list(tiny.parameters()), 1.0)
     warm.step()
     del tiny, warm
     gc.collect()
-    baseline = rss()
-    sampler = Sampler()
+    sampler = Sampler() if device.type == "cpu" else CudaPeaks()
+    baseline = sampler.now()
     peaks: dict[str, int] = {}
-    with sampler.phase("load", peaks, baseline):
+    with sampler.phase("load", peaks, baseline), device:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(mc, dtype=getattr(torch, cfg.model.dtype)).eval()
         policy = prepare_policy(model, cfg.train)
@@ -126,7 +151,7 @@ def main() -> None:
         sample_rollouts(policy.student, _Tokenizer(mc), [Prompt(ids=[5] * P, text="") for _ in range(batch)],
                         samples_per_prompt=1, max_new_tokens=L, batch_size=batch, suppress_eos=True,
                         engine=cfg.rollout.engine, share_prompts=False)  # the plan's worst case: every row's own prefill
-    rollout = worst_case_rollout(rows, P, L)
+    rollout = worst_case_rollout(rows, P, L).to(device)
     tau = cfg.teacher.temperature
     with sampler.phase("check", peaks, baseline):
         try:

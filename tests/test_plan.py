@@ -85,6 +85,30 @@ def test_plan_agrees_with_a_measured_step(tmp_path):
     _agrees(tmp_path, "50M")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh on a lent GPU)")
+def test_plan_agrees_with_max_memory_allocated_on_a_gpu(tmp_path):
+    """A ~0.6B Qwen3 shape (28 x 1024, vocab 151,936) in bf16, LoRA and full: the plan's device peak per phase against
+    `torch.cuda.max_memory_allocated` of the same functions on real tensors (`memory_probe.py` on cuda)."""
+    folder = _qwen3(tmp_path / "q05b", 1024, 3072, 28, 151936)
+    for mode in ("lora", "full"):
+        sets = {**PROBE, "train.mode": mode, "model.device": "cuda", "model.dtype": "bfloat16",
+                "rollout.compile": "false"}  # CUDA graphs' private pool is not the plan's (README, Performance)
+        probe = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"),
+                                str(ROOT / "configs/default.yaml"), str(folder), *[f"{k}={v}" for k, v in sets.items()]],
+                               capture_output=True, text=True, timeout=600)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        measured = json.loads(probe.stdout.strip().splitlines()[-1])
+        planned = plan(load_config(ROOT / "configs/default.yaml", sets, inputs=False), folder,
+                       Hardware(memory=64 * GiB))["phases"]
+        result = {}
+        for phase, real in measured.items():
+            result[phase] = (planned[phase]["peak_bytes"], real)
+            print(f"gpu {mode} {phase:8s} plan {result[phase][0] / 2**20:8.1f} MiB  "
+                  f"max_memory_allocated {real / 2**20:8.1f} MiB  ratio {result[phase][0] / real:.3f}")
+        _check(result)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["30M", "110M"])
 def test_plan_agrees_with_a_measured_step_at_more_sizes(tmp_path, size):
