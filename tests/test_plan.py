@@ -171,8 +171,10 @@ def test_the_plan_sizes_the_kv_cache_a_compiled_decode_step_rounds_up(tmp_path):
 def test_tiny_cpu_config_plans_and_fits(tmp_path):
     folder = _qwen3(tmp_path / "tiny", 64, 128, 2, 512)
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", inputs=False)
-    r = plan(cfg, folder / "config.json", Hardware(memory=8 * GiB))
+    begun = []  # what the CLI's spinner is told, phase by phase
+    r = plan(cfg, folder / "config.json", Hardware(memory=8 * GiB), on_phase=begun.append)
     assert r["fits"] and set(r["phases"]) >= {"load", "rollout", "check", "train", "update"}
+    assert begun == [p for p in ("load", "rollout", "check", "train", "update", "report", "save") if p in r["phases"]]
 
 
 # ---- what the plan shows --------------------------------------------------------------------------

@@ -358,6 +358,7 @@ def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flop
                     bandwidth: Optional[float], prompt_tokens: Optional[int], as_json: bool) -> dict:
     import warnings
 
+    from tsopsd.console import planning_status
     from tsopsd.errors import TsopsdError
     from tsopsd.plan import Hardware, parse_bytes, plan
     from tsopsd.tables import plan_table
@@ -370,9 +371,9 @@ def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flop
     default = Hardware()
     hardware = Hardware(gpus=gpus, memory=parse_bytes(memory) if memory is not None else default.memory,
                         flops=flops or default.flops, bandwidth=bandwidth or default.bandwidth)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), planning_status() as on_phase:
         warnings.simplefilter("ignore")  # transformers' deprecation notes about its checkpointing flags
-        result = plan(cfg, source, hardware, prompt_tokens=prompt_tokens)
+        result = plan(cfg, source, hardware, prompt_tokens=prompt_tokens, on_phase=on_phase)
 
     def table():
         from rich.console import Group

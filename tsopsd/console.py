@@ -44,6 +44,17 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 @contextmanager
+def planning_status() -> Iterator[Callable[[str], None]]:
+    """Yield ``on_phase(name)`` for `plan`: a spinner naming the phase being planned on a TTY (planning a
+    4B model on fake tensors takes about a minute), nothing otherwise (scripts read the result)."""
+    if not stderr.is_terminal:
+        yield lambda name: None
+        return
+    with stderr.status("planning one worst-case step on fake tensors") as status:
+        yield lambda name: status.update(f"planning one worst-case step on fake tensors: {name}")
+
+
+@contextmanager
 def progress(enabled: bool = True, *, plain: bool = True) -> Iterator[ProgressFactory]:
     """Yield ``task(description, total) -> advance(n)``; a bar on a TTY, else a line every ~10%.
 

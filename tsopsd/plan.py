@@ -42,6 +42,7 @@ import re
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,8 +146,10 @@ class PhaseRecord:
 class Tracker(TorchDispatchMode):
     """Counts live storage bytes by category and FLOPs/bytes per op; answers data-dependent reads."""
 
-    def __init__(self, *, vocab: int, kv_heads: int, head_dim: int, flops: float, bandwidth: float):
+    def __init__(self, *, vocab: int, kv_heads: int, head_dim: int, flops: float, bandwidth: float,
+                 on_phase: Callable[[str], None] | None = None):
         super().__init__()
+        self.on_phase = on_phase  # told each phase's name as it begins (the CLI's spinner)
         self.vocab, self.kv_heads, self.head_dim = vocab, kv_heads, head_dim
         self.peak_flops, self.bandwidth = flops, bandwidth
         self.shadow = WeakTensorKeyDictionary()  # fake int/bool tensor -> its real value
@@ -167,6 +170,8 @@ class Tracker(TorchDispatchMode):
     @contextlib.contextmanager
     def in_phase(self, name: str):
         record = self.records.setdefault(name, PhaseRecord())
+        if self.on_phase is not None:
+            self.on_phase(name)
         outer, self.phase = self.phase, record
         self._note_peak()
         started = time.perf_counter()
@@ -471,12 +476,14 @@ def _fake_group(world_size: int, wanted: bool):
         tdist.destroy_process_group()
 
 
-def plan(cfg: Config, source: str | Path, hardware: Hardware = Hardware(), *, prompt_tokens: int | None = None) -> dict:
+def plan(cfg: Config, source: str | Path, hardware: Hardware = Hardware(), *, prompt_tokens: int | None = None,
+         on_phase: Callable[[str], None] | None = None) -> dict:
     """Plan one worst-case reheat step of `cfg` for the model whose config is at `source`.
 
     Args:
         source: a checkpoint folder or a `config.json` (only the config is read).
         prompt_tokens: prompt length to plan for (default: `data.max_prompt_tokens`, else 512).
+        on_phase: called with each phase's name as planning it begins (a 4B model takes ~a minute).
 
     Returns:
         A JSON-ready dict: per phase the device peak and its breakdown, host bytes, FLOPs, bytes and
@@ -485,12 +492,13 @@ def plan(cfg: Config, source: str | Path, hardware: Hardware = Hardware(), *, pr
     model_config = load_model_config(source)
     choice = cfg.train.activation_checkpointing
     checkpointing = choice == "true"
-    result = _plan_once(cfg, model_config, hardware, prompt_tokens, checkpointing=checkpointing)
+    result = _plan_once(cfg, model_config, hardware, prompt_tokens, checkpointing=checkpointing, on_phase=on_phase)
     why = f"train.activation_checkpointing: {choice}"
     if choice == "auto" and not result["fits"] and result["peak_phase"] == "train":
         without = result["phases"]["train"]["peak_bytes"]
         # Only the train phase changes: plan it again with checkpointing and take the verdict anew.
-        again = _plan_once(cfg, model_config, hardware, prompt_tokens, checkpointing=True, phases=("train",))
+        again = _plan_once(cfg, model_config, hardware, prompt_tokens, checkpointing=True, phases=("train",),
+                           on_phase=on_phase)
         result["phases"]["train"] = again["phases"]["train"]
         result.update(_verdict(result["phases"], hardware))
         checkpointing = True
@@ -515,7 +523,7 @@ def activations_need_checkpointing(cfg: Config, model_config, *, free_bytes: int
 
 
 def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int | None, *, checkpointing: bool,
-               phases: tuple[str, ...] = PHASES) -> dict:
+               phases: tuple[str, ...] = PHASES, on_phase: Callable[[str], None] | None = None) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from tsopsd.checkpoint import resolve_dtype
@@ -541,7 +549,7 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     tracking = None if cfg.teacher.temperature is not None else (cfg.teacher.target_entropy or 1.0)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = Tracker(vocab=vocab, kv_heads=kv_heads, head_dim=head_dim, flops=hardware.flops,
-                      bandwidth=hardware.bandwidth)
+                      bandwidth=hardware.bandwidth, on_phase=on_phase)
     scale: dict[str, float] = {}
     group = hardware.gpus > 1 or cfg.train.parallel == "fsdp"
     # The policy is built on meta tensors (PEFT and a deep copy cannot convert fake ones), then made fake.
