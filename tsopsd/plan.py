@@ -537,7 +537,7 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     from tsopsd.teacher import check_teacher, solve_temperature
 
     dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda")) if cfg.model.dtype != "auto" else torch.bfloat16
-    save_dtype = getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", None) or dtype
+    save_dtype = getattr(model_config, "dtype", None) or dtype  # transformers 5: `torch_dtype` is its deprecated alias
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype
     vocab, kv_heads, head_dim = _shape_facts(model_config)
     P = prompt_tokens or cfg.data.max_prompt_tokens or 512
