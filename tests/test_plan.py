@@ -261,6 +261,16 @@ def test_plan_bad_input_is_one_line_and_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("tsopsd: error: "), (name, result.output)
 
 
+def test_plan_json_off_a_terminal_writes_nothing_to_stderr(tmp_path):
+    """A script's `tsopsd plan --json 2>log`: the result on stdout, no spinner and no library noise on stderr
+    (reading the config's deprecated `torch_dtype` alias printed a transformers warning there)."""
+    folder = _qwen3(tmp_path / "m", 64, 128, 2, 512)  # a config.json without a dtype, as many are
+    proc = subprocess.run([sys.executable, "-m", "tsopsd", "plan", str(folder), "--config",
+                           str(ROOT / "configs" / "tiny-cpu.yaml"), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["fits"], proc.stderr[-2000:]
+    assert proc.stderr == ""
+
+
 def test_parse_bytes():
     assert parse_bytes("80GB") == 80 * GiB == parse_bytes("80 GiB") == parse_bytes("80g")
     assert parse_bytes("141GB") == 141 * GiB
