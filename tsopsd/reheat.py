@@ -399,11 +399,14 @@ def _wants_checkpointing(cfg: Config, backend: Backend, policy: Policy) -> bool:
 
         free, _ = torch.cuda.mem_get_info(backend.device)
         local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in policy.trainable)
+        log.info("activation checkpointing auto: planning one micro-batch on fake tensors (tens of seconds for a 4B model)")
+        started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             need = activations_need_checkpointing(cfg, causal_lm(policy.teacher.model).config, free_bytes=free,
                                                   later_bytes=local * 12)  # float32 gradient and AdamW state
-        log.info("activation checkpointing %s (auto, from the plan of one micro-batch)", "on" if need else "off")
+        log.info("activation checkpointing %s (auto, from the plan of one micro-batch, %.0f s)",
+                 "on" if need else "off", time.perf_counter() - started)
         return need
 
     return bool(backend.broadcast(decide() if backend.is_main else None))
