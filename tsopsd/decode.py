@@ -345,6 +345,7 @@ class _Session:
         self.bias = torch.full((slots, self.capacity), float("-inf"), dtype=dec.dtype, device=dec.device)
         self.lengths = [0] * slots  # on the host: the step's width is their max, known without a device sync
         self.verified = False  # the compiled step agreed with the eager one in this session
+        self.marked = None  # the key list whose tensors were marked static for CUDA graphs (a new list: new tensors)
 
     def admit(self, slots: list[int], cache, attention_mask: torch.Tensor) -> None:
         """Fill `slots` with the rows of a prefilled transformers cache ((len(slots), W) left-padded mask)."""
@@ -411,8 +412,10 @@ class _Session:
         session checked against the eager step on the same inputs (the same cache column written twice)."""
         dec = self.dec
         if dec.device.type == "cuda":
-            for t in (*self.keys, *self.values, self.bias):  # CUDA graphs may then write them in place
-                torch._dynamo.mark_static_address(t)
+            if self.marked is not self.keys:  # once per allocation (`_grow` and `keep` make new lists and mask)
+                for t in (*self.keys, *self.values, self.bias):  # CUDA graphs may then write them in place
+                    torch._dynamo.mark_static_address(t)
+                self.marked = self.keys
             torch.compiler.cudagraph_mark_step_begin()
         eager = None if self.verified else _forward(*args, n)
         compiled_before = _frames_compiled()
