@@ -92,3 +92,53 @@ def test_micro_batches_run_only_the_columns_their_rows_use(ckpts, prompts_file):
     finally:
         batch.Rollout.trimmed = orig
     assert close(h1, h0) and all(close(g1[n], g0[n]) for n in g0)
+
+
+def test_grouped_kv_heads_on_cpu_are_not_repeated_and_change_nothing(ckpts, prompts_file, tokenizer_dir, monkeypatch):
+    """On CPU the passes hand transformers' SDPA a grouped-query model's key/value heads as they are
+    (`family.grouped_kv_attention`): no `repeat_kv` copy in the prefill, the teacher's or the student's
+    pass, and the same hidden states, gradients and sampled tokens as with the heads repeated."""
+    import os
+
+    from transformers.integrations import sdpa_attention
+
+    from tsopsd.family import grouped_kv_attention
+
+    model, r = _rollout(ckpts["qwen3"], prompts_file)
+    cfg = model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    repeats = []
+    real = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: repeats.append(n) or real(x, n))
+    prompts = load_prompts(prompts_file, load_checkpoint(ckpts["qwen3"], device="cpu").tokenizer)[:3]
+
+    def run(share):
+        h, g = _loss_and_grads(model, r, share=share)
+        rolled = sample_rollouts(model, load_checkpoint(ckpts["qwen3"], device="cpu").tokenizer, prompts,
+                                 samples_per_prompt=2, max_new_tokens=5, seed=1, engine="model")
+        return h, g, rolled.input_ids
+
+    for share in (True, False):
+        repeats.clear()
+        h1, g1, ids1 = run(share)
+        assert repeats == [] and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")  # the switch set off: transformers repeats them
+        h0, g0, ids0 = run(share)
+        monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA")
+        assert repeats and set(repeats) == {cfg.num_attention_heads // cfg.num_key_value_heads}
+        assert close(h1, h0) and g1.keys() == g0.keys() and all(close(g1[n], g0[n]) for n in g0)
+        assert torch.equal(ids1, ids0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ids = r.input_ids
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(ids)
+    model.gradient_checkpointing_enable()
+    model.train()
+    for case, t in (("a GPU's fused kernels take no mask with grouped heads", ids.to("meta")),
+                    ("the plan's fake tensors model a GPU run", fake),
+                    ("backward recomputes the layers after the context has ended", ids)):
+        with grouped_kv_attention(model, t):
+            assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ, case
+    with torch.no_grad(), grouped_kv_attention(model, ids):  # no backward: nothing recomputed
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"

@@ -3,6 +3,7 @@
     lm = causal_lm(peft_or_hf_model)           # the transformers causal LM under a PEFT wrapper
     logits = transform_logits(lm.config, lm.get_output_embeddings()(hidden).float())
     eos = eos_token_ids(model, tokenizer)      # every id that ends a completion
+    with grouped_kv_attention(model, ids): model(...)  # on CPU: key/value heads not repeated per query head
 
 transformers' causal LMs share a shape (a trunk, `base_model`, and an LM head) but differ in what the
 forward does to the head's output (logit scaling, soft-capping) and in where the decoder layers live.
@@ -10,6 +11,9 @@ Nothing here imports the rest of tsopsd.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -85,3 +89,37 @@ def is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
+
+
+def recomputes_in_backward(model) -> bool:
+    """Whether a backward from here would run `model`'s layers again (activation checkpointing with
+    gradients on): what such a forward does must not depend on anything that is gone by then."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in causal_lm(model).modules())
+
+
+# transformers' switch for passing grouped key/value heads to SDPA (`enable_gqa`) whatever the mask.
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def grouped_kv_attention(model, ids: torch.Tensor):
+    """While active, transformers' SDPA attention takes a grouped-query model's key/value heads as they
+    are (`enable_gqa`) instead of repeating them per query head, on CPU.
+
+    transformers repeats them whenever an attention mask is given (ours always is: left padding), for
+    CUDA's sake, whose fused kernels take no mask with grouped heads. The CPU kernel does, with the same
+    results, and the repeat is pure waste there: a copy of K and V per layer, each copy's gradient summed
+    back in backward. It does nothing on a GPU, on `tsopsd plan`'s fake tensors (which model a GPU run),
+    where the user set the switch, and where backward would recompute the layers (activation
+    checkpointing: the recomputation runs after this has ended, and must repeat what the forward did).
+    """
+    if ids.device.type != "cpu" or is_fake(ids) or _FORCE_GQA in os.environ or recomputes_in_backward(model):
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)

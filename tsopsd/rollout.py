@@ -19,7 +19,7 @@ import torch
 
 from tsopsd.batch import Rollout, position_ids_from_mask
 from tsopsd.decode import LeanDecoder
-from tsopsd.family import eos_token_ids
+from tsopsd.family import eos_token_ids, grouped_kv_attention
 from tsopsd.prompts import Prompt
 
 MASK64 = (1 << 64) - 1
@@ -101,8 +101,9 @@ def _prefill(model, prompt_ids: list[Sequence[int]], pad_id: int, device, share:
         mask[i, width - len(p):] = 1
     positions = position_ids_from_mask(mask)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
+    with grouped_kv_attention(model, ids):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1)
     return ids, mask, positions[:, -1] + 1, out.logits[:, -1].float(), cache
 
 

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
-from tsopsd.family import causal_lm, decoder_layers, transform_logits
+from tsopsd.family import causal_lm, decoder_layers, grouped_kv_attention, recomputes_in_backward, transform_logits
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -73,11 +73,9 @@ def can_share_prompts(model) -> bool:
     recomputes its layers in backward (activation checkpointing drops the cache when gradients are on)."""
     from torch.distributed.fsdp import FSDPModule
 
-    modules = list(causal_lm(model).modules())
-    if any(isinstance(m, FSDPModule) for m in modules):
+    if any(isinstance(m, FSDPModule) for m in causal_lm(model).modules()):
         return False
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) and m.training for m in modules)
-    return not (checkpointed and torch.is_grad_enabled())
+    return not recomputes_in_backward(model)
 
 
 def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None,
@@ -100,12 +98,13 @@ def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None
         part = rollout.rows(s, s + step).trimmed()  # only the columns these rows use
         ids, attention, index = part.input_ids, part.attention_mask, part.prompt_index
         mask = prediction_mask(part)
-        if share and part.prompt_width > 0 and bool((index[1:] == index[:-1]).any()):  # a prompt with 2+ rows
-            h = shared_prompt_hidden(model, ids, attention, part.prompt_width, index)
-            mask = mask[:, part.prompt_width - 1:]  # nothing before the prompt's last column predicts a completion
-        else:
-            with _captured(model, final_positions(attention), layer_states):
-                h = final_hidden(model, ids, attention)
+        with grouped_kv_attention(model, ids):
+            if share and part.prompt_width > 0 and bool((index[1:] == index[:-1]).any()):  # a prompt with 2+ rows
+                h = shared_prompt_hidden(model, ids, attention, part.prompt_width, index)
+                mask = mask[:, part.prompt_width - 1:]  # nothing before the prompt's last column predicts a completion
+            else:
+                with _captured(model, final_positions(attention), layer_states):
+                    h = final_hidden(model, ids, attention)
         parts.append(h[mask])
     return torch.cat(parts, 0)
 

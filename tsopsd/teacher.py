@@ -18,6 +18,7 @@ import torch
 from tsopsd.batch import Rollout, position_ids_from_mask, prediction_mask
 from tsopsd.distributions import Solution, entropy_sum_float64, entropy_sums, solve_increasing
 from tsopsd.errors import TsopsdError
+from tsopsd.family import grouped_kv_attention
 from tsopsd.scoring import Scorer
 
 # A checkpoint whose mean entropy at T=1 is this close to log V is untrained or broken.
@@ -96,7 +97,7 @@ def check_teacher(teacher: Scorer, rollout: Rollout, tau: float, *, measured_tea
     # Completion positions are predicted from columns [P - 1, T - 1). Every row runs the same number of
     # forwards whatever its length (ranks of a sharded model must run the same forwards).
     first, T = r.prompt_width - 1, r.input_ids.shape[1]
-    with ctx:
+    with ctx, grouped_kv_attention(model, r.input_ids):
         for b in range(r.input_ids.shape[0]):
             for s in range(max(first, 0), T - 1, step):
                 keep = torch.arange(s, min(s + step, T - 1), device=r.input_ids.device)
