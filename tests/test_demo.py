@@ -13,6 +13,14 @@ def demo(quick_demo):
     return quick_demo
 
 
+def test_the_quick_demos_users_share_one_worker(request):
+    """Under `make test` (xdist, --dist loadgroup) the tests that use the quick demo run on one worker,
+    which builds it once (~50 s on 2 cores); pytest 9.2 with pytest-xdist 3.8 silently lost the group."""
+    if not getattr(request.config.option, "loadgroup", False):  # set in the workers of --dist loadgroup
+        pytest.skip("not under pytest-xdist's --dist loadgroup")
+    assert request.node.nodeid.endswith("@quick_demo"), request.node.nodeid
+
+
 def test_demo_effects(demo):
     _, summary = demo
     r = summary["results"]
