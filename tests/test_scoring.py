@@ -94,7 +94,7 @@ def test_micro_batches_run_only_the_columns_their_rows_use(ckpts, prompts_file):
     assert close(h1, h0) and all(close(g1[n], g0[n]) for n in g0)
 
 
-def test_grouped_kv_heads_on_cpu_are_not_repeated_and_change_nothing(ckpts, prompts_file, tokenizer_dir, monkeypatch):
+def test_grouped_kv_heads_on_cpu_are_not_repeated_and_change_nothing(ckpts, prompts_file, monkeypatch):
     """On CPU the passes hand transformers' SDPA a grouped-query model's key/value heads as they are
     (`family.grouped_kv_attention`): no `repeat_kv` copy in the prefill, the teacher's or the student's
     pass, and the same hidden states, gradients and sampled tokens as with the heads repeated."""
@@ -110,12 +110,12 @@ def test_grouped_kv_heads_on_cpu_are_not_repeated_and_change_nothing(ckpts, prom
     repeats = []
     real = sdpa_attention.repeat_kv
     monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: repeats.append(n) or real(x, n))
-    prompts = load_prompts(prompts_file, load_checkpoint(ckpts["qwen3"], device="cpu").tokenizer)[:3]
+    tok = load_checkpoint(ckpts["qwen3"], device="cpu").tokenizer
+    prompts = load_prompts(prompts_file, tok)[:3]
 
     def run(share):
         h, g = _loss_and_grads(model, r, share=share)
-        rolled = sample_rollouts(model, load_checkpoint(ckpts["qwen3"], device="cpu").tokenizer, prompts,
-                                 samples_per_prompt=2, max_new_tokens=5, seed=1, engine="model")
+        rolled = sample_rollouts(model, tok, prompts, samples_per_prompt=2, max_new_tokens=5, seed=1, engine="model")
         return h, g, rolled.input_ids
 
     for share in (True, False):
