@@ -94,18 +94,18 @@ def completion_hidden(model, rollout: Rollout, *, micro_batch: int | None = None
     step = micro_batch or B
     share = share_prompts and layer_states is None and can_share_prompts(model)
     parts = []
-    for s in range(0, B, step):
-        part = rollout.rows(s, s + step).trimmed()  # only the columns these rows use
-        ids, attention, index = part.input_ids, part.attention_mask, part.prompt_index
-        mask = prediction_mask(part)
-        with grouped_kv_attention(model, ids):
+    with grouped_kv_attention(model, rollout.input_ids):  # decided once for all micro-batches
+        for s in range(0, B, step):
+            part = rollout.rows(s, s + step).trimmed()  # only the columns these rows use
+            ids, attention, index = part.input_ids, part.attention_mask, part.prompt_index
+            mask = prediction_mask(part)
             if share and part.prompt_width > 0 and bool((index[1:] == index[:-1]).any()):  # a prompt with 2+ rows
                 h = shared_prompt_hidden(model, ids, attention, part.prompt_width, index)
                 mask = mask[:, part.prompt_width - 1:]  # nothing before the prompt's last column predicts a completion
             else:
                 with _captured(model, final_positions(attention), layer_states):
                     h = final_hidden(model, ids, attention)
-        parts.append(h[mask])
+            parts.append(h[mask])
     return torch.cat(parts, 0)
 
 
