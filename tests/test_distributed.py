@@ -88,7 +88,7 @@ def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
     args = ["reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "2",
             "--config", str(TINY), "--set", "output.eval_prompts=0"]
     r = signals.run_and_signal(args, when=lambda line: "step 1/" in line)
-    assert r.signalled and r.returncode == 130 and (tmp_path / "o.tsopsd-run" / "state.pt").is_file(), r.stderr
+    assert r.signalled and r.returncode == 130 and (tmp_path / "o.tsopsd-run" / "state.json").is_file(), r.stderr
     d = torchrun(*args, "--resume", "--quiet")
     assert d.returncode != 0
     assert "saved with 1 rank(s), this launch has 2" in d.stderr
@@ -113,7 +113,7 @@ def test_fsdp_resume_with_same_ranks(collapsed, tmp_path):
     args = ["reheat", ckpt, "--prompts", prompts, "--prompts-per-step", "2", *COMMON, "--mode", "full", "--lr",
             "3e-4", "--set", "train.parallel=fsdp", "--set", "output.save_every=2"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tsopsd"]
-    state = tmp_path / "f.tsopsd-run" / "state.pt"
+    state = tmp_path / "f.tsopsd-run" / "state.json"
     r = signals.run_and_signal([*args, "--out", tmp_path / "f"], when_file=state.is_file, sig=signal.SIGKILL,
                                launcher=launcher, tree=True)
     assert r.signalled and r.returncode != 0 and not (tmp_path / "f").exists(), r.stderr[-3000:]

@@ -226,7 +226,7 @@ def test_stale_lock_leftover_run_folder_and_temporaries_are_cleared(world, tmp_p
     out = tmp_path / "o"
     pid = dead_pid()
     (tmp_path / "o.tsopsd-lock").write_text(f"{pid} {os.uname().nodename}")
-    (tmp_path / "o.tsopsd-run").mkdir()  # a run killed before its first save: no state.pt
+    (tmp_path / "o.tsopsd-run").mkdir()  # a run killed before its first save: no state.json
     (tmp_path / "o.tsopsd-run" / "metrics.jsonl").write_text("")
     (tmp_path / f".o.tmp-{pid}-abc").mkdir()  # a final save killed before its rename
     (tmp_path / f".o.old-{pid}-run").mkdir()
@@ -255,7 +255,7 @@ def test_a_second_live_run_on_the_same_out_is_refused(world, tmp_path):
     finally:
         first.send_signal(2)
         first.wait(timeout=120)
-    assert first.returncode == 130 and (tmp_path / "o.tsopsd-run" / "state.pt").is_file()
+    assert first.returncode == 130 and (tmp_path / "o.tsopsd-run" / "state.json").is_file()
 
 
 def test_long_prompts_are_cut_to_the_context_with_a_warning(ckpts, tmp_path):
@@ -280,7 +280,7 @@ def test_resume_refuses_a_changed_input(world, tmp_path):
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     res = runner.invoke(app, [*map(str, args), "--resume", "--quiet"])
     assert "cannot resume: the input checkpoint changed since the run began" in one_line(res)
-    assert (tmp_path / "o.tsopsd-run" / "state.pt").is_file()  # nothing lost: --overwrite is the way on
+    assert (tmp_path / "o.tsopsd-run" / "state.json").is_file()  # nothing lost: --overwrite is the way on
 
 
 # ---- fault injection -----------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def recover(world, row: dict, reference: dict) -> dict:
     """What a user does next, in this process (one thread, as the subprocesses run): --resume or a rerun."""
     out = row["out"]
     args = [str(a) for a in fault_args(world, out)]
-    if (out.with_name("o.tsopsd-run") / "state.pt").is_file():
+    if (out.with_name("o.tsopsd-run") / "state.json").is_file():
         rec, row["recovery"] = runner.invoke(app, [*args, "--resume"]), "--resume"
         ok = rec.exit_code == 0
     elif out.is_dir():  # finished before the signal took effect; the user's --resume says so, and tidies up

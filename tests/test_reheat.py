@@ -223,7 +223,10 @@ def test_nan_loss_stops_and_keeps_last_good_state(collapsed, tmp_path, monkeypat
 def test_drift_guard_stops_and_rolls_back(collapsed, tmp_path):
     common = {"train.lr": 0.005, "teacher.temperature": 2.0, "stop.entropy_tolerance": 0.0, "output.eval_prompts": 0}
     out = tmp_path / "o"
-    report = reheat(cfg_for(collapsed, out, **{"train.steps": 30, **common}), show_progress=False)
+    with pytest.raises(TrainingStopped, match="drift guard") as stopped:  # a guard stopped it: exit 1, output written
+        reheat(cfg_for(collapsed, out, **{"train.steps": 30, **common}), show_progress=False)
+    report = stopped.value.report
+    assert report == json.loads((out / "reheat_report.json").read_text())
     assert report["stop_reason"].startswith("drift guard"), report["stop_reason"]
     kept = report["weights_after_step"]
     assert "rolled back to the weights after step" in report["stop_reason"] and 0 < kept < report["steps_run"]
@@ -234,8 +237,10 @@ def test_drift_guard_stops_and_rolls_back(collapsed, tmp_path):
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "clean" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # without rollback the weights that failed are written, and they differ
-    unrolled = reheat(cfg_for(collapsed, tmp_path / "u", **{"train.steps": 30, "stop.rollback": False, **common}),
-                      show_progress=False)
+    with pytest.raises(TrainingStopped) as stopped:
+        reheat(cfg_for(collapsed, tmp_path / "u", **{"train.steps": 30, "stop.rollback": False, **common}),
+               show_progress=False)
+    unrolled = stopped.value.report
     assert "stop.rollback is off" in unrolled["stop_reason"]
     c = load_file(tmp_path / "u" / "model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)

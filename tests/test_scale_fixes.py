@@ -18,6 +18,7 @@ import torch
 from tsopsd.batch import position_ids_from_mask, prediction_mask
 from tsopsd.checkpoint import load_checkpoint
 from tsopsd.config import load_config
+from tsopsd.errors import TrainingStopped
 from tsopsd.policy import enable_checkpointing, make_optimizer, prepare_policy
 from tsopsd.prompts import load_prompts
 from tsopsd.reheat import hold_out, reheat
@@ -125,9 +126,11 @@ def _run(tmp_path, ckpt, prompts_file, name, **over):
 
 def test_full_mode_rollback_every_n_steps_restores_the_last_copy(tmp_path, ckpt, prompts_file):
     """Full mode copies the weights every `stop.rollback_every` steps; a drift stop restores that copy."""
-    report = _run(tmp_path, ckpt, prompts_file, "out", **{
-        "train.mode": "full", "train.lr": 0.0001, "train.steps": 12, "stop.rollback_every": 3,
-        "stop.min_top1_agreement": 0.85, "stop.window": 50})
+    with pytest.raises(TrainingStopped) as stopped:  # a guard stopped the run: exit 1, the last copy written
+        _run(tmp_path, ckpt, prompts_file, "out", **{
+            "train.mode": "full", "train.lr": 0.0001, "train.steps": 12, "stop.rollback_every": 3,
+            "stop.min_top1_agreement": 0.85, "stop.window": 50})
+    report = stopped.value.report
     assert report["stop_reason"].startswith("drift guard"), report["stop_reason"]
     tripped = int(report["stop_reason"].split(" at step ")[1].split(";")[0])  # 1-based
     assert report["weights_after_step"] == 3 * ((tripped - 2) // 3), report  # the newest copy: steps 0, 3, 6...

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tsopsd.errors import TsopsdError
+from tsopsd.saved import load_tree, save_tree
 from tsopsd.state import STATE_FILE, RunState, interrupts
 
 
@@ -27,9 +28,21 @@ def test_run_state_round_trips_every_field(tmp_path):
 
 
 def test_a_state_file_of_another_shape_is_refused(tmp_path):
-    torch.save({"step": 3}, tmp_path / STATE_FILE)
+    save_tree({"step": 3}, tmp_path, STATE_FILE.removesuffix(".json"))
     with pytest.raises(TsopsdError, match="another version of tsopsd"):
         RunState.load(tmp_path)
+
+
+def test_the_state_is_json_and_safetensors_and_keeps_tuples_and_int_keys(tmp_path):
+    """What an optimizer's state_dict holds (int keys, tuples, 0-dim tensors) comes back as it was, with no pickle."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    save_tree({"optimizer": opt.state_dict()}, tmp_path, "state")
+    back = load_tree(tmp_path, "state")["optimizer"]
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999) and isinstance(back["param_groups"][0]["betas"], tuple)
+    assert set(back["state"]) == {0} and torch.equal(back["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
 
 
 def test_save_removes_sharded_folders_it_no_longer_names(tmp_path):

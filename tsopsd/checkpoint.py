@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.errors import TsopsdError
+from tsopsd.paths import check_out_name, check_writes, utf8_alias
 from tsopsd.verl_fsdp import Actor, base_of_peft, convert_command, find_actor, is_peft_state, merged_state_dict
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,12 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise TsopsdError(f"unknown device '{device}': use auto, cpu or cuda[:N]") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise TsopsdError(f"device '{device}' is not supported: use auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TsopsdError(f"device '{device}' requested but CUDA is not available: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TsopsdError(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -91,9 +96,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _check_safetensors(file: Path) -> None:
-    """Raise if a .safetensors file is truncated or its header is not valid."""
+# Bytes per element of every dtype the safetensors format names.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _check_safetensors(file: Path) -> set[str]:
+    """Raise if a .safetensors file is truncated or its header is not valid; return its tensor names.
+
+    Every entry is checked as the format defines it (a known dtype, a shape of non-negative integers,
+    offsets that hold exactly shape x dtype bytes, the entries tiling the data with no gap or overlap),
+    so an edited header gives one line here rather than an error deep in a loader.
+    """
     size = file.stat().st_size
+
+    def corrupt(why: str) -> TsopsdError:
+        return TsopsdError(f"corrupt weights file {file}: {why}; re-save or re-copy the checkpoint")
+
     try:
         with open(file, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
@@ -101,13 +120,57 @@ def _check_safetensors(file: Path) -> None:
                 raise ValueError("header length past end of file")
             header = json.loads(f.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise TsopsdError(f"corrupt weights file {file}: {e}; re-save or re-copy the checkpoint") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        raise corrupt(str(e)) from None
+    if not isinstance(header, dict):
+        raise corrupt(f"its header is a JSON {type(header).__name__}, not an object")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise corrupt("__metadata__ must map names to strings")
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise corrupt(f"tensor {name!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise corrupt(f"tensor {name!r} has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {name!r} has bad data_offsets {offsets!r}")
+        numel = 1
+        for n in shape:
+            numel *= n
+        if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype]:
+            raise corrupt(f"tensor {name!r}: {dtype} {shape} needs {numel * SAFETENSORS_DTYPES[dtype]} bytes, its "
+                          f"offsets hold {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise corrupt(f"tensor {name!r} starts at byte {begin}, expected {end} (a gap or an overlap)")
+        end = stop
     if 8 + header_len + end != size:
         raise TsopsdError(
             f"truncated weights file {file}: expected {8 + header_len + end} bytes, found {size}; "
             "re-copy the checkpoint"
         )
+    return {name for _, _, name in spans}
+
+
+def _shard_index(index: Path) -> dict[str, str]:
+    """The weight map of a sharded checkpoint's index (tensor name -> shard file name), checked for form."""
+    try:
+        data = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TsopsdError(f"corrupt shard index {index}: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                   for k, v in weight_map.items()):
+        raise TsopsdError(f"corrupt shard index {index}: expected an object whose weight_map maps tensor names to "
+                          "shard file names")
+    return weight_map
 
 
 def check_model_folder(path: Path) -> None:
@@ -120,14 +183,16 @@ def check_model_folder(path: Path) -> None:
         raise TsopsdError(f"not a model folder (no config.json): {path}; {unknown_layout(path)}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise TsopsdError(f"corrupt shard index {index}: {e}") from None
-        for shard in shards:
-            if not (path / shard).is_file():
+        weight_map = _shard_index(index)
+        held = {}
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard or not (path / shard).is_file():
                 raise TsopsdError(f"weights shard missing: {path / shard} (listed in {index.name})")
-            _check_safetensors(path / shard)
+            held[shard] = _check_safetensors(path / shard)
+        for name, shard in weight_map.items():
+            if name not in held[shard]:
+                raise TsopsdError(f"corrupt shard index {index}: it puts {name} in {shard}, which does not hold it; "
+                                  "re-save or re-copy the checkpoint")
         return
     single = path / "model.safetensors"
     if single.is_file():
@@ -199,15 +264,25 @@ def load_tokenizer(*candidates: Path):
     raise TsopsdError(f"no tokenizer in {names}: save one with tokenizer.save_pretrained(folder)")
 
 
-def _adapter_base(path: Path, base: Path | None) -> Path:
+def adapter_config(path: Path) -> dict:
+    """An adapter folder's adapter_config.json, checked to be a JSON object."""
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TsopsdError(f"corrupt adapter_config.json in {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise TsopsdError(f"corrupt adapter_config.json in {path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def adapter_base(path: Path, base: Path | None) -> Path:
     if base is not None:
         base_path = Path(base)
     else:
-        try:
-            cfg = json.loads((path / "adapter_config.json").read_text())
-        except ValueError as e:
-            raise TsopsdError(f"corrupt adapter_config.json in {path}: {e}") from None
+        cfg = adapter_config(path)
         name = cfg.get("base_model_name_or_path")
+        if name is not None and not isinstance(name, str):
+            raise TsopsdError(f"adapter_config.json in {path}: base_model_name_or_path must be a path, got {name!r}")
         if not name:
             raise TsopsdError(f"adapter {path} names no base model: pass --base PATH")
         base_path = Path(name)
@@ -254,26 +329,31 @@ def load_checkpoint(
     base_path = None
     if is_adapter:
         check_adapter_folder(path)
-        base_path = _adapter_base(path, Path(base) if base else None)
+        base_path = adapter_base(path, Path(base) if base else None)
         check_model_folder(base_path)
         model_dir = base_path
     else:
         check_model_folder(path)
         model_dir = path
-    tokenizer = load_tokenizer(path, base_path)
+    tokenizer = load_tokenizer(utf8_alias(path), utf8_alias(base_path) if base_path else None)
+    config = read_model_config(model_dir)
+    before = _weight_files(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(utf8_alias(model_dir)), config=config, dtype=torch_dtype,
+                                                           local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise TsopsdError(f"cannot load model from {model_dir}: {str(e).splitlines()[0]}") from None
+    check_loading_info(info, model_dir)
     if is_adapter:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            model = PeftModel.from_pretrained(model, str(utf8_alias(path)), is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
             raise TsopsdError(f"cannot load adapter {path} onto {base_path}: {str(e).splitlines()[0]}") from None
     check_vocab(model, tokenizer, path)
     check_finite(model, path)
+    _check_unchanged(before, _weight_files(model_dir))
     model.to(dev)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, path=path, base_path=base_path, dtype=torch_dtype)
@@ -326,6 +406,104 @@ def _load_actor(actor: Actor, dev: torch.device, dtype: torch.dtype) -> Checkpoi
                       config_dir=actor.hf, source=actor.describe())
 
 
+def read_model_config(folder: Path):
+    """A model folder's transformers config, checked to describe a model tsopsd can reheat (one-line errors)."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise TsopsdError(f"{folder / 'config.json'}: not a readable JSON config ({e})") from None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise TsopsdError(f"{folder / 'config.json'}: model_type {model_type!r} is not an architecture transformers knows")
+    try:
+        config = AutoConfig.from_pretrained(str(utf8_alias(folder)), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a config transformers refuses, whatever it raises
+        raise TsopsdError(f"{folder / 'config.json'}: transformers cannot read it ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    check_model_config(config, folder / "config.json")
+    return config
+
+
+MAX_LAYERS = 1024  # the largest public decoders have ~130 layers; far more is a typo (and planning it never ends)
+
+
+def check_model_config(config, where: str | os.PathLike) -> None:
+    """Refuse, in one line, a config that is not a decoder-only attention transformer of sane sizes."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    supported = "tsopsd reheats decoder-only transformers (Llama, Qwen, Mistral, Gemma, GPT-2, ...)"
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise TsopsdError(f"{where}: model_type {kind!r} is not a causal language model; {supported}")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise TsopsdError(f"{where}: model_type {kind!r} is an encoder (masked LM); {supported}")
+    text = config.get_text_config()
+    if getattr(text, "num_attention_heads", None) is None:
+        raise TsopsdError(f"{where}: model_type {kind!r} has no attention heads (a state-space model?); {supported}")
+    sizes = {name: getattr(text, name, None) for name in
+             ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
+    for name, value in sizes.items():
+        if type(value) is not int or value < (2 if name in ("vocab_size", "hidden_size") else 1):
+            raise TsopsdError(f"{where}: {name} must be an integer >= {2 if name in ('vocab_size', 'hidden_size') else 1}, "
+                              f"got {value!r}")
+    if sizes["num_hidden_layers"] > MAX_LAYERS:
+        raise TsopsdError(f"{where}: num_hidden_layers {sizes['num_hidden_layers']} is more than {MAX_LAYERS}; "
+                          "is the config right?")
+    heads = sizes["num_attention_heads"]
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if type(kv) is not int or kv < 1 or heads % kv:
+        raise TsopsdError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    head_dim = getattr(text, "head_dim", None)
+    if head_dim is None and sizes["hidden_size"] % heads:
+        raise TsopsdError(f"{where}: hidden_size {sizes['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    head_dim = head_dim or sizes["hidden_size"] // heads
+    if type(head_dim) is not int or head_dim < 2 or head_dim % 2:
+        raise TsopsdError(f"{where}: the attention head size must be an even integer >= 2, got {head_dim!r}")
+    vocab = sizes["vocab_size"]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(text, name, None)
+        if value is None:
+            value = getattr(config, name, None)
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and (type(token) is not int or not 0 <= token < vocab):
+                raise TsopsdError(f"{where}: {name} {value!r} is outside the vocabulary (vocab_size {vocab})")
+
+
+def check_loading_info(info: dict, folder: Path) -> None:
+    """Refuse weights that do not match the model: missing tensors would be randomly initialised, silently."""
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if info.get("error_msgs"):
+        bad["errors"] = info["error_msgs"]
+    if bad:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(sorted(map(str, v))[:3])}"
+                           + (f" and {len(v) - 3} more" if len(v) > 3 else "") for k, v in bad.items())
+        raise TsopsdError(f"the weights in {folder} do not match its config.json ({detail}); re-save the checkpoint")
+
+
+def _weight_files(folder: Path) -> dict[str, tuple]:
+    """(size, mtime, inode) of each weights file: a file rewritten while it is read changes one of them."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".safetensors", ".bin") and f.is_file():
+            st = f.stat()
+            out[str(f)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def _check_unchanged(before: dict, after: dict) -> None:
+    for name in sorted(before.keys() | after.keys()):
+        if before.get(name) != after.get(name):
+            raise TsopsdError(f"{name} changed while it was read (another process is writing the checkpoint): rerun "
+                              "once it is complete")
+
+
 @torch.no_grad()
 def check_finite(model: torch.nn.Module, path: Path) -> None:
     """Every weight is finite: a NaN or inf would only surface later, deep in sampling, as a wrong index."""
@@ -354,25 +532,9 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> Non
         raise TsopsdError(f"output path exists and is not a folder: {out}")
 
 
-def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse an output folder that is an input, lies inside one or contains one: writing it would destroy it.
-
-    Args:
-        inputs: {what it is ("checkpoint", "adapter base", ...): its path or None}.
-    """
-    o = Path(out).resolve()
-    for name, path in inputs.items():
-        if path is None:
-            continue
-        i = Path(path).resolve()
-        where = "is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents else None
-        if where:
-            raise TsopsdError(f"output folder {out} {where} the {name} {path}: writing it would destroy the input; "
-                              "choose an --out apart from it")
-
-
 def fingerprint(*folders: Path | None) -> dict[str, list]:
-    """Sizes and header hashes of the weight and config files of `folders`: what a resume checks is unchanged.
+    """Sizes and header hashes of every file of `folders` (weights, configs, tokenizer, chat template): what a
+    resume checks is unchanged.
 
     Per file: its size, and a hash of its header (a safetensors header lists names, dtypes, shapes and
     offsets; other formats: the first MiB) and of three 64 KiB samples of its data (start, middle,
@@ -384,7 +546,7 @@ def fingerprint(*folders: Path | None) -> dict[str, list]:
         if folder is None:
             continue
         for f in sorted(Path(folder).iterdir()):
-            if not f.is_file() or not (f.suffix in (".safetensors", ".bin", ".pt") or f.name.endswith("config.json")):
+            if not f.is_file() or f.name in ("README.md", ".gitattributes"):
                 continue
             size = f.stat().st_size
             h = hashlib.sha256()
@@ -488,11 +650,13 @@ def saved_dtype(path: Path) -> torch.dtype:
 def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | os.PathLike | None = None,
                   dtype: str | None = None, overwrite: bool = False) -> Path:
     """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer."""
+    check_out_name(out)
     check_output_dir(Path(out), overwrite=overwrite)
-    check_apart(out, {"adapter": adapter, "adapter base": base})
+    check_writes({"output folder": out}, {"adapter": adapter, "adapter base": base})
     check_writable(out)
+    _warn_other_base(Path(adapter), base)
     ckpt = load_checkpoint(adapter, base=base, device="cpu", dtype="float32")
-    check_apart(out, {"adapter base": ckpt.base_path})
+    check_writes({"output folder": out}, {"adapter base": ckpt.base_path})
     if not ckpt.is_adapter:
         raise TsopsdError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
     save_as = resolve_dtype(dtype, torch.device("cpu")) if dtype else saved_dtype(ckpt.base_path)
@@ -501,3 +665,14 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
         merged.to(save_as).save_pretrained(str(tmp))
         ckpt.tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def _warn_other_base(adapter: Path, base: str | os.PathLike | None) -> None:
+    """Say so when --base is not the folder the adapter was trained on (its adapter_config.json's base)."""
+    if base is None or not (adapter / "adapter_config.json").is_file():
+        return
+    recorded = adapter_config(adapter).get("base_model_name_or_path")
+    if isinstance(recorded, str) and recorded and Path(recorded).exists() and \
+            os.path.realpath(recorded) != os.path.realpath(base):
+        log.warning("--base %s is not the adapter's own base %s (adapter_config.json): merging onto another model",
+                    base, recorded)

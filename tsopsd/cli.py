@@ -170,12 +170,23 @@ def measure_entropy(
         from tsopsd import console
         from tsopsd.checkpoint import check_writable
         from tsopsd.metrics import measure_checkpoint
+        from tsopsd.paths import check_out_name, check_writes, check_writes_apart
+        from tsopsd.prompts import check_prompt_file
         from tsopsd.trajectory import find_checkpoints
 
         console.setup_logging(quiet=quiet)
-        for path in (out, plot):
+        writes = {"--out": out, "--plot": plot}
+        for flag, path in writes.items():
             if path is not None:  # found out now, not after the whole measurement
+                check_out_name(path, flag)
                 check_writable(path, folder=False)
+        check_writes(writes, {**{"checkpoint" if len(ckpts) == 1 else f"checkpoint {i + 1}": c
+                                 for i, c in enumerate(ckpts)}, "prompt file": prompts,
+                              "reference": reference, "adapter base": base})
+        check_writes_apart(writes)
+        check_prompt_file(prompts)
+        if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise TsopsdError(f"--plot {plot}: name a .png, .svg or .pdf file")
         if plot is not None:
             from tsopsd.charts import have_matplotlib
 
@@ -490,7 +501,67 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """The `tsopsd` command: usage errors too are one `tsopsd: error:` line (exit 2), never a framed box."""
+    _utf8_mode()
+    _on_bus_error()
+    try:  # typer >= 0.2x carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        code = typer.main.get_command(app).main(prog_name="tsopsd", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # bare `tsopsd` or `tsopsd reheat`: the help, exit 0
+        print(e.ctx.get_help() if e.ctx else "", flush=True)
+        code = 0
+    except click_errors.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "tsopsd"
+        print(f"tsopsd: error: {e.format_message()} (see {command} --help)", file=sys.stderr, flush=True)
+        code = 2
+    except click_errors.ClickException as e:
+        print(f"tsopsd: error: {e.format_message()}", file=sys.stderr, flush=True)
+        code = e.exit_code or 2
+    except typer.Abort:
+        print("tsopsd: error: interrupted", file=sys.stderr, flush=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _utf8_mode() -> None:
+    """Run in Python's UTF-8 mode where the locale is not UTF-8 (LC_ALL=C on a cluster node): file names,
+    tables and logs then read and write UTF-8, as under any UTF-8 locale. Done by starting again, once,
+    with `-X utf8`; the arguments keep their bytes."""
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "tsopsd", *sys.argv[1:]])
+
+
+def _on_bus_error() -> None:
+    """One line and exit 2 on SIGBUS instead of a silent death: it comes from a memory-mapped weights file
+    truncated or rewritten while tsopsd reads it, which no Python code can catch."""
+    import ctypes
+    import signal
+
+    message = (b"tsopsd: error: a memory-mapped file (checkpoint weights) was truncated or rewritten while it was "
+               b"read (bus error): rerun once the checkpoint is complete\n")
+
+    def handler(signum):  # runs inside the C signal handler: only async-signal-safe calls, then out
+        os.write(2, message)
+        os._exit(2)
+
+    try:
+        callback = ctypes.CFUNCTYPE(None, ctypes.c_int)(handler)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal(signal.SIGBUS, ctypes.cast(callback, ctypes.c_void_p))
+    except (OSError, AttributeError):  # no libc by that name: keep the default
+        return
+    _keep.append(callback)  # the C side holds only a pointer
+
+
+_keep: list = []
 
 
 if __name__ == "__main__":

@@ -216,7 +216,10 @@ def parse_set(items: list[str]) -> dict[str, str]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else None
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: not a valid YAML value ({str(err).splitlines()[0]})") from None
     return out
 
 
@@ -234,6 +237,9 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
                              ("target_entropy_from", t.target_entropy_from)) if v is not None]
     if len(chosen) != 1:
         e.append(f"teacher: set exactly one of temperature, target_entropy, target_entropy_from (got {chosen or 'none'})")
+    if r.samples_per_prompt > 4096:
+        e.append(f"rollout.samples_per_prompt: must be <= 4096 (every sample is held until trained on), got "
+                 f"{r.samples_per_prompt}")
     for name, v in (("data.limit", cfg.data.limit), ("data.max_prompt_tokens", cfg.data.max_prompt_tokens)):
         if v is not None and v < 1:
             e.append(f"{name}: must be >= 1, got {v}")
@@ -286,10 +292,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {path} is a folder: give a YAML file (see configs/)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(loaded, dict):

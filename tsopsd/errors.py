@@ -11,4 +11,11 @@ class TsopsdError(ValueError):
 
 
 class TrainingStopped(RuntimeError):
-    """A guard stopped a run (NaN loss, drift); the last good state was kept."""
+    """A guard stopped a run (NaN loss, drift), or it trained nothing: exit 1.
+
+    `report` is the run's report where an output was written (the last good state), else None.
+    """
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report

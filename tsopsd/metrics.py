@@ -207,11 +207,15 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
     return result
 
 
+MAX_SAMPLES_PER_PROMPT = 4096  # every sample is held in memory until scored: past this a typo, refused up front
+
+
 def check_options(*, samples_per_prompt: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                   limit: int | None, batch_size: int, max_prompt_tokens: int | None) -> None:
     """`measure-entropy`'s sampling options: every bad one in one line (TsopsdError), before anything loads."""
     bad = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
-        ("--samples-per-prompt", samples_per_prompt, samples_per_prompt >= 1, ">= 1"),
+        ("--samples-per-prompt", samples_per_prompt, 1 <= samples_per_prompt <= MAX_SAMPLES_PER_PROMPT,
+         f"in 1..{MAX_SAMPLES_PER_PROMPT} (more prompts narrow the estimate, more samples of one prompt barely do)"),
         ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
         ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
         ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),

@@ -19,7 +19,7 @@ out of the training loop the same way). What each mode answers:
   (the chunked loss calls it a rank-dependent number of times, which only a module outside FSDP allows)
   and its gradients are averaged by hand. Every rank runs the same forwards and backwards (lock-step
   decoding and training), measurements run on all ranks, resumable state goes through
-  `torch.distributed.checkpoint`, and the output is gathered onto rank 0.
+  its own safetensors shards (no pickle), and the output is gathered onto rank 0.
 
 Launchers set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables; NCCL on GPUs, gloo on CPU.
 """
@@ -39,6 +39,7 @@ import torch.distributed as tdist
 
 from tsopsd.errors import TsopsdError
 from tsopsd.family import decoder_layers, tied_embeddings
+from tsopsd.saved import load_tree, map_tensors, save_tree
 
 T = TypeVar("T")
 
@@ -375,39 +376,73 @@ class FSDP(DDP):
         return {n: (v.detach().clone() if _is_sharded(v) else v.to("cpu", copy=True))
                 for n, v in policy.trainable_state().items()}
 
-    def save_trainable(self, run_dir: Path, policy, optimizer, last_good: dict | None) -> None:
-        import torch.distributed.checkpoint as dcp
+    def save_trainable(self, run_dir: Path, policy, optimizer, last_good: dict | None) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(policy.student, optimizer)
-        state = {"model": msd, "optim": osd}
-        if last_good is not None:
-            state["last_good"] = last_good
-        # A new folder each time: the state file names it once it is complete, so a save cut short
-        # leaves the previous one whole (`RunState.save` removes the others).
+        state = {"model": msd, "optim": osd, "last_good": last_good}
+        # A new folder each time: the state file names it once every rank's part is complete, so a save cut
+        # short leaves the previous one whole (`RunState.save` removes the others). Each rank writes its own
+        # shards (safetensors + JSON, `saved.save_tree`): a resume needs the same ranks, and reads no pickle.
         self._saves += 1
-        folder = f"sharded-{self._saves}"
-        dcp.save(state, checkpoint_id=str(run_dir / folder))
-        return {"folder": folder, "has_last_good": last_good is not None}
+        folder = run_dir / f"sharded-{self._saves}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tree(map_tensors(_local, state), folder, f"rank-{self.rank}")
+        tdist.barrier()
+        return {"folder": folder.name, "has_last_good": last_good is not None}
 
     def load_trainable(self, run_dir: Path, saved: dict | None, policy, optimizer) -> dict | None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        msd, osd = get_state_dict(policy.student, optimizer)
-        state = {"model": msd, "optim": osd}
-        if saved["has_last_good"]:
-            state["last_good"] = self.snapshot(policy)  # a template of the right shapes and placements
-        dcp.load(state, checkpoint_id=str(run_dir / saved["folder"]))
+        if not isinstance(saved, dict) or not isinstance(saved.get("folder"), str) \
+                or not saved["folder"].startswith("sharded-") or not saved["folder"][8:].isdigit():
+            raise TsopsdError(f"cannot resume: the state in {run_dir} names no sharded folder; rerun with --overwrite")
+        msd, _ = get_state_dict(policy.student, optimizer)
+        state = load_tree(run_dir / saved["folder"], f"rank-{self.rank}")
+        try:
+            model = {k: _place(state["model"][k], like) for k, like in msd.items()}
+            optim = state["optim"]
+            for fqn, entry in optim["state"].items():  # moments are sharded as their parameter is
+                like = msd.get(fqn)
+                optim["state"][fqn] = {k: _place(v, like) if like is not None and isinstance(v, torch.Tensor)
+                                       and v.dim() > 0 else v for k, v in entry.items()}
+            last_good = None
+            if saved.get("has_last_good"):
+                template = self.snapshot(policy)
+                last_good = {k: _place(state["last_good"][k], like) for k, like in template.items()}
+            set_state_dict(policy.student, optimizer, model_state_dict=model, optim_state_dict=optim)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise TsopsdError(f"cannot resume: the shards in {run_dir / saved['folder']} do not fit this model "
+                              f"({type(e).__name__}: {e}); rerun with --overwrite") from None
         self._saves = int(saved["folder"].rsplit("-", 1)[1])  # the next save goes to a new folder
-        set_state_dict(policy.student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return state.get("last_good")
+        return last_good
 
     def gather_for_saving(self, policy, path: str):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(policy.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _rebuild(path, full, policy) if self.is_main else None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard; a plain tensor as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _place(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A saved local part put back where `like` lives: a DTensor sharded as `like`, or a plain tensor on its device."""
+    if not isinstance(local, torch.Tensor):
+        raise TypeError(f"expected a tensor, found {type(local).__name__}")
+    if hasattr(like, "to_local"):
+        from torch.distributed.tensor import DTensor
+
+        if local.shape != like.to_local().shape:
+            raise ValueError(f"a saved shard of shape {tuple(local.shape)} where {tuple(like.to_local().shape)} belongs")
+        return DTensor.from_local(local.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                  shape=like.shape, stride=like.stride())
+    if local.shape != like.shape:
+        raise ValueError(f"a saved tensor of shape {tuple(local.shape)} where {tuple(like.shape)} belongs")
+    return local.to(like.device)
 
 
 def _shard(model: torch.nn.Module, device: torch.device, *, compute_dtype: torch.dtype | None = None) -> None:

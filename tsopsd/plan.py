@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import re
 import time
@@ -80,26 +79,17 @@ def parse_bytes(text: str) -> int:
 # ---- the fake model ------------------------------------------------------------------------------
 
 def load_model_config(path: str | Path):
-    """The transformers config of a checkpoint folder or a `config.json` file; one-line errors."""
-    from transformers import AutoConfig
+    """The transformers config of a checkpoint folder, a PEFT adapter folder (its base's) or a `config.json`
+    file; one-line errors for configs tsopsd cannot plan (`checkpoint.check_model_config`)."""
+    from tsopsd.checkpoint import adapter_base, read_model_config
 
     p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+        p = adapter_base(p, None)  # an adapter: its base model is what runs
     file = p / "config.json" if p.is_dir() else p
-    if not file.is_file():
-        raise TsopsdError(f"{path}: no config.json there (give a checkpoint folder or its config.json)")
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise TsopsdError(f"{file}: not a readable JSON config ({e})") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if model_type not in CONFIG_MAPPING:
-        raise TsopsdError(f"{file}: model_type {model_type!r} is not an architecture transformers knows")
-    try:
-        return AutoConfig.from_pretrained(str(file.parent), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - a config transformers refuses
-        raise TsopsdError(f"{file}: transformers cannot read it ({type(e).__name__}: {e})") from None
+    if not file.is_file() or file.name != "config.json":
+        raise TsopsdError(f"{path}: no config.json there (give a checkpoint folder, an adapter folder or a config.json)")
+    return read_model_config(file.parent)
 
 
 def meta_model(model_config, dtype: torch.dtype) -> torch.nn.Module:

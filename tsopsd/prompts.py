@@ -97,12 +97,57 @@ def _to_text(value: object, tokenizer, where: str) -> str:
             raise TsopsdError(f"{where}: unknown chat role {', '.join(map(repr, unknown))}: use "
                               f"{', '.join(sorted(ROLES))}")
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+            return _apply_chat_template(tokenizer, value, where)
         # No template: join the turns plainly, as a base model would see a transcript.
         return "\n".join(f"{m['role']}: {m['content']}" for m in value) + "\nassistant:"
     raise TsopsdError(
         f"{where}: prompt must be a string or a list of {{role, content}} messages, got {type(value).__name__}"
     )
+
+
+def _apply_chat_template(tokenizer, messages: list, where: str) -> str:
+    """The tokenizer's chat template applied; a template that fails names its file and line."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        line = getattr(e, "lineno", None)
+        tb = e.__traceback__
+        while tb is not None:  # a runtime error (raise_exception): the template's frame holds its line
+            if tb.tb_frame.f_code.co_filename == "<template>":
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+        source = folder / "chat_template.jinja" if (folder / "chat_template.jinja").is_file() else \
+            folder / "tokenizer_config.json"
+        at = f"{source}, template line {line}" if line else str(source)
+        raise TsopsdError(f"{where}: the chat template ({at}) failed: {e.message or type(e).__name__}") from None
+
+
+def check_prompt_file(path: str | Path) -> None:
+    """The prompt file exists and is a regular file (found before any loading)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe or device)"
+        raise TsopsdError(f"prompt file {path} is {kind}: give a .jsonl, .txt or .parquet file")
+    if not path.is_file():
+        raise TsopsdError(f"prompt file not found: {path}")
+
+
+def prompts_fingerprint(path: str | Path) -> dict[str, str]:
+    """{"prompts:<real path>": sha256 of the file}: what a resume checks is the same prompt file."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+    except OSError as e:
+        raise TsopsdError(f"cannot read the prompt file {path}: {e.strerror}") from None
+    return {f"prompts:{os.path.realpath(path)}": h.hexdigest()}
 
 
 def load_prompts(
@@ -129,8 +174,7 @@ def load_prompts(
         TsopsdError: a missing or empty file, bad JSON, a missing field or a wrong type (naming the line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise TsopsdError(f"prompt file not found: {path}")
+    check_prompt_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":

@@ -30,7 +30,6 @@ import torch
 
 from tsopsd.batch import Rollout
 from tsopsd.checkpoint import (
-    check_apart,
     check_output_dir,
     check_writable,
     fingerprint,
@@ -49,8 +48,9 @@ from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure
 from tsopsd.output import versions, write_output, written_model
 from tsopsd.parallel import Backend, join, make_backend
+from tsopsd.paths import check_out_name, check_writes, check_writes_apart
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
-from tsopsd.prompts import Prompt, load_prompts, prompt_room
+from tsopsd.prompts import Prompt, check_prompt_file, load_prompts, prompt_room, prompts_fingerprint
 from tsopsd.rollout import sample_rollouts
 from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparable, discard_run_dir, interrupts, run_dir_for
 from tsopsd.step import teacher_states, train_step
@@ -293,10 +293,16 @@ def setup(cfg: Config) -> Run:
     lock = OutputLock(out)
 
     def preflight() -> None:
-        check_apart(out, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
-                          "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
-        check_writable(out)
-        check_writable(run_dir)
+        check_prompt_file(cfg.data.prompts)
+        check_out_name(out)
+        logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
+        writes = {"output folder": out, "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
+        check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
+                              "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
+        check_writes_apart(writes)
+        for path in (out, run_dir, logs):
+            if path is not None:
+                check_writable(path)
         check_trackers(cfg.output.report_to)
         if cfg.output.save == "adapter" and loadable_folder(cfg.model.path) is None:
             raise TsopsdError(f"{cfg.model.path} is a verl checkpoint held in rank shards, which an adapter cannot "
@@ -351,7 +357,7 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     model = ckpt.model
     if ckpt.source != "model folder":
         log.info("loaded %s", ckpt.source)
-    backend.on_main(lambda: check_apart(out, {"adapter base": ckpt.base_path}))
+    backend.on_main(lambda: check_writes({"output folder": out, "run folder": run_dir_for(out)}, {"adapter base": ckpt.base_path}))
     if ckpt.is_adapter:
         if cfg.output.save == "adapter":
             raise TsopsdError("the input is a PEFT adapter: reheat it with --save merged, or merge it first "
@@ -379,7 +385,7 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
               scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
               eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.config_dir), dtype=ckpt.dtype,
-              started=started, input_fingerprint=fingerprint(ckpt.path, ckpt.base_path))
+              started=started, input_fingerprint=fingerprint(ckpt.path, ckpt.base_path) | prompts_fingerprint(cfg.data.prompts))
     run.state = _resume(run) if cfg.output.resume else _start(run)
     run.stop.target = run.state.target
     return run
@@ -448,16 +454,39 @@ def _resume(run: Run) -> RunState:
     then, now = state.input_fingerprint, run.input_fingerprint
     changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
     if changed:
-        raise TsopsdError(f"cannot resume: the input checkpoint changed since the run began ({changed[0]}); "
+        what = "prompt file" if changed[0].startswith("prompts:") else "input checkpoint"
+        raise TsopsdError(f"cannot resume: the {what} changed since the run began ({changed[0].removeprefix('prompts:')}); "
                           "rerun with --overwrite to start over on the new input")
-    run.stop.last_good = backend.load_trainable(run.run_dir, state.trainable, run.policy, run.optimizer)
+    if cfg.train.steps < state.next_step:
+        raise TsopsdError(f"cannot resume with --steps {cfg.train.steps}: the run has applied {state.next_step} steps "
+                          f"already; give --steps {state.next_step} or more")
+    try:
+        run.stop.last_good = backend.load_trainable(run.run_dir, state.trainable, run.policy, run.optimizer)
+        run.stop.load_state_dict(state.stop)
+        run.scheduler.load_state_dict(state.scheduler)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise TsopsdError(f"cannot resume: the state in {run.run_dir} is damaged ({type(e).__name__}: {e}); rerun with "
+                          "--overwrite to start over") from None
     state.trainable = None
-    run.stop.load_state_dict(state.stop)
-    run.scheduler.load_state_dict(state.scheduler)
+    metrics = run.run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    try:
+        logged = [json.loads(line)["step"] for line in lines]
+    except (ValueError, KeyError, TypeError):
+        logged = None
+    # The counters a resume trusts must agree with what the weights hold: the optimizer's own step count,
+    # the scheduler's and the metric lines. An edited state file cannot make the report claim other steps.
+    counts = {"the optimizer's step count": {int(v["step"]) for v in run.optimizer.state.values() if "step" in v}
+              or {0}, "the scheduler's": {run.scheduler.last_epoch}}
+    if backend.is_main:
+        counts["metrics.jsonl's lines"] = {sum(1 for k in logged if k < state.next_step)} if logged is not None else {-1}
+    off = [name for name, found in counts.items() if found != {state.next_step}]
+    if off or (state.kept_step is not None and not 0 <= state.kept_step <= state.next_step):
+        raise TsopsdError(f"cannot resume: the state in {run.run_dir} says {state.next_step} steps were applied, but "
+                          f"{', '.join(off) or 'its kept step'} disagree(s): the run folder was altered; rerun with "
+                          "--overwrite to start over")
     if backend.is_main:  # drop the metric lines of steps that will run again
-        metrics = run.run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < state.next_step))
+        metrics.write_text("".join(line + "\n" for line, k in zip(lines, logged) if k < state.next_step))
         log.info("resuming %s at step %d of %d", run.run_dir, state.next_step, cfg.train.steps)
     return state
 
@@ -492,14 +521,27 @@ def finish(run: Run) -> dict:
             "versions": versions(),
         }
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
-            write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=run.run_dir / "metrics.jsonl")
+            if state.kept_step:
+                write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=run.run_dir / "metrics.jsonl")
             discard_run_dir(run.run_dir)
-        log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
+        if state.kept_step:
+            log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
     backend.finish()
     run.trackers.close()
+    if not state.kept_step:  # a run that trained nothing is not a success, and writes no output
+        raise TrainingStopped(f"{state.stop_reason}: nothing was trained, so no output was written; "
+                              f"{_what_to_change(state.stop_reason)}")
     if state.failed:
-        raise TrainingStopped(f"{state.stop_reason}; written to {cfg.output.out}")
+        raise TrainingStopped(f"{state.stop_reason}; written to {cfg.output.out}", report=report)
     return report
+
+
+def _what_to_change(reason: str) -> str:
+    if reason.startswith("drift"):
+        return "lower train.lr or the teacher temperature, or lower stop.min_top1_agreement"
+    if reason.startswith("non-finite"):
+        return "lower train.lr, or use --dtype float32"
+    return "the input already meets the stop rule: raise the target entropy or the teacher temperature"
 
 
 def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
@@ -510,7 +552,8 @@ def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
 
     Raises:
         TsopsdError: bad input (checkpoint, prompts, output folder, unreachable target entropy).
-        TrainingStopped: a non-finite loss; the last good state was written to the output.
+        TrainingStopped: a guard stopped the run (non-finite loss, drift; the last good state was written to
+            the output, its report in `.report`), or no update was kept (nothing written).
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving resumable state.
     """
     with interrupts() as signals:  # Ctrl-C and SIGTERM: saved state, exit 130

@@ -3,7 +3,8 @@
     state = RunState.load(run_dir)            # or RunState(next_step=0, tau=1.5, ...)
     state.save(run_dir)                       # atomically: a crash leaves the previous file whole
 
-While a run goes, `OUT.tsopsd-run/` (beside OUT, never inside it) holds `state.pt` (this dataclass),
+While a run goes, `OUT.tsopsd-run/` (beside OUT, never inside it) holds `state.json` and its tensors
+(this dataclass, as JSON + safetensors: nothing there is ever unpickled),
 `config.yaml` and `metrics.jsonl`; an FSDP run adds `sharded-N/` (its weights and optimizer shards,
 named by the state file).
 Sampling seeds derive from (seed, step) and the prompt order from (seed, epoch), so no RNG state is
@@ -30,14 +31,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from tsopsd.checkpoint import pid_alive
 from tsopsd.errors import TsopsdError
+from tsopsd.saved import load_tree, save_tree
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.json"  # beside it the tensors, `state-*.safetensors` (`saved.save_tree`): no pickle
 
 
 def run_dir_for(out: Path) -> Path:
@@ -81,17 +81,15 @@ class RunState:
     input_fingerprint: dict = dataclasses.field(default_factory=dict)
 
     def save(self, run_dir: Path) -> None:
-        """Write the state file atomically, then remove sharded folders it no longer names."""
+        """Write the state atomically (JSON + safetensors), then remove sharded folders it no longer names."""
         run_dir = Path(run_dir)
-        tmp = run_dir / (STATE_FILE + ".tmp")
         try:
-            torch.save(dataclasses.asdict(self), tmp)
+            save_tree(dataclasses.asdict(self), run_dir, STATE_FILE.removesuffix(".json"))
         except (OSError, RuntimeError) as e:
-            tmp.unlink(missing_ok=True)
-            if shutil.disk_usage(run_dir).free < 2**20:  # torch's writer reports a full disk as a bare RuntimeError
-                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
+            (run_dir / (STATE_FILE + ".tmp")).unlink(missing_ok=True)
+            if shutil.disk_usage(run_dir).free < 2**20:  # safetensors reports a full disk as a bare error
+                raise OSError(errno.ENOSPC, "No space left on device", str(run_dir)) from e
             raise
-        os.replace(tmp, run_dir / STATE_FILE)
         keep = (self.trainable or {}).get("folder")
         for old in run_dir.glob("sharded-*"):
             if old.name != keep:
@@ -99,11 +97,21 @@ class RunState:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
+        """The saved state, its fields checked for type (an edited or foreign file is refused in one line)."""
         path = Path(run_dir) / STATE_FILE
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(saved, dict) or set(saved) != names:
+        saved = load_tree(run_dir, STATE_FILE.removesuffix(".json"))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(saved, dict) or set(saved) != set(fields):
             raise TsopsdError(f"cannot resume: {path} was written by another version of tsopsd; rerun with --overwrite")
+        kinds = {"next_step": int, "tau": (int, float), "tau_source": str, "target": (int, float, type(None)),
+                 "before": (dict, type(None)), "world_size": int, "config": dict, "stop": dict, "scheduler": dict,
+                 "trainable": (dict, type(None)), "stop_reason": (str, type(None)), "kept_step": (int, type(None)),
+                 "failed": bool, "input_fingerprint": dict}
+        wrong = [k for k, kind in kinds.items() if not isinstance(saved[k], kind) or
+                 (kind is int and isinstance(saved[k], bool))]
+        if wrong or saved["next_step"] < 0 or saved["world_size"] < 1:
+            raise TsopsdError(f"cannot resume: {path} is damaged ({', '.join(wrong) or 'next_step or world_size'} out of "
+                              "form); rerun with --overwrite to start over")
         return cls(**saved)
 
 
@@ -137,32 +145,58 @@ class OutputLock:
         self.out, self.path = out, out.with_name(out.name + ".tsopsd-lock")
         self.mine = f"{os.getpid()} {socket.gethostname()}"
         self.held = False
+        self.made: list[Path] = []
 
     def acquire(self) -> None:
+        above = self.path.parent
+        while not above.exists():  # folders this run creates: removed again if it leaves nothing in them
+            self.made.insert(0, above)
+            above = above.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise TsopsdError(f"the lock path {self.path} is a folder: remove it (tsopsd writes a lock file there)")
         for _ in range(3):
+            # Created whole: written to a private file, then linked in place (fails if the lock exists), so a
+            # lock file never exists empty, even for a run killed in between.
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text(self.mine)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.path)
             except FileExistsError:
-                pid, _, host = self.path.read_text().partition(" ") if self.path.exists() else ("", "", "")
-                if host.strip() != socket.gethostname():
-                    raise TsopsdError(f"another run is writing {self.out} (pid {pid} on {host.strip() or '?'}); if it "
-                                      f"is gone, remove {self.path}") from None
-                if pid.isdigit() and pid_alive(int(pid)):
-                    raise TsopsdError(f"another run is writing {self.out} (pid {pid}): wait for it or stop it") from None
-                log.warning("taking over %s from a run that is gone (pid %s)", self.path, pid or "?")
+                owner = self._owner()
+                if owner is not None:
+                    pid, host = owner
+                    if host != socket.gethostname():
+                        raise TsopsdError(f"another run is writing {self.out} (pid {pid} on {host}); if it is gone, "
+                                          f"remove {self.path}") from None
+                    if pid_alive(pid):
+                        raise TsopsdError(f"another run is writing {self.out} (pid {pid}): wait for it or stop it") from None
+                log.warning("taking over %s from a run that is gone (%s)", self.path,
+                            f"pid {owner[0]}" if owner else "the lock file was empty or unreadable")
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(self.mine)
+            finally:
+                tmp.unlink(missing_ok=True)
             self.held = True
             return
         raise TsopsdError(f"cannot take the lock {self.path}: other runs keep taking it")
+
+    def _owner(self) -> tuple[int, str] | None:
+        """(pid, host) written in the lock file; None when it is gone, empty or unreadable."""
+        try:
+            pid, _, host = self.path.read_text().partition(" ")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return (int(pid), host.strip()) if pid.isdigit() and host.strip() else None
 
     def release(self) -> None:
         if self.held and self.path.exists() and self.path.read_text() == self.mine:
             self.path.unlink(missing_ok=True)
         self.held = False
+        for folder in reversed(self.made):  # deepest first; one that holds anything stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self.made = []
 
 
 class Interrupts:

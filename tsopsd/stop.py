@@ -39,8 +39,8 @@ class Verdict:
 
     @property
     def failure(self) -> bool:
-        """The run failed (exit 1) rather than stopped."""
-        return self.rule == "nonfinite"
+        """A guard stopped the run (exit 1; the last good state is written) rather than it finishing."""
+        return self.rule in ("nonfinite", "drift")
 
 
 class StopRules:

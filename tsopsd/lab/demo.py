@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.checkpoint import atomic_output, load_checkpoint
+from tsopsd.errors import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,12 @@ def _reheat(sft: Path, collapsed: Path, path: Path, prompts_file: Path, size: De
     cfg = load_config(CONFIG, {"model.path": str(collapsed), "data.prompts": str(prompts_file), "output.out": str(path),
                                "teacher.target_entropy_from": str(sft), "train.steps": size.reheat_steps,
                                "seed": size.seed, "output.overwrite": True})
-    reheat(cfg, show_progress=show_progress)
+    try:
+        reheat(cfg, show_progress=show_progress)
+    except TrainingStopped as e:
+        if e.report is None:  # nothing trained: nothing to show
+            raise
+        log.warning("%s: the demo shows the weights kept", e)  # a guard stopped it; the last good state was written
 
 
 def verifier(prompts):
