@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,6 +78,15 @@ def collapsed(tmp_path_factory):
     root = tmp_path_factory.mktemp("collapsed")
     build_collapsed_checkpoint(root / "ckpt", steps=150)
     return root / "ckpt", write_prompts(root / "prompts.jsonl")
+
+
+@pytest.fixture(scope="module")
+def world(collapsed, tmp_path_factory):
+    """A private copy, per test module, of the collapsed checkpoint and its prompts (cases break copies)."""
+    root = tmp_path_factory.mktemp("faults")
+    shutil.copytree(collapsed[0], root / "ckpt")
+    shutil.copy(collapsed[1], root / "prompts.jsonl")
+    return root
 
 
 @pytest.fixture(scope="session")

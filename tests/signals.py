@@ -31,7 +31,8 @@ def env() -> dict[str, str]:
 
 def run_and_signal(args: list, *, when: Callable[[str], bool] | None = None,
                    when_file: Callable[[], bool] | None = None, sig: int = signal.SIGINT, delay: float = 0.0,
-                   launcher: list[str] | None = None, tree: bool = False, timeout: float = 300) -> Result:
+                   launcher: list[str] | None = None, tree: bool = False, timeout: float = 300,
+                   cwd: str | os.PathLike | None = None) -> Result:
     """Run ``python -m tsopsd ARGS`` (or `launcher` + args); send `sig` once `when(line)` or `when_file()` holds.
 
     Args:
@@ -40,7 +41,7 @@ def run_and_signal(args: list, *, when: Callable[[str], bool] | None = None,
     """
     cmd = (launcher or [sys.executable, "-m", "tsopsd"]) + [str(a) for a in args]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env(),
-                         start_new_session=True)
+                         start_new_session=True, cwd=cwd)
     lines: list[str] = []
     fired = threading.Event()
 

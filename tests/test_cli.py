@@ -176,7 +176,7 @@ def test_reheat_cli_bad_config_lists_errors(collapsed, tmp_path):
     assert res.exit_code == 2
 
 
-def test_nan_loss_exits_1_with_one_line_and_keeps_output(collapsed, tmp_path, monkeypatch):
+def test_nan_loss_on_the_first_step_exits_1_with_one_line_and_writes_nothing(collapsed, tmp_path, monkeypatch):
     import tsopsd.loss as loss_mod
 
     real = loss_mod.divergence_and_grad
@@ -190,7 +190,8 @@ def test_nan_loss_exits_1_with_one_line_and_keeps_output(collapsed, tmp_path, mo
                               "--config", str(TINY), "--steps", "3", "--set", "output.eval_prompts=0", "--quiet"])
     assert res.exit_code == 1
     assert "non-finite loss at step 1" in res.stderr and "unexpected" not in res.stderr
-    assert (tmp_path / "o" / "model.safetensors").is_file()  # the last good state (here: the input) was written
+    assert "nothing was trained, so no output was written" in res.stderr
+    assert not (tmp_path / "o").exists()  # the last good state is the input: no OUT that looks reheated
 
 
 # Bad input of every kind (outputs that would destroy an input, flags out of range, ...): tests/test_faults.py.

@@ -64,15 +64,6 @@ def one_line(res, code=2) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def world(collapsed, tmp_path_factory):
-    """A private copy of the collapsed checkpoint and its prompts (so cases may break copies of them)."""
-    root = tmp_path_factory.mktemp("faults")
-    shutil.copytree(collapsed[0], root / "ckpt")
-    shutil.copy(collapsed[1], root / "prompts.jsonl")
-    return root
-
-
 def reheat_args(world, out, *extra, quiet=True):
     return ["reheat", str(world / "ckpt"), "--prompts", str(world / "prompts.jsonl"), "--out", str(out),
             "--config", str(TINY), "--steps", "2", "--set", "output.eval_prompts=0", *map(str, extra)] + \
@@ -139,7 +130,7 @@ BAD = {
                                         "--limit", "0"], "--limit must be >= 1"),
     "measure --samples-per-prompt 0": (lambda w, t: ["measure-entropy", str(w / "ckpt"), "--prompts",
                                                      str(w / "prompts.jsonl"), "--samples-per-prompt", "0"],
-                                       "--samples-per-prompt must be >= 1"),
+                                       "--samples-per-prompt must be in 1..4096"),
     "measure --temperature nan": (lambda w, t: ["measure-entropy", str(w / "ckpt"), "--prompts", str(w / "prompts.jsonl"),
                                                 "--temperature", "nan"], "--temperature must be a number >= 0"),
     "measure --top-p 0": (lambda w, t: ["measure-entropy", str(w / "ckpt"), "--prompts", str(w / "prompts.jsonl"),
@@ -405,4 +396,5 @@ def test_signals_at_every_moment_lose_nothing(world, tmp_path, signals_sent):
     for row in rows:
         assert row["signalled"], row
         assert row["out after signal"] in ("absent", "complete"), row
-        assert row["recovered"] and row["equal to uninterrupted"] and row["leftovers"] == [], row
+        assert row["recovered"] and row["equal to uninterrupted"] and row["leftovers"] == [], \
+            (row["moment"], row["signal"], row["leftovers"], row["stderr"])

@@ -419,6 +419,10 @@ def read_model_config(folder: Path):
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise TsopsdError(f"{folder / 'config.json'}: model_type {model_type!r} is not an architecture transformers knows")
+    layers = raw.get("num_hidden_layers", raw.get("n_layer"))
+    if type(layers) is int and layers > MAX_LAYERS:  # before transformers builds per-layer lists of that length
+        raise TsopsdError(f"{folder / 'config.json'}: num_hidden_layers {layers} is more than {MAX_LAYERS}; "
+                          "is the config right?")
     try:
         config = AutoConfig.from_pretrained(str(utf8_alias(folder)), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - a config transformers refuses, whatever it raises
@@ -560,7 +564,8 @@ def fingerprint(*folders: Path | None) -> dict[str, list]:
                 for at in (len(head), (len(head) + size) // 2, max(len(head), size - 2**16)):
                     fh.seek(at)
                     h.update(fh.read(2**16))
-            out[str(f.resolve())] = [size, h.hexdigest()]
+            key = f"{Path(folder).name}/{f.name}"  # by name, not place: a run folder moved whole still resumes
+            out[key if key not in out else f"{len(out)}:{key}"] = [size, h.hexdigest()]
     return out
 
 

@@ -136,7 +136,7 @@ def check_prompt_file(path: str | Path) -> None:
 
 
 def prompts_fingerprint(path: str | Path) -> dict[str, str]:
-    """{"prompts:<real path>": sha256 of the file}: what a resume checks is the same prompt file."""
+    """{"prompts:<file name>": sha256 of the file}: what a resume checks is the same prompt file."""
     import hashlib
     import os
 
@@ -147,7 +147,7 @@ def prompts_fingerprint(path: str | Path) -> dict[str, str]:
                 h.update(block)
     except OSError as e:
         raise TsopsdError(f"cannot read the prompt file {path}: {e.strerror}") from None
-    return {f"prompts:{os.path.realpath(path)}": h.hexdigest()}
+    return {f"prompts:{os.path.basename(os.path.realpath(path))}": h.hexdigest()}
 
 
 def load_prompts(

@@ -286,6 +286,7 @@ def setup(cfg: Config) -> Run:
     """Load the checkpoint and prompts, build student, teacher and optimizer, and start or resume the state."""
     started = time.monotonic()
     out = Path(cfg.output.out)
+    check_out_name(out)  # before any name is derived from it
     run_dir = run_dir_for(out)
     launch = join(cfg.model.device, group=cfg.train.parallel == "fsdp")
     backend = make_backend(cfg.train.parallel, launch, resolve_device(launch.device))
@@ -294,7 +295,6 @@ def setup(cfg: Config) -> Run:
 
     def preflight() -> None:
         check_prompt_file(cfg.data.prompts)
-        check_out_name(out)
         logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
         writes = {"output folder": out, "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
         check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
