@@ -657,7 +657,8 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer."""
     check_out_name(out)
     check_output_dir(Path(out), overwrite=overwrite)
-    check_writes({"output folder": out}, {"adapter": adapter, "adapter base": base})
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}")
+    check_writes({"output folder": out, "temporary folder": tmp}, {"adapter": adapter, "adapter base": base})
     check_writable(out)
     _warn_other_base(Path(adapter), base)
     ckpt = load_checkpoint(adapter, base=base, device="cpu", dtype="float32")

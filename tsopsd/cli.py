@@ -175,7 +175,8 @@ def measure_entropy(
         from tsopsd.trajectory import find_checkpoints
 
         console.setup_logging(quiet=quiet)
-        writes = {"--out": out, "--plot": plot}
+        writes = {"--out": out, "--plot": plot}  # each written beside and renamed into place:
+        writes |= {f"{flag}'s temporary": p.with_name(f".{p.name}.tmp-{os.getpid()}") for flag, p in writes.items() if p}
         for flag, path in writes.items():
             if path is not None:  # found out now, not after the whole measurement
                 check_out_name(path, flag)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -296,7 +297,8 @@ def setup(cfg: Config) -> Run:
     def preflight() -> None:
         check_prompt_file(cfg.data.prompts)
         logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
-        writes = {"output folder": out, "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
+        writes = {"output folder": out, "temporary folder": out.with_name(f".{out.name}.tmp-{os.getpid()}"),
+                  "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
         check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
                               "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
         check_writes_apart(writes)
@@ -375,6 +377,7 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
         raise TsopsdError(f"{have} fewer than {backend.world_size} rank(s) x {cfg.rollout.prompts_per_step} prompts "
                           "per step: lower rollout.prompts_per_step or output.eval_prompts, or add prompts")
     backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
+    torch.manual_seed(cfg.seed)  # the adapter's init: the same however the input was loaded (a verl LoRA draws)
     policy = prepare_policy(model, cfg.train)
     backend.prepare(policy)
     if _wants_checkpointing(cfg, backend, policy):
