@@ -199,9 +199,9 @@ def test_no_packed_copy_without_room(ckpts, monkeypatch):
     """Packing doubles the decoder's weights for a rollout: skipped when memory is short, same logits."""
     model = load_checkpoint(ckpts["qwen3"], device="cpu").model
     assert decode.LeanDecoder.build(model, batch_size=2, max_length=16).packed
-    monkeypatch.setattr(decode, "_room_for", lambda nbytes: False)
+    monkeypatch.setattr(decode, "_room_for", lambda nbytes, device: False)
     lean = decode.LeanDecoder.build(model, batch_size=2, max_length=16)
-    assert lean is not None and not lean.packed
+    assert lean is not None and not lean.packed and not lean.fused
     ids, mask, new = _batch(model.config.vocab_size)
     ref = _step_by_step(model, ids, mask, new, "model")
     got = _step_by_step(model, ids, mask, new, "lean")
@@ -304,3 +304,82 @@ def test_compiled_step_with_cuda_graphs_equals_the_eager_step(ckpts, compile_sta
     got, lean = _compiled_steps(model, "true", device="cuda")
     assert lean.compiled is not None and compile_state["on"], compile_state
     assert (got - ref).abs().max().item() < 5e-2 * ref.abs().max().item()
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op a decode step runs; the bytes copied out of the KV cache; ops whose output depends on data."""
+
+    def __init__(self, cache: list[torch.Tensor]):
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in cache}
+        self.count, self.gemms, self.copied, self.written, self.data_dependent = 0, 0, 0, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.count += not func.is_view  # a view launches no kernel
+        self.gemms += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+        if torch.Tag.data_dependent_output in func.tags:
+            self.data_dependent.append(str(func))
+        ins = [a for a in args if isinstance(a, torch.Tensor)]
+        reads_cache = any(a.untyped_storage().data_ptr() in self.storages for a in ins)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        if reads_cache and torch.Tag.inplace_view not in func.tags and func.overloadpacket is not torch.ops.aten.index_put_:
+            # a new tensor made from the cache (not a view, not a matmul's small result): a copy of cache bytes
+            if func.overloadpacket not in (torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.mm):
+                self.copied += sum(o.numel() * o.element_size() for o in outs
+                                   if o.untyped_storage().data_ptr() not in self.storages)
+        if func.overloadpacket is torch.ops.aten.index_put_ and ins[0].untyped_storage().data_ptr() in self.storages:
+            self.written += args[2].numel() * args[2].element_size()  # the values written
+        return out
+
+
+def _one_step_ops(layers: int, lora: bool):
+    cfg = model_config("qwen3", 384, layers=layers)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if lora:
+        model = _lora(model)
+    ids, mask, new = _batch(cfg.vocab_size)
+    cache = DynamicCache()
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        lean = decode.LeanDecoder.build(model, batch_size=3, max_length=256)
+        step = lean.session(cache, mask, capacity=256)  # a column is 1/256 of the cache (at 4B: 1/3072)
+        alive, pos = torch.ones(3, dtype=torch.bool), positions[:, -1] + 1
+        step(new[:, 0], pos, alive)
+        ops = _Ops([*step.keys, *step.values])
+        with ops:
+            step(new[:, 1], pos + 1, alive)
+    kv_bytes = sum(t.numel() * t.element_size() for t in (*step.keys, *step.values))
+    return ops, kv_bytes, lean
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "no room to fuse"])
+def test_the_gpu_decode_step_runs_few_ops_per_layer_and_copies_no_cache(monkeypatch, fused):
+    """The GPU path (no oneDNN packing), counted with a dispatch mode: the ops that launch a kernel, per layer.
+
+    Fused (the decode copy fits): four GEMMs a layer (q|k|v, o, gate|up, down; LoRA merged into the copy), the
+    same count with or without an adapter: 36 ops a layer (4 GEMMs, 3 for attention, 2 cache writes, 3 RMSNorms
+    of 6 ops each as aten spells them, 3 for RoPE, 2 residual adds, SiLU and its product, the query's reshape).
+    Before the decode copy (and still without room for it): 41 a layer, 69 with LoRA (7 GEMMs and a cat per
+    layer, 4 more ops per adapted module). Either way no byte of the KV cache is copied (attention reads it in
+    place), only the new column is written (< 1% of the cache), and no op's output depends on data (no host sync)."""
+    monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+    if not fused:
+        monkeypatch.setattr(decode, "_room_for", lambda nbytes, device: False)
+    counts = {}
+    for lora in (False, True):
+        two, kv_bytes, lean = _one_step_ops(2, lora)
+        four, _, _ = _one_step_ops(4, lora)
+        assert lean.fused == fused and not lean.packed
+        counts[lora] = (four.count - two.count) / 2, (four.gemms - two.gemms) / 2
+        print(f"kernel-launching aten ops per layer per decode step ({'fused' if fused else 'unfused'}, LoRA {lora}): "
+              f"{counts[lora][0]:g}, GEMMs {counts[lora][1]:g}")
+        assert two.copied == 0 and four.copied == 0
+        assert 0 < two.written <= 0.01 * kv_bytes
+        assert two.data_dependent == [] and four.data_dependent == []
+    if fused:  # the adapter costs no op at all; a layer is four GEMMs and a few dozen small ops, not more
+        assert counts[True] == counts[False] and counts[False][1] == 4 and counts[False][0] <= 40, counts
+    else:
+        assert counts[False][1] == 7 and counts[True][1] == 21, counts

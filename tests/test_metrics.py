@@ -252,3 +252,12 @@ def test_layer_similarity_is_one_for_the_same_model_and_shows_the_perturbed_laye
                 assert got["linear_cka"][i] == pytest.approx(1.0, abs=1e-9)
             else:
                 assert got["cosine"][i] < 0.999 and got["linear_cka"][i] < 0.999
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_entropy_quantiles_equal_torch_quantile(n):
+    """The summary's quantiles (sort and interpolate, no data-dependent op) equal torch.quantile's, in float64."""
+    v = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64) * 3
+    want = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    s = summarize_entropy(v)
+    assert [s["p10"], s["p50"], s["p90"]] == pytest.approx(want.tolist(), rel=1e-12, abs=1e-15)

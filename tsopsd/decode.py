@@ -62,8 +62,10 @@ def _mkldnn_ok(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bool(getattr(ops, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
-def _room_for(nbytes: int) -> bool:
-    """Whether a packed copy of `nbytes` fits in half the memory free now (unknown: only if under 1 GiB)."""
+def _room_for(nbytes: int, device: torch.device) -> bool:
+    """Whether a decode copy of `nbytes` fits in half the memory free now on `device` (unknown: only under 1 GiB)."""
+    if device.type == "cuda":
+        return nbytes < torch.cuda.mem_get_info(device)[0] // 2
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
@@ -149,12 +151,12 @@ class _Linear:
     the modules' own weights, LoRA added as peft does (B(A(x)) * scaling), outputs concatenated.
     """
 
-    def __init__(self, modules: list[torch.nn.Module], *, pack: bool, batch_size: int):
+    def __init__(self, modules: list[torch.nn.Module], *, pack: bool, batch_size: int, fuse: bool = False):
         self.parts = [_lora_parts(m) for m in modules]  # [(base, [(A, B, scaling)])]
         self.out_features = sum(base.weight.shape[0] for base, _ in self.parts)
         self.index = 0  # in LeanDecoder.linears (the compiled step's `_PACKED`)
-        self.packed = self.bias = None
-        if pack:
+        self.packed = self.bias = self.weight = None
+        if pack or fuse:
             weights, biases = [], []
             for base, lora in self.parts:
                 w = base.weight.detach()
@@ -170,7 +172,10 @@ class _Linear:
             w = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()
             if any(b is not None for b in biases):
                 self.bias = torch.cat([torch.zeros_like(w_[:, 0]) if b is None else b for w_, b in zip(weights, biases)])
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size)
+            if pack:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size)
+            else:  # one dense weight (a copy where fused or LoRA-merged; else the module's own): one GEMM
+                self.weight = w
         self.is_packed = self.packed is not None  # what a compiled step reads: never the packed tensor itself
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +192,8 @@ class _Linear:
             if torch.compiler.is_compiling():
                 return torch.ops.tsopsd.packed_linear(x, self.index, self.out_features)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
         return self.plain(x)
 
 
@@ -215,12 +222,13 @@ class _RMSNorm:
 
 
 class _Layer:
-    def __init__(self, layer: torch.nn.Module, *, pack: bool, batch_size: int):
+    def __init__(self, layer: torch.nn.Module, *, pack: bool, batch_size: int, fuse: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _Linear([attn.q_proj, attn.k_proj, attn.v_proj], pack=pack, batch_size=batch_size)
-        self.o = _Linear([attn.o_proj], pack=pack, batch_size=batch_size)
-        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], pack=pack, batch_size=batch_size)
-        self.down = _Linear([mlp.down_proj], pack=pack, batch_size=batch_size)
+        kw = dict(pack=pack, batch_size=batch_size, fuse=fuse)
+        self.qkv = _Linear([attn.q_proj, attn.k_proj, attn.v_proj], **kw)
+        self.o = _Linear([attn.o_proj], **kw)
+        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], **kw)
+        self.down = _Linear([mlp.down_proj], **kw)
         self.norm_in, self.norm_post = _RMSNorm(layer.input_layernorm), _RMSNorm(layer.post_attention_layernorm)
         self.scaling = float(attn.scaling)
         self.head_dim = attn.head_dim
@@ -267,18 +275,23 @@ class LeanDecoder:
         # the packed copy doubles the decoder's weights for the rollout: only where memory allows
         linears = [m for m in trunk.layers.modules() if type(m) is torch.nn.Linear] + [head_base]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        pack = self.device.type == "cpu" and not is_fake(head_base.weight) and not torch.is_autocast_enabled("cpu") \
-            and _mkldnn_ok(self.dtype) and _room_for(nbytes)
+        fake = is_fake(head_base.weight)
+        pack = self.device.type == "cpu" and not fake and not torch.is_autocast_enabled("cpu") \
+            and _mkldnn_ok(self.dtype) and _room_for(nbytes, self.device)
+        # Elsewhere (a GPU): q|k|v and gate|up as one dense weight each, LoRA merged into that copy, so a layer
+        # runs four GEMMs and no LoRA pass; the plan (fake tensors) counts the copy. Without room: the
+        # modules' own weights, LoRA added per module as peft does.
+        fuse = not pack and (fake or _room_for(nbytes, self.device))
         self.config = cfg
         self.norm = _RMSNorm(trunk.norm)
-        self.layers = [_Layer(layer, pack=pack, batch_size=batch_size) for layer in trunk.layers]
+        self.layers = [_Layer(layer, pack=pack, batch_size=batch_size, fuse=fuse) for layer in trunk.layers]
         for layer in self.layers:
             if layer.window is not None and layer.window < max_length:
                 raise Unsupported(f"sliding window {layer.window} shorter than the sequence ({max_length})")
-        self.head = _Linear([head], pack=pack, batch_size=batch_size)
-        if pack:
+        self.head = _Linear([head], pack=pack, batch_size=batch_size, fuse=fuse)
+        if pack or (fuse and not fake):
             self._check_packing()
-        self.packed = pack
+        self.packed, self.fused = pack, fuse
         self.linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.linears.append(self.head)
         for i, lin in enumerate(self.linears):
@@ -311,11 +324,11 @@ class LeanDecoder:
             return None
 
     def _check_packing(self) -> None:
-        """Packed and plain linears agree on a random input (else oneDNN is off the table here)."""
+        """Packed (or fused) and plain linears agree on a random input (else the copy is off the table here)."""
         lin = self.layers[0].qkv
         x = torch.randn(2, lin.parts[0][0].weight.shape[1], dtype=self.dtype, device=self.device)
         if not _agree(lin(x), lin.plain(x), self.dtype):
-            raise Unsupported("oneDNN packed linear disagrees with F.linear")
+            raise Unsupported("the packed or fused linear disagrees with F.linear")
 
     def session(self, cache, attention_mask: torch.Tensor, capacity: int) -> _Session:
         """Adopt the prefilled transformers cache (one entry per layer) of a whole batch for decoding."""

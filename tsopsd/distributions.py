@@ -61,11 +61,21 @@ def summarize_entropy(values: torch.Tensor) -> dict[str, float]:
     """Mean, p10/p50/p90 and the mean of the top 20% highest-entropy tokens."""
     if values.numel() == 0:
         return {"mean": 0.0, "p10": 0.0, "p50": 0.0, "p90": 0.0, "top20_mean": 0.0}
-    v = values.double()
-    q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-    top = v.sort(descending=True).values[: max(1, math.ceil(0.2 * v.numel()))]
-    return {"mean": float(v.mean()), "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2]),
-            "top20_mean": float(top.mean())}
+    v = values.double().flatten()
+    s = v.sort().values  # one sort for the quantiles and the top 20%
+    n = s.numel()
+
+    def quantile(p: float) -> torch.Tensor:
+        # torch.quantile's "linear" rule, with indices known from the shape: no data-dependent op (torch.quantile
+        # checks its arguments with one, which `tsopsd plan`'s fake tensors cannot answer on some torch versions)
+        at = p * (n - 1)
+        lo = int(math.floor(at))
+        hi = min(lo + 1, n - 1)
+        return s[lo] + (s[hi] - s[lo]) * (at - lo)
+
+    top = s[n - max(1, math.ceil(0.2 * n)):]
+    return {"mean": float(v.mean()), "p10": float(quantile(0.1)), "p50": float(quantile(0.5)),
+            "p90": float(quantile(0.9)), "top20_mean": float(top.mean())}
 
 
 def entropy_and_slope(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,6 +133,12 @@ class PhaseRecord:
     planning_s: float = 0.0  # what planning the phase took here
 
 
+# The data-dependent ops the tracker answers itself, from computed shadows or the worst case, before any fake
+# kernel runs: every other op tagged `data_dependent_output` would fail on fake tensors (tests check none runs).
+ANSWERED = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+            torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default)
+
+
 class Tracker(TorchDispatchMode):
     """Counts live storage bytes by category and FLOPs/bytes per op; answers data-dependent reads."""
 
@@ -273,7 +279,7 @@ class Tracker(TorchDispatchMode):
             fake_device = getattr(args[0], "fake_device", None)
             return fake_device if fake_device is not None else func(*args)
         kwargs = kwargs or {}
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+        if func in ANSWERED[:2]:
             value = self._scalar(args[0])
             return bool(value) if func is torch.ops.aten.is_nonzero.default else value
         if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default):
