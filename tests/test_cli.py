@@ -195,3 +195,14 @@ def test_nan_loss_on_the_first_step_exits_1_with_one_line_and_writes_nothing(col
 
 
 # Bad input of every kind (outputs that would destroy an input, flags out of range, ...): tests/test_faults.py.
+
+
+def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    from tsopsd.cli import cuda_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    cuda_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    cuda_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

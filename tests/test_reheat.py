@@ -320,3 +320,21 @@ def test_a_compiled_run_trains_what_an_eager_run_trains(collapsed, tmp_path, com
         assert [m[key] for m in a] == [m[key] for m in b], key
     for key in ("train/loss", "train/student_entropy"):
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-4), key
+
+
+def test_each_step_logs_its_phases_and_the_report_its_medians(collapsed, tmp_path):
+    """metrics.jsonl: seconds per phase for every step (the step-0 check on step 0 only), within the step's time;
+    the report: the median step and phases. (On a GPU each step also logs its peak allocated and reserved bytes,
+    and the report sets `tsopsd plan` of the run beside them: bench/gpu.sh.)"""
+    out = tmp_path / "o"
+    report = reheat(cfg_for(collapsed, out, **{"train.steps": 3, "output.eval_prompts": 0}), show_progress=False)
+    rows = steps_of(out)
+    for row in rows:
+        phases = {k.removeprefix("time/"): v for k, v in row.items() if k.startswith("time/")}
+        assert {"rollout", "solve", "teacher", "student", "optimizer"} <= phases.keys()
+        assert ("check" in phases) == (row["step"] == 0)
+        assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= row["train/seconds"]
+        assert not any(k.startswith("memory/") for k in row)  # a CPU run has no device peak to report
+    measured = report["measured"]
+    assert measured["steps"] == 3 and measured["step_seconds_median"] == sorted(r["train/seconds"] for r in rows)[1]
+    assert measured["phase_seconds_median"]["student"] > 0 and report["planned"] is None

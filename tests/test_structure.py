@@ -69,4 +69,6 @@ def test_no_environment_variable_or_argument_for_tests_only():
     text = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     assert "TSOPSD_TEST" not in text and "interrupt_at_step" not in text and "on_trained" not in text
     env_reads = set(re.findall(r"environ(?:\.get)?\[?\(?\"(\w+)\"", text))
-    assert env_reads <= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}, env_reads
+    env_reads |= set(re.findall(r"environ\.setdefault\(\"(\w+)\"", text))
+    assert env_reads <= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTORCH_CUDA_ALLOC_CONF"}, \
+        env_reads

@@ -505,6 +505,7 @@ def main() -> None:
     """The `tsopsd` command: usage errors too are one `tsopsd: error:` line (exit 2), never a framed box."""
     _utf8_mode()
     _on_bus_error()
+    cuda_allocator()
     try:  # typer >= 0.2x carries its own copy of click
         from typer._click import exceptions as click_errors
     except ImportError:
@@ -526,6 +527,13 @@ def main() -> None:
         print("tsopsd: error: interrupted", file=sys.stderr, flush=True)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def cuda_allocator() -> None:
+    """Expandable segments for PyTorch's CUDA allocator unless the user chose settings: a reheat allocates
+    rollout, training and measuring buffers of changing sizes in turn, and fixed segments fragment (measured:
+    47.9 GiB reserved for 33.3 GiB allocated at 4B). Read when CUDA first allocates, so set before any work."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def _utf8_mode() -> None:

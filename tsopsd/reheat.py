@@ -54,7 +54,7 @@ from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_
 from tsopsd.prompts import Prompt, check_prompt_file, load_prompts, prompt_room, prompts_fingerprint
 from tsopsd.rollout import sample_rollouts
 from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparable, discard_run_dir, interrupts, run_dir_for
-from tsopsd.step import teacher_states, train_step
+from tsopsd.step import Clock, teacher_states, train_step
 from tsopsd.stop import StopRules
 from tsopsd.teacher import check_teacher, solve_temperature, unreachable
 from tsopsd.trackers import Trackers, check_trackers, logging_dir, open_trackers
@@ -103,6 +103,8 @@ class StepResult:
     lr: float
     grad_norm: float | None
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: rollout, solve, teacher, student, check, optimizer
+    memory: dict[str, float] = field(default_factory=dict)  # on a GPU: this step's peak allocated and reserved bytes
 
     def line(self, total: int) -> str:
         return (f"step {self.step + 1}/{total}  tau {self.tau:.3f}  loss {self.loss:.4f}  H student {self.student_entropy:.3f}  "
@@ -133,6 +135,7 @@ class Run:
     input_fingerprint: dict | None = None  # `checkpoint.fingerprint` of the input (and adapter base)
     trackers: Trackers = field(default_factory=lambda: Trackers([]))  # TensorBoard / W&B, rank 0 only
     rollout_compile: dict = field(default_factory=dict)  # `decode.COMPILE` after the loop's rollouts (the report's)
+    config_dir: Path | None = None  # the folder whose config.json describes the model (what `plan` reads)
 
     @property
     def run_dir(self) -> Path:
@@ -193,9 +196,26 @@ class Run:
                 batch_size=cfg.rollout.batch_size, score_batch=cfg.train.micro_batch, seed=cfg.seed,
                 done_everywhere=self.backend.done_everywhere))
 
+    def clock(self, timings: dict[str, float]) -> Clock:
+        """`with clock(phase):` adds the phase's seconds to `timings`; on a GPU it also starts the step's memory
+        peak afresh (each step's peak is its own)."""
+        if self.backend.device.type == "cuda" and not timings:
+            torch.cuda.reset_peak_memory_stats(self.backend.device)
+        return Clock(self.backend.device, timings)
+
+    def memory_peaks(self) -> dict[str, float]:
+        """This step's peak allocated and reserved device bytes (a GPU's; empty elsewhere)."""
+        if self.backend.device.type != "cuda":
+            return {}
+        return {"peak_allocated": float(torch.cuda.max_memory_allocated(self.backend.device)),
+                "peak_reserved": float(torch.cuda.max_memory_reserved(self.backend.device))}
+
     def log(self, result: StepResult) -> None:
         if self.backend.is_main:
-            record = {k if k == "step" else f"train/{k}": v for k, v in asdict(result).items()}
+            fields = asdict(result)
+            phases, memory = fields.pop("phases"), fields.pop("memory")
+            record = {k if k == "step" else f"train/{k}": v for k, v in fields.items()}
+            record |= {f"time/{k}": v for k, v in phases.items()} | {f"memory/{k}": v for k, v in memory.items()}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.trackers.log(result.step, record)
@@ -228,18 +248,22 @@ def train(run: Run, *, show_progress: bool = True) -> None:
         advance(state.next_step)
         try:
             while state.stop_reason is None and state.next_step < cfg.train.steps:
-                step, t0 = state.next_step, time.monotonic()
-                rollout = run.rollout(step)  # on-policy: the current student, T=1
+                step, t0, timings = state.next_step, time.monotonic(), {}  # timings: seconds per phase
+                clock = run.clock(timings)
+                with clock("rollout"):
+                    rollout = run.rollout(step)  # on-policy: the current student, T=1
                 t_gen = time.monotonic() - t0
                 local_tokens = int(rollout.completion_mask.sum())
                 n_tokens = int(backend.sum([float(local_tokens)])[0])
-                tau, teacher_hidden = run.temperature(step, rollout)  # fixed, or solved for the target entropy
+                with clock("solve"):
+                    tau, teacher_hidden = run.temperature(step, rollout)  # fixed, or solved for the target entropy
                 stats = train_step(policy, rollout, tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
-                                   normalizer=backend.loss_normalizer(n_tokens),
+                                   normalizer=backend.loss_normalizer(n_tokens), timings=timings,
                                    teacher_hidden=teacher_hidden)  # teacher, student, loss, backward
                 if step == 0:  # the training path against the model's own forward, in float64
-                    check_teacher(policy.teacher, rollout, tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
-                                  measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
+                    with clock("check"):
+                        check_teacher(policy.teacher, rollout, tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
+                                      measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
                 stats = ChunkStats.from_sums(backend.sum(stats.sums()))
                 backend.reduce_gradients(policy.trainable)
                 with signals.held():  # from here the step lands whole, or (interrupted before) not at all
@@ -253,7 +277,8 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                     grad_norm = backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm) \
                         if cfg.train.max_grad_norm > 0 else None
                     lr = run.scheduler.get_last_lr()[0]
-                    optimizer.step()
+                    with clock("optimizer"):
+                        optimizer.step()
                     run.scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.next_step, state.tau = step + 1, tau
@@ -265,7 +290,8 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                         completion_length=float(rollout.completion_lengths.float().mean()),
                         generated_tokens_per_s=n_tokens / max(t_gen, 1e-9),
                         trained_tokens_per_s=n_tokens / max(time.monotonic() - t0 - t_gen, 1e-9),
-                        lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0))
+                        lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0, phases=timings,
+                        memory=run.memory_peaks()))
                     advance(1)
                     if cfg.output.save_every and state.next_step % cfg.output.save_every == 0 \
                             and state.next_step < cfg.train.steps:
@@ -388,7 +414,8 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
               scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
               eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.config_dir), dtype=ckpt.dtype,
-              started=started, input_fingerprint=fingerprint(ckpt.path, ckpt.base_path) | prompts_fingerprint(cfg.data.prompts))
+              started=started, config_dir=ckpt.config_dir,
+              input_fingerprint=fingerprint(ckpt.path, ckpt.base_path) | prompts_fingerprint(cfg.data.prompts))
     run.state = _resume(run) if cfg.output.resume else _start(run)
     run.stop.target = run.state.target
     return run
@@ -521,6 +548,7 @@ def finish(run: Run) -> dict:
             "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
             "rollout_compile": run.rollout_compile,
+            "measured": _measured(run.run_dir / "metrics.jsonl"), "planned": _planned(run),
             "versions": versions(),
         }
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
@@ -575,6 +603,46 @@ def _taus(metrics: Path) -> list[float]:
     """tau of every applied step, from the run's metrics.jsonl."""
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     return [json.loads(line)["train/tau"] for line in lines]
+
+
+def _measured(metrics: Path) -> dict:
+    """Median seconds a step and per phase, and the largest per-step device peaks (a GPU's), from metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if not rows:
+        return {}
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    phases = sorted({k.removeprefix("time/") for r in rows for k in r if k.startswith("time/")})
+    out = {"steps": len(rows), "step_seconds_median": median([r["train/seconds"] for r in rows]),
+           "phase_seconds_median": {p: median([r.get(f"time/{p}", 0.0) for r in rows]) for p in phases}}
+    for name in ("peak_allocated", "peak_reserved"):
+        values = [r[f"memory/{name}"] for r in rows if f"memory/{name}" in r]
+        if values:
+            out[f"{name}_bytes"] = max(values)
+    return out
+
+
+def _planned(run: Run) -> dict | None:
+    """On a GPU, `tsopsd plan` of this run's step for this device, to stand beside what was measured."""
+    if run.backend.device.type != "cuda" or run.config_dir is None:
+        return None
+    import warnings
+
+    from tsopsd.plan import Hardware, plan
+
+    log.info("planning this run's step for the report, to set beside the measured one (tens of seconds at 4B)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            memory = torch.cuda.get_device_properties(run.backend.device).total_memory
+            r = plan(run.cfg, run.config_dir, Hardware(gpus=run.backend.world_size, memory=memory))
+    except Exception as e:  # noqa: BLE001 - the run is done: a plan that fails must not fail it
+        log.warning("could not plan this run for the report: %s: %s", type(e).__name__, e)
+        return None
+    return {k: r[k] for k in ("peak_bytes", "peak_phase", "reserved_bytes", "fits", "step_roofline_s",
+                              "step_estimate_s", "estimate_calibrated_on", "gpu_flops", "gpu_bandwidth")}
 
 
 def _against_target(target: float | None, before: dict | None, after: dict | None) -> dict | None:

@@ -109,11 +109,13 @@ def plan_table(r: dict):
               caption=(f"GiB per device (rank 0; every rank alike). {r['sequences_per_rank']} sequences of "
                        f"{r['prompt_tokens']} + {r['max_new_tokens']} tokens per rank. Activation checkpointing: "
                        f"{'on' if r['activation_checkpointing'] else 'off'} ({r['activation_checkpointing_why']}). "
-                       f"Peak {r['peak_bytes'] / gib:.1f} GiB in {r['peak_phase']} + {r['reserved_bytes'] / gib:.0f} "
-                       f"GiB reserved; margin {r['margin_bytes'] / gib:+.1f} GiB. Step: {r['step_flops'] / 1e12:.0f} "
+                       f"Peak {r['peak_bytes'] / gib:.1f} GiB in {r['peak_phase']} + {r['reserved_bytes'] / gib:.1f} "
+                       f"GiB reserved (CUDA context, allocator slack); margin {r['margin_bytes'] / gib:+.1f} GiB. "
+                       f"Step: {r['step_flops'] / 1e12:.0f} "
                        f"TFLOP, {r['step_bytes'] / 1e12:.1f} TB moved, roofline {r['step_roofline_s']:.1f} s: a lower "
-                       f"bound at {r['gpu_flops'] / 1e12:.0f} TFLOP/s and {r['gpu_bandwidth'] / 1e12:.2f} TB/s, "
-                       "not a measurement."))
+                       f"bound at {r['gpu_flops'] / 1e12:.0f} TFLOP/s and {r['gpu_bandwidth'] / 1e12:.2f} TB/s; "
+                       f"estimated {r['step_estimate_s']:.0f} s a step at the efficiency measured on "
+                       f"{r['estimate_calibrated_on']}."))
     t.add_column("phase")
     t.add_column("peak", justify="right")
     for c in cats:
