@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="a model folder (default: the bench's q8x512)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--eager-only", action="store_true", help="skip the compiled step (bench/gpu.py --tiny: seconds)")
     args = ap.parse_args()
     set_threads(args.threads)
     from tsopsd import decode
@@ -92,26 +93,30 @@ def main() -> None:
     compute_bound = 2 * weights * args.batch / peak
 
     t0 = time.perf_counter()
-    session_times(model, prompt_ids, args.tokens, "true")
-    compile_s = decode.COMPILE["compile_s"]
-    print(f"first compiled session: {time.perf_counter() - t0:.1f} s, of which compiling {compile_s:.1f} s", flush=True)
+    compile_s = 0.0
+    if not args.eager_only:
+        session_times(model, prompt_ids, args.tokens, "true")
+        compile_s = decode.COMPILE["compile_s"]
+        print(f"first compiled session: {time.perf_counter() - t0:.1f} s, of which compiling {compile_s:.1f} s", flush=True)
     eager, compiled = [], []
     for rep in range(args.repeats):
-        for name, out in (("eager", eager), ("compiled", compiled)):
+        for name, out in (("eager", eager), ("compiled", compiled))[:1 if args.eager_only else 2]:
             ms = statistics.median(session_times(model, prompt_ids, args.tokens,
                                                  "true" if name == "compiled" else "false")) * 1e3
             out.append(ms)
             print(f"repeat {rep} {name}: {ms:.2f} ms/step ({ms / 1e3 / bandwidth_bound:.2f}x the bandwidth bound)",
                   flush=True)
-    e, c = statistics.median(eager), statistics.median(compiled)
-    saving = (e - c) / 1e3
+    e = statistics.median(eager)
+    c = statistics.median(compiled) if compiled else None
+    saving = (e - c) / 1e3 if c is not None else 0.0
     print(json.dumps({
         "bench": "decode", "device": str(device), "dtype": str(ck.dtype), "batch": args.batch,
         "prompt_tokens": round(statistics.mean(len(p) for p in prompt_ids)),
         "tokens": args.tokens, "threads": torch.get_num_threads(), "matmul_peak_gflops": peak / 1e9,
         "bandwidth_gbs": bw / 1e9, "step_mb": step_bytes / 1e6, "bandwidth_bound_ms": bandwidth_bound * 1e3,
-        "compute_bound_ms": compute_bound * 1e3, "eager_ms": e, "compiled_ms": c, "compiled_over_eager": c / e,
-        "eager_over_bandwidth_bound": e / 1e3 / bandwidth_bound, "compiled_over_bandwidth_bound": c / 1e3 / bandwidth_bound,
+        "compute_bound_ms": compute_bound * 1e3, "eager_ms": e, "compiled_ms": c,
+        "compiled_over_eager": c / e if c else None, "eager_over_bandwidth_bound": e / 1e3 / bandwidth_bound,
+        "compiled_over_bandwidth_bound": c / 1e3 / bandwidth_bound if c else None,
         "compile_s": compile_s, "break_even_decode_steps": round(compile_s / saving) if saving > 0 else None,
     }))
 
