@@ -383,3 +383,36 @@ def test_the_gpu_decode_step_runs_few_ops_per_layer_and_copies_no_cache(monkeypa
         assert counts[True] == counts[False] and counts[False][1] == 4 and counts[False][0] <= 40, counts
     else:
         assert counts[False][1] == 7 and counts[True][1] == 21, counts
+
+
+def test_two_rollouts_compile_each_shape_bucket_at_most_once(ckpts, compile_state, monkeypatch):
+    """Inductor on the CPU (CUDA graphs on a GPU take the same path): two rollouts of prompts of different lengths,
+    the attended width rounded to buckets of COMPILED_WIDTHS columns (8 here, 256 in a run), the batch shrinking at
+    the tail. Each (rows, columns) bucket is compiled at most once in the process, and the second rollout compiles
+    only buckets the first did not see (torch.compile marks a size dynamic once it changes, so most never compile)."""
+    monkeypatch.setattr(decode, "COMPILED_WIDTHS", 8)
+    calls, compiled = [], []
+    real = decode._Session._compiled
+
+    def spy(self, args, n):
+        before = decode._frames_compiled()
+        out = real(self, args, n)
+        calls.append((self.slots, n))
+        if decode._frames_compiled() != before:
+            compiled.append((self.slots, n))
+        return out
+
+    monkeypatch.setattr(decode._Session, "_compiled", spy)
+    ck = load_checkpoint(ckpts["qwen3"], device="cpu")
+    tok = ck.tokenizer
+    seen = []
+    for texts in (["the cat", "one two three four"], ["a red dog sat on the mat and then the cat", "one"]):
+        prompts = [Prompt(t, tuple(tok(t)["input_ids"])) for t in texts]
+        first = len(compiled)
+        sample_rollouts(ck.model, tok, prompts, samples_per_prompt=2, max_new_tokens=12, seed=5, batch_size=4,
+                        compile="true")
+        assert compile_state["on"], compile_state
+        assert not set(compiled[first:]) & set(seen)  # nothing compiled again that was compiled before
+        seen += compiled[first:]
+    assert len(compiled) == len(set(compiled)) <= len(set(calls)), (compiled, sorted(set(calls)))
+    print(f"{len(set(calls))} (rows, columns) buckets in two rollouts, {len(compiled)} compiled: {compiled}")

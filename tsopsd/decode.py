@@ -424,11 +424,17 @@ class _Session:
         graphs, and attention does not read the whole capacity from the first token); the first of a
         session checked against the eager step on the same inputs (the same cache column written twice)."""
         dec = self.dec
-        if dec.device.type == "cuda":
-            if self.marked is not self.keys:  # once per allocation (`_grow` and `keep` make new lists and mask)
-                for t in (*self.keys, *self.values, self.bias):  # CUDA graphs may then write them in place
+        if self.marked is not self.keys:  # once per allocation (`_grow` and `keep` make new lists and mask)
+            for t in (*self.keys, *self.values, self.bias):
+                # rows (the batch shrinks at a rollout's tail) and cache capacity (the longest prompt of each
+                # rollout sets it) vary: dynamic from the first compile, so neither a shorter batch nor the next
+                # rollout's cache recompiles the step (a recompile is tens of seconds on a GPU)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t.dim() == 2 else 2)
+                if dec.device.type == "cuda":  # CUDA graphs may then write them in place
                     torch._dynamo.mark_static_address(t)
-                self.marked = self.keys
+            self.marked = self.keys
+        if dec.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         eager = None if self.verified else _forward(*args, n)
         compiled_before = _frames_compiled()
