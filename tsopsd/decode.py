@@ -10,7 +10,9 @@ forward pays for its generality on each one (a growing `torch.cat` KV cache, mas
 with a preallocated KV cache that grows by doubling, one additive mask row, and, on CPU, weights
 packed once per rollout for oneDNN (`torch.ops.mkldnn`), which at batch 8 is 2.7x as fast as
 `F.linear` on the same fp32 weights (a second copy of the decoder's weights for the rollout, made
-only when it fits in half the free memory).
+only when it fits in half the free memory). Elsewhere (a GPU) the copy is dense: q|k|v and gate|up
+one weight each, LoRA merged in, so a layer is four GEMMs whether or not an adapter is on (where
+the copy does not fit: the modules' own weights, LoRA added per module as peft does).
 
 What stays the same: the prompt is still prefilled by the model's own forward (its KV cache is
 adopted); weights are only read (a packed *copy* is made, LoRA merged into that copy), so the model
