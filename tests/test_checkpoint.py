@@ -123,3 +123,29 @@ def test_atomic_output_refuses_existing_and_leaves_nothing_on_failure(tmp_path):
     with atomic_output(out, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_follow_the_users_umask(tmp_path, mask):
+    """An output folder and its files get the modes the umask asks for (mkdtemp alone gives 0700, and safetensors
+    writes weights 0600): readable by the RL job or a teammate on a shared cluster under 022, private under 077."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    from tsopsd.checkpoint import atomic_output
+
+    old = os.umask(mask)
+    try:
+        with atomic_output(tmp_path / "o") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            os.chmod(tmp / "model.safetensors", 0o600)  # as safetensors leaves it
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "a.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "o", *(tmp_path / "o").rglob("*")]}
+    want_dir, want_file = 0o777 & ~mask, 0o666 & ~mask
+    assert modes == {"o": want_dir, "o/model.safetensors": want_file, "o/sub": want_dir, "o/sub/a.json": want_file}

@@ -631,6 +631,7 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
+        follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -641,6 +642,23 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes the user's umask asks for (0755/0644 under 022).
+
+    `tempfile.mkdtemp` makes the folder 0700 and safetensors writes weights 0600: on a shared cluster the RL
+    job or a teammate under another user could not read the output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for top, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(top) / name, 0o777 & ~mask)
+        for name in files:
+            path = Path(top) / name
+            if not path.is_symlink():
+                os.chmod(path, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def saved_dtype(path: Path) -> torch.dtype:
