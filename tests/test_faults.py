@@ -188,6 +188,9 @@ def test_a_read_only_output_is_found_before_any_work(world, tmp_path):
     try:
         res = runner.invoke(app, reheat_args(world, ro / "o"))
         assert "is not writable" in one_line(res)
+        res = runner.invoke(app, reheat_args(world, tmp_path / "o", "--report-to", "tensorboard", "--set",
+                                             f"output.logging_dir={ro / 'logs'}"))  # issue 28: found after loading
+        assert "is not writable" in one_line(res) and leftovers(tmp_path / "o") == []
         res = runner.invoke(app, ["measure-entropy", str(world / "ckpt"), "--prompts", str(world / "prompts.jsonl"),
                                   "--max-new-tokens", "8", "--out", str(ro / "m.json")])
         assert "is not writable" in one_line(res)
