@@ -62,6 +62,7 @@ from tsopsd.trackers import Trackers, check_trackers, logging_dir, open_trackers
 log = logging.getLogger(__name__)
 
 TRACKING_START = 1.5  # tau where a target-entropy run's first solve starts
+PHASES = ("rollout", "solve", "teacher", "student", "check", "optimizer")  # a step's timed phases (metrics.jsonl)
 
 __all__ = ["reheat", "setup", "train", "finish", "train_step", "run_dir_for"]
 
@@ -197,9 +198,9 @@ class Run:
                 done_everywhere=self.backend.done_everywhere))
 
     def clock(self, timings: dict[str, float]) -> Clock:
-        """`with clock(phase):` adds the phase's seconds to `timings`; on a GPU it also starts the step's memory
-        peak afresh (each step's peak is its own)."""
-        if self.backend.device.type == "cuda" and not timings:
+        """A step's clock: `with clock(phase):` adds the phase's seconds to `timings`; on a GPU, called as the
+        step begins, it also starts the step's memory peak afresh (each step's peak is its own)."""
+        if self.backend.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.backend.device)
         return Clock(self.backend.device, timings)
 
@@ -248,7 +249,8 @@ def train(run: Run, *, show_progress: bool = True) -> None:
         advance(state.next_step)
         try:
             while state.stop_reason is None and state.next_step < cfg.train.steps:
-                step, t0, timings = state.next_step, time.monotonic(), {}  # timings: seconds per phase
+                step, t0 = state.next_step, time.monotonic()
+                timings = dict.fromkeys(PHASES, 0.0)  # seconds per phase; every step has every column
                 clock = run.clock(timings)
                 with clock("rollout"):
                     rollout = run.rollout(step)  # on-policy: the current student, T=1
