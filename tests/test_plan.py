@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from tsopsd.cli import app
 from tsopsd.config import load_config
+from tsopsd.errors import TsopsdError
 from tsopsd.plan import PHASES, Hardware, load_model_config, parse_bytes, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,6 +276,21 @@ def test_parse_bytes():
     assert parse_bytes("80GB") == 80 * GiB == parse_bytes("80 GiB") == parse_bytes("80g")
     assert parse_bytes("141GB") == 141 * GiB
     assert parse_bytes("1.5e9") == 1_500_000_000
+    with pytest.raises(TsopsdError, match="give a unit, such as 80GB"):  # was read as 80 bytes
+        parse_bytes("80")
+
+
+def test_a_plan_that_does_not_fit_exits_2_after_printing_it(tmp_path):
+    """`tsopsd plan ... && sbatch ...` must stop when the run does not fit: the plan on stdout, one line, exit 2."""
+    folder = _qwen3(tmp_path / "tiny", 64, 128, 2, 512)
+    args = ["plan", str(folder), "--config", str(ROOT / "configs/tiny-cpu.yaml"), "--json"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--gpu-memory", "4GB"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["fits"], res.stderr
+    res = runner.invoke(app, [*args, "--gpu-memory", "1MB"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("tsopsd: error: does not fit: peak"), res.stderr
+    assert json.loads(res.stdout)["fits"] is False
 
 
 def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, prompts_file):

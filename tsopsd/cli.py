@@ -395,6 +395,11 @@ def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flop
         return Group(plan_table(result), *lines)
 
     _emit(result, as_json=as_json, out=None, table=table)
+    if not result["fits"]:  # the plan was printed; a script's `tsopsd plan ... && sbatch ...` must stop here
+        gib = 2**30
+        raise TsopsdError(f"does not fit: peak {result['peak_bytes'] / gib:.1f} GiB in {result['peak_phase']} + "
+                          f"{result['reserved_bytes'] / gib:.1f} GiB reserve > {result['gpu_memory_bytes'] / gib:.0f} GiB "
+                          f"per device" + (f"; try {result['advice'][0]}" if result["advice"] else ""))
     return result
 
 

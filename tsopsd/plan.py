@@ -81,6 +81,8 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", str(text))
     if not m:
         raise TsopsdError(f"--gpu-memory {text!r}: give a size such as 80GB, 141GiB or 8.5e10 (bytes)")
+    if m.group(2) is None and float(m.group(1)) < 2**20:  # "80": surely not 80 bytes
+        raise TsopsdError(f"--gpu-memory {text!r}: give a unit, such as {text.strip()}GB (a bare number is bytes)")
     unit = (m.group(2) or "b").lower().rstrip("b").rstrip("i")
     return int(float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit])
 
