@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.errors import TsopsdError
-from tsopsd.paths import check_out_name, check_writes, utf8_alias
+from tsopsd.paths import check_out_name, check_writes, temporary, utf8_alias
 from tsopsd.verl_fsdp import Actor, base_of_peft, convert_command, find_actor, is_peft_state, merged_state_dict
 
 log = logging.getLogger(__name__)
@@ -628,7 +628,7 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     check_output_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{temporary(out).name}-", dir=out.parent))
     try:
         yield tmp
         follow_umask(tmp)
@@ -675,8 +675,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer."""
     check_out_name(out)
     check_output_dir(Path(out), overwrite=overwrite)
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}")
-    check_writes({"output folder": out, "temporary folder": tmp}, {"adapter": adapter, "adapter base": base})
+    check_writes({"output folder": out, "temporary folder": temporary(out)}, {"adapter": adapter, "adapter base": base})
     check_writable(out)
     _warn_other_base(Path(adapter), base)
     ckpt = load_checkpoint(adapter, base=base, device="cpu", dtype="float32")

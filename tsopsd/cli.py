@@ -101,7 +101,9 @@ def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[
 
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        from tsopsd.paths import temporary
+
+        tmp = temporary(out)
         try:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
             os.replace(tmp, out)
@@ -170,13 +172,13 @@ def measure_entropy(
         from tsopsd import console
         from tsopsd.checkpoint import check_writable
         from tsopsd.metrics import measure_checkpoint
-        from tsopsd.paths import check_out_name, check_writes, check_writes_apart
+        from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
         from tsopsd.prompts import check_prompt_file
         from tsopsd.trajectory import find_checkpoints
 
         console.setup_logging(quiet=quiet)
         writes = {"--out": out, "--plot": plot}  # each written beside and renamed into place:
-        writes |= {f"{flag}'s temporary": p.with_name(f".{p.name}.tmp-{os.getpid()}") for flag, p in writes.items() if p}
+        writes |= {f"{flag}'s temporary": temporary(p) for flag, p in writes.items() if p}
         for flag, path in writes.items():
             if path is not None:  # found out now, not after the whole measurement
                 check_out_name(path, flag)
@@ -560,7 +562,7 @@ def _on_bus_error() -> None:
     message = (b"tsopsd: error: a memory-mapped file (checkpoint weights) was truncated or rewritten while it was "
                b"read (bus error): rerun once the checkpoint is complete\n")
 
-    def handler(signum):  # runs inside the C signal handler: only async-signal-safe calls, then out
+    def handler(signum):  # runs inside the C signal handler: one write, then out at once (no cleanup, no unwinding)
         os.write(2, message)
         os._exit(2)
 

@@ -223,6 +223,9 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
+MAX_SAMPLES_PER_PROMPT = 4096  # every sample is held in memory until used: past this a typo, refused up front
+
+
 def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
     """Range and consistency checks; returns every problem found (`inputs`: also the paths a run needs)."""
     e = []
@@ -237,9 +240,9 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
                              ("target_entropy_from", t.target_entropy_from)) if v is not None]
     if len(chosen) != 1:
         e.append(f"teacher: set exactly one of temperature, target_entropy, target_entropy_from (got {chosen or 'none'})")
-    if r.samples_per_prompt > 4096:
-        e.append(f"rollout.samples_per_prompt: must be <= 4096 (every sample is held until trained on), got "
-                 f"{r.samples_per_prompt}")
+    if r.samples_per_prompt > MAX_SAMPLES_PER_PROMPT:
+        e.append(f"rollout.samples_per_prompt: must be <= {MAX_SAMPLES_PER_PROMPT} (every sample is held until trained "
+                 f"on), got {r.samples_per_prompt}")
     for name, v in (("data.limit", cfg.data.limit), ("data.max_prompt_tokens", cfg.data.max_prompt_tokens)):
         if v is not None and v < 1:
             e.append(f"{name}: must be >= 1, got {v}")

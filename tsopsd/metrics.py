@@ -23,6 +23,7 @@ import torch
 from tsopsd import __version__
 from tsopsd.batch import Rollout
 from tsopsd.checkpoint import load_checkpoint
+from tsopsd.config import MAX_SAMPLES_PER_PROMPT
 from tsopsd.console import progress
 from tsopsd.distributions import entropy, kl_divergence, summarize_entropy, temperature_for_entropy, topk_overlap
 from tsopsd.errors import TsopsdError
@@ -205,9 +206,6 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
     result.update({"prompts": len(prompts), "samples_per_prompt": samples_per_prompt, "temperature": temperature,
                    "max_new_tokens": max_new_tokens, "seed": seed})
     return result
-
-
-MAX_SAMPLES_PER_PROMPT = 4096  # every sample is held in memory until scored: past this a typo, refused up front
 
 
 def check_options(*, samples_per_prompt: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,

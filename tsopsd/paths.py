@@ -28,6 +28,13 @@ from tsopsd.errors import TsopsdError
 DERIVED_NAME_ROOM = 32
 
 
+def temporary(out: str | os.PathLike) -> Path:
+    """The temporary sibling `out` is written as before its rename into place: `.OUT.tmp-PID` (folders made with
+    `tempfile.mkdtemp` add a random suffix); the pid lets the next run remove those of a killed one."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
 def real(path: str | os.PathLike) -> Path:
     """The absolute path with every symbolic link resolved (also for a path that does not exist yet)."""
     return Path(os.path.realpath(os.fspath(path)))
@@ -60,14 +67,17 @@ def check_writes(writes: dict[str, str | os.PathLike | None], inputs: dict[str, 
         writes: {what it is ("output folder", "--plot", ...): the path, or None when not written}.
         inputs: {what it is ("checkpoint", "prompt file", ...): the path, or None}.
     """
-    read = {name: input_paths(p) for name, p in inputs.items() if p is not None}
+    read = {}
+    for name, p in inputs.items():
+        if p is not None:
+            top = real(p)
+            read[name] = (top, sorted(input_paths(p), key=lambda r: (r != top, str(r))))  # itself first, then files
     for what, path in writes.items():
         if path is None:
             continue
         w = real(path)
-        for name, paths in read.items():
-            top = real(inputs[name])
-            for r in sorted(paths, key=lambda p: (p != top, str(p))):  # the input itself first, then its files
+        for name, (top, paths) in read.items():
+            for r in paths:
                 where = _overlap(w, r)
                 if where:
                     via = "" if r == top else f" (its file {r})"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,7 @@ from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure
 from tsopsd.output import versions, write_output, written_model
 from tsopsd.parallel import Backend, join, make_backend
-from tsopsd.paths import check_out_name, check_writes, check_writes_apart
+from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, check_prompt_file, load_prompts, prompt_room, prompts_fingerprint
 from tsopsd.rollout import sample_rollouts
@@ -325,7 +324,7 @@ def setup(cfg: Config) -> Run:
     def preflight() -> None:
         check_prompt_file(cfg.data.prompts)
         logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
-        writes = {"output folder": out, "temporary folder": out.with_name(f".{out.name}.tmp-{os.getpid()}"),
+        writes = {"output folder": out, "temporary folder": temporary(out),
                   "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
         check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
                               "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
@@ -526,6 +525,14 @@ def _resume(run: Run) -> RunState:
 def finish(run: Run) -> dict:
     """Measure the result as it will be written, write the output folder (rank 0), remove the run folder."""
     cfg, backend, state, policy = run.cfg, run.backend, run.state, run.policy
+    if not state.kept_step:  # a run that trained nothing is not a success: nothing to measure, merge or write
+        if backend.is_main:
+            with run.signals.held():
+                discard_run_dir(run.run_dir)
+        backend.finish()
+        run.trackers.close()
+        raise TrainingStopped(f"{state.stop_reason}: nothing was trained, so no output was written; "
+                              f"{_what_to_change(state.stop_reason)}")
     save = dict(mode=policy.mode, save=cfg.output.save, save_dtype=run.save_dtype)
     if backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
         measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
@@ -539,10 +546,12 @@ def finish(run: Run) -> dict:
         after = run.evaluate(model=None if adapter else written, reference=policy.teacher)
     report: dict = {}
     if backend.is_main:
+        metrics = run.run_dir / "metrics.jsonl"
+        steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         report = {
             "input": str(cfg.model.path), "output": str(cfg.output.out), "mode": cfg.train.mode,
             "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
-            "target_entropy": state.target, "teacher_temperature_over_run": _taus(run.run_dir / "metrics.jsonl"),
+            "target_entropy": state.target, "teacher_temperature_over_run": [m["train/tau"] for m in steps],
             "target": _against_target(state.target, state.before, after), "divergence": cfg.loss.divergence,
             "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
             "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
@@ -550,20 +559,15 @@ def finish(run: Run) -> dict:
             "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
             "rollout_compile": run.rollout_compile,
-            "measured": _measured(run.run_dir / "metrics.jsonl"), "planned": _planned(run),
+            "measured": _measured(steps), "planned": _planned(run),
             "versions": versions(),
         }
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
-            if state.kept_step:
-                write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=run.run_dir / "metrics.jsonl")
+            write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=metrics)
             discard_run_dir(run.run_dir)
-        if state.kept_step:
-            log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
+        log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
     backend.finish()
     run.trackers.close()
-    if not state.kept_step:  # a run that trained nothing is not a success, and writes no output
-        raise TrainingStopped(f"{state.stop_reason}: nothing was trained, so no output was written; "
-                              f"{_what_to_change(state.stop_reason)}")
     if state.failed:
         raise TrainingStopped(f"{state.stop_reason}; written to {cfg.output.out}", report=report)
     return report
@@ -601,15 +605,9 @@ def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
             run.backend.close()
 
 
-def _taus(metrics: Path) -> list[float]:
-    """tau of every applied step, from the run's metrics.jsonl."""
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return [json.loads(line)["train/tau"] for line in lines]
-
-
-def _measured(metrics: Path) -> dict:
-    """Median seconds a step and per phase, and the largest per-step device peaks (a GPU's), from metrics.jsonl."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+def _measured(rows: list[dict]) -> dict:
+    """Median seconds a step and per phase, and the largest per-step device peaks (a GPU's), from metrics.jsonl's
+    `rows`."""
     if not rows:
         return {}
 

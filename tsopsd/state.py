@@ -100,8 +100,7 @@ class RunState:
         """The saved state, its fields checked for type (an edited or foreign file is refused in one line)."""
         path = Path(run_dir) / STATE_FILE
         saved = load_tree(run_dir, STATE_FILE.removesuffix(".json"))
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if not isinstance(saved, dict) or set(saved) != set(fields):
+        if not isinstance(saved, dict) or set(saved) != {f.name for f in dataclasses.fields(cls)}:
             raise TsopsdError(f"cannot resume: {path} was written by another version of tsopsd; rerun with --overwrite")
         kinds = {"next_step": int, "tau": (int, float), "tau_source": str, "target": (int, float, type(None)),
                  "before": (dict, type(None)), "world_size": int, "config": dict, "stop": dict, "scheduler": dict,
