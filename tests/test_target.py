@@ -100,7 +100,9 @@ def test_tau_is_resolved_on_every_step_and_reported(collapsed, tmp_path):
     assert report["teacher_temperature_over_run"] == taus and report["teacher_temperature"] == taus[-1]
     assert report["target_entropy"] == target and report["teacher_temperature_source"] == "target_entropy"
     after = report["after"]["entropy"]["mean"]
-    assert report["target"]["after"] == {"entropy": after, "relative_error": (after - target) / target}
+    held = report["target"]["after"]
+    assert held["entropy"] == after and held["relative_error"] == (after - target) / target
+    assert held["interval"] == report["after"]["intervals"]["entropy"] and held["interval"][0] < after < held["interval"][1]
     card = (tmp_path / "o" / "README.md").read_text()
     assert f"target entropy {target:.4f} nats" in card
 
@@ -199,3 +201,71 @@ def test_output_entropy_on_held_out_prompts_follows_the_target(name, fixed_tau, 
     # ones by up to ~15% in entropy, which no stop rule on the training rollouts can see
     collapsed = _held_out_entropy(fixture["collapsed"], fixture["held"])
     assert collapsed < got[low] < got[high], (collapsed, got)
+
+
+# --- steering: the held-out entropy, not only the training entropy, is brought to the target -------------
+
+def test_steering_brings_a_held_out_entropy_that_differs_to_the_target():
+    """A simulated run: the student's training entropy follows its training target (a lag of a few steps); on
+    held-out prompts the entropy is 0.6x the training entropy. Unsteered, the training entropy meets the target
+    and the held-out one misses it by 40%; steered, the held-out entropy meets it and the run stops on it."""
+    goal, gap = 0.8, 0.6
+
+    def simulate(steer: bool) -> tuple[float, float, str | None]:
+        rules = StopRules(StopConfig(entropy_tolerance=0.02, window=3, heldout_every=5, heldout_tolerance=0.05))
+        rules.set_goal(goal, steering=steer)
+        h, verdict = 0.1, None
+        for step in range(200):
+            if rules.steers(step):
+                held = gap * h
+                verdict = rules.steer(step, held, (0.95 * held, 1.05 * held))
+                if verdict:
+                    break
+            h += 0.3 * (rules.target - h)  # the student moves toward what its teacher is solved for
+            verdict = rules.check(step, _stats(h, rules.target), 100)
+            if verdict:
+                break
+        return h, gap * h, verdict and verdict.reason
+
+    training, held, reason = simulate(steer=False)
+    assert abs(training - goal) <= 0.02 * goal and abs(held - goal) > 0.3 * goal  # met in training, missed held out
+    training, held, reason = simulate(steer=True)
+    assert abs(held - goal) <= 0.05 * goal and reason.startswith("converged: held-out entropy")
+    assert training > goal * 1.5  # the training target went up so that the held-out entropy could meet the goal
+
+
+def test_steering_a_step_twice_is_one_steer_and_resumes_with_the_steered_target():
+    cfg = StopConfig(window=2, heldout_every=2)
+    rules = StopRules(cfg)
+    rules.set_goal(1.0, steering=True)
+    rules.check(0, _stats(0.5, 1.0), 100)
+    rules.check(1, _stats(0.5, 1.0), 100)
+    assert rules.steers(2) and not rules.steers(3) and not rules.steers(0)
+    rules.steer(2, 0.25, (0.2, 0.3))
+    once = (rules.target, rules.log_ratio)
+    rules.steer(2, 0.25, (0.2, 0.3))  # the same step again (an interrupted step, resumed): the same outcome
+    assert (rules.target, rules.log_ratio) == once and rules.target == pytest.approx(2.0)
+    again = StopRules(cfg)
+    again.load_state_dict(rules.state_dict())
+    again.set_goal(1.0, steering=True)
+    assert (again.target, again.log_ratio) == once
+
+
+def test_a_steered_run_measures_held_out_prompts_and_moves_its_training_target(collapsed, tmp_path):
+    ckpt, prompts = collapsed
+    cfg = load_config(TINY, {"model.path": str(ckpt), "data.prompts": str(prompts), "output.out": str(tmp_path / "o"),
+                             "teacher.temperature": None, "teacher.target_entropy": 0.3, "train.steps": 5,
+                             "output.eval_prompts": 4, "stop.heldout_every": 2, "stop.entropy_tolerance": 0.0})
+    report = reheat(cfg, show_progress=False)
+    steps = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    measured = [m["step"] for m in steps if "heldout/entropy" in m]
+    assert measured == [2, 4]
+    for m in steps:
+        if m["step"] in measured:
+            assert m["heldout/low"] <= m["heldout/entropy"] <= m["heldout/high"] and m["time/heldout"] > 0
+        else:
+            assert m["time/heldout"] < 0.01  # the clock only
+    assert steps[0]["train/target"] == 0.3 and steps[2]["train/target"] != 0.3  # steered from step 2 on
+    target = report["target"]
+    assert target["steered"] and target["training_target"] == steps[-1]["train/target"]
+    assert target["heldout_over_training"] > 0 and target["after_training_prompts"]["interval"] is not None

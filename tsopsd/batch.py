@@ -71,6 +71,27 @@ class Rollout:
         return Rollout(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
 
 
+def concat(rollouts: list[Rollout], pad_id: int = 0) -> Rollout:
+    """One Rollout of the rows of `rollouts` (each padded to the widest prompt and completion part), the rows of
+    one prompt together (a stable sort by `prompt_index`, so a prompt's samples can share its pass)."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    P = max(r.prompt_width for r in rollouts)
+    C = max(r.input_ids.shape[1] - r.prompt_width for r in rollouts)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for r in rollouts:
+        left, right = P - r.prompt_width, C - (r.input_ids.shape[1] - r.prompt_width)
+        for k, v in r.__dict__.items():
+            if torch.is_tensor(v):
+                if v.dim() == 2:
+                    fill = pad_id if k == "input_ids" else 0
+                    v = torch.cat([v.new_full((v.shape[0], left), fill), v, v.new_full((v.shape[0], right), fill)], 1)
+                parts.setdefault(k, []).append(v)
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    order = torch.argsort(cat["prompt_index"], stable=True)
+    return Rollout(**{k: v[order] for k, v in cat.items()}, prompt_width=P)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counting only real tokens, so left padding does not shift positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

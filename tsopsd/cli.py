@@ -161,6 +161,10 @@ def measure_entropy(
         help="Several checkpoints: entropy below this fraction of the first checkpoint's marks the collapse.")] = 0.5,
     plot: Annotated[Optional[Path], typer.Option(
         help="Several checkpoints: also draw entropy over steps to this PNG (needs matplotlib).")] = None,
+    precision: Annotated[float, typer.Option(
+        help="Sample in rounds until the mean entropy's 95% interval is within +-P of it (0.05: +-5%); 0: one round.")] = 0.05,
+    max_samples_per_prompt: Annotated[Optional[int], typer.Option(
+        help="Cap of --precision's rounds (default 4 x --samples-per-prompt).")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -205,7 +209,8 @@ def measure_entropy(
             ckpt, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, reference=reference, limit=limit,
             batch_size=batch_size, seed=seed, base=base, device=device, dtype=dtype, prompt_field=prompt_field,
-            max_prompt_tokens=max_prompt_tokens, show_progress=not quiet)
+            max_prompt_tokens=max_prompt_tokens, precision=precision, max_samples_per_prompt=max_samples_per_prompt,
+            show_progress=not quiet)
         from tsopsd.tables import metrics_table
 
         _emit(result, as_json=as_json, out=out,
@@ -219,7 +224,8 @@ def measure_entropy(
             found, prompts, reference=reference, collapse_ratio=collapse_ratio, samples_per_prompt=samples_per_prompt,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, limit=limit,
             batch_size=batch_size, seed=seed, base=base, device=device, dtype=dtype, prompt_field=prompt_field,
-            max_prompt_tokens=max_prompt_tokens, show_progress=not quiet)
+            max_prompt_tokens=max_prompt_tokens, precision=precision, max_samples_per_prompt=max_samples_per_prompt,
+            show_progress=not quiet)
         if plot is not None:
             from tsopsd.charts import save_trajectory_png
 
@@ -304,6 +310,11 @@ def reheat(
     samples_per_prompt: Samples = None,
     max_new_tokens: NewTokens = None,
     lr: Lr = None,
+    eval_prompts: Annotated[Optional[Path], typer.Option(
+        "--eval-prompts", help="Held-out prompts in their own file (e.g. other problem families); default: "
+                               "min(16, 20%) of --prompts are held out.")] = None,
+    precision: Annotated[Optional[float], typer.Option(
+        help="--target-entropy-from: measure that checkpoint until its 95% interval is within +-P (default 0.05).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print this run's plan (tsopsd plan), one GPU a rank; exit.")] = False,
@@ -335,6 +346,7 @@ def reheat(
             "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
             "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
             "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,
+            "data.eval_prompts": eval_prompts, "teacher.precision": precision,
             "output.resume": True if resume else None, "output.overwrite": True if overwrite else None,
             "output.report_to": report_to,
         }
@@ -358,6 +370,8 @@ def reheat(
         if rank != 0:
             return
         columns = {"before": report["before"], "after": report["after"]} if report["before"] else {}
+        if columns and report.get("after_training_prompts"):
+            columns["after, training prompts"] = report["after_training_prompts"]
         from tsopsd.output import teacher_line
 
         _emit(report, as_json=as_json, out=None,

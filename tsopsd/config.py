@@ -40,6 +40,7 @@ class DataConfig:
     prompt_field: str | None = None
     max_prompt_tokens: int | None = None
     limit: int | None = None  # use only the first N prompts
+    eval_prompts: str | None = None  # held-out prompts in a file of their own (default: held out of `prompts`)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TeacherConfig:
     temperature: float | None = 1.5  # tau: the teacher is softmax(z0 / tau)
     target_entropy: float | None = None  # or: choose tau so the teacher's mean entropy is this (nats)
     target_entropy_from: str | None = None  # or: take that target from another checkpoint (e.g. the SFT model)
+    precision: float = 0.05  # target_entropy_from: sample until its 95% interval is within +-5% (0: one round)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class StopConfig:
     min_top1_agreement: float = 0.9  # drift guard: stop and roll back below this agreement with the original
     rollback: bool = True  # keep a copy of the last state that passed the guard
     rollback_every: int | None = None  # copy the weights every N steps (None: every step for lora, 10 for full)
+    heldout_every: int = 5  # target runs: measure the held-out prompts every N steps, steer the training target (0: off)
+    heldout_samples_per_prompt: int = 2  # ...with this many samples of each held-out prompt
+    heldout_tolerance: float = 0.05  # ...and stop once the held-out interval holds the target, its mean within this
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class OutputConfig:
     out: str = ""
     save: Literal["adapter", "merged"] = "merged"
     save_every: int = 10  # resumable state every N steps (0: only on Ctrl-C)
-    eval_prompts: int = 16  # prompts for the before/after report (0: skip it)
+    eval_prompts: int | None = None  # held-out prompts (report, steering); None: min(16, 20%); 0: none
     eval_samples_per_prompt: int = 4
     overwrite: bool = False
     resume: bool = False
@@ -264,11 +269,18 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"train.lr: must be > 0, got {tr.lr}")
     for name, v in (("train.weight_decay", tr.weight_decay), ("train.warmup_steps", tr.warmup_steps),
                     ("train.max_grad_norm", tr.max_grad_norm), ("output.save_every", o.save_every),
-                    ("output.eval_prompts", o.eval_prompts), ("stop.entropy_tolerance", st.entropy_tolerance)):
+                    ("output.eval_prompts", o.eval_prompts or 0), ("stop.entropy_tolerance", st.entropy_tolerance),
+                    ("stop.heldout_every", st.heldout_every)):
         if v < 0:
             e.append(f"{name}: must be >= 0, got {v}")
     if st.rollback_every is not None and st.rollback_every < 1:
         e.append(f"stop.rollback_every: must be >= 1, got {st.rollback_every}")
+    if st.heldout_samples_per_prompt < 1:
+        e.append(f"stop.heldout_samples_per_prompt: must be >= 1, got {st.heldout_samples_per_prompt}")
+    if not 0 < st.heldout_tolerance < 1:
+        e.append(f"stop.heldout_tolerance: must be in (0, 1), got {st.heldout_tolerance}")
+    if not (math.isfinite(t.precision) and 0 <= t.precision < 1):
+        e.append(f"teacher.precision: must be in [0, 1) (0.05: a 95% interval within +-5%), got {t.precision}")
     if o.eval_samples_per_prompt < 1:
         e.append(f"output.eval_samples_per_prompt: must be >= 1, got {o.eval_samples_per_prompt}")
     if not 0 <= st.min_top1_agreement <= 1:

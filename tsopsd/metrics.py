@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from tsopsd import __version__
-from tsopsd.batch import Rollout
+from tsopsd.batch import Rollout, concat
 from tsopsd.checkpoint import load_checkpoint
 from tsopsd.config import MAX_SAMPLES_PER_PROMPT
 from tsopsd.console import progress
 from tsopsd.distributions import entropy, kl_divergence, summarize_entropy, temperature_for_entropy, topk_overlap
 from tsopsd.errors import TsopsdError
+from tsopsd.intervals import WIDE, describe, prompt_interval, ratio_interval, relative_half_width, samples_for
 from tsopsd.family import eos_token_ids, max_positions
 from tsopsd.prompts import Prompt, load_prompts, prompt_room
 from tsopsd.rollout import sample_rollouts
@@ -45,8 +46,9 @@ def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def sequence_stats(rollout: Rollout, eos_ids: Sequence[int]) -> dict[str, float]:
-    """Length, distinct-1/2 and unique-completion rate among the samples of each prompt."""
+def sequence_stats(rollout: Rollout, eos_ids: Sequence[int], *, seed: int = 0) -> dict:
+    """Length, distinct-1/2 and unique-completion rate among the samples of each prompt (rates with their
+    95% intervals over prompts in ``intervals``)."""
     completions = rollout.completions()
     groups: dict[int, list[list[int]]] = {}
     for idx, comp in zip(rollout.prompt_index.tolist(), completions):
@@ -57,11 +59,14 @@ def sequence_stats(rollout: Rollout, eos_ids: Sequence[int]) -> dict[str, float]
     unique = [len({tuple(c) for c in g}) / len(g) for g in groups.values()]
     lengths = [len(c) for c in completions]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    per_prompt = lambda xs: prompt_interval(torch.tensor(xs, dtype=torch.float64), seed=seed)  # noqa: E731
     return {
         "response_length": mean(lengths),
         "distinct_1": mean(d1),
         "distinct_2": mean(d2),
         "unique_completion_rate": mean(unique),
+        "intervals": {"distinct_1": per_prompt(d1), "distinct_2": per_prompt(d2),
+                      "unique_completion_rate": per_prompt(unique)},
     }
 
 
@@ -119,14 +124,16 @@ MAX_EFFECTIVE_T_POSITIONS = 16384
 
 @torch.no_grad()
 def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperature: float = 1.0,
-                  micro_batch: int = 8, chunk_size: int = 1024, seed: int = 0, keep_token_entropy: bool = False) -> dict:
+                  micro_batch: int = 8, chunk_size: int = 1024, seed: int = 0, keep_token_entropy: bool = False,
+                  per_sample: bool = False) -> dict:
     """Token metrics of `model` on the completions of `rollout`, teacher-forced.
 
     `model` and `reference` are modules or `Scorer`s (a Scorer can view a PEFT model's base).
 
     Returns a dict with ``entropy`` (summary at T=1), ``entropy_at_sampling_temperature``,
-    ``top1_prob``, ``tokens`` and, with a reference, a ``reference`` dict (its ``layers`` from
-    `layer_similarity`, on the final position of every rollout row).
+    ``top1_prob``, ``tokens``, ``intervals`` (95% bootstrap intervals over prompts, `intervals.ratio_interval`)
+    and, with a reference, a ``reference`` dict (its ``layers`` from `layer_similarity`, on the final position
+    of every rollout row). `per_sample`: also each sample's summed entropy, token count and prompt.
     """
     model, reference = as_scorer(model), (as_scorer(reference) if reference is not None else None)
     layers = ([], []) if reference is not None else (None, None)  # per-layer final-position states
@@ -149,17 +156,29 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
     cat = {k: torch.cat(v) for k, v in per_token.items()}
     n = hidden.shape[0]
     ent = cat.get("entropy", torch.zeros(0))
+    lengths = rollout.completion_lengths.cpu()
+    row_of = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)  # each scored position's row
+    prompt_of = rollout.prompt_index.cpu()
+
+    def per_row(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(lengths.numel(), dtype=torch.float64).index_add_(0, row_of, values.double())
+
     result = {
         "tokens": n,
         "entropy": summarize_entropy(ent),
         "entropy_at_sampling_temperature": summarize_entropy(cat.get("entropy_sampling", ent))["mean"],
         "top1_prob": float(cat["top1_prob"].double().mean()) if n else 0.0,
+        "intervals": {"entropy": ratio_interval(per_row(ent), lengths, prompt_of, seed=seed) if n else None},
     }
+    if per_sample:
+        result["per_sample"] = {"entropy": per_row(ent), "tokens": lengths, "prompt": prompt_of}
     if keep_token_entropy:
         result["token_entropy"] = ent.tolist()
     if reference is not None:
         ref = {k: (float(cat[k].double().mean()) if n else 0.0)
                for k in ("kl_model_ref", "kl_ref_model", "top1_agreement") + tuple(f"top{k}_overlap" for k in TOPK)}
+        result["intervals"]["top1_agreement"] = ratio_interval(
+            per_row(cat["top1_agreement"]), lengths, prompt_of, seed=seed) if n else None
         sub = ref_hidden
         if n > MAX_EFFECTIVE_T_POSITIONS:
             g = torch.Generator().manual_seed(seed)
@@ -176,8 +195,11 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
             batch_size: int = 16, score_batch: int | None = None, seed: int = 0,
             verifier: Callable[[int, str], bool] | None = None,
             keep_token_entropy: bool = False, done_everywhere: Callable[[bool], bool] | None = None,
-            progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
-    """Sample k completions per prompt and measure entropy and diversity (and drift vs a reference).
+            progress: Callable[[str, int], Callable[[int], None]] | None = None,
+            precision: float | None = None, max_samples_per_prompt: int | None = None,
+            first_prompts: int | None = None) -> dict:
+    """Sample k completions per prompt and measure entropy and diversity (and drift vs a reference), each
+    mean with its 95% interval (`intervals`: a bootstrap over prompts, samples nested in prompts).
 
     Args:
         score_batch: sequences per scoring forward (default `batch_size`); a run passes its training
@@ -186,30 +208,110 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
             the fraction of sampled completions it accepts.
         keep_token_entropy: also return every completion token's entropy (``token_entropy``).
         progress: optional factory ``progress(description, total) -> advance(n)``.
+        precision: sample in rounds until the mean entropy's interval is within +-`precision` of it (0.05:
+            +-5%), or until `max_samples_per_prompt` (default 4k) samples per prompt; ``precision`` in the
+            result says which. A round adds prompts while some are unused (`first_prompts` starts with only
+            the first ones: the prompts are then a pool to draw from), else samples to every prompt.
+            None or 0: one round of k samples per prompt.
 
     Returns:
         A JSON-ready dict (fields documented in README.md, "measure-entropy --json").
     """
-    total = len(prompts) * samples_per_prompt
-    advance = progress("sampling", total) if progress else None
-    rollout = sample_rollouts(model, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
-                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size, seed=seed, on_batch=advance,
-                              done_everywhere=done_everywhere)
+    k = samples_per_prompt
+    cap = max_samples_per_prompt or 4 * k
+    used = len(prompts) if first_prompts is None else min(len(prompts), max(1, first_prompts))
+    counts = [k] * used  # samples so far of each prompt in use
+    rounds: list[Rollout] = []
+    samples: list[dict] = []  # each round's per-sample entropy sums, token counts and prompts
+    plan = [(i, k) for i in range(used)]  # this round: (prompt, samples)
+    why, last_rel, added_samples = None, math.inf, False
+    while True:
+        r = len(rounds)
+        total = sum(m for _, m in plan)
+        advance = progress("sampling" if r == 0 else f"sampling, round {r + 1}", total) if progress else None
+        part = _sample_round(model, tokenizer, prompts, plan, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, batch_size=batch_size,
+                             seed=seed if r == 0 else _round_seed(seed, r), on_batch=advance,
+                             done_everywhere=done_everywhere)
+        rounds.append(part)
+        if not precision:
+            break
+        samples.append(score_rollout(model, part, micro_batch=score_batch or batch_size, seed=seed,
+                                     per_sample=True)["per_sample"])
+        h = torch.cat([x["entropy"] for x in samples])
+        n = torch.cat([x["tokens"] for x in samples])
+        mean = float(h.sum() / n.sum()) if int(n.sum()) else 0.0
+        rel = relative_half_width(mean, ratio_interval(h, n, torch.cat([x["prompt"] for x in samples]), seed=seed))
+        have = int(n.numel())
+        if rel <= precision:
+            why = f"reached: +-{rel:.1%} after {have} samples in {r + 1} round(s)"
+            break
+        if added_samples and rel > 0.9 * last_rel:  # 1.5x the samples or more, and the interval barely moved
+            why = (f"stopped: more samples per prompt left the interval at +-{rel:.1%} ({have} samples on {used} "
+                   "prompts): the spread between prompts dominates; more prompts would narrow it")
+            break
+        last_rel, added_samples = rel, False
+        more = samples_for(rel, have, precision) - have
+        if used < len(prompts):  # first new prompts: they narrow a spread between prompts, samples do not
+            new = min(len(prompts) - used, max(1, math.ceil(more / k)))
+            plan, used, counts = [(i, k) for i in range(used, used + new)], used + new, counts + [k] * new
+        else:
+            each = min(max(1, math.ceil(more / used)), cap - max(counts))
+            if each <= 0:
+                why = (f"stopped at the cap of {cap} samples per prompt: +-{rel:.1%} after {have} samples on {used} "
+                       "prompts (more prompts narrow it when prompts differ; more samples when completions do)")
+                break
+            plan, counts = [(i, each) for i in range(used)], [c + each for c in counts]
+            added_samples = sum(counts) >= 1.5 * have
+    rollout = concat(rounds, pad_id=_pad_id(tokenizer))
     result = score_rollout(model, rollout, reference=reference, sampling_temperature=temperature,
                            micro_batch=score_batch or batch_size, seed=seed, keep_token_entropy=keep_token_entropy)
-    result.update(sequence_stats(rollout, eos_token_ids(model, tokenizer)))
+    stats = sequence_stats(rollout, eos_token_ids(model, tokenizer), seed=seed)
+    result["intervals"] |= stats.pop("intervals")
+    result.update(stats)
     if verifier is not None:
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completions()]
         ok = [verifier(int(i), t) for i, t in zip(rollout.prompt_index.tolist(), texts)]
         result["accuracy"] = sum(ok) / max(len(ok), 1)
-    result.update({"prompts": len(prompts), "samples_per_prompt": samples_per_prompt, "temperature": temperature,
-                   "max_new_tokens": max_new_tokens, "seed": seed})
+        result["intervals"]["accuracy"] = ratio_interval(torch.tensor(ok, dtype=torch.float64),
+                                                         torch.ones(len(ok)), rollout.prompt_index, seed=seed)
+    mean, interval = result["entropy"]["mean"], result["intervals"]["entropy"]
+    rel = relative_half_width(mean, interval)
+    result.update({"prompts": used, "samples_per_prompt": k, "samples": int(rollout.input_ids.shape[0]),
+                   "rounds": len(rounds), "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                   "precision": {"asked": precision or None,
+                                 "relative_half_width": rel if math.isfinite(rel) else None, "outcome": why}})
+    if why is not None:
+        (log.info if why.startswith("reached") else log.warning)("--precision %g: %s", precision, why)
+    if rel > WIDE:
+        need = samples_for(rel, result["samples"], WIDE)
+        log.warning("mean entropy %s: the 95%% interval is +-%.0f%% of it (%d samples on %d prompts); about %d samples "
+                    "(more prompts, or more samples per prompt) would narrow it to +-%.0f%%",
+                    describe(mean, interval), 100 * min(rel, 99.99), result["samples"], used, need, 100 * WIDE)
     return result
 
 
+def _round_seed(seed: int, round_: int) -> int:
+    return (seed * 1_000_003 + round_ * 104_729 + 7) % (2**63 - 1)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
+
+
+def _sample_round(model, tokenizer, prompts: Sequence[Prompt], plan: list[tuple[int, int]], *, seed: int,
+                  **sampling) -> Rollout:
+    """`plan`'s prompts, m samples each (one m a round), as a Rollout whose `prompt_index` indexes `prompts`."""
+    chosen, m = [i for i, _ in plan], plan[0][1]
+    part = sample_rollouts(model, tokenizer, [prompts[i] for i in chosen], samples_per_prompt=m, seed=seed, **sampling)
+    part.prompt_index = torch.tensor(chosen)[part.prompt_index.cpu()].to(part.prompt_index.device)
+    return part
+
+
 def check_options(*, samples_per_prompt: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  limit: int | None, batch_size: int, max_prompt_tokens: int | None) -> None:
+                  limit: int | None, batch_size: int, max_prompt_tokens: int | None, precision: float | None = None,
+                  max_samples_per_prompt: int | None = None) -> None:
     """`measure-entropy`'s sampling options: every bad one in one line (TsopsdError), before anything loads."""
     bad = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
         ("--samples-per-prompt", samples_per_prompt, 1 <= samples_per_prompt <= MAX_SAMPLES_PER_PROMPT,
@@ -221,6 +323,11 @@ def check_options(*, samples_per_prompt: int, max_new_tokens: int, temperature: 
         ("--limit", limit, limit is None or limit >= 1, ">= 1"),
         ("--batch-size", batch_size, batch_size >= 1, ">= 1"),
         ("--max-prompt-tokens", max_prompt_tokens, max_prompt_tokens is None or max_prompt_tokens >= 1, ">= 1"),
+        ("--precision", precision, precision is None or (math.isfinite(precision) and 0 <= precision < 1),
+         "in [0, 1): 0.05 asks for a 95% interval within +-5% of the mean, 0 for one round"),
+        ("--max-samples-per-prompt", max_samples_per_prompt, max_samples_per_prompt is None
+         or samples_per_prompt <= max_samples_per_prompt <= MAX_SAMPLES_PER_PROMPT,
+         f"in --samples-per-prompt..{MAX_SAMPLES_PER_PROMPT}"),
     ) if not ok]
     if bad:
         raise TsopsdError("; ".join(bad))
@@ -231,10 +338,12 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
                        reference: str | Path | None = None, limit: int | None = None, batch_size: int = 16,
                        seed: int = 0, base: str | Path | None = None, device: str = "auto", dtype: str = "auto",
                        prompt_field: str | None = None, max_prompt_tokens: int | None = None,
+                       precision: float | None = None, max_samples_per_prompt: int | None = None,
                        show_progress: bool = True) -> dict:
     """Load a checkpoint (and a reference) and prompts, then `measure`; returns the JSON the CLI prints."""
     check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+                  top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                  precision=precision, max_samples_per_prompt=max_samples_per_prompt)
     model_ckpt = load_checkpoint(ckpt, base=base, device=device, dtype=dtype)
     ref_model = None
     if reference is not None:
@@ -250,7 +359,7 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
         metrics = measure(model_ckpt.model, model_ckpt.tokenizer, items, reference=ref_model,
                           samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
-                          progress=task)
+                          progress=task, precision=precision, max_samples_per_prompt=max_samples_per_prompt)
     return {
         "checkpoint": str(ckpt),
         "reference": str(reference) if reference is not None else None,

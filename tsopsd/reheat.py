@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ from tsopsd.console import progress
 from tsopsd.decode import COMPILE
 from tsopsd.errors import TrainingStopped, TsopsdError
 from tsopsd.family import causal_lm, max_positions
+from tsopsd.intervals import describe
 from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure
 from tsopsd.output import versions, write_output, written_model
@@ -61,7 +63,7 @@ from tsopsd.trackers import Trackers, check_trackers, logging_dir, open_trackers
 log = logging.getLogger(__name__)
 
 TRACKING_START = 1.5  # tau where a target-entropy run's first solve starts
-PHASES = ("rollout", "solve", "teacher", "student", "check", "optimizer")  # a step's timed phases (metrics.jsonl)
+PHASES = ("heldout", "rollout", "solve", "teacher", "student", "check", "optimizer")  # a step's timed phases (metrics.jsonl)
 
 __all__ = ["reheat", "setup", "train", "finish", "train_step", "run_dir_for"]
 
@@ -80,8 +82,13 @@ def prompts_for_step(n_prompts: int, per_step: int, step: int, seed: int) -> lis
     return out
 
 
+def held_out_count(n_prompts: int, asked: int | None) -> int:
+    """How many prompts to hold out: `output.eval_prompts`, or by default min(16, 20%) so a small file still trains."""
+    return min(16, n_prompts // 5) if asked is None else asked
+
+
 def hold_out(prompts: list[Prompt], n: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
-    """(training prompts, `n` held-out prompts for the before/after report), a seeded split."""
+    """(training prompts, `n` held-out prompts for the before/after report and the steering), a seeded split."""
     g = torch.Generator().manual_seed(step_seed(seed, -(10**6)))
     held = set(torch.randperm(len(prompts), generator=g)[:n].tolist()) if n else set()
     return ([p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held])
@@ -103,6 +110,8 @@ class StepResult:
     lr: float
     grad_norm: float | None
     seconds: float
+    target: float | None = None  # the training target tau was solved for (None: a fixed tau)
+    heldout: dict[str, float] = field(default_factory=dict)  # measured before this step: entropy, low, high
     phases: dict[str, float] = field(default_factory=dict)  # seconds: rollout, solve, teacher, student, check, optimizer
     memory: dict[str, float] = field(default_factory=dict)  # on a GPU: this step's peak allocated and reserved bytes
 
@@ -165,24 +174,26 @@ class Run:
         rollouts (over all ranks) so that the teacher's mean entropy on them equals the target: as the
         student heats up and its rollouts move, tau follows.
         """
-        state = self.state
-        if state.target is None:
+        state, target = self.state, self.stop.target  # the training target (steered toward the held-out goal)
+        if target is None:
             return state.tau, None
         hidden = teacher_states(self.policy, rollout, micro_batch=self.cfg.train.micro_batch,
                                 skip_empty=not self.backend.lockstep, share_prompts=self.cfg.train.share_prompts)
-        found = solve_temperature(self.policy.teacher, hidden, state.target, start=state.tau, total=self.backend.sum,
+        found = solve_temperature(self.policy.teacher, hidden, target, start=state.tau, total=self.backend.sum,
                                   chunk_size=self.cfg.loss.chunk_size)
         if not found.reached:
             if step == 0:
-                raise unreachable(state.target, found)
-            self.note(f"step {step + 1}: the target entropy {state.target:.4f} is out of reach on this step's "
+                raise unreachable(target, found)
+            self.note(f"step {step + 1}: the target entropy {target:.4f} is out of reach on this step's "
                       f"rollouts; tau = {found.x:g} gives {found.value:.4f}")
         return found.x, hidden
 
-    def evaluate(self, model=None, reference=None) -> dict | None:
-        """The before/after report of `model` (default: the student) on the held-out prompts; on rank 0."""
+    def evaluate(self, model=None, reference=None, *, prompts: list[Prompt] | None = None,
+                 samples: int | None = None, seed: int | None = None) -> dict | None:
+        """The before/after report of `model` (default: the student) on the held-out prompts (or `prompts`)."""
         cfg = self.cfg
-        if not self.eval_prompts:
+        prompts = self.eval_prompts if prompts is None else prompts
+        if not prompts:
             return None
         student = model is None
         context = contextlib.ExitStack()
@@ -191,10 +202,30 @@ class Run:
             context.enter_context(self.policy.compute())
         with context:
             return self.backend.measure(lambda: measure(
-                self.policy.student if student else model, self.tokenizer, self.eval_prompts, reference=reference,
-                samples_per_prompt=cfg.output.eval_samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                batch_size=cfg.rollout.batch_size, score_batch=cfg.train.micro_batch, seed=cfg.seed,
+                self.policy.student if student else model, self.tokenizer, prompts, reference=reference,
+                samples_per_prompt=samples or cfg.output.eval_samples_per_prompt,
+                max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                score_batch=cfg.train.micro_batch, seed=cfg.seed if seed is None else seed,
                 done_everywhere=self.backend.done_everywhere))
+
+    def compares_training(self) -> bool:
+        """A target run with held-out prompts also measures its output on training prompts (where it trained)."""
+        return self.state.target is not None and bool(self.eval_prompts)
+
+    def training_sample(self) -> list[Prompt]:
+        """As many training prompts as are held out (at least 16): the after-report's other half for a target run."""
+        return self.prompts[:max(len(self.eval_prompts), 16)]
+
+    def heldout(self, step: int) -> dict[str, float]:
+        """Before step `step` of a steered run (every `stop.heldout_every`): the held-out prompts' entropy, measured
+        with `stop.heldout_samples_per_prompt` samples each (the same seed each time: the same draws, so two
+        measurements differ by the weights), steering the training target; {} on other steps."""
+        if not self.stop.steers(step):
+            return {}
+        m = self.backend.broadcast(self.evaluate(samples=self.cfg.stop.heldout_samples_per_prompt,
+                                                 seed=step_seed(self.cfg.seed, -(10**6) - 1)))
+        lo, hi = m["intervals"]["entropy"] or (m["entropy"]["mean"],) * 2
+        return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi}
 
     def clock(self, timings: dict[str, float]) -> Clock:
         """A step's clock: `with clock(phase):` adds the phase's seconds to `timings`; on a GPU, called as the
@@ -213,8 +244,9 @@ class Run:
     def log(self, result: StepResult) -> None:
         if self.backend.is_main:
             fields = asdict(result)
-            phases, memory = fields.pop("phases"), fields.pop("memory")
+            phases, memory, heldout = fields.pop("phases"), fields.pop("memory"), fields.pop("heldout")
             record = {k if k == "step" else f"train/{k}": v for k, v in fields.items()}
+            record |= {f"heldout/{k}": v for k, v in heldout.items()}
             record |= {f"time/{k}": v for k, v in phases.items()} | {f"memory/{k}": v for k, v in memory.items()}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -251,6 +283,12 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 step, t0 = state.next_step, time.monotonic()
                 timings = dict.fromkeys(PHASES, 0.0)  # seconds per phase; every step has every column
                 clock = run.clock(timings)
+                with clock("heldout"):  # a steered run, every stop.heldout_every steps: steers the training target
+                    heldout = run.heldout(step)
+                if heldout and (verdict := run.stop.steer(step, heldout["entropy"], (heldout["low"], heldout["high"]))):
+                    with signals.held():
+                        state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
+                        break
                 with clock("rollout"):
                     rollout = run.rollout(step)  # on-policy: the current student, T=1
                 t_gen = time.monotonic() - t0
@@ -285,7 +323,8 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                     state.next_step, state.tau = step + 1, tau
                     n = max(n_tokens, 1)
                     run.log(StepResult(
-                        step=step, tau=tau, loss=stats.divergence / n, student_entropy=stats.student_entropy / n,
+                        step=step, tau=tau, target=run.stop.target, heldout=heldout,
+                        loss=stats.divergence / n, student_entropy=stats.student_entropy / n,
                         teacher_entropy=stats.teacher_entropy / n, kl_student_original=stats.kl_student_original / n,
                         top1_agreement=stats.top1_agreement / n, tokens=n_tokens,
                         completion_length=float(rollout.completion_lengths.float().mean()),
@@ -323,11 +362,14 @@ def setup(cfg: Config) -> Run:
 
     def preflight() -> None:
         check_prompt_file(cfg.data.prompts)
+        if cfg.data.eval_prompts:
+            check_prompt_file(cfg.data.eval_prompts)
         logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
         writes = {"output folder": out, "temporary folder": temporary(out),
                   "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
         check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
-                              "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts})
+                              "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts,
+                              "held-out prompt file": cfg.data.eval_prompts})
         check_writes_apart(writes)
         for path in (out, run_dir, logs):
             if path is not None:
@@ -395,7 +437,13 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     prompts = load_prompts(cfg.data.prompts, ckpt.tokenizer, prompt_field=cfg.data.prompt_field,
                            max_prompt_tokens=cfg.data.max_prompt_tokens, limit=cfg.data.limit,
                            room=prompt_room(max_positions(model), cfg.rollout.max_new_tokens))
-    train_prompts, eval_prompts = hold_out(prompts, cfg.output.eval_prompts, cfg.seed)
+    if cfg.data.eval_prompts:  # the user's held-out prompts (e.g. other problem families): all of them train
+        held = load_prompts(cfg.data.eval_prompts, ckpt.tokenizer, prompt_field=cfg.data.prompt_field,
+                            max_prompt_tokens=cfg.data.max_prompt_tokens,
+                            room=prompt_room(max_positions(model), cfg.rollout.max_new_tokens))
+        train_prompts, eval_prompts = prompts, held[:cfg.output.eval_prompts] if cfg.output.eval_prompts is not None else held
+    else:
+        train_prompts, eval_prompts = hold_out(prompts, held_out_count(len(prompts), cfg.output.eval_prompts), cfg.seed)
     need = backend.world_size * cfg.rollout.prompts_per_step
     if len(train_prompts) < need:
         have = f"{len(prompts)} prompts leave {len(train_prompts)} for training after holding out " \
@@ -416,9 +464,11 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
               scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
               eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.config_dir), dtype=ckpt.dtype,
               started=started, config_dir=ckpt.config_dir,
-              input_fingerprint=fingerprint(ckpt.path, ckpt.base_path) | prompts_fingerprint(cfg.data.prompts))
+              input_fingerprint=fingerprint(ckpt.path, ckpt.base_path) | prompts_fingerprint(cfg.data.prompts)
+              | {f"prompts:held-out {k.removeprefix('prompts:')}": v
+                 for k, v in (prompts_fingerprint(cfg.data.eval_prompts) if cfg.data.eval_prompts else {}).items()})
     run.state = _resume(run) if cfg.output.resume else _start(run)
-    run.stop.target = run.state.target
+    run.stop.set_goal(run.state.target, steering=bool(eval_prompts) and cfg.stop.heldout_every > 0)
     return run
 
 
@@ -454,15 +504,16 @@ def _start(run: Run) -> RunState:
     cfg, backend = run.cfg, run.backend
     if backend.is_main:
         run.run_dir.mkdir(parents=True)
-    tau, source, target = cfg.teacher.temperature, "temperature", cfg.teacher.target_entropy
+    tau, source, target, measured = cfg.teacher.temperature, "temperature", cfg.teacher.target_entropy, None
     if cfg.teacher.target_entropy_from is not None:
-        target = backend.broadcast(backend.measure(lambda: _entropy_of(cfg.teacher.target_entropy_from, run)))
-        source = f"target_entropy_from:{cfg.teacher.target_entropy_from}"
+        measured = backend.broadcast(backend.measure(lambda: _entropy_of(cfg.teacher.target_entropy_from, run)))
+        target, source = measured["entropy"], f"target_entropy_from:{cfg.teacher.target_entropy_from}"
     elif target is not None:
         source = "target_entropy"
     if target is not None:
         tau = TRACKING_START  # where step 0's solve starts; every later one starts from the step before's tau
-    state = RunState(next_step=0, tau=tau, tau_source=source, target=target, before=run.evaluate(),
+    state = RunState(next_step=0, tau=tau, tau_source=source, target=target, target_measured=measured,
+                     before=run.evaluate(),
                      world_size=backend.world_size, config=comparable(cfg), input_fingerprint=run.input_fingerprint)
     if backend.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
@@ -537,6 +588,7 @@ def finish(run: Run) -> dict:
     if backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
         measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
         after = run.evaluate(reference=policy.teacher)
+        after_training = run.evaluate(prompts=run.training_sample()) if run.compares_training() else None
         trained = backend.gather_for_saving(policy, cfg.model.path)
         written = written_model(trained, **save, keep_student=False) if backend.is_main else None
     else:
@@ -544,6 +596,8 @@ def finish(run: Run) -> dict:
         adapter = cfg.output.save == "adapter"
         measured_on = "the adapter" if adapter else "the written checkpoint"
         after = run.evaluate(model=None if adapter else written, reference=policy.teacher)
+        after_training = run.evaluate(model=None if adapter else written, prompts=run.training_sample()) \
+            if run.compares_training() else None
     report: dict = {}
     if backend.is_main:
         metrics = run.run_dir / "metrics.jsonl"
@@ -552,10 +606,10 @@ def finish(run: Run) -> dict:
             "input": str(cfg.model.path), "output": str(cfg.output.out), "mode": cfg.train.mode,
             "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
             "target_entropy": state.target, "teacher_temperature_over_run": [m["train/tau"] for m in steps],
-            "target": _against_target(state.target, state.before, after), "divergence": cfg.loss.divergence,
+            "target": _against_target(run, after, after_training), "divergence": cfg.loss.divergence,
             "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
             "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
-            "after": after, "after_measured_on": measured_on,
+            "after": after, "after_measured_on": measured_on, "after_training_prompts": after_training,
             "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
             "rollout_compile": run.rollout_compile,
@@ -645,32 +699,45 @@ def _planned(run: Run) -> dict | None:
                               "step_estimate_s", "estimate_calibrated_on", "gpu_flops", "gpu_bandwidth")}
 
 
-def _against_target(target: float | None, before: dict | None, after: dict | None) -> dict | None:
-    """The held-out entropy before and after against the target (None without a target)."""
+def _against_target(run: Run, after: dict | None, after_training: dict | None) -> dict | None:
+    """The target against the entropy before and after, each with its 95% interval: on the held-out prompts
+    (what the target is for) and, after, on as many training prompts (where the run trained). None without a
+    target."""
+    target, stop = run.state.target, run.stop
     if target is None:
         return None
-    out: dict = {"entropy": target}
-    for name, r in (("before", before), ("after", after)):
+    out: dict = {"entropy": target, "measured": run.state.target_measured, "steered": stop.steering,
+                 "training_target": stop.target,
+                 "heldout_over_training": math.exp(stop.log_ratio) if stop.log_ratio is not None else None}
+    for name, r in (("before", run.state.before), ("after", after), ("after_training_prompts", after_training)):
         if r is not None:
             h = r["entropy"]["mean"]
-            out[name] = {"entropy": h, "relative_error": (h - target) / target}
+            out[name] = {"entropy": h, "interval": r["intervals"]["entropy"], "relative_error": (h - target) / target,
+                         "prompts": r["prompts"], "samples": r["samples"]}
     return out
 
 
-def _entropy_of(path: str, run: Run) -> float:
-    """Mean token entropy of another checkpoint on its own rollouts, measured as the after-report measures
-    the output: on the held-out prompts with `output.eval_samples_per_prompt` (without held-out
-    prompts: on the first training prompts), so that target and result are the same quantity."""
+def _entropy_of(path: str, run: Run) -> dict:
+    """Mean token entropy of another checkpoint on its own rollouts, to `teacher.precision`: it is not trained, so
+    every prompt (held-out first, then the training ones in a seeded order) is a pool that rounds draw from
+    until the 95% interval is within +-precision (then more samples, up to 4x `output.eval_samples_per_prompt`).
+    Returns {"entropy", "interval", "prompts", "samples", "precision"}."""
     cfg = run.cfg
     other = load_checkpoint(path, device=cfg.model.device, dtype=cfg.model.dtype)
     if other.tokenizer.get_vocab() != run.tokenizer.get_vocab():
         raise TsopsdError(f"--target-entropy-from {path}: its tokenizer differs from the checkpoint's")
-    prompts = run.eval_prompts or run.prompts[:max(cfg.rollout.prompts_per_step, 32)]
-    result = measure(other.model, other.tokenizer, prompts, samples_per_prompt=cfg.output.eval_samples_per_prompt,
-                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
-                     score_batch=cfg.train.micro_batch, seed=cfg.seed)
-    h = result["entropy"]["mean"]
-    log.info("target entropy from %s: %.4f nats (%d prompts x %d samples)", path, h, len(prompts),
-             cfg.output.eval_samples_per_prompt)
+    g = torch.Generator().manual_seed(step_seed(cfg.seed, -(10**6) - 2))
+    pool = run.eval_prompts + [run.prompts[i] for i in torch.randperm(len(run.prompts), generator=g).tolist()]
+    k = cfg.output.eval_samples_per_prompt
+    with progress(run.shows_progress(True)) as task:
+        result = measure(other.model, other.tokenizer, pool, samples_per_prompt=k,
+                         max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                         score_batch=cfg.train.micro_batch, seed=cfg.seed, precision=cfg.teacher.precision,
+                         first_prompts=max(len(run.eval_prompts), 32), progress=task)
+    h, interval = result["entropy"]["mean"], result["intervals"]["entropy"]
+    log.info("target entropy from %s: %s nats, 95%% interval (%d prompts, %d samples; %s)", path,
+             describe(h, interval), result["prompts"], result["samples"],
+             result["precision"]["outcome"] or "one round: teacher.precision is 0")
     del other
-    return h
+    return {"entropy": h, "interval": interval, "prompts": result["prompts"], "samples": result["samples"],
+            "precision": result["precision"]}

@@ -63,6 +63,7 @@ class RunState:
         stop_reason: why the run ended (None while it goes); `kept_step`: updates in the kept weights.
         input_fingerprint: `checkpoint.fingerprint` of the input (and adapter base): a resume refuses a
             changed input.
+        target_measured: with `teacher.target_entropy_from`, how the target was measured (with its interval).
     """
 
     next_step: int
@@ -79,6 +80,7 @@ class RunState:
     kept_step: int | None = None
     failed: bool = False
     input_fingerprint: dict = dataclasses.field(default_factory=dict)
+    target_measured: dict | None = None  # target_entropy_from: the measurement (entropy, interval, samples)
 
     def save(self, run_dir: Path) -> None:
         """Write the state atomically (JSON + safetensors), then remove sharded folders it no longer names."""
@@ -105,7 +107,7 @@ class RunState:
         kinds = {"next_step": int, "tau": (int, float), "tau_source": str, "target": (int, float, type(None)),
                  "before": (dict, type(None)), "world_size": int, "config": dict, "stop": dict, "scheduler": dict,
                  "trainable": (dict, type(None)), "stop_reason": (str, type(None)), "kept_step": (int, type(None)),
-                 "failed": bool, "input_fingerprint": dict}
+                 "failed": bool, "input_fingerprint": dict, "target_measured": (dict, type(None))}
         wrong = [k for k, kind in kinds.items() if not isinstance(saved[k], kind) or
                  (kind is int and isinstance(saved[k], bool))]
         if wrong or saved["next_step"] < 0 or saved["world_size"] < 1:

@@ -13,6 +13,17 @@ Three rules, checked on every step's statistics (summed over ranks) before its u
   within `stop.entropy_tolerance` (with a target entropy: is within that tolerance of the target, on
   either side): the run is done; the current weights are kept.
 
+A target run with held-out prompts is **steered** (`stop.heldout_every`): every N steps, before the
+step, the held-out prompts are measured and the target the teacher is solved for on the *training*
+rollouts (the training target) is set so that the held-out entropy meets the user's target:
+
+    ratio = held-out entropy / training entropy (the last `window` steps), a running mean of its log
+    training target = target / ratio                                       (clamped to 0.5x..2x the target)
+
+The ratio is measured on one set of weights, so it does not lag as the student catches up with its
+teacher. Such a run converges on the held-out measurement: its 95% interval holds the target and its
+mean is within `stop.heldout_tolerance` of it; the training window alone never stops it.
+
 The rules own the rollback copy and the convergence window; both are part of the resumable state.
 The copy holds the weights at the start of a step that passed, taken every `stop.rollback_every`
 steps: every step for LoRA (a few MB, kept on the device), every 10th for full fine-tuning, where a
@@ -23,6 +34,7 @@ than the last step that passed; the stop reason says which.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -50,7 +62,11 @@ class StopRules:
         self.window: deque[tuple[float, float]] = deque(maxlen=cfg.window)  # (student, teacher) entropy
         self.last_good: dict | None = None  # trainable weights at the start of the last step that passed
         self.last_good_step = 0  # ...which are the weights after this many updates
-        self.target: float | None = None  # the target entropy a tracking run holds the student at
+        self.target: float | None = None  # the training target: what tau is solved for on the training rollouts
+        self.goal: float | None = None  # the user's target entropy (a steered run meets it on held-out prompts)
+        self.steering = False  # a target run with held-out prompts and stop.heldout_every > 0
+        self.log_ratio: float | None = None  # running mean of log(held-out entropy / training entropy)
+        self.steered = (-1, None)  # (the step last steered, log_ratio before it): steering a step twice is one steer
 
     def check(self, step: int, stats: ChunkStats, n_tokens: int) -> Verdict | None:
         """The verdict on step `step` (0-based) from its summed statistics, or None to go on."""
@@ -68,6 +84,8 @@ class StopRules:
             return None
         steps = f"steps {step + 2 - len(self.window)}-{step + 1}"
         tol = self.cfg.entropy_tolerance
+        if self.steering:  # converges on the held-out measurement (`steer`), not here
+            return None
         if self.target is not None:
             if abs(mean_s - self.target) <= tol * self.target:
                 return Verdict("converged", f"converged: student entropy {mean_s:.4f} within {tol:.0%} of the "
@@ -75,6 +93,35 @@ class StopRules:
         elif mean_s >= mean_t * (1 - tol):
             return Verdict("converged", f"converged: student entropy {mean_s:.4f} within {tol:.0%} of the "
                                         f"teacher's {mean_t:.4f} over {steps}")
+        return None
+
+    def set_goal(self, goal: float | None, *, steering: bool) -> None:
+        """The user's target (None: a fixed tau); the training target starts there unless a resume restored it."""
+        self.goal, self.steering = goal, steering and goal is not None
+        if self.target is None:
+            self.target = goal
+
+    def steers(self, step: int) -> bool:
+        """Whether step `step` begins with a held-out measurement."""
+        return self.steering and step > 0 and step % self.cfg.heldout_every == 0 and len(self.window) > 0
+
+    def steer(self, step: int, heldout: float, interval: tuple[float, float] | None) -> Verdict | None:
+        """Set the training target from the held-out entropy measured before step `step`; the verdict when the
+        held-out measurement meets the goal."""
+        if self.steered[0] != step:
+            self.steered = (step, self.log_ratio)
+        before = self.steered[1]
+        training = sum(h for h, _ in self.window) / len(self.window)
+        if heldout > 0 and training > 0:
+            now = math.log(heldout / training)
+            self.log_ratio = now if before is None else (before + now) / 2
+            self.target = min(max(self.goal / math.exp(self.log_ratio), 0.5 * self.goal), 2 * self.goal)
+        tol = self.cfg.heldout_tolerance
+        inside = interval is not None and interval[0] <= self.goal <= interval[1]
+        if inside and abs(heldout - self.goal) <= tol * self.goal:
+            return Verdict("converged", f"converged: held-out entropy {heldout:.4f} ({interval[0]:.4f}-"
+                                        f"{interval[1]:.4f}, 95%) holds the target {self.goal:.4f} within {tol:.0%} "
+                                        f"after {step} steps (training target {self.target:.4f})")
         return None
 
     def wants_snapshot(self, step: int) -> bool:
@@ -102,8 +149,11 @@ class StopRules:
         return f"{verdict.reason}; kept the current weights (stop.rollback is off: no copy to restore)", steps_done
 
     def state_dict(self) -> dict:
-        return {"window": list(self.window), "last_good_step": self.last_good_step}
+        return {"window": list(self.window), "last_good_step": self.last_good_step, "target": self.target,
+                "log_ratio": self.log_ratio, "steered": list(self.steered)}
 
     def load_state_dict(self, state: dict) -> None:
         self.window = deque((tuple(w) for w in state["window"]), maxlen=self.cfg.window)
         self.last_good_step = state["last_good_step"]
+        self.target, self.log_ratio = state["target"], state["log_ratio"]
+        self.steered = (int(state["steered"][0]), state["steered"][1])

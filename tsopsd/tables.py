@@ -7,27 +7,41 @@ from __future__ import annotations
 
 from rich.table import Table
 
-# (label, path into a measure() result, format string or function of the value)
+# (label, path into a measure() result, format string or function of the value[, its key in "intervals"])
 ROWS = [
-    ("mean token entropy (nats, T=1)", ("entropy", "mean"), "{:.4f}"),
+    ("mean token entropy (nats, T=1), 95% CI", ("entropy", "mean"), "{:.4f}", "entropy"),
     ("entropy p10 / p50 / p90", None, None),
     ("entropy, top-20% tokens", ("entropy", "top20_mean"), "{:.4f}"),
     ("entropy at sampling T", ("entropy_at_sampling_temperature",), "{:.4f}"),
     ("mean top-1 probability", ("top1_prob",), "{:.4f}"),
     ("response length (tokens)", ("response_length",), "{:.1f}"),
-    ("distinct-1", ("distinct_1",), "{:.3f}"),
-    ("distinct-2", ("distinct_2",), "{:.3f}"),
-    ("unique completions / prompt", ("unique_completion_rate",), "{:.3f}"),
-    ("accuracy (verifier)", ("accuracy",), "{:.3f}"),
+    ("distinct-1", ("distinct_1",), "{:.3f}", "distinct_1"),
+    ("distinct-2", ("distinct_2",), "{:.3f}", "distinct_2"),
+    ("unique completions / prompt", ("unique_completion_rate",), "{:.3f}", "unique_completion_rate"),
+    ("accuracy (verifier)", ("accuracy",), "{:.3f}", "accuracy"),
     ("KL(model ‖ ref)", ("reference", "kl_model_ref"), "{:.4f}"),
     ("KL(ref ‖ model)", ("reference", "kl_ref_model"), "{:.4f}"),
-    ("top-1 agreement with ref", ("reference", "top1_agreement"), "{:.3f}"),
+    ("top-1 agreement with ref", ("reference", "top1_agreement"), "{:.3f}", "top1_agreement"),
     ("top-5 overlap with ref", ("reference", "top5_overlap"), "{:.3f}"),
     ("top-10 overlap with ref", ("reference", "top10_overlap"), "{:.3f}"),
     ("effective temperature vs ref", ("reference", "effective_temperature"), "{:.3f}"),
     ("hidden-state cosine vs ref, min / last layer", ("reference", "layers"),
      lambda v: f"{min(v['cosine']):.3f} / {v['cosine'][-1]:.3f}"),
+    ("samples (prompts x per prompt)", ("samples",), None),
 ]
+
+
+def _cell(r: dict, path, fmt, interval_key):
+    v = _get(r, path)
+    if v is None:
+        return "–"
+    if path == ("samples",):
+        return f"{v} ({r.get('prompts', '?')} x {v / max(r.get('prompts') or 1, 1):.3g})"
+    text = fmt(v) if callable(fmt) else fmt.format(v)
+    ci = (r.get("intervals") or {}).get(interval_key) if interval_key else None
+    if ci is not None:
+        text += f" ({fmt.format(ci[0])}–{fmt.format(ci[1])})"
+    return text
 
 
 def _get(d: dict, path: tuple[str, ...]):
@@ -47,11 +61,10 @@ def metrics_table(columns: dict[str, dict], title: str | None = None, *, target:
     table.add_column("metric")
     for name in columns:
         table.add_column(name, justify="right")
-    for label, path, fmt in ROWS:
+    for label, path, fmt, *ci in ROWS:
         if target is not None and label == "entropy p10 / p50 / p90":
             table.add_row(f"entropy vs target {target:.4f}",
-                          *(f"{(r['entropy']['mean'] - target) / target:+.1%}" if r.get("entropy") else "–"
-                            for r in columns.values()))
+                          *(_against(r, target) if r.get("entropy") else "–" for r in columns.values()))
         if path is None:  # quantiles share one row
             cells = []
             for r in columns.values():
@@ -59,11 +72,19 @@ def metrics_table(columns: dict[str, dict], title: str | None = None, *, target:
                 cells.append(f"{e['p10']:.3f} / {e['p50']:.3f} / {e['p90']:.3f}" if e else "–")
             table.add_row(label, *cells)
             continue
-        values = [_get(r, path) for r in columns.values()]
-        if all(v is None for v in values):
+        if all(_get(r, path) is None for r in columns.values()):
             continue
-        table.add_row(label, *("–" if v is None else fmt(v) if callable(fmt) else fmt.format(v) for v in values))
+        table.add_row(label, *(_cell(r, path, fmt, ci[0] if ci else None) for r in columns.values()))
     return table
+
+
+def _against(r: dict, target: float) -> str:
+    """The mean entropy relative to `target`, with its interval's ends relative to it."""
+    text = f"{(r['entropy']['mean'] - target) / target:+.1%}"
+    ci = (r.get("intervals") or {}).get("entropy")
+    if ci is not None:
+        text += f" ({(ci[0] - target) / target:+.0%} to {(ci[1] - target) / target:+.0%})"
+    return text
 
 
 def trajectory_table(result: dict) -> Table:
@@ -82,12 +103,14 @@ def trajectory_table(result: dict) -> Table:
                         f"{short(result['reference']) if result['reference'] in paths else result['reference']}",
                   caption=f"entropy {entropies[0]:.3f} {sparkline(entropies)} {entropies[-1]:.3f}\n"
                           f"reheat: {short(result['reheat']['checkpoint'])} ({result['reheat']['why']})")
-    for name in ("step", "checkpoint", "entropy", "p10 / p90", "unique / prompt", "top-1 agreement", "KL(model ‖ ref)",
+    for name in ("step", "checkpoint", "entropy (95% CI)", "p10 / p90", "unique / prompt", "top-1 agreement", "KL(model ‖ ref)",
                  ""):
         table.add_column(name, justify="left" if name in ("checkpoint", "") else "right")
     for i, r in enumerate(rows):
         m, ref = r["metrics"], r["metrics"].get("reference", {})
-        table.add_row("–" if r["step"] is None else str(r["step"]), short(r["checkpoint"]), f"{m['entropy']['mean']:.4f}",
+        ci = (m.get("intervals") or {}).get("entropy")
+        table.add_row("–" if r["step"] is None else str(r["step"]), short(r["checkpoint"]),
+                      f"{m['entropy']['mean']:.4f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else ""),
                       f"{m['entropy']['p10']:.3f} / {m['entropy']['p90']:.3f}", f"{m['unique_completion_rate']:.3f}",
                       f"{ref.get('top1_agreement', 0):.3f}", f"{ref.get('kl_model_ref', 0):.4f}",
                       f"< {result['collapse']['ratio']:g} x first: collapsed" if i == at else "")

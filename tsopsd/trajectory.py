@@ -92,6 +92,7 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
                        batch_size: int = 16, seed: int = 0, base: Path | None = None, device: str = "auto",
                        dtype: str = "auto",
                        prompt_field: str | None = None, max_prompt_tokens: int | None = None,
+                       precision: float | None = None, max_samples_per_prompt: int | None = None,
                        show_progress: bool = True) -> dict:
     """Measure every checkpoint of `found` (see `find_checkpoints`); JSON-ready (README, "A run's trajectory")."""
     import gc
@@ -104,7 +105,8 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
     from tsopsd.prompts import load_prompts, prompt_room
 
     check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+                  top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                  precision=precision, max_samples_per_prompt=max_samples_per_prompt)
     if not 0 < collapse_ratio < 1:
         raise TsopsdError(f"--collapse-ratio must be in (0, 1), got {collapse_ratio}")
     ref_path = Path(reference) if reference is not None else found[0][1]
@@ -123,7 +125,8 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
                 raise TsopsdError(f"{folder} has a different tokenizer than {ref_path}: a run's checkpoints share one")
             metrics = measure(ck.model, ck.tokenizer, items, reference=ref.model, samples_per_prompt=samples_per_prompt,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size, seed=seed)
+                              batch_size=batch_size, seed=seed, precision=precision,
+                              max_samples_per_prompt=max_samples_per_prompt)
             rows.append({"step": step, "checkpoint": str(folder), "metrics": metrics})
             if ck is not ref:
                 del ck
