@@ -357,3 +357,16 @@ def test_the_plan_runs_no_data_dependent_operation(tmp_path, monkeypatch):
         r = plan(cfg, folder / "config.json", Hardware(memory=8 * GiB))
         assert "report" in r["phases"]
     assert sorted(set(seen)) == []
+
+
+def test_a_steered_target_run_plans_its_held_out_sampling(tmp_path):
+    """stop.heldout_every: the held-out rollout batches, spread over the steps, are in the step's roofline."""
+    folder = _qwen3(tmp_path / "tiny", 64, 128, 2, 512)
+    common = {"teacher.temperature": None, "teacher.target_entropy": 1.0, "output.eval_prompts": 16,
+              "stop.heldout_samples_per_prompt": 2, "rollout.batch_size": 32}
+    fixed = plan(load_config(ROOT / "configs/tiny-cpu.yaml", {**common, "stop.heldout_every": 0}, inputs=False), folder)
+    steered = plan(load_config(ROOT / "configs/tiny-cpu.yaml", {**common, "stop.heldout_every": 4}, inputs=False), folder)
+    per_batch = fixed["phases"]["rollout"]["roofline_s"] / -(-fixed["sequences_per_rank"] // 32)
+    assert fixed["heldout_roofline_s"] == 0
+    assert steered["heldout_roofline_s"] == pytest.approx(per_batch * 1 / 4, rel=0.05)  # 32 rows: one batch, 1 step in 4
+    assert steered["step_roofline_s"] == pytest.approx(fixed["step_roofline_s"] + steered["heldout_roofline_s"], rel=0.05)

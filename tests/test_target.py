@@ -249,6 +249,8 @@ def test_steering_a_step_twice_is_one_steer_and_resumes_with_the_steered_target(
     again.load_state_dict(rules.state_dict())
     again.set_goal(1.0, steering=True)
     assert (again.target, again.log_ratio) == once
+    assert again.steer(4, 1.0, (0.5, 1.5)) is None  # on the target, but too noisy to say: no stop
+    assert again.steer(4, 1.0, (0.95, 1.05)).rule == "converged"
 
 
 def test_a_steered_run_measures_held_out_prompts_and_moves_its_training_target(collapsed, tmp_path):

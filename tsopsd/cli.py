@@ -513,6 +513,15 @@ def demo(
         con.print(metrics_table(summary["results"], target=report["target_entropy"], title=(
             f"tsopsd demo: SFT -> GRPO-collapsed -> reheated to the SFT model's entropy: {teacher_line(report, 2)}, "
             f"{report['steps_run']} steps; all prompts; reference for KL/agreement: the collapsed model")))
+        target = report.get("target") or {}
+        for name, where in (("after", "held out of training"), ("after_training_prompts", "training prompts")):
+            if target.get(name):
+                from tsopsd.intervals import describe
+
+                r = target[name]
+                con.print(f"the run's report, {where} ({r['prompts']} prompts x {r['samples'] // r['prompts']}): entropy "
+                          f"{describe(r['entropy'], r['interval'])} (95% interval) against the target "
+                          f"{target['entropy']:.4f}: {r['relative_error']:+.1%}", highlight=False)
         if summary["charts"]:
             con.print(summary["charts"], highlight=False)
         for picture in summary["pictures"]:

@@ -92,8 +92,8 @@ class StopConfig:
     min_top1_agreement: float = 0.9  # drift guard: stop and roll back below this agreement with the original
     rollback: bool = True  # keep a copy of the last state that passed the guard
     rollback_every: int | None = None  # copy the weights every N steps (None: every step for lora, 10 for full)
-    heldout_every: int = 5  # target runs: measure the held-out prompts every N steps, steer the training target (0: off)
-    heldout_samples_per_prompt: int = 2  # ...with this many samples of each held-out prompt
+    heldout_every: int = 10  # target runs: measure the held-out prompts every N steps, steer the training target (0: off)
+    heldout_samples_per_prompt: int = 4  # ...with this many samples of each held-out prompt
     heldout_tolerance: float = 0.05  # ...and stop once the held-out interval holds the target, its mean within this
 
 

@@ -39,13 +39,16 @@ def _grouped(values: torch.Tensor, prompt_of: torch.Tensor) -> tuple[torch.Tenso
 
 
 def ratio_interval(sums: torch.Tensor, counts: torch.Tensor, prompt_of: torch.Tensor, *, seed: int = 0,
-                   reps: int = REPS, level: float = LEVEL) -> tuple[float, float] | None:
+                   reps: int = REPS, level: float = LEVEL, over_prompts: bool = True) -> tuple[float, float] | None:
     """Interval of sum(sums) / sum(counts) over samples (e.g. entropy summed over each completion's tokens and
     its token count), resampling prompts, then each drawn prompt's samples. None with no counted sample.
 
     Args:
         sums, counts: (S,) per sample; counts >= 0.
         prompt_of: (S,) which prompt each sample answers (any integer labels).
+        over_prompts: False keeps the prompts as they are and resamples only their samples: the uncertainty
+            of the mean on *these* prompts (what a run steering on a fixed held-out set needs), not on
+            prompts like them.
     """
     if sums.numel() == 0 or float(counts.sum()) <= 0:
         return None
@@ -57,7 +60,7 @@ def ratio_interval(sums: torch.Tensor, counts: torch.Tensor, prompt_of: torch.Te
     chunk = max(1, 2_000_000 // max(P * K, 1))  # redraws at a time: bounded memory for any P x K
     for start in range(0, reps, chunk):
         b = min(chunk, reps - start)
-        prompts = torch.randint(P, (b, P), generator=g)  # stage 1: prompts
+        prompts = torch.randint(P, (b, P), generator=g) if over_prompts else torch.arange(P).expand(b, P)  # stage 1
         within = (torch.rand(b, P, K, generator=g, dtype=torch.float64) * k[prompts, None]).long()  # stage 2: samples
         mine = torch.arange(K) < k[prompts, None]  # a drawn prompt contributes as many samples as it has
         num = (s[prompts[..., None], within] * mine).sum((1, 2))

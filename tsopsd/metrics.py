@@ -125,7 +125,7 @@ MAX_EFFECTIVE_T_POSITIONS = 16384
 @torch.no_grad()
 def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperature: float = 1.0,
                   micro_batch: int = 8, chunk_size: int = 1024, seed: int = 0, keep_token_entropy: bool = False,
-                  per_sample: bool = False) -> dict:
+                  per_sample: bool = False, intervals: bool = True) -> dict:
     """Token metrics of `model` on the completions of `rollout`, teacher-forced.
 
     `model` and `reference` are modules or `Scorer`s (a Scorer can view a PEFT model's base).
@@ -134,6 +134,7 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
     ``top1_prob``, ``tokens``, ``intervals`` (95% bootstrap intervals over prompts, `intervals.ratio_interval`)
     and, with a reference, a ``reference`` dict (its ``layers`` from `layer_similarity`, on the final position
     of every rollout row). `per_sample`: also each sample's summed entropy, token count and prompt.
+    `intervals=False` leaves the intervals out (`tsopsd plan`, whose fake tensors hold no values to resample).
     """
     model, reference = as_scorer(model), (as_scorer(reference) if reference is not None else None)
     layers = ([], []) if reference is not None else (None, None)  # per-layer final-position states
@@ -156,8 +157,9 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
     cat = {k: torch.cat(v) for k, v in per_token.items()}
     n = hidden.shape[0]
     ent = cat.get("entropy", torch.zeros(0))
-    lengths = rollout.completion_lengths.cpu()
-    row_of = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)  # each scored position's row
+    counted = intervals or per_sample
+    lengths = rollout.completion_lengths.cpu() if counted else None
+    row_of = torch.repeat_interleave(torch.arange(lengths.numel()), lengths) if counted else None  # each position's row
     prompt_of = rollout.prompt_index.cpu()
 
     def per_row(values: torch.Tensor) -> torch.Tensor:
@@ -168,7 +170,10 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
         "entropy": summarize_entropy(ent),
         "entropy_at_sampling_temperature": summarize_entropy(cat.get("entropy_sampling", ent))["mean"],
         "top1_prob": float(cat["top1_prob"].double().mean()) if n else 0.0,
-        "intervals": {"entropy": ratio_interval(per_row(ent), lengths, prompt_of, seed=seed) if n else None},
+        "intervals": {"entropy": ratio_interval(per_row(ent), lengths, prompt_of, seed=seed) if n and intervals
+                      else None,
+                      "entropy_these_prompts": ratio_interval(per_row(ent), lengths, prompt_of, seed=seed,
+                                                              over_prompts=False) if n and intervals else None},
     }
     if per_sample:
         result["per_sample"] = {"entropy": per_row(ent), "tokens": lengths, "prompt": prompt_of}
@@ -178,7 +183,7 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
         ref = {k: (float(cat[k].double().mean()) if n else 0.0)
                for k in ("kl_model_ref", "kl_ref_model", "top1_agreement") + tuple(f"top{k}_overlap" for k in TOPK)}
         result["intervals"]["top1_agreement"] = ratio_interval(
-            per_row(cat["top1_agreement"]), lengths, prompt_of, seed=seed) if n else None
+            per_row(cat["top1_agreement"]), lengths, prompt_of, seed=seed) if n and intervals else None
         sub = ref_hidden
         if n > MAX_EFFECTIVE_T_POSITIONS:
             g = torch.Generator().manual_seed(seed)

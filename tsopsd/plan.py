@@ -507,7 +507,7 @@ def plan(cfg: Config, source: str | Path, hardware: Hardware = Hardware(), *, pr
         again = _plan_once(cfg, model_config, hardware, prompt_tokens, checkpointing=True, phases=("train",),
                            on_phase=on_phase)
         result["phases"]["train"] = again["phases"]["train"]
-        result.update(_verdict(result["phases"], hardware))
+        result.update(_verdict(result["phases"], hardware, heldout_s=result["heldout_roofline_s"]))
         checkpointing = True
         why = f"auto: on, since without it the train phase needs {without / GiB:.1f} GiB"
     elif choice == "auto":
@@ -644,14 +644,14 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
                 tracker.label([v for st in optimizer.state.values() for v in st.values()
                                if isinstance(v, torch.Tensor)], "optimizer state")
                 optimizer.zero_grad(set_to_none=True)
-        if "report" in phases and cfg.output.eval_prompts:
+        if "report" in phases and _held_out(cfg):
             # Scored in training micro-batches; two of them are run, the others add only their hidden
             # states (N x D for the model and the reference), which are counted.
-            eval_rows = min(cfg.rollout.batch_size, cfg.output.eval_prompts * cfg.output.eval_samples_per_prompt)
+            eval_rows = min(cfg.rollout.batch_size, _held_out(cfg) * cfg.output.eval_samples_per_prompt)
             run_rows = min(eval_rows, 2 * cfg.train.micro_batch)
             with tracker.in_phase("report") as record, backend.generating(policy), policy.compute():
                 score_rollout(policy.student, worst_case_rollout(run_rows, P, L), reference=policy.teacher,
-                              micro_batch=cfg.train.micro_batch, chunk_size=1024)
+                              micro_batch=cfg.train.micro_batch, chunk_size=1024, intervals=False)
                 record.extra = (eval_rows - run_rows) * L * 2 * _hidden_size(model_config) * dtype.itemsize
             scale["report"] = eval_rows / run_rows
         if "save" in phases:
@@ -722,24 +722,42 @@ def _summary(cfg: Config, hw: Hardware, tracker: Tracker, scale: dict, *, model_
         "gpu_flops": hw.flops, "gpu_bandwidth": hw.bandwidth,
         "prompt_tokens": P, "max_new_tokens": cfg.rollout.max_new_tokens,
         "sequences_per_rank": cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
-        "phases": phases, **_verdict(phases, hw),
+        "phases": phases, **_verdict(phases, hw, heldout_s=_heldout_s(cfg, phases, scale)),
     }
 
 
-def _verdict(phases: dict, hw: Hardware) -> dict:
-    """The step's peak (which phase), whether it fits with the reserve, and its totals over a step."""
+def _held_out(cfg: Config) -> int:
+    """Held-out prompts, at most: `output.eval_prompts`, or the default's cap of 16 (min(16, 20%))."""
+    return 16 if cfg.output.eval_prompts is None else cfg.output.eval_prompts
+
+
+def _heldout_s(cfg: Config, phases: dict, scale: dict) -> float:
+    """A steered target run's held-out sampling, per step on average: its rollout batches every
+    `stop.heldout_every` steps, each costing a step's rollout batch (decoding reads the weights per token,
+    whatever the rows)."""
+    steered = cfg.teacher.temperature is None and cfg.stop.heldout_every > 0 and _held_out(cfg) > 0
+    if not steered or "rollout" not in phases:
+        return 0.0
+    rows = _held_out(cfg) * cfg.stop.heldout_samples_per_prompt
+    batches = math.ceil(rows / cfg.rollout.batch_size)
+    return phases["rollout"]["roofline_s"] / scale.get("rollout", 1) * batches / cfg.stop.heldout_every
+
+
+def _verdict(phases: dict, hw: Hardware, *, heldout_s: float = 0.0) -> dict:
+    """The step's peak (which phase), whether it fits with the reserve, and its totals over a step (with a
+    steered run's held-out sampling, `heldout_s` a step on average)."""
     peak_phase = max(phases, key=lambda p: phases[p]["peak_bytes"])
     peak = phases[peak_phase]["peak_bytes"]
     reserved = RESERVED_BYTES + int((RESERVED_RATIO - 1) * peak)  # CUDA context and buffers, allocator slack
     usable = hw.memory - reserved
     step_phases = ("rollout", "train", "update")  # what every step runs (check: step 0; report, save: once)
-    roofline = sum(phases[p]["roofline_s"] for p in step_phases if p in phases)
+    roofline = sum(phases[p]["roofline_s"] for p in step_phases if p in phases) + heldout_s
     return {
         "peak_bytes": peak, "peak_phase": peak_phase, "reserved_bytes": reserved, "fits": peak <= usable,
         "margin_bytes": usable - peak,
         "step_flops": sum(phases[p]["flops"] for p in step_phases if p in phases),
         "step_bytes": sum(phases[p]["bytes"] for p in step_phases if p in phases),
-        "step_roofline_s": roofline, "step_estimate_s": roofline / STEP_EFFICIENCY,
+        "step_roofline_s": roofline, "step_estimate_s": roofline / STEP_EFFICIENCY, "heldout_roofline_s": heldout_s,
         "estimate_calibrated_on": CALIBRATED_ON,
     }
 

@@ -218,13 +218,13 @@ class Run:
 
     def heldout(self, step: int) -> dict[str, float]:
         """Before step `step` of a steered run (every `stop.heldout_every`): the held-out prompts' entropy, measured
-        with `stop.heldout_samples_per_prompt` samples each (the same seed each time: the same draws, so two
-        measurements differ by the weights), steering the training target; {} on other steps."""
+        with `stop.heldout_samples_per_prompt` samples each (new draws each time, so that the steering's running
+        mean averages their noise out) and its 95% interval on these prompts; {} on other steps."""
         if not self.stop.steers(step):
             return {}
         m = self.backend.broadcast(self.evaluate(samples=self.cfg.stop.heldout_samples_per_prompt,
-                                                 seed=step_seed(self.cfg.seed, -(10**6) - 1)))
-        lo, hi = m["intervals"]["entropy"] or (m["entropy"]["mean"],) * 2
+                                                 seed=step_seed(self.cfg.seed, -(10**6) - 1 - step)))
+        lo, hi = m["intervals"]["entropy_these_prompts"] or (m["entropy"]["mean"],) * 2
         return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi}
 
     def clock(self, timings: dict[str, float]) -> Clock:

@@ -18,11 +18,12 @@ step, the held-out prompts are measured and the target the teacher is solved for
 rollouts (the training target) is set so that the held-out entropy meets the user's target:
 
     ratio = held-out entropy / training entropy (the last `window` steps), a running mean of its log
-    training target = target / ratio                                       (clamped to 0.5x..2x the target)
+    training target = target / ratio                                       (clamped to 1/3x..3x the target)
 
 The ratio is measured on one set of weights, so it does not lag as the student catches up with its
-teacher. Such a run converges on the held-out measurement: its 95% interval holds the target and its
-mean is within `stop.heldout_tolerance` of it; the training window alone never stops it.
+teacher. Such a run converges on the held-out measurement: its 95% interval (on these prompts: their
+samples resampled) holds the target, is no wider than +-2x `stop.heldout_tolerance` and its mean is within
+the tolerance; the training window alone never stops it. A measurement too noisy to say does not stop it.
 
 The rules own the rollback copy and the convergence window; both are part of the resumable state.
 The copy holds the weights at the start of a step that passed, taken every `stop.rollback_every`
@@ -115,10 +116,11 @@ class StopRules:
         if heldout > 0 and training > 0:
             now = math.log(heldout / training)
             self.log_ratio = now if before is None else (before + now) / 2
-            self.target = min(max(self.goal / math.exp(self.log_ratio), 0.5 * self.goal), 2 * self.goal)
+            self.target = min(max(self.goal / math.exp(self.log_ratio), self.goal / 3), 3 * self.goal)
         tol = self.cfg.heldout_tolerance
         inside = interval is not None and interval[0] <= self.goal <= interval[1]
-        if inside and abs(heldout - self.goal) <= tol * self.goal:
+        narrow = interval is not None and (interval[1] - interval[0]) / 2 <= 2 * tol * self.goal
+        if inside and narrow and abs(heldout - self.goal) <= tol * self.goal:
             return Verdict("converged", f"converged: held-out entropy {heldout:.4f} ({interval[0]:.4f}-"
                                         f"{interval[1]:.4f}, 95%) holds the target {self.goal:.4f} within {tol:.0%} "
                                         f"after {step} steps (training target {self.target:.4f})")

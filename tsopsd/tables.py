@@ -135,7 +135,9 @@ def plan_table(r: dict):
                        f"Peak {r['peak_bytes'] / gib:.1f} GiB in {r['peak_phase']} + {r['reserved_bytes'] / gib:.1f} "
                        f"GiB reserved (CUDA context, allocator slack); margin {r['margin_bytes'] / gib:+.1f} GiB. "
                        f"Step: {r['step_flops'] / 1e12:.0f} "
-                       f"TFLOP, {r['step_bytes'] / 1e12:.1f} TB moved, roofline {r['step_roofline_s']:.1f} s: a lower "
+                       f"TFLOP, {r['step_bytes'] / 1e12:.1f} TB moved, roofline {r['step_roofline_s']:.1f} s"
+                       + (f" (of which {r['heldout_roofline_s']:.1f} s a step, on average, measuring held-out prompts to "
+                          "steer the target)" if r.get("heldout_roofline_s") else "") + ": a lower "
                        f"bound at {r['gpu_flops'] / 1e12:.0f} TFLOP/s and {r['gpu_bandwidth'] / 1e12:.2f} TB/s; "
                        f"estimated {r['step_estimate_s']:.0f} s a step at the efficiency measured on "
                        f"{r['estimate_calibrated_on']}."))
