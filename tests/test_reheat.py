@@ -171,6 +171,11 @@ def test_target_entropy_from_checkpoint(collapsed, tmp_path, ckpts):
         "output.eval_prompts": 6}), show_progress=False)
     # the same prompts sampled from a different model give a different batch: tau lands near 1.25, not on it
     assert report["teacher_temperature"] == pytest.approx(1.25, rel=0.15)
+    # measured on every prompt (it is not trained: held-out and training prompts alike), with its interval
+    measured = report["target"]["measured"]
+    assert measured["entropy"] == report["target_entropy"] and measured["prompts"] == 17
+    assert measured["interval"][0] < measured["entropy"] < measured["interval"][1]
+    assert measured["precision"]["asked"] == 0.05 and measured["precision"]["outcome"]
     with pytest.raises(TsopsdError, match="tokenizer differs"):
         reheat(cfg_for(collapsed, tmp_path / "o2", **{"teacher.temperature": None,
                                                        "teacher.target_entropy_from": str(ckpts["qwen3"])}),
@@ -338,3 +343,19 @@ def test_each_step_logs_its_phases_and_the_report_its_medians(collapsed, tmp_pat
     measured = report["measured"]
     assert measured["steps"] == 3 and measured["step_seconds_median"] == sorted(r["train/seconds"] for r in rows)[1]
     assert measured["phase_seconds_median"]["student"] > 0 and report["planned"] is None
+
+
+def test_by_default_min_16_or_20_percent_are_held_out_or_the_given_file(collapsed, tmp_path):
+    from tsopsd.reheat import held_out_count
+
+    assert [held_out_count(n, None) for n in (4, 20, 79, 80, 1000)] == [0, 4, 15, 16, 16]
+    assert held_out_count(20, 0) == 0 and held_out_count(20, 7) == 7
+    run = setup(cfg_for(collapsed, tmp_path / "o", **{"train.steps": 1, "output.eval_prompts": None}))
+    assert len(run.eval_prompts) == 17 // 5 and len(run.prompts) == 17 - 17 // 5  # the 17-prompt fixture trains
+    run.lock.release()
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "sum 99 ="}\n{"prompt": "pair for 98 ="}\n')
+    run = setup(cfg_for(collapsed, tmp_path / "o2", **{"train.steps": 1, "output.eval_prompts": None,
+                                                        "data.eval_prompts": str(held)}))
+    assert [p.text for p in run.eval_prompts] == ["sum 99 =", "pair for 98 ="] and len(run.prompts) == 17
+    run.lock.release()

@@ -271,3 +271,42 @@ def test_a_steered_run_measures_held_out_prompts_and_moves_its_training_target(c
     target = report["target"]
     assert target["steered"] and target["training_target"] == steps[-1]["train/target"]
     assert target["heldout_over_training"] > 0 and target["after_training_prompts"]["interval"] is not None
+
+
+def test_a_steered_run_interrupted_after_steering_resumes_to_the_uninterrupted_run(collapsed, tmp_path, monkeypatch):
+    """Ctrl-C after step 4's held-out measurement steered the target, before its rollout: the saved state holds the
+    steered target; the resumed run measures step 4 again and steers it once, and ends bit-identical."""
+    from safetensors.torch import load_file
+
+    from tsopsd.reheat import Run
+
+    ckpt, prompts = collapsed
+
+    def cfg(out, **more):
+        return load_config(TINY, {"model.path": str(ckpt), "data.prompts": str(prompts), "output.out": str(out),
+                                  "teacher.temperature": None, "teacher.target_entropy": 0.3, "train.steps": 6,
+                                  "output.eval_prompts": 4, "stop.heldout_every": 2, "stop.entropy_tolerance": 0.0,
+                                  **more})
+
+    reheat(cfg(tmp_path / "a"), show_progress=False)
+    original, fired = Run.rollout, []
+
+    def rollout(self, step):
+        if step == 4 and not fired:
+            fired.append(step)
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "rollout", rollout)
+    with pytest.raises(KeyboardInterrupt):
+        reheat(cfg(tmp_path / "b"), show_progress=False)
+    assert fired == [4] and not (tmp_path / "b").exists()
+    reheat(cfg(tmp_path / "b", **{"output.resume": True}), show_progress=False)
+
+    def lines(out):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/") and "per_s" not in k
+                 and k != "train/seconds"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines(tmp_path / "a") == lines(tmp_path / "b") and "heldout/entropy" in lines(tmp_path / "b")[4]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

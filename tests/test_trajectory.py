@@ -93,8 +93,9 @@ def test_run_folder_gives_the_trajectory_each_row_as_measured_alone(rl_run, tmp_
     assert rows[0]["metrics"]["reference"]["kl_model_ref"] == pytest.approx(0, abs=1e-6)
     for r in (rows[0], rows[2], rows[4]):  # the same numbers as measuring that checkpoint alone against the first
         alone = measure_checkpoint(r["checkpoint"], prompts, samples_per_prompt=4, max_new_tokens=8, limit=24,
-                                   reference=run / "checkpoint-0", show_progress=False)["metrics"]
+                                   reference=run / "checkpoint-0", precision=0.05, show_progress=False)["metrics"]
         assert r["metrics"]["entropy"] == alone["entropy"]
+        assert r["metrics"]["intervals"] == json.loads(json.dumps(alone["intervals"]))  # JSON: lists for tuples
         assert r["metrics"]["reference"]["kl_model_ref"] == alone["reference"]["kl_model_ref"]
     entropies = [r["metrics"]["entropy"]["mean"] for r in rows]
     print("entropy over steps", [round(h, 3) for h in entropies])

@@ -202,7 +202,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
             keep_token_entropy: bool = False, done_everywhere: Callable[[bool], bool] | None = None,
             progress: Callable[[str, int], Callable[[int], None]] | None = None,
             precision: float | None = None, max_samples_per_prompt: int | None = None,
-            first_prompts: int | None = None) -> dict:
+            first_prompts: int | None = None, warn_wide: bool = True) -> dict:
     """Sample k completions per prompt and measure entropy and diversity (and drift vs a reference), each
     mean with its 95% interval (`intervals`: a bootstrap over prompts, samples nested in prompts).
 
@@ -218,6 +218,8 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
             result says which. A round adds prompts while some are unused (`first_prompts` starts with only
             the first ones: the prompts are then a pool to draw from), else samples to every prompt.
             None or 0: one round of k samples per prompt.
+        warn_wide: warn when the interval is wider than +-10% of the mean (a run's steering measurements log
+            their interval instead).
 
     Returns:
         A JSON-ready dict (fields documented in README.md, "measure-entropy --json").
@@ -288,7 +290,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
                                  "relative_half_width": rel if math.isfinite(rel) else None, "outcome": why}})
     if why is not None:
         (log.info if why.startswith("reached") else log.warning)("--precision %g: %s", precision, why)
-    if rel > WIDE:
+    if rel > WIDE and warn_wide:
         need = samples_for(rel, result["samples"], WIDE)
         log.warning("mean entropy %s: the 95%% interval is +-%.0f%% of it (%d samples on %d prompts); about %d samples "
                     "(more prompts, or more samples per prompt) would narrow it to +-%.0f%%",

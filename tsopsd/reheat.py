@@ -189,7 +189,7 @@ class Run:
         return found.x, hidden
 
     def evaluate(self, model=None, reference=None, *, prompts: list[Prompt] | None = None,
-                 samples: int | None = None, seed: int | None = None) -> dict | None:
+                 samples: int | None = None, seed: int | None = None, warn_wide: bool = True) -> dict | None:
         """The before/after report of `model` (default: the student) on the held-out prompts (or `prompts`)."""
         cfg = self.cfg
         prompts = self.eval_prompts if prompts is None else prompts
@@ -206,7 +206,7 @@ class Run:
                 samples_per_prompt=samples or cfg.output.eval_samples_per_prompt,
                 max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
                 score_batch=cfg.train.micro_batch, seed=cfg.seed if seed is None else seed,
-                done_everywhere=self.backend.done_everywhere))
+                done_everywhere=self.backend.done_everywhere, warn_wide=warn_wide))
 
     def compares_training(self) -> bool:
         """A target run with held-out prompts also measures its output on training prompts (where it trained)."""
@@ -223,8 +223,12 @@ class Run:
         if not self.stop.steers(step):
             return {}
         m = self.backend.broadcast(self.evaluate(samples=self.cfg.stop.heldout_samples_per_prompt,
-                                                 seed=step_seed(self.cfg.seed, -(10**6) - 1 - step)))
+                                                 seed=step_seed(self.cfg.seed, -(10**6) - 1 - step), warn_wide=False))
         lo, hi = m["intervals"]["entropy_these_prompts"] or (m["entropy"]["mean"],) * 2
+        if self.backend.is_main:
+            log.info("held-out entropy before step %d: %s (95%% interval on these %d prompts x %d), target %.4f",
+                     step + 1, describe(m["entropy"]["mean"], (lo, hi)), m["prompts"], m["samples"] // m["prompts"],
+                     self.stop.goal)
         return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi}
 
     def clock(self, timings: dict[str, float]) -> Clock:

@@ -17,11 +17,12 @@ A target run with held-out prompts is **steered** (`stop.heldout_every`): every 
 step, the held-out prompts are measured and the target the teacher is solved for on the *training*
 rollouts (the training target) is set so that the held-out entropy meets the user's target:
 
-    ratio = held-out entropy / training entropy (the last `window` steps), a running mean of its log
+    ratio = held-out entropy / training entropy (the last 3 steps), a running mean of its log
     training target = target / ratio                                       (clamped to 1/3x..3x the target)
 
-The ratio is measured on one set of weights, so it does not lag as the student catches up with its
-teacher. Such a run converges on the held-out measurement: its 95% interval (on these prompts: their
+The ratio compares the held-out prompts with the last 3 training steps, not the whole window, so it
+barely lags a student that is still heating (a 10-step window mean lags it by 5 steps: on the demo the
+first ratio came out 1.5 where it was about 1, and steered the wrong way). Such a run converges on the held-out measurement: its 95% interval (on these prompts: their
 samples resampled) holds the target, is no wider than +-2x `stop.heldout_tolerance` and its mean is within
 the tolerance; the training window alone never stops it. A measurement too noisy to say does not stop it.
 
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 
 from tsopsd.config import StopConfig
 from tsopsd.loss import ChunkStats
+
+RECENT = 3  # training steps whose student entropy the held-out measurement is compared with (lag against noise)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ class StopRules:
         if self.steered[0] != step:
             self.steered = (step, self.log_ratio)
         before = self.steered[1]
-        training = sum(h for h, _ in self.window) / len(self.window)
+        recent = list(self.window)[-RECENT:]  # the newest steps: near the weights the held-out prompts saw
+        training = sum(h for h, _ in recent) / len(recent)
         if heldout > 0 and training > 0:
             now = math.log(heldout / training)
             self.log_ratio = now if before is None else (before + now) / 2
