@@ -27,8 +27,8 @@ from tsopsd.config import MAX_SAMPLES_PER_PROMPT
 from tsopsd.console import progress
 from tsopsd.distributions import entropy, kl_divergence, summarize_entropy, temperature_for_entropy, topk_overlap
 from tsopsd.errors import TsopsdError
-from tsopsd.intervals import WIDE, describe, prompt_interval, ratio_interval, relative_half_width, samples_for
 from tsopsd.family import eos_token_ids, max_positions
+from tsopsd.intervals import WIDE, describe, prompt_interval, ratio_interval, relative_half_width, samples_for
 from tsopsd.prompts import Prompt, load_prompts, prompt_room
 from tsopsd.rollout import sample_rollouts
 from tsopsd.scoring import as_scorer

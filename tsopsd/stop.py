@@ -22,9 +22,10 @@ rollouts (the training target) is set so that the held-out entropy meets the use
 
 The ratio compares the held-out prompts with the last 3 training steps, not the whole window, so it
 barely lags a student that is still heating (a 10-step window mean lags it by 5 steps: on the demo the
-first ratio came out 1.5 where it was about 1, and steered the wrong way). Such a run converges on the held-out measurement: its 95% interval (on these prompts: their
-samples resampled) holds the target, is no wider than +-2x `stop.heldout_tolerance` and its mean is within
-the tolerance; the training window alone never stops it. A measurement too noisy to say does not stop it.
+first ratio came out 1.5 where it was about 1, and steered the wrong way). Such a run converges on the
+held-out measurement: its 95% interval (on these prompts: their samples resampled) holds the target, is
+no wider than +-2x `stop.heldout_tolerance` and its mean is within the tolerance; the training window
+alone never stops it. A measurement too noisy to say does not stop it.
 
 The rules own the rollback copy and the convergence window; both are part of the resumable state.
 The copy holds the weights at the start of a step that passed, taken every `stop.rollback_every`
