@@ -206,3 +206,60 @@ def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monke
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     cuda_allocator()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_off_a_terminal_every_log_line_is_one_timestamped_event(collapsed, tmp_path):
+    """A batch job's log (issue 30): one line per event, an ISO timestamp and the level first, never wrapped, so a
+    step is one line that grep finds whole."""
+    import re
+
+    ckpt, prompts = collapsed
+    res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                              "--config", str(TINY), "--steps", "3", "--set", "output.eval_prompts=2"])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    event = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} (DEBUG|INFO|WARNING|ERROR|PROGRESS) \S")
+    assert lines and [line for line in lines if not event.match(line)] == []
+    steps = [line for line in lines if " INFO step " in line]
+    assert [s.split(" INFO step ")[1].split()[0] for s in steps] == ["1/3", "2/3", "3/3"]
+    assert all("train" in s and s.endswith("tok/s") for s in steps)  # the whole step line, on its line
+
+
+def test_after_the_table_reheat_says_what_to_run_with_its_out(collapsed, tmp_path):
+    ckpt, prompts = collapsed
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(TINY),
+                              "--steps", "2", "--set", "output.eval_prompts=0", "--save", "adapter", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert f"tsopsd merge {out} --out {out}-merged" in res.stdout
+    assert f"actor_rollout_ref.model.path={out}-merged" in res.stdout and "temperature 1.0" in res.stdout
+    res = runner.invoke(app, ["merge", str(out), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0 and f"wrote {tmp_path / 'm'}" in res.stderr, res.output
+
+
+def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(collapsed, tmp_path, monkeypatch):
+    """`tsopsd reheat CKPT --out OUT --resume` needs no other flag (issue 30); one given that differs from the saved
+    run is named with both values."""
+    from tsopsd.reheat import Run
+
+    ckpt, prompts = collapsed
+    out = tmp_path / "o"
+    original, fired = Run.rollout, []
+
+    def rollout(self, step):
+        if step == 2 and not fired:
+            fired.append(step)
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "rollout", rollout)
+    first = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(TINY),
+                                "--steps", "4", "--max-new-tokens", "12", "--set", "output.eval_prompts=0", "--quiet"])
+    assert first.exit_code == 130 and fired == [2], first.output
+    res = runner.invoke(app, ["reheat", str(ckpt), "--out", str(out), "--resume", "--max-new-tokens", "10", "--quiet"])
+    assert res.exit_code == 2
+    assert "rollout.max_new_tokens: saved 12, given 10" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(app, ["reheat", str(ckpt), "--out", str(out), "--resume", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["steps_run"] == 4 and (out / "model.safetensors").is_file()

@@ -47,7 +47,7 @@ def test_unknown_keys_and_bad_values_reported_all_at_once(tmp_path):
 
 def test_teacher_needs_exactly_one_setting_and_adapter_needs_lora():
     with pytest.raises(ConfigError, match="exactly one of temperature, target_entropy"):
-        load_config(None, {**REQUIRED, "teacher.target_entropy": 2.0})
+        load_config(None, {**REQUIRED, "teacher.temperature": None})  # none chosen (one alone now unsets tau)
     cfg = load_config(None, {**REQUIRED, "teacher.temperature": None, "teacher.target_entropy": 2.0})
     assert cfg.teacher.temperature is None and cfg.teacher.target_entropy == 2.0
     with pytest.raises(ConfigError, match="'adapter' needs train.mode lora"):
@@ -67,3 +67,19 @@ def test_parse_set_and_bad_yaml(tmp_path):
         load_config(y, REQUIRED)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "none.yaml", REQUIRED)
+
+
+def test_choosing_one_teacher_way_unsets_the_default_temperature(tmp_path):
+    """A YAML with only `teacher.target_entropy` means that (issue 30): not that plus the default tau, refused."""
+    from tsopsd.config import load_config
+
+    only = tmp_path / "only.yaml"
+    only.write_text("teacher:\n  target_entropy: 2.0\n")
+    t = load_config(only, inputs=False).teacher
+    assert (t.temperature, t.target_entropy, t.target_entropy_from) == (None, 2.0, None)
+    t = load_config(only, {"teacher.temperature": 1.3}, inputs=False).teacher  # a later layer's choice wins
+    assert (t.temperature, t.target_entropy) == (1.3, None)
+    t = load_config(None, {"teacher.target_entropy_from": "sft"}, inputs=False).teacher
+    assert (t.temperature, t.target_entropy_from) == (None, "sft")
+    with pytest.raises(ConfigError, match="set exactly one"):  # two in one layer are still a contradiction
+        load_config(None, {"teacher.target_entropy": 2.0, "teacher.temperature": 1.5}, inputs=False)

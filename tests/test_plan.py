@@ -176,6 +176,10 @@ def test_tiny_cpu_config_plans_and_fits(tmp_path):
     r = plan(cfg, folder / "config.json", Hardware(memory=8 * GiB), on_phase=begun.append)
     assert r["fits"] and set(r["phases"]) >= {"load", "rollout", "check", "train", "update"}
     assert begun == [p for p in PHASES if p in r["phases"]]
+    from tsopsd.tables import plan_table
+
+    title = plan_table(r).title  # says how the run is laid out, not a class name (issue 30)
+    assert "one process a GPU on 1 x 8 GiB" in title and "Backend" not in title
 
 
 # ---- what the plan shows --------------------------------------------------------------------------

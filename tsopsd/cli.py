@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import logging
 import os
 import sys
 import traceback
@@ -230,6 +231,7 @@ def measure_entropy(
             from tsopsd.charts import save_trajectory_png
 
             result["plot"] = str(save_trajectory_png(plot, result))
+            logging.getLogger("tsopsd").info("wrote %s", result["plot"])
         _emit(result, as_json=as_json, out=out, table=lambda: trajectory_table(result))
 
     _run(body, debug=debug)
@@ -362,7 +364,9 @@ def reheat(
             return
         from tsopsd.reheat import reheat as run_reheat
 
-        cfg = load_config(config, overrides)
+        if resume and not overwrite:  # a saved config from a run begun with --overwrite resumes, it does not restart
+            overrides.setdefault("output.overwrite", False)
+        cfg = load_config(_saved_config(config, out, resume), overrides)
         report = run_reheat(cfg, show_progress=not quiet)
         # Free the run's models now: under torchrun their reference cycles (FSDP state, hooks) can keep
         # process-group objects alive into interpreter shutdown, a known place for gloo to abort.
@@ -378,6 +382,8 @@ def reheat(
               table=lambda: metrics_table(columns, target=report["target_entropy"],
                                           title=f"tsopsd reheat: {teacher_line(report, 3)}, "
                                           f"{report['steps_run']} steps, {report['stop_reason']}; held-out prompts"))
+        if not as_json:  # beneath the table: what to run next with this OUT
+            sys.stdout.write("\n".join(hand_off(report)) + "\n")
 
     _run(body, debug=debug)
 
@@ -480,6 +486,7 @@ def merge(
 
         console.setup_logging(quiet=quiet)
         merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite)
+        logging.getLogger("tsopsd").info("wrote %s (the adapter %s merged into its base)", out, adapter)
 
     _run(body, debug=debug)
 
@@ -529,6 +536,33 @@ def demo(
         con.print(f"checkpoints and results in {summary['out']}/")
 
     _run(body, debug=debug)
+
+
+def _saved_config(config: Optional[Path], out: Optional[Path], resume: bool) -> Optional[Path]:
+    """`--resume` without `--config`: the saved run's config.yaml, so no flag needs retyping (flags given still
+    override it, and a resume then names any that differs from the run)."""
+    if config is not None or not resume or out is None:
+        return config
+    from tsopsd.state import run_dir_for
+
+    saved = run_dir_for(Path(out)) / "config.yaml"
+    return saved if saved.is_file() else None
+
+
+def hand_off(report: dict) -> list[str]:
+    """What to run next with the written OUT: continuing RL from it (verl, TRL, vLLM), sampling at T=1."""
+    out = os.path.abspath(report["output"])
+    if report["save"] == "adapter":
+        merged = out.rstrip("/") + "-merged"
+        return [f"next: {out} is a PEFT adapter; merge it for RL frameworks that load one folder:",
+                f"  tsopsd merge {out} --out {merged}",
+                f"  verl: actor_rollout_ref.model.path={merged}   TRL/transformers: from_pretrained('{merged}')",
+                f"  vLLM without merging: vllm serve BASE --enable-lora --lora-modules reheated={out}",
+                "  sample at temperature 1.0: the entropy is in the weights now, not in the sampler"]
+    return [f"next: continue RL from {out}",
+            f"  verl: actor_rollout_ref.model.path={out}   TRL/transformers: from_pretrained('{out}')",
+            f"  vLLM: vllm serve {out}",
+            "  sample at temperature 1.0: the entropy is in the weights now, not in the sampler"]
 
 
 def main() -> None:

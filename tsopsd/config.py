@@ -295,6 +295,24 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
     return e
 
 
+TEACHER_CHOICES = ("temperature", "target_entropy", "target_entropy_from")
+
+
+def _one_teacher(section, given: set[str], overrides: dict | None = None) -> None:
+    """Choosing one of the teacher's three ways unsets the others that this layer (a YAML file, or the flags and
+    --set) does not give: a file with only `target_entropy: 2.0` means that, not that plus the default tau."""
+    if not isinstance(section, dict):
+        return
+    values = overrides if overrides is not None else section
+    chosen = [k for k in TEACHER_CHOICES if k in given and values.get(k) is not None]
+    if chosen:
+        for k in TEACHER_CHOICES:
+            if k not in given:
+                section[k] = None
+    elif "temperature" not in section and any(section.get(k) is not None for k in TEACHER_CHOICES[1:]):
+        section["temperature"] = None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
                 inputs: bool = True) -> Config:
     """Build a `Config` from defaults, an optional YAML file and dotted-key overrides.
@@ -320,8 +338,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: must be a mapping of sections")
         tree = loaded
+    _one_teacher(tree.get("teacher"), set(tree.get("teacher") or {}) if isinstance(tree.get("teacher"), dict) else set())
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
+    given = {k.split(".", 1)[1] for k, v in (overrides or {}).items() if k.startswith("teacher.")}
+    _one_teacher(tree.get("teacher"), given, overrides={k.split(".", 1)[1]: v for k, v in (overrides or {}).items()
+                                                        if k.startswith("teacher.")})
     errors: list[str] = []
     cfg = _build(Config, tree, "", errors)
     errors += validate(cfg, inputs=inputs)

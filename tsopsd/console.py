@@ -19,11 +19,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 stderr = Console(stderr=True)
 
 
+STAMP = "%Y-%m-%dT%H:%M:%S%z"  # ISO 8601 with the offset: lines from several machines sort and compare
+
+
+def stamp() -> str:
+    return time.strftime(STAMP)
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Log lines on stderr: Rich's on a terminal; off one (a batch job's log), one line per event, an ISO
+    timestamp and the level first, never wrapped or padded, so `grep` of a SLURM log finds whole events."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=stderr, show_path=False, show_time=stderr.is_terminal,
-                          rich_tracebacks=False, markup=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    if stderr.is_terminal:
+        handler = RichHandler(console=stderr, show_path=False, show_time=True, rich_tracebacks=False, markup=False)
+        fmt = logging.Formatter("%(message)s")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = OneLine("%(asctime)s %(levelname)s %(message)s", datefmt=STAMP)
+    handler.setFormatter(fmt)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # transformers' own logger and weight-loading bars are noise in a batch log; its warnings (and
     # everyone's deprecations) still reach the warnings module. Two named ones are not ours to fix:
     import warnings
@@ -38,6 +52,13 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("tsopsd").setLevel(level)
+
+
+class OneLine(logging.Formatter):
+    """A record as one line: newlines inside a message become ' | '."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\r", "").replace("\n", " | ")
 
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -81,7 +102,8 @@ def progress(enabled: bool = True, *, plain: bool = True) -> Iterator[ProgressFa
             frac = state["done"] / max(total, 1)
             if frac >= state["next"] or state["done"] >= total:
                 elapsed = time.monotonic() - state["start"]
-                print(f"{description}: {state['done']}/{total} ({elapsed:.1f}s)", file=sys.stderr, flush=True)
+                print(f"{stamp()} PROGRESS {description}: {state['done']}/{total} ({elapsed:.1f}s)", file=sys.stderr,
+                      flush=True)
                 state["next"] = frac + 0.1
         return advance
     yield plain_task

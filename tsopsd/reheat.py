@@ -260,6 +260,12 @@ class Run:
     def shows_progress(self, wanted: bool) -> bool:
         return wanted and self.backend.is_main  # rank 0 speaks for all
 
+    def announce(self, what: str) -> None:
+        """An info line as a long measurement begins: what, on how many held-out prompts (none: nothing to say)."""
+        if self.backend.is_main and self.eval_prompts:
+            log.info("%s on %d held-out prompts x %d samples", what, len(self.eval_prompts),
+                     self.cfg.output.eval_samples_per_prompt)
+
     def note(self, message: str) -> None:
         if self.backend.is_main:
             log.warning(message)
@@ -516,6 +522,7 @@ def _start(run: Run) -> RunState:
         source = "target_entropy"
     if target is not None:
         tau = TRACKING_START  # where step 0's solve starts; every later one starts from the step before's tau
+    run.announce("the before-report: measuring the input")
     state = RunState(next_step=0, tau=tau, tau_source=source, target=target, target_measured=measured,
                      before=run.evaluate(),
                      world_size=backend.world_size, config=comparable(cfg), input_fingerprint=run.input_fingerprint)
@@ -535,8 +542,9 @@ def _resume(run: Run) -> RunState:
                           f"{backend.world_size}; relaunch with the same number of processes")
     now = comparable(cfg)
     if state.config != now:
-        diff = sorted(k for k in state.config if state.config[k] != now.get(k))
-        raise TsopsdError(f"cannot resume: the config differs from the saved run in section(s) {', '.join(diff)}")
+        diff = [f"{k}: saved {_shown(then_v)}, given {_shown(now_v)}" for k, then_v, now_v in _leaf_diff(state.config, now)]
+        raise TsopsdError(f"cannot resume: the config differs from the saved run ({'; '.join(diff)}); give the saved "
+                          "values (--resume alone reuses the saved config) or --overwrite to start over")
     then, now = state.input_fingerprint, run.input_fingerprint
     changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
     if changed:
@@ -577,6 +585,22 @@ def _resume(run: Run) -> RunState:
     return state
 
 
+def _leaf_diff(then: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, given value) of every leaf where two config dicts differ."""
+    out = []
+    for k in sorted(then.keys() | now.keys()):
+        a, b = then.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _leaf_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value)
+
+
 def finish(run: Run) -> dict:
     """Measure the result as it will be written, write the output folder (rank 0), remove the run folder."""
     cfg, backend, state, policy = run.cfg, run.backend, run.state, run.policy
@@ -589,6 +613,7 @@ def finish(run: Run) -> dict:
         raise TrainingStopped(f"{state.stop_reason}: nothing was trained, so no output was written; "
                               f"{_what_to_change(state.stop_reason)}")
     save = dict(mode=policy.mode, save=cfg.output.save, save_dtype=run.save_dtype)
+    run.announce("the after-report: measuring the output")
     if backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
         measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
         after = run.evaluate(reference=policy.teacher)
@@ -620,6 +645,7 @@ def finish(run: Run) -> dict:
             "measured": _measured(steps), "planned": _planned(run),
             "versions": versions(),
         }
+        log.info("writing %s", cfg.output.out)
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
             write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=metrics)
             discard_run_dir(run.run_dir)

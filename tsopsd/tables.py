@@ -117,6 +117,9 @@ def trajectory_table(result: dict) -> Table:
     return table
 
 
+BACKENDS = {"Backend": "one process a GPU", "DDP": "DDP replicas", "FSDP": "FSDP2 shards"}  # plan's `backend`
+
+
 def plan_table(r: dict):
     """The `tsopsd plan` result: peak memory per phase (by category), then the verdict and the bound."""
     from rich.table import Table
@@ -128,7 +131,8 @@ def plan_table(r: dict):
     verdict = "fits" if r["fits"] else "does NOT fit"
     t = Table(title=(f"tsopsd plan: {r['architecture']} ({r['parameters'] / 1e9:.2f}B params, "
                      f"{r['trainable_parameters'] / 1e6:.1f}M trainable), {r['mode']}, {r['dtype']}, "
-                     f"{r['backend']} on {r['gpus']} x {r['gpu_memory_bytes'] / gib:.0f} GiB: {verdict}"),
+                     f"{BACKENDS.get(r['backend'], r['backend'])} on {r['gpus']} x "
+                     f"{r['gpu_memory_bytes'] / gib:.0f} GiB: {verdict}"),
               caption=(f"GiB per device (rank 0; every rank alike). {r['sequences_per_rank']} sequences of "
                        f"{r['prompt_tokens']} + {r['max_new_tokens']} tokens per rank. Activation checkpointing: "
                        f"{'on' if r['activation_checkpointing'] else 'off'} ({r['activation_checkpointing_why']}). "
