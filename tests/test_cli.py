@@ -263,3 +263,16 @@ def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(coll
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["steps_run"] == 4 and (out / "model.safetensors").is_file()
+
+
+def test_reheat_help_reads_at_80_columns_in_panels_with_defaults():
+    res = runner.invoke(app, ["reheat", "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+    assert res.exit_code == 0
+    text = res.stdout
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for panel in ("Inputs", "Teacher", "Rollout", "Training", "Output", "Run"):
+        assert f"─ {panel} ─" in text, panel
+    flat = " ".join(text.split())
+    for shown in ("(default 50)", "(default 1.5)", "(default lora)", "(default 0.0001)", "(default 256)"):
+        assert shown in flat, shown
+    assert "Required." in flat and "Required (a --resume" in flat and "CKPT" in text

@@ -25,6 +25,7 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
+from tsopsd.config import Config
 from tsopsd.errors import TrainingStopped, TsopsdError
 
 app = typer.Typer(
@@ -123,7 +124,7 @@ def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[
 
 
 # ---- shared options ----------------------------------------------------------------------------
-Ckpt = Annotated[Path, typer.Argument(help="Checkpoint folder (save_pretrained) or PEFT adapter folder.")]
+Ckpt = Annotated[Path, typer.Argument(metavar="CKPT", help="Checkpoint folder (save_pretrained) or PEFT adapter folder.")]
 Prompts = Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file: .jsonl, .txt or .parquet.")]
 Base = Annotated[Optional[Path], typer.Option(help="Base model folder for an adapter (default: from adapter_config.json).")]
 Device = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")]
@@ -260,24 +261,51 @@ class Divergence(str, Enum):
 
 
 # ---- reheat's options (plan takes the same) -------------------------------------------------------
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")]
-Temperature = Annotated[Optional[float], typer.Option(help="Teacher temperature tau > 1.")]
-TargetEntropy = Annotated[Optional[float], typer.Option(help="Choose tau so the teacher's mean entropy is H nats.")]
-TargetFrom = Annotated[Optional[Path], typer.Option(help="Target: the entropy of this checkpoint (e.g. the SFT one).")]
-ModeOpt = Annotated[Optional[Mode], typer.Option("--mode", help="Train a LoRA adapter or all weights.")]
-SaveOpt = Annotated[Optional[Save], typer.Option("--save", help="Write a PEFT adapter (lora only) or a merged checkpoint.")]
-ParallelOpt = Annotated[Optional[Parallel], typer.Option("--parallel", help="Ranks: ddp replicas or fsdp shards; auto: ddp if fits")]
-DivergenceOpt = Annotated[Optional[Divergence], typer.Option("--divergence", help="forward_kl = KL(teacher||student), reverse_kl, or jsd.")]
-Beta = Annotated[Optional[float], typer.Option(help="JSD weight of the teacher, 0 < beta < 1.")]
-Steps = Annotated[Optional[int], typer.Option(help="Training steps.")]
-PerStep = Annotated[Optional[int], typer.Option(help="Prompts per step.")]
-Samples = Annotated[Optional[int], typer.Option(help="On-policy completions per prompt.")]
-NewTokens = Annotated[Optional[int], typer.Option(help="Completion length cap.")]
-Lr = Annotated[Optional[float], typer.Option(help="Learning rate.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set train.lora_r=8 (repeatable).")]
+# Panels of `reheat --help` (and `plan --help`); each default is the config's (configs/default.yaml), shown.
+INPUTS, TEACHER, ROLLOUT, TRAINING, OUTPUT, RUN = "Inputs", "Teacher", "Rollout", "Training", "Output", "Run"
+_D = Config()
+
+
+def _opt(*names: str, panel: str, help: str, default=None):
+    shown = "" if default is None else f" (default {default.value if isinstance(default, Enum) else default})"
+    return typer.Option(*names, help=help + shown, rich_help_panel=panel)
+
+
+ConfigFile = Annotated[Optional[Path], _opt("--config", "-c", panel=INPUTS,
+                                            help="YAML config (see configs/); flags override it.")]
+Temperature = Annotated[Optional[float], _opt("--temperature", panel=TEACHER, help="Teacher temperature tau > 1.",
+                                              default=_D.teacher.temperature)]
+TargetEntropy = Annotated[Optional[float], _opt("--target-entropy", panel=TEACHER,
+                                                help="Or: solve tau so the teacher's mean entropy is H nats.")]
+TargetFrom = Annotated[Optional[Path], _opt("--target-entropy-from", panel=TEACHER,
+                                            help="Or: H = the entropy of this checkpoint (e.g. the SFT one).")]
+ModeOpt = Annotated[Optional[Mode], _opt("--mode", panel=TRAINING, help="Train a LoRA adapter or all weights.",
+                                         default=_D.train.mode)]
+SaveOpt = Annotated[Optional[Save], _opt("--save", panel=OUTPUT, help="A PEFT adapter (lora only) or a merged checkpoint.",
+                                         default=_D.output.save)]
+ParallelOpt = Annotated[Optional[Parallel], _opt("--parallel", panel=TRAINING,
+                                                 help="Under torchrun: ddp replicas or fsdp shards; auto: ddp if it fits.",
+                                                 default=_D.train.parallel)]
+DivergenceOpt = Annotated[Optional[Divergence], _opt("--divergence", panel=TEACHER,
+                                                     help="forward_kl = KL(teacher||student), reverse_kl, or jsd.",
+                                                     default=_D.loss.divergence)]
+Beta = Annotated[Optional[float], _opt("--beta", panel=TEACHER, help="JSD weight of the teacher, 0 < beta < 1.",
+                                       default=_D.loss.beta)]
+Steps = Annotated[Optional[int], _opt("--steps", panel=TRAINING, help="Training steps.", default=_D.train.steps)]
+PerStep = Annotated[Optional[int], _opt("--prompts-per-step", panel=ROLLOUT, help="Prompts per step.",
+                                        default=_D.rollout.prompts_per_step)]
+Samples = Annotated[Optional[int], _opt("--samples-per-prompt", panel=ROLLOUT, help="On-policy completions per prompt.",
+                                        default=_D.rollout.samples_per_prompt)]
+NewTokens = Annotated[Optional[int], _opt("--max-new-tokens", panel=ROLLOUT, help="Completion length cap.",
+                                          default=_D.rollout.max_new_tokens)]
+Lr = Annotated[Optional[float], _opt("--lr", panel=TRAINING, help="Learning rate.", default=_D.train.lr)]
+SeedOpt = Annotated[Optional[int], _opt("--seed", panel=RUN, help="Random seed.", default=_D.seed)]
+DeviceOpt = Annotated[Optional[str], _opt("--device", panel=RUN, help="auto (cuda when present, else cpu), cpu, cuda:N.",
+                                          default=_D.model.device)]
+DtypeOpt = Annotated[Optional[str], _opt("--dtype", panel=RUN, help="auto (bf16 on cuda, fp32 on cpu), float32, "
+                                         "bfloat16, float16.", default=_D.model.dtype)]
+SetOpt = Annotated[Optional[list[str]], _opt("--set", panel=INPUTS,
+                                             help="Any config key: --set train.lora_r=8 (repeatable).")]
 
 
 def _overrides(flags: dict, teacher: dict, set_: list[str] | None) -> dict:
@@ -296,8 +324,11 @@ def _overrides(flags: dict, teacher: dict, set_: list[str] | None) -> dict:
 @app.command()
 def reheat(
     ckpt: Ckpt,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompt file: .jsonl, .txt or .parquet.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (written complete, or not at all).")] = None,
+    prompts: Annotated[Optional[Path], _opt("--prompts", "-p", panel=INPUTS,
+                                            help="Prompt file: .jsonl, .txt or .parquet. Required (a --resume reads "
+                                                 "the saved run's).")] = None,
+    out: Annotated[Optional[Path], _opt("--out", "-o", panel=OUTPUT,
+                                        help="Output folder (written complete, or not at all). Required.")] = None,
     config: ConfigFile = None,
     temperature: Temperature = None,
     target_entropy: TargetEntropy = None,
@@ -312,25 +343,33 @@ def reheat(
     samples_per_prompt: Samples = None,
     max_new_tokens: NewTokens = None,
     lr: Lr = None,
-    eval_prompts: Annotated[Optional[Path], typer.Option(
-        "--eval-prompts", help="Held-out prompts in their own file (e.g. other problem families); default: "
-                               "min(16, 20%) of --prompts are held out.")] = None,
-    precision: Annotated[Optional[float], typer.Option(
-        help="--target-entropy-from: measure that checkpoint until its 95% interval is within +-P (default 0.05).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is complete).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print this run's plan (tsopsd plan), one GPU a rank; exit.")] = False,
+    eval_prompts: Annotated[Optional[Path], _opt(
+        "--eval-prompts", panel=INPUTS, help="Held-out prompts in their own file (e.g. other problem families); "
+                                             "without it min(16, 20%) of --prompts are held out.")] = None,
+    precision: Annotated[Optional[float], _opt(
+        "--precision", panel=TEACHER, help="--target-entropy-from: sample that checkpoint until its 95% interval is "
+                                           "within +-P.", default=_D.teacher.precision)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/ "
+                                                          "(its saved config: no other flag needed).",
+                                         rich_help_panel=RUN)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is "
+                                                                "complete).", rich_help_panel=OUTPUT)] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print this run's plan (tsopsd plan), one GPU a rank; "
+                                                            "exit.", rich_help_panel=RUN)] = False,
     seed: SeedOpt = None,
-    base: Base = None,
+    base: Annotated[Optional[Path], _opt("--base", panel=INPUTS, help="Base model folder for an adapter (default: "
+                                                                      "from adapter_config.json).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     set_: SetOpt = None,
     report_to: Annotated[Optional[str], typer.Option(
-        "--report-to", help="Step metrics also to tensorboard and/or wandb (offline), comma-separated; "
+        "--report-to", rich_help_panel=OUTPUT, help="Step metrics also to tensorboard and/or wandb (offline), comma-separated; "
                             "written under OUT.logs/ (output.logging_dir).")] = None,
-    as_json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.",
+                                          rich_help_panel=RUN)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines on stderr.",
+                                        rich_help_panel=RUN)] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=RUN)] = False,
 ) -> None:
     """Reheat a checkpoint: on-policy self-distillation toward its own temperature-scaled logits."""
     def body() -> None:
