@@ -51,3 +51,20 @@ def test_report_to_bad_name_or_missing_package_is_one_line_before_any_work(colla
     assert res.stderr.strip().splitlines() == ["tsopsd: error: --report-to tensorboard needs the tensorboard package: "
                                                "pip install 'tsopsd[tensorboard]'"]
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.logs").exists()
+
+
+def test_wandb_follows_the_users_setup_with_project_and_run_name(tmp_path, monkeypatch):
+    """No hard-coded offline mode (WANDB_MODE and the login decide, as in TRL and verl); project and name passed."""
+    import types
+
+    from tsopsd.trackers import open_trackers
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(
+        log=lambda *a, **k: None, finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    open_trackers("wandb", tmp_path / "logs", resume_step=0, config={"seed": 0}, name="my-run",
+                  project="rl-reheat").close()
+    open_trackers("wandb", tmp_path / "logs", resume_step=3, config={}, name="x").close()
+    assert "mode" not in calls[0] and calls[0]["project"] == "rl-reheat" and calls[0]["name"] == "my-run"
+    assert "project" not in calls[1] and calls[1]["id"] == calls[0]["id"] and calls[1]["resume"] == "allow"

@@ -363,8 +363,9 @@ def reheat(
     dtype: DtypeOpt = None,
     set_: SetOpt = None,
     report_to: Annotated[Optional[str], typer.Option(
-        "--report-to", rich_help_panel=OUTPUT, help="Step metrics also to tensorboard and/or wandb (offline), comma-separated; "
-                            "written under OUT.logs/ (output.logging_dir).")] = None,
+        "--report-to", rich_help_panel=OUTPUT,
+        help="Step metrics also to tensorboard and/or wandb (WANDB_MODE: online or offline), comma-separated; "
+             "written under OUT.logs/ (output.logging_dir).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.",
                                           rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines on stderr.",

@@ -106,7 +106,9 @@ class OutputConfig:
     eval_samples_per_prompt: int = 4
     overwrite: bool = False
     resume: bool = False
-    report_to: str = ""  # step metrics also to: tensorboard, wandb (offline), comma-separated
+    report_to: str = ""  # step metrics also to: tensorboard, wandb (WANDB_MODE decides online/offline), comma-separated
+    run_name: str = ""  # the tracker's run name (default: OUT's folder name)
+    wandb_project: str = ""  # W&B project (default: WANDB_PROJECT, else W&B's)
     logging_dir: str = ""  # where they go (default: OUT.logs beside OUT)
 
 

@@ -412,7 +412,8 @@ def setup(cfg: Config) -> Run:
         run = _build(cfg, backend, launch, started)
         if backend.is_main and cfg.output.report_to:
             run.trackers = open_trackers(cfg.output.report_to, logging_dir(out, cfg.output.logging_dir),
-                                         resume_step=run.state.next_step, config=cfg.to_dict(), name=out.name)
+                                         resume_step=run.state.next_step, config=cfg.to_dict(),
+                                         name=cfg.output.run_name or out.name, project=cfg.output.wandb_project)
     except BaseException:
         _let_go(lock, run_dir)
         backend.close()

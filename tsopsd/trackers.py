@@ -1,4 +1,4 @@
-"""Where a run's step metrics go besides `metrics.jsonl`: TensorBoard, and W&B in offline mode.
+"""Where a run's step metrics go besides `metrics.jsonl`: TensorBoard, and W&B.
 
     trackers = open_trackers("tensorboard", log_dir, resume_step=0, config=cfg.to_dict(), name="out")
     trackers.log(step, {"train/loss": 0.12, ...})      # the names metrics.jsonl uses
@@ -6,7 +6,9 @@
 
 Both are optional extras, found (or refused, one line) when the run is set up, before any work. On a
 resume, TensorBoard drops what was logged from the resumed step on (`purge_step`), so the steps that run
-again are not shown twice; W&B resumes the same offline run id.
+again are not shown twice; W&B resumes the same run id. W&B runs as the user set it up, as TRL and verl
+run it: `WANDB_MODE` (online with a login, offline, disabled), `WANDB_PROJECT` or `output.wandb_project`,
+the run named `output.run_name` (default: OUT's folder name).
 """
 
 from __future__ import annotations
@@ -68,12 +70,13 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _WandbOffline:
-    def __init__(self, log_dir: Path, config: dict, name: str):
+class _Wandb:
+    def __init__(self, log_dir: Path, config: dict, name: str, project: str):
         import wandb
 
         run_id = "tsopsd-" + hashlib.sha1(str(log_dir.resolve()).encode()).hexdigest()[:12]  # same id on resume
-        self.run = wandb.init(mode="offline", dir=str(log_dir), config=config, name=name, id=run_id, resume="allow")
+        extra = {"project": project} if project else {}  # else WANDB_PROJECT, else wandb's default
+        self.run = wandb.init(dir=str(log_dir), config=config, name=name, id=run_id, resume="allow", **extra)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
@@ -82,7 +85,8 @@ class _WandbOffline:
         self.run.finish()
 
 
-def open_trackers(spec: str, log_dir: str | Path, *, resume_step: int, config: dict, name: str) -> Trackers:
+def open_trackers(spec: str, log_dir: str | Path, *, resume_step: int, config: dict, name: str,
+                  project: str = "") -> Trackers:
     """The trackers `spec` names, writing under `log_dir` (created); none for '' or 'none'."""
     check_trackers(spec)
     kinds = report_kinds(spec)
@@ -92,5 +96,5 @@ def open_trackers(spec: str, log_dir: str | Path, *, resume_step: int, config: d
     sinks = []
     for kind in kinds:
         sinks.append(_TensorBoard(log_dir / "tensorboard", resume_step) if kind == "tensorboard"
-                     else _WandbOffline(log_dir, config, name))
+                     else _Wandb(log_dir, config, name, project))
     return Trackers(sinks)
