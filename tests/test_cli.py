@@ -276,3 +276,10 @@ def test_reheat_help_reads_at_80_columns_in_panels_with_defaults():
     for shown in ("(default 50)", "(default 1.5)", "(default lora)", "(default 0.0001)", "(default 256)"):
         assert shown in flat, shown
     assert "Required." in flat and "Required (a --resume" in flat and "CKPT" in text
+
+
+def test_dry_run_checks_the_prompt_file_before_planning(ckpt, tmp_path):
+    res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(tmp_path / "missing.jsonl"), "--out",
+                              str(tmp_path / "o"), "--dry-run"])
+    assert res.exit_code == 2 and "missing.jsonl" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

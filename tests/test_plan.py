@@ -374,3 +374,21 @@ def test_a_steered_target_run_plans_its_held_out_sampling(tmp_path):
     assert fixed["heldout_roofline_s"] == 0
     assert steered["heldout_roofline_s"] == pytest.approx(per_batch * 1 / 4, rel=0.05)  # 32 rows: one batch, 1 step in 4
     assert steered["step_roofline_s"] == pytest.approx(fixed["step_roofline_s"] + steered["heldout_roofline_s"], rel=0.05)
+
+
+def test_a_plan_short_of_weight_memory_says_how_many_gpus_at_least(tmp_path):
+    """"more GPUs" names a number (issue 30): the fewest over which FSDP's shards of the weights, gradients and
+    optimizer state leave room for the rest, a lower bound (FSDP's gathers come on top): one fewer does not fit."""
+    folder = _qwen3(tmp_path / "m", 1024, 2048, 4, 32000)
+    sets = {"model.dtype": "bfloat16", "train.mode": "full", "rollout.max_new_tokens": 32, "train.micro_batch": 2,
+            "rollout.prompts_per_step": 1, "rollout.samples_per_prompt": 2, "data.max_prompt_tokens": 16,
+            "output.eval_prompts": 0, "train.activation_checkpointing": "false"}
+    roomy = plan(load_config(None, sets, inputs=False), folder, Hardware(memory=64 * GiB))
+    tight = Hardware(memory=int(roomy["peak_bytes"] * 0.6) + 3 * GiB)
+    short = plan(load_config(None, sets, inputs=False), folder, tight)
+    tip = next(t for t in short["advice"] if "with train.parallel: fsdp" in t)
+    gpus = int(tip.split("at least ")[1].split(" GPUs")[0])
+    assert gpus >= 3, tip
+    fewer = plan(load_config(None, {**sets, "train.parallel": "fsdp"}, inputs=False), folder,
+                 Hardware(gpus=gpus - 1, memory=tight.memory))
+    assert not fewer["fits"], (tip, fewer["margin_bytes"])

@@ -398,6 +398,10 @@ def reheat(
             if rank != 0:
                 return
             cfg = load_config(config, overrides, inputs=False)
+            if cfg.data.prompts:  # a dry run finds a bad prompt file as the run would, before planning
+                from tsopsd.prompts import check_prompt_file
+
+                check_prompt_file(cfg.data.prompts)
             gpus = int(os.environ.get("WORLD_SIZE", "1"))
             _plan_and_print(cfg, ckpt, gpus=gpus, memory=None, flops=None, bandwidth=None, prompt_tokens=None,
                             as_json=as_json)

@@ -770,6 +770,8 @@ def advice(cfg: Config, r: dict) -> list[str]:
     b = r["phases"][phase]["breakdown"]
     tips = []
     state = b.get("weights", 0) + b.get("optimizer state", 0) + b.get("gradients", 0)
+    if phase == "update":  # the optimizer's state as it is made, and its per-parameter working copies: sharded too
+        state += b.get("temporaries", 0)
     if phase in ("rollout", "report"):
         batch = min(cfg.rollout.batch_size, r["sequences_per_rank"])
         per_row = (b.get("kv cache", 0) + b.get("temporaries", 0) + b.get("logits chunks", 0)) / max(batch, 1)
@@ -791,10 +793,14 @@ def advice(cfg: Config, r: dict) -> list[str]:
         tips.append(f"loss.chunk_size: {max(cfg.loss.chunk_size // 2, 64)} (logits chunks hold "
                     f"{b['logits chunks'] / GiB:.1f} GiB)")
     if state > over:
+        usable = r["peak_bytes"] + r["margin_bytes"]  # what a device has for the step
+        room = usable - (r["peak_bytes"] - state)  # ... for the part FSDP shards
+        gpus = r["gpus"] * math.ceil(state / room) if room > 0 else None
+        many = f"at least {gpus} GPUs (plan that many: FSDP's gathers add to it)" if gpus else "more GPUs"
         if cfg.train.mode == "full":
-            tips.append(f"more GPUs with train.parallel: fsdp (weights, gradients and optimizer state, "
+            tips.append(f"{many} with train.parallel: fsdp (weights, gradients and optimizer state, "
                         f"{state / GiB:.1f} GiB here, are sharded over them), or train.mode: lora")
         else:
-            tips.append("more GPUs with train.parallel: fsdp (the frozen weights are sharded over them)")
+            tips.append(f"{many} with train.parallel: fsdp (the frozen weights are sharded over them)")
     return tips or [f"the {phase} phase needs {over / GiB:.1f} GiB more than there is: a smaller model or a "
                     "larger device"]
