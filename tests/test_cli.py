@@ -283,3 +283,26 @@ def test_dry_run_checks_the_prompt_file_before_planning(ckpt, tmp_path):
                               str(tmp_path / "o"), "--dry-run"])
     assert res.exit_code == 2 and "missing.jsonl" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_the_output_records_where_it_came_from_for_the_hub_and_for_a_rerun(collapsed, tmp_path, monkeypatch):
+    """Issue 30, point 9: the card's metadata loads with huggingface_hub (base_model, library_name peft for an
+    adapter, tags); config.yaml holds resolved paths and no --overwrite; the report holds the input's fingerprint."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    ckpt, prompts = collapsed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o").mkdir()
+    res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", "o", "--config", str(TINY),
+                              "--steps", "2", "--set", "output.eval_prompts=2", "--save", "adapter", "--overwrite",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    card = ModelCard.load(tmp_path / "o" / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == str(Path(ckpt).resolve())
+    assert "tsopsd" in card.data.tags and "95% CI" in card.text
+    saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert saved["output"]["out"] == str((tmp_path / "o").resolve()) and saved["output"]["overwrite"] is False
+    assert saved["model"]["path"] == str(Path(ckpt).resolve()) and saved["data"]["prompts"] == str(Path(prompts).resolve())
+    report = json.loads((tmp_path / "o" / "reheat_report.json").read_text())
+    assert any(k.startswith("prompts:") for k in report["input_fingerprint"]) and len(report["input_fingerprint"]) > 2

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from tsopsd import __version__
 from tsopsd.checkpoint import atomic_output, loadable_folder
@@ -39,20 +40,42 @@ def teacher_line(report: dict, digits: int = 4) -> str:
 
 
 def model_card(report: dict) -> str:
-    """The output's README.md: what was done, and entropy before and after."""
+    """The output's README.md: Hub metadata (base model, library, tags), what was done, and the before/after
+    on held-out prompts, each entropy with its 95% interval, against the target when there was one."""
     b, a = report.get("before") or {}, report.get("after") or {}
-    ent = lambda r: f"{r['entropy']['mean']:.4f}" if r else "n/a"  # noqa: E731
+    target = report.get("target") or {}
+
+    def ent(r):
+        if not r:
+            return "n/a"
+        ci = (r.get("intervals") or {}).get("entropy")
+        return f"{r['entropy']['mean']:.4f}" + (f" ({ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+
     agree = a.get("reference", {}).get("top1_agreement") if a else None
+    adapter = report.get("save") == "adapter"
+    base = report.get("base_model") or report.get("input_resolved") or report["input"]
+    meta = {"base_model": base, "library_name": "peft" if adapter else "transformers",
+            "tags": ["tsopsd", "reheated", "ts-opsd"] + (["lora"] if adapter else []),
+            "pipeline_tag": "text-generation"}
+    rows = [f"| mean token entropy (nats, held-out prompts, 95% CI) | {ent(b)} | {ent(a)} |",
+            f"| top-1 agreement with input | 1.000 | {agree if agree is None else f'{agree:.3f}'} |"]
+    if target:
+        rows.append(f"| vs target {target['entropy']:.4f} nats | "
+                    + " | ".join(f"{target[k]['relative_error']:+.1%}" if target.get(k) else "n/a"
+                                 for k in ("before", "after")) + " |")
+        if target.get("after_training_prompts"):
+            rows.append(f"| on training prompts, after | | {target['after_training_prompts']['entropy']:.4f} "
+                        f"({target['after_training_prompts']['relative_error']:+.1%}) |")
     return (
-        "---\nlibrary_name: transformers\ntags: [tsopsd, reheated]\n---\n\n"
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
         f"# Reheated with tsopsd {__version__}\n\n"
-        f"Input checkpoint: `{report['input']}`. Method: TS-OPSD (temperature-scaled on-policy self-distillation), "
-        f"{teacher_line(report)}, divergence `{report['divergence']}`, "
+        f"Input checkpoint: `{report.get('input_resolved') or report['input']}`. Method: TS-OPSD (temperature-scaled "
+        f"on-policy self-distillation), {teacher_line(report)}, divergence `{report['divergence']}`, "
         f"mode `{report['mode']}`, {report['steps_run']} steps (stopped: {report['stop_reason']}).\n\n"
-        f"| | before | after |\n|---|---|---|\n| mean token entropy (nats, held-out prompts) | {ent(b)} | {ent(a)} |\n"
-        f"| top-1 agreement with input | 1.000 | {agree if agree is None else f'{agree:.3f}'} |\n\n"
+        "| | before | after |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "Sample it at temperature 1.0: the entropy is in the weights.\n\n"
         "Files: `config.yaml` (the resolved run config), `metrics.jsonl` (one line per step), "
-        "`reheat_report.json` (before/after metrics).\n"
+        "`reheat_report.json` (before/after metrics, input fingerprints).\n"
     )
 
 
@@ -92,6 +115,22 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def provenance(cfg: Config) -> Config:
+    """The config as the output records it: every path resolved (where it was, not as typed), and the
+    one-off switches of the command that wrote it (overwrite, resume) off, so it reruns as a fresh run."""
+    import dataclasses
+
+    def real(p):
+        return str(Path(p).resolve()) if p else p
+
+    t = cfg.teacher
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, path=real(cfg.model.path), base=real(cfg.model.base)),
+        data=dataclasses.replace(cfg.data, prompts=real(cfg.data.prompts), eval_prompts=real(cfg.data.eval_prompts)),
+        teacher=dataclasses.replace(t, target_entropy_from=real(t.target_entropy_from)),
+        output=dataclasses.replace(cfg.output, out=real(cfg.output.out), overwrite=False, resume=False))
+
+
 def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) -> None:
     """Write the output folder `cfg.output.out` atomically (replacing one only with overwrite or resume).
 
@@ -104,7 +143,7 @@ def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) 
             model.peft_config["default"].base_model_name_or_path = str(base.resolve())
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        save_config(cfg, tmp / "config.yaml")
+        save_config(provenance(cfg), tmp / "config.yaml")
         shutil.copy(metrics, tmp / "metrics.jsonl")
         (tmp / "reheat_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(report))

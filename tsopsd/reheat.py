@@ -634,6 +634,7 @@ def finish(run: Run) -> dict:
         steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         report = {
             "input": str(cfg.model.path), "output": str(cfg.output.out), "mode": cfg.train.mode,
+            "input_resolved": str(Path(cfg.model.path).resolve()), "input_fingerprint": run.input_fingerprint,
             "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
             "target_entropy": state.target, "teacher_temperature_over_run": [m["train/tau"] for m in steps],
             "target": _against_target(run, after, after_training), "divergence": cfg.loss.divergence,
