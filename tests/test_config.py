@@ -83,3 +83,11 @@ def test_choosing_one_teacher_way_unsets_the_default_temperature(tmp_path):
     assert (t.temperature, t.target_entropy_from) == (None, "sft")
     with pytest.raises(ConfigError, match="set exactly one"):  # two in one layer are still a contradiction
         load_config(None, {"teacher.target_entropy": 2.0, "teacher.temperature": 1.5}, inputs=False)
+
+
+def test_a_shipped_config_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # away from the repository: the name still finds configs/lora.yaml
+    assert load_config("lora", inputs=False).train.mode == "lora"
+    assert load_config("tiny-cpu", inputs=False) == load_config(CONFIGS[0].parent / "tiny-cpu.yaml", inputs=False)
+    with pytest.raises(ConfigError, match="shipped configs by name: .*lora"):
+        load_config("lorra", inputs=False)

@@ -315,6 +315,20 @@ def _one_teacher(section, given: set[str], overrides: dict | None = None) -> Non
         section["temperature"] = None
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (a source install)
+
+
+def shipped_config(path: Path) -> Path:
+    """`--config lora` names configs/lora.yaml of the installed source tree; any path that exists is itself."""
+    if path.exists() or path.suffix or len(path.parts) != 1:
+        return path
+    named = SHIPPED / f"{path.name}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in SHIPPED.glob("*.yaml")) if SHIPPED.is_dir() else []
+    raise ConfigError(f"config file not found: {path}" + (f" (shipped configs by name: {', '.join(known)})" if known else ""))
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
                 inputs: bool = True) -> Config:
     """Build a `Config` from defaults, an optional YAML file and dotted-key overrides.
@@ -326,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """
     tree: dict = {}
     if path is not None:
-        path = Path(path)
+        path = shipped_config(Path(path))
         if path.is_dir():
             raise ConfigError(f"--config {path} is a folder: give a YAML file (see configs/)")
         if not path.is_file():
