@@ -259,10 +259,13 @@ def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(coll
     res = runner.invoke(app, ["reheat", str(ckpt), "--out", str(out), "--resume", "--max-new-tokens", "10", "--quiet"])
     assert res.exit_code == 2
     assert "rollout.max_new_tokens: saved 12, given 10" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    res = runner.invoke(app, ["reheat", str(ckpt), "--out", str(out), "--resume", "--json", "--quiet"])
+    res = runner.invoke(app, ["reheat", str(ckpt), "--out", str(out), "--resume", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["steps_run"] == 4 and (out / "model.safetensors").is_file()
+    # one numbering (issue 30, point 5): the console, the interrupt, the resume and metrics.jsonl count alike
+    assert "interrupted at step 3:" in first.stderr and "at step 3 of 4" in res.stderr and " step 3/4 " in res.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_reheat_help_reads_at_80_columns_in_panels_with_defaults():

@@ -261,7 +261,7 @@ def test_a_steered_run_measures_held_out_prompts_and_moves_its_training_target(c
     report = reheat(cfg, show_progress=False)
     steps = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     measured = [m["step"] for m in steps if "heldout/entropy" in m]
-    assert measured == [2, 4]
+    assert measured == [3, 5]  # measured before the 3rd and 5th steps (after 2 and 4 updates)
     for m in steps:
         if m["step"] in measured:
             assert m["heldout/low"] <= m["heldout/entropy"] <= m["heldout/high"] and m["time/heldout"] > 0

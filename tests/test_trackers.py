@@ -32,7 +32,7 @@ def test_tensorboard_holds_every_metric_of_every_step(collapsed, tmp_path):
     res = runner.invoke(app, [*_args(ckpt, prompts, out), "--report-to", "tensorboard"])
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [0, 1, 2]
+    assert [m["step"] for m in lines] == [1, 2, 3]  # the N-th step is step N, as the console says
     got = events(tmp_path / "o.logs" / "tensorboard")
     expected = {k for m in lines for k, v in m.items() if k != "step" and isinstance(v, (int, float))}
     assert set(got) == expected and "train/loss" in got and "train/tau" in got

@@ -249,12 +249,13 @@ class Run:
         if self.backend.is_main:
             fields = asdict(result)
             phases, memory, heldout = fields.pop("phases"), fields.pop("memory"), fields.pop("heldout")
+            fields["step"] += 1  # one numbering everywhere: step N is the N-th step, as the console counts
             record = {k if k == "step" else f"train/{k}": v for k, v in fields.items()}
             record |= {f"heldout/{k}": v for k, v in heldout.items()}
             record |= {f"time/{k}": v for k, v in phases.items()} | {f"memory/{k}": v for k, v in memory.items()}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.trackers.log(result.step, record)
+            self.trackers.log(record["step"], record)
             log.info(result.line(self.cfg.train.steps))
 
     def shows_progress(self, wanted: bool) -> bool:
@@ -412,7 +413,8 @@ def setup(cfg: Config) -> Run:
         run = _build(cfg, backend, launch, started)
         if backend.is_main and cfg.output.report_to:
             run.trackers = open_trackers(cfg.output.report_to, logging_dir(out, cfg.output.logging_dir),
-                                         resume_step=run.state.next_step, config=cfg.to_dict(),
+                                         resume_step=run.state.next_step + 1 if run.state.next_step else 0,
+                                         config=cfg.to_dict(),
                                          name=cfg.output.run_name or out.name, project=cfg.output.wandb_project)
     except BaseException:
         _let_go(lock, run_dir)
@@ -574,15 +576,15 @@ def _resume(run: Run) -> RunState:
     counts = {"the optimizer's step count": {int(v["step"]) for v in run.optimizer.state.values() if "step" in v}
               or {0}, "the scheduler's": {run.scheduler.last_epoch}}
     if backend.is_main:
-        counts["metrics.jsonl's lines"] = {sum(1 for k in logged if k < state.next_step)} if logged is not None else {-1}
+        counts["metrics.jsonl's lines"] = {sum(1 for k in logged if k <= state.next_step)} if logged is not None else {-1}
     off = [name for name, found in counts.items() if found != {state.next_step}]
     if off or (state.kept_step is not None and not 0 <= state.kept_step <= state.next_step):
         raise TsopsdError(f"cannot resume: the state in {run.run_dir} says {state.next_step} steps were applied, but "
                           f"{', '.join(off) or 'its kept step'} disagree(s): the run folder was altered; rerun with "
                           "--overwrite to start over")
     if backend.is_main:  # drop the metric lines of steps that will run again
-        metrics.write_text("".join(line + "\n" for line, k in zip(lines, logged) if k < state.next_step))
-        log.info("resuming %s at step %d of %d", run.run_dir, state.next_step, cfg.train.steps)
+        metrics.write_text("".join(line + "\n" for line, k in zip(lines, logged) if k <= state.next_step))
+        log.info("resuming %s at step %d of %d", run.run_dir, state.next_step + 1, cfg.train.steps)
     return state
 
 

@@ -87,7 +87,7 @@ class StopRules:
         mean_t = sum(h for _, h in self.window) / len(self.window)
         if len(self.window) < self.cfg.window:
             return None
-        steps = f"steps {step + 2 - len(self.window)}-{step + 1}"
+        steps = f"the rollouts of the weights after {step + 1 - len(self.window)}-{step} updates"
         tol = self.cfg.entropy_tolerance
         if self.steering:  # converges on the held-out measurement (`steer`), not here
             return None
