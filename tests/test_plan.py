@@ -94,7 +94,7 @@ def test_plan_agrees_with_max_memory_allocated_on_a_gpu(tmp_path):
     `torch.cuda.max_memory_allocated` of the same functions on real tensors (`memory_probe.py` on cuda)."""
     folder = _qwen3(tmp_path / "q06b", 1024, 3072, 28, 151936)
     for mode in ("lora", "full"):
-        # compile off: CUDA graphs' private pool is not the plan's (README, Performance)
+        # compile off: CUDA graphs' private pool is not the plan's (docs/performance.md)
         _check(_compare(*_measure(folder, mode, **{"model.device": "cuda", "model.dtype": "bfloat16",
                                                    "rollout.compile": "false"}), f"gpu 0.6B {mode}"))
 

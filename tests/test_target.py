@@ -197,7 +197,7 @@ def test_output_entropy_on_held_out_prompts_follows_the_target(name, fixed_tau, 
             assert report["stop_reason"] == f"completed {fixture['settings']['train.steps']} steps"
     # measured, not controlled: held out, the output's entropy follows the target (a higher target gives
     # a hotter output), each well above the collapsed model's; how close each lands is printed above and
-    # tabled in README ("Target entropy"): on these toys the held-out phrasing differs from the trained
+    # tabled in docs/reference.md ("Target entropy"): on these toys the held-out phrasing differs from the trained
     # ones by up to ~15% in entropy, which no stop rule on the training rollouts can see
     collapsed = _held_out_entropy(fixture["collapsed"], fixture["held"])
     assert collapsed < got[low] < got[high], (collapsed, got)

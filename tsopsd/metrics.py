@@ -222,7 +222,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
             their interval instead).
 
     Returns:
-        A JSON-ready dict (fields documented in README.md, "measure-entropy --json").
+        A JSON-ready dict (fields documented in docs/reference.md, "`--json` fields").
     """
     k = samples_per_prompt
     cap = max_samples_per_prompt or 4 * k

@@ -94,7 +94,7 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
                        prompt_field: str | None = None, max_prompt_tokens: int | None = None,
                        precision: float | None = None, max_samples_per_prompt: int | None = None,
                        show_progress: bool = True) -> dict:
-    """Measure every checkpoint of `found` (see `find_checkpoints`); JSON-ready (README, "A run's trajectory")."""
+    """Measure every checkpoint of `found` (see `find_checkpoints`); JSON-ready (docs/reference.md, "A run's trajectory")."""
     import gc
 
     from tsopsd import __version__
