@@ -89,6 +89,26 @@ def world(collapsed, tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def interrupt_rollout(monkeypatch):
+    """``interrupt_rollout(step) -> fired``: the first rollout of `step` (0-based) raises KeyboardInterrupt, as a
+    Ctrl-C there would; `fired` lists the steps it fired at."""
+    from tsopsd.reheat import Run
+
+    def arm(step: int) -> list[int]:
+        original, fired = Run.rollout, []
+
+        def rollout(self, at):
+            if at == step and not fired:
+                fired.append(at)
+                raise KeyboardInterrupt
+            return original(self, at)
+
+        monkeypatch.setattr(Run, "rollout", rollout)
+        return fired
+    return arm
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
     """`run_demo(quick=True)` once per session: (its folder, its summary)."""

@@ -237,22 +237,12 @@ def test_after_the_table_reheat_says_what_to_run_with_its_out(collapsed, tmp_pat
     assert res.exit_code == 0 and f"wrote {tmp_path / 'm'}" in res.stderr, res.output
 
 
-def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(collapsed, tmp_path, monkeypatch):
+def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(collapsed, tmp_path, interrupt_rollout):
     """`tsopsd reheat CKPT --out OUT --resume` needs no other flag (issue 30); one given that differs from the saved
     run is named with both values."""
-    from tsopsd.reheat import Run
-
     ckpt, prompts = collapsed
     out = tmp_path / "o"
-    original, fired = Run.rollout, []
-
-    def rollout(self, step):
-        if step == 2 and not fired:
-            fired.append(step)
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Run, "rollout", rollout)
+    fired = interrupt_rollout(2)
     first = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(TINY),
                                 "--steps", "4", "--max-new-tokens", "12", "--set", "output.eval_prompts=0", "--quiet"])
     assert first.exit_code == 130 and fired == [2], first.output

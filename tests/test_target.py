@@ -273,12 +273,11 @@ def test_a_steered_run_measures_held_out_prompts_and_moves_its_training_target(c
     assert target["heldout_over_training"] > 0 and target["after_training_prompts"]["interval"] is not None
 
 
-def test_a_steered_run_interrupted_after_steering_resumes_to_the_uninterrupted_run(collapsed, tmp_path, monkeypatch):
+def test_a_steered_run_interrupted_after_steering_resumes_to_the_uninterrupted_run(collapsed, tmp_path,
+                                                                                   interrupt_rollout):
     """Ctrl-C after step 4's held-out measurement steered the target, before its rollout: the saved state holds the
     steered target; the resumed run measures step 4 again and steers it once, and ends bit-identical."""
     from safetensors.torch import load_file
-
-    from tsopsd.reheat import Run
 
     ckpt, prompts = collapsed
 
@@ -289,15 +288,7 @@ def test_a_steered_run_interrupted_after_steering_resumes_to_the_uninterrupted_r
                                   **more})
 
     reheat(cfg(tmp_path / "a"), show_progress=False)
-    original, fired = Run.rollout, []
-
-    def rollout(self, step):
-        if step == 4 and not fired:
-            fired.append(step)
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Run, "rollout", rollout)
+    fired = interrupt_rollout(4)
     with pytest.raises(KeyboardInterrupt):
         reheat(cfg(tmp_path / "b"), show_progress=False)
     assert fired == [4] and not (tmp_path / "b").exists()

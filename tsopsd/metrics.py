@@ -165,18 +165,19 @@ def score_rollout(model, rollout: Rollout, *, reference=None, sampling_temperatu
     def per_row(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(lengths.numel(), dtype=torch.float64).index_add_(0, row_of, values.double())
 
+    row_entropy = per_row(ent) if counted else None
     result = {
         "tokens": n,
         "entropy": summarize_entropy(ent),
         "entropy_at_sampling_temperature": summarize_entropy(cat.get("entropy_sampling", ent))["mean"],
         "top1_prob": float(cat["top1_prob"].double().mean()) if n else 0.0,
-        "intervals": {"entropy": ratio_interval(per_row(ent), lengths, prompt_of, seed=seed) if n and intervals
+        "intervals": {"entropy": ratio_interval(row_entropy, lengths, prompt_of, seed=seed) if n and intervals
                       else None,
-                      "entropy_these_prompts": ratio_interval(per_row(ent), lengths, prompt_of, seed=seed,
+                      "entropy_these_prompts": ratio_interval(row_entropy, lengths, prompt_of, seed=seed,
                                                               over_prompts=False) if n and intervals else None},
     }
     if per_sample:
-        result["per_sample"] = {"entropy": per_row(ent), "tokens": lengths, "prompt": prompt_of}
+        result["per_sample"] = {"entropy": row_entropy, "tokens": lengths, "prompt": prompt_of}
     if keep_token_entropy:
         result["token_entropy"] = ent.tolist()
     if reference is not None:
@@ -244,7 +245,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
         if not precision:
             break
         samples.append(score_rollout(model, part, micro_batch=score_batch or batch_size, seed=seed,
-                                     per_sample=True)["per_sample"])
+                                     per_sample=True, intervals=False)["per_sample"])  # the pooled interval is below
         h = torch.cat([x["entropy"] for x in samples])
         n = torch.cat([x["tokens"] for x in samples])
         mean = float(h.sum() / n.sum()) if int(n.sum()) else 0.0
@@ -270,7 +271,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
                 break
             plan, counts = [(i, each) for i in range(used)], [c + each for c in counts]
             added_samples = sum(counts) >= 1.5 * have
-    rollout = concat(rounds, pad_id=_pad_id(tokenizer))
+    rollout = concat(rounds, pad_id=tokenizer.pad_token_id)
     result = score_rollout(model, rollout, reference=reference, sampling_temperature=temperature,
                            micro_batch=score_batch or batch_size, seed=seed, keep_token_entropy=keep_token_entropy)
     stats = sequence_stats(rollout, eos_token_ids(model, tokenizer), seed=seed)
@@ -300,11 +301,6 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
 
 def _round_seed(seed: int, round_: int) -> int:
     return (seed * 1_000_003 + round_ * 104_729 + 7) % (2**63 - 1)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
 
 
 def _sample_round(model, tokenizer, prompts: Sequence[Prompt], plan: list[tuple[int, int]], *, seed: int,

@@ -87,10 +87,10 @@ class StopRules:
         mean_t = sum(h for _, h in self.window) / len(self.window)
         if len(self.window) < self.cfg.window:
             return None
-        steps = f"the rollouts of the weights after {step + 1 - len(self.window)}-{step} updates"
-        tol = self.cfg.entropy_tolerance
         if self.steering:  # converges on the held-out measurement (`steer`), not here
             return None
+        steps = f"the rollouts of the weights after {step + 1 - len(self.window)}-{step} updates"
+        tol = self.cfg.entropy_tolerance
         if self.target is not None:
             if abs(mean_s - self.target) <= tol * self.target:
                 return Verdict("converged", f"converged: student entropy {mean_s:.4f} within {tol:.0%} of the "
