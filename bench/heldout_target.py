@@ -33,9 +33,9 @@ from tsopsd.errors import TrainingStopped  # noqa: E402
 from tsopsd.intervals import describe  # noqa: E402
 from tsopsd.lab.demo import CONFIG, QUICK, build_models  # noqa: E402
 from tsopsd.lab.sumtask import PHRASINGS, parse_target  # noqa: E402
+from tsopsd.loop import reheat  # noqa: E402
 from tsopsd.metrics import measure  # noqa: E402
 from tsopsd.prompts import load_prompts  # noqa: E402
-from tsopsd.reheat import reheat  # noqa: E402
 
 HELD_TARGETS = range(17, 21)
 

@@ -5,7 +5,7 @@
 
 Builds a random Qwen3-architecture model offline, a synthetic rollout of `batch` sequences with
 `length` completion tokens (generation is not part of this measurement), and runs one LoRA step
-(teacher pass + student forward/backward) through `tsopsd.reheat.train_step`. Prints the peak
+(teacher pass + student forward/backward) through `tsopsd.step.train_step`. Prints the peak
 resident memory above the level before the step (RSS sampled every 2 ms on CPU;
 `max_memory_allocated` on CUDA), then one JSON line.
 """
@@ -44,7 +44,7 @@ def main() -> None:
     from tsopsd.config import load_config
     from tsopsd.lab.tiny import model_config
     from tsopsd.policy import prepare_policy
-    from tsopsd.reheat import train_step
+    from tsopsd.step import train_step
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -34,9 +34,9 @@ from tsopsd.console import setup_logging  # noqa: E402
 from tsopsd.lab import exploration  # noqa: E402
 from tsopsd.lab.demo import CONFIG as DEMO_CONFIG  # noqa: E402
 from tsopsd.lab.demo import FULL, QUICK, verifier  # noqa: E402
+from tsopsd.loop import reheat  # noqa: E402
 from tsopsd.metrics import measure  # noqa: E402
 from tsopsd.prompts import load_prompts  # noqa: E402
-from tsopsd.reheat import reheat  # noqa: E402
 
 
 def ablation(paths: dict, out: Path, overrides: dict, steps: int) -> dict:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tsopsd.config import load_config
 from tsopsd.errors import TrainingStopped, TsopsdError
-from tsopsd.reheat import finish, reheat, run_dir_for, setup, train
+from tsopsd.loop import finish, reheat, run_dir_for, setup, train
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
 
@@ -90,7 +90,7 @@ def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
 
 
 def test_held_out_prompts_never_train(collapsed, tmp_path):
-    from tsopsd.reheat import prompts_for_step
+    from tsopsd.loop import prompts_for_step
 
     run = setup(cfg_for(collapsed, tmp_path / "o", **{"train.steps": 1}))
     held = {p.ids for p in run.eval_prompts}
@@ -346,7 +346,7 @@ def test_each_step_logs_its_phases_and_the_report_its_medians(collapsed, tmp_pat
 
 
 def test_by_default_min_16_or_20_percent_are_held_out_or_the_given_file(collapsed, tmp_path):
-    from tsopsd.reheat import held_out_count
+    from tsopsd.loop import held_out_count
 
     assert [held_out_count(n, None) for n in (4, 20, 79, 80, 1000)] == [0, 4, 15, 16, 16]
     assert held_out_count(20, 0) == 0 and held_out_count(20, 7) == 7

@@ -5,7 +5,7 @@ import inspect
 import re
 from pathlib import Path
 
-import tsopsd.reheat
+import tsopsd.loop
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tsopsd"
@@ -32,7 +32,11 @@ def imports_of(module: str) -> set[str]:
     rel = Path(*module.split("."))
     path = ROOT / (rel / "__init__.py" if (ROOT / rel).is_dir() else rel.with_suffix(".py"))
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    if module == "tsopsd":  # the package's lazy facade (`tsopsd.reheat` is api's, on first use): its
+        # `__getattr__` runs on attribute access, never on import, so it is the one import that may go up
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "__getattr__")]
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "tsopsd"}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tsopsd":
@@ -58,7 +62,7 @@ def test_leaves_import_nothing_of_ours():
 
 
 def test_the_loop_fits_one_screen_and_never_asks_the_parallel_mode():
-    source = inspect.getsource(tsopsd.reheat.train)
+    source = inspect.getsource(tsopsd.loop.train)
     lines = [line for line in source.splitlines() if line.strip()]
     assert len(lines) <= 80, len(lines)
     mode_words = re.compile(r"fsdp|ddp|world_size|is_main|\brank\b|DTensor|shard|torch\.distributed", re.I)

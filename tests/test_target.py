@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from tsopsd.cli import app
 from tsopsd.config import StopConfig, load_config
 from tsopsd.distributions import entropy_and_slope, solve_increasing, temperature_for_entropy
+from tsopsd.loop import reheat
 from tsopsd.loss import ChunkStats
-from tsopsd.reheat import reheat
 from tsopsd.stop import StopRules
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"

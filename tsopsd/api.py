@@ -1,32 +1,90 @@
 """The Python API: what the command line does, for an RL loop that reheats without a subprocess.
 
-    from tsopsd.api import measure_entropy, reheat
-    report = reheat("ckpt/", "prompts.jsonl", "reheated/", config="lora", overrides={"train.steps": 50})
-    result = measure_entropy("ckpt/", "prompts.jsonl")                               # a path, as the CLI
-    result = measure_entropy(model, ["sum 12 =", "add to 7 ="], tokenizer=tok)       # a model in memory
+    import tsopsd
+    report = tsopsd.reheat("ckpt/", "prompts.jsonl", "reheated/", config="lora", overrides={"train.steps": 50})
+    report = tsopsd.reheat(model, "prompts.jsonl", tokenizer=tok, config="lora")    # a model in memory, in place
+    result = tsopsd.measure_entropy("ckpt/", "prompts.jsonl")                        # a path, as the CLI
+    result = tsopsd.measure_entropy(model, ["sum 12 =", "add to 7 ="], tokenizer=tok)  # a model in memory
 
 Both raise `TsopsdError` on bad input (with the CLI's one-line message) and `TrainingStopped` when a guard
-stopped training; nothing here prints unless `show_progress`. (Not `from tsopsd import reheat`: the package's
-submodule `tsopsd.reheat`, the loop, takes that name on the package as soon as it is imported.)
+stopped training; nothing here prints unless `show_progress`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 
-def reheat(checkpoint: str | Path, prompts: str | Path, out: str | Path, *, config: str | Path | None = None,
-           overrides: dict | None = None, show_progress: bool = False) -> dict:
-    """Run `tsopsd reheat CHECKPOINT --prompts PROMPTS --out OUT [--config CONFIG]` with `overrides` (dotted config
-    keys, as `--set` takes them: {"train.steps": 50, "teacher.target_entropy": 0.8}). Returns the report that
-    `OUT/reheat_report.json` holds."""
-    from tsopsd.config import load_config
-    from tsopsd.reheat import reheat as run
+def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = None, *, tokenizer=None,
+           config: str | Path | None = None, overrides: dict | None = None, show_progress: bool = False) -> dict:
+    """TS-OPSD on `model` with `prompts`; returns the report (what `OUT/reheat_report.json` holds).
 
-    cfg = load_config(config, {"model.path": str(checkpoint), "data.prompts": str(prompts), "output.out": str(out),
-                               **(overrides or {})})
-    return run(cfg, show_progress=show_progress)
+    Args:
+        model: a checkpoint folder (as `tsopsd reheat CKPT` takes; then `out` is required), or a causal LM in
+            memory with its `tokenizer`: it is trained **in place** and comes back holding the reheated weights
+            (a LoRA run's adapter merged into it), in the dtype and on the device it came in, frozen
+            (`requires_grad` as it was) and in eval mode. The teacher is a frozen copy taken at the start
+            (full mode) or the same weights with the adapter off (LoRA).
+        prompts: a prompt file, or (a model in memory) the prompts as strings, used as they are.
+        out: the output folder; for a model in memory optional (None: nothing is written; with a folder, the
+            merged checkpoint is written there as `tsopsd reheat --save merged` would).
+        config: a YAML file or a shipped config's name (`lora`, `full`, ...); `overrides` dotted keys as `--set`
+            takes them: {"train.steps": 50, "teacher.target_entropy": 0.8}.
+    """
+    from tsopsd.config import load_config
+    from tsopsd.errors import TsopsdError
+    from tsopsd.loop import reheat as run
+
+    keys = {"data.prompts": str(prompts) if isinstance(prompts, (str, Path)) else None, **(overrides or {})}
+    if isinstance(model, (str, Path)):
+        if out is None or keys["data.prompts"] is None:
+            raise TsopsdError("reheat of a checkpoint folder needs a prompt file and out= (the output folder)")
+        return run(load_config(config, {"model.path": str(model), "output.out": str(out)} | keys),
+                   show_progress=show_progress)
+    if tokenizer is None:
+        raise TsopsdError("reheat of a model in memory needs its tokenizer= as well")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TsopsdError("reheat of a model in memory runs in one process; for several GPUs reheat a checkpoint "
+                          "folder under torchrun")
+    first = next(model.parameters())
+    keys |= {"model.path": str(getattr(model, "name_or_path", "") or "a model in memory"),
+             "model.device": str(first.device), "model.dtype": str(first.dtype).removeprefix("torch."),
+             "output.save": "merged", "output.save_every": 0}
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tsopsd-api-")))
+        if keys["data.prompts"] is None:
+            keys["data.prompts"] = str(scratch / "prompts.jsonl")
+            Path(keys["data.prompts"]).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        keys["output.out"] = str(out if out is not None else scratch / "reheated")
+        cfg = load_config(config, keys)
+        if cfg.output.resume:
+            raise TsopsdError("reheat of a model in memory cannot resume: reheat a checkpoint folder for that")
+        return _in_place(model, lambda ckpt: run(cfg, show_progress=show_progress, model=ckpt, write=out is not None),
+                         tokenizer, first.dtype)
+
+
+def _in_place(model, reheat_it, tokenizer, dtype) -> dict:
+    """Run `reheat_it` on `model` as a `Checkpoint`; the model's flags and mode as they were, whatever happens."""
+    from tsopsd.checkpoint import Checkpoint
+
+    if getattr(tokenizer, "pad_token", None) is None:  # batched rollouts pad (left), as `load_checkpoint` sets up
+        tokenizer.pad_token = tokenizer.eos_token
+    flags, training = {name: p.requires_grad for name, p in model.named_parameters()}, model.training
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return reheat_it(Checkpoint(model=model, tokenizer=tokenizer, path=Path(str(getattr(model, "name_or_path", "") or ".")),
+                                    base_path=None, dtype=dtype, source="a model in memory"))
+    finally:
+        tokenizer.padding_side = side
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, False))
+        model.train(training)
 
 
 def measure_entropy(model, prompts: str | Path | Sequence[str], *, tokenizer=None, samples_per_prompt: int = 4,

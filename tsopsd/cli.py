@@ -406,7 +406,7 @@ def reheat(
             _plan_and_print(cfg, ckpt, gpus=gpus, memory=None, flops=None, bandwidth=None, prompt_tokens=None,
                             as_json=as_json)
             return
-        from tsopsd.reheat import reheat as run_reheat
+        from tsopsd.loop import reheat as run_reheat
 
         if resume and not overwrite:  # a saved config from a run begun with --overwrite resumes, it does not restart
             overrides.setdefault("output.overwrite", False)

@@ -6,7 +6,7 @@
    correct answers: accurate and diverse.
 2. Collapse: GRPO with the verifier's reward (`tsopsd.lab.grpo`) until entropy has fallen and completions
    per prompt are near-identical.
-3. Reheat: the real `tsopsd.reheat` path with `tsopsd/lab/demo.yaml` (package data).
+3. Reheat: the real `tsopsd.loop.reheat` path with `tsopsd/lab/demo.yaml` (package data).
 4. One before/after table for the three checkpoints (entropy, distinct completions, accuracy,
    agreement and KL with the collapsed one) and pictures (PNG with matplotlib, else terminal charts).
 
@@ -77,7 +77,7 @@ def _build_collapsed(sft: Path, path: Path, prompts_file: Path, size: DemoSize) 
 
 def _reheat(sft: Path, collapsed: Path, path: Path, prompts_file: Path, size: DemoSize, show_progress: bool) -> None:
     from tsopsd.config import load_config
-    from tsopsd.reheat import reheat
+    from tsopsd.loop import reheat
 
     cfg = load_config(CONFIG, {"model.path": str(collapsed), "data.prompts": str(prompts_file), "output.out": str(path),
                                "teacher.target_entropy_from": str(sft), "train.steps": size.reheat_steps,

@@ -194,7 +194,7 @@ def build_checkpoints(work: Path, *, quick: bool, fresh: bool) -> dict[str, Path
     """The demo's SFT, collapsed and reheated-to-SFT-entropy checkpoints, and a reheat at fixed TAU."""
     from tsopsd.config import load_config
     from tsopsd.lab.demo import CONFIG, FULL, QUICK, run_demo
-    from tsopsd.reheat import reheat
+    from tsopsd.loop import reheat
 
     size = QUICK if quick else FULL
     run_demo(work, quick=quick, fresh=fresh, show_progress=False)

@@ -1,4 +1,4 @@
-"""`tsopsd reheat`: the TS-OPSD loop.
+"""`tsopsd reheat`: the TS-OPSD loop (the Python API is `tsopsd.reheat`, in `api.py`).
 
     report = reheat(load_config("configs/tiny-cpu.yaml", {"model.path": "ckpt", "data.prompts": "p.jsonl",
                                                            "output.out": "reheated"}))
@@ -31,6 +31,7 @@ import torch
 
 from tsopsd.batch import Rollout
 from tsopsd.checkpoint import (
+    Checkpoint,
     check_output_dir,
     check_writable,
     fingerprint,
@@ -145,6 +146,8 @@ class Run:
     trackers: Trackers = field(default_factory=lambda: Trackers([]))  # TensorBoard / W&B, rank 0 only
     rollout_compile: dict = field(default_factory=dict)  # `decode.COMPILE` after the loop's rollouts (the report's)
     config_dir: Path | None = None  # the folder whose config.json describes the model (what `plan` reads)
+    in_memory: bool = False  # the Python API's model in memory: trained in place, handed back merged
+    writes_output: bool = True  # False: the API's in-memory run with no OUT (its run folder is temporary)
 
     @property
     def run_dir(self) -> Path:
@@ -360,8 +363,11 @@ def train(run: Run, *, show_progress: bool = True) -> None:
             raise
 
 
-def setup(cfg: Config) -> Run:
-    """Load the checkpoint and prompts, build student, teacher and optimizer, and start or resume the state."""
+def setup(cfg: Config, model: Checkpoint | None = None) -> Run:
+    """Load the checkpoint and prompts, build student, teacher and optimizer, and start or resume the state.
+
+    `model`: a checkpoint already in memory (the Python API's), trained in place instead of loading `cfg.model.path`.
+    """
     started = time.monotonic()
     out = Path(cfg.output.out)
     check_out_name(out)  # before any name is derived from it
@@ -386,7 +392,7 @@ def setup(cfg: Config) -> Run:
             if path is not None:
                 check_writable(path)
         check_trackers(cfg.output.report_to)
-        if cfg.output.save == "adapter" and loadable_folder(cfg.model.path) is None:
+        if model is None and cfg.output.save == "adapter" and loadable_folder(cfg.model.path) is None:
             raise TsopsdError(f"{cfg.model.path} is a verl checkpoint held in rank shards, which an adapter cannot "
                               "name as its base: reheat it with --save merged (or convert it with verl's model_merger "
                               "and reheat that folder)")
@@ -410,7 +416,7 @@ def setup(cfg: Config) -> Run:
 
     try:
         backend.on_main(preflight)  # rank 0 owns the output folders; every rank learns the verdict
-        run = _build(cfg, backend, launch, started)
+        run = _build(cfg, backend, launch, started, model)
         if backend.is_main and cfg.output.report_to:
             run.trackers = open_trackers(cfg.output.report_to, logging_dir(out, cfg.output.logging_dir),
                                          resume_step=run.state.next_step + 1 if run.state.next_step else 0,
@@ -431,13 +437,14 @@ def _let_go(lock: OutputLock, run_dir: Path) -> None:
     lock.release()
 
 
-def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
+def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpoint | None = None) -> Run:
     """Everything after the preflight: checkpoint, prompts, policy, optimizer, state."""
     out = Path(cfg.output.out)
     torch.manual_seed(cfg.seed)
-    log.info("loading %s", cfg.model.path)
-    ckpt = backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=launch.device,
-                                                      dtype=cfg.model.dtype), prefix="checkpoint failed to load on ")
+    if given is None:
+        log.info("loading %s", cfg.model.path)
+    ckpt = given or backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=launch.device,
+                                                               dtype=cfg.model.dtype), prefix="checkpoint failed to load on ")
     model = ckpt.model
     if ckpt.source != "model folder":
         log.info("loaded %s", ckpt.source)
@@ -475,9 +482,9 @@ def _build(cfg: Config, backend: Backend, launch, started: float) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
               scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
-              eval_prompts=eval_prompts, save_dtype=saved_dtype(ckpt.config_dir), dtype=ckpt.dtype,
-              started=started, config_dir=ckpt.config_dir,
-              input_fingerprint=fingerprint(ckpt.path, ckpt.base_path) | prompts_fingerprint(cfg.data.prompts)
+              eval_prompts=eval_prompts, save_dtype=ckpt.dtype if given else saved_dtype(ckpt.config_dir),
+              dtype=ckpt.dtype, started=started, config_dir=None if given else ckpt.config_dir, in_memory=given is not None,
+              input_fingerprint=({} if given else fingerprint(ckpt.path, ckpt.base_path)) | prompts_fingerprint(cfg.data.prompts)
               | {f"prompts:held-out {k.removeprefix('prompts:')}": v
                  for k, v in (prompts_fingerprint(cfg.data.eval_prompts) if cfg.data.eval_prompts else {}).items()})
     run.state = _resume(run) if cfg.output.resume else _start(run)
@@ -617,7 +624,12 @@ def finish(run: Run) -> dict:
                               f"{_what_to_change(state.stop_reason)}")
     save = dict(mode=policy.mode, save=cfg.output.save, save_dtype=run.save_dtype)
     run.announce("the after-report: measuring the output")
-    if backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
+    if run.in_memory:  # the caller's model: measured as trained, then the training folded into it in place
+        measured_on = "the model in memory"
+        after = run.evaluate(reference=policy.teacher)
+        after_training = run.evaluate(prompts=run.training_sample()) if run.compares_training() else None
+        written = written_model(policy.student, **save | {"save": "merged"}, keep_student=False)
+    elif backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
         measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
         after = run.evaluate(reference=policy.teacher)
         after_training = run.evaluate(prompts=run.training_sample()) if run.compares_training() else None
@@ -635,8 +647,9 @@ def finish(run: Run) -> dict:
         metrics = run.run_dir / "metrics.jsonl"
         steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         report = {
-            "input": str(cfg.model.path), "output": str(cfg.output.out), "mode": cfg.train.mode,
-            "input_resolved": str(Path(cfg.model.path).resolve()), "input_fingerprint": run.input_fingerprint,
+            "input": str(cfg.model.path), "output": str(cfg.output.out) if run.writes_output else None,
+            "mode": cfg.train.mode, "input_resolved": None if run.in_memory else str(Path(cfg.model.path).resolve()),
+            "input_fingerprint": run.input_fingerprint,
             "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
             "target_entropy": state.target, "teacher_temperature_over_run": [m["train/tau"] for m in steps],
             "target": _against_target(run, after, after_training), "divergence": cfg.loss.divergence,
@@ -649,15 +662,19 @@ def finish(run: Run) -> dict:
             "measured": _measured(steps), "planned": _planned(run),
             "versions": versions(),
         }
-        log.info("writing %s", cfg.output.out)
+        if run.writes_output:
+            log.info("writing %s", cfg.output.out)
         with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
-            write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=metrics)
+            if run.writes_output:
+                write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=metrics)
             discard_run_dir(run.run_dir)
-        log.info("wrote %s (%s)", cfg.output.out, state.stop_reason)
+        log.info("%s (%s)", f"wrote {cfg.output.out}" if run.writes_output else "reheated the model in memory",
+                 state.stop_reason)
     backend.finish()
     run.trackers.close()
     if state.failed:
-        raise TrainingStopped(f"{state.stop_reason}; written to {cfg.output.out}", report=report)
+        kept = f"written to {cfg.output.out}" if run.writes_output else "the model in memory holds the last good weights"
+        raise TrainingStopped(f"{state.stop_reason}; {kept}", report=report)
     return report
 
 
@@ -669,8 +686,12 @@ def _what_to_change(reason: str) -> str:
     return "the input already meets the stop rule: raise the target entropy or the teacher temperature"
 
 
-def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
+def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None = None,
+           write: bool = True) -> dict:
     """Run TS-OPSD on `cfg.model.path` and write the output folder `cfg.output.out`.
+
+    `model`: a checkpoint in memory (the Python API's) instead of `cfg.model.path`, trained in place; `write`
+    False: no output folder (the run folder at `cfg.output.out` is the caller's temporary one).
 
     Returns:
         The report written to ``reheat_report.json``.
@@ -682,8 +703,8 @@ def reheat(cfg: Config, *, show_progress: bool = True) -> dict:
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving resumable state.
     """
     with interrupts() as signals:  # Ctrl-C and SIGTERM: saved state, exit 130
-        run = setup(cfg)
-        run.signals = signals
+        run = setup(cfg, model)
+        run.signals, run.writes_output = signals, write
         try:
             train(run, show_progress=show_progress)
             return finish(run)
