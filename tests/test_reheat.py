@@ -359,3 +359,34 @@ def test_by_default_min_16_or_20_percent_are_held_out_or_the_given_file(collapse
                                                         "data.eval_prompts": str(held)}))
     assert [p.text for p in run.eval_prompts] == ["sum 99 =", "pair for 98 ="] and len(run.prompts) == 17
     run.lock.release()
+
+
+@pytest.mark.parametrize("save", ["merged", "adapter"])
+def test_checkpoint_every_writes_loadable_checkpoints(collapsed, tmp_path, save):
+    """`output.checkpoint_every` (issue 30, point 12): OUT/checkpoint-2 of a 4-step run is an ordinary checkpoint
+    (or adapter) that plain transformers/peft load, holding exactly what a 2-step run writes as its output."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt, prompts = collapsed
+    common = {"model.path": str(ckpt), "data.prompts": str(prompts), "output.save": save, "output.eval_prompts": 2}
+    reheat(load_config(TINY, common | {"output.out": str(tmp_path / "two"), "train.steps": 2}), show_progress=False)
+    report = reheat(load_config(TINY, common | {"output.out": str(tmp_path / "four"), "train.steps": 4,
+                                                "output.checkpoint_every": 2}), show_progress=False)
+    assert report["checkpoints"] == ["checkpoint-2"]
+    assert sorted(p.name for p in (tmp_path / "four").iterdir() if p.is_dir()) == ["checkpoint-2"]
+    mid = tmp_path / "four" / "checkpoint-2"
+    assert (mid / "tokenizer.json").is_file() and not (tmp_path / "four.tsopsd-run").exists()
+    if save == "merged":
+        got = AutoModelForCausalLM.from_pretrained(mid).state_dict()
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(ckpt)
+        got = PeftModel.from_pretrained(base, mid).state_dict()
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), tmp_path / "two").state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "four") if save == "merged" else None
+    assert final is None or not all(torch.equal(final.state_dict()[k], got[k]) for k in got)  # 4 steps differ

@@ -54,7 +54,7 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
     first = next(model.parameters())
     keys |= {"model.path": str(getattr(model, "name_or_path", "") or "a model in memory"),
              "model.device": str(first.device), "model.dtype": str(first.dtype).removeprefix("torch."),
-             "output.save": "merged", "output.save_every": 0}
+             "output.save": "merged", "output.save_every": 0} | ({} if out is not None else {"output.checkpoint_every": 0})
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tsopsd-api-")))
         if keys["data.prompts"] is None:

@@ -349,6 +349,10 @@ def reheat(
     precision: Annotated[Optional[float], _opt(
         "--precision", panel=TEACHER, help="--target-entropy-from: sample that checkpoint until its 95% interval is "
                                            "within +-P.", default=_D.teacher.precision)] = None,
+    checkpoint_every: Annotated[Optional[int], _opt(
+        "--checkpoint-every", panel=OUTPUT, help="Also a loadable checkpoint every N steps: OUT/checkpoint-N "
+                                                 "(in OUT.tsopsd-run/ while running). 0: none.",
+        default=_D.output.checkpoint_every)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/ "
                                                           "(its saved config: no other flag needed).",
                                          rich_help_panel=RUN)] = False,
@@ -390,7 +394,7 @@ def reheat(
             "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,
             "data.eval_prompts": eval_prompts, "teacher.precision": precision,
             "output.resume": True if resume else None, "output.overwrite": True if overwrite else None,
-            "output.report_to": report_to,
+            "output.report_to": report_to, "output.checkpoint_every": checkpoint_every,
         }
         overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
                                        "teacher.target_entropy_from": target_entropy_from}, set_)

@@ -102,6 +102,7 @@ class OutputConfig:
     out: str = ""
     save: Literal["adapter", "merged"] = "merged"
     save_every: int = 10  # resumable state every N steps (0: only on Ctrl-C)
+    checkpoint_every: int = 0  # a loadable checkpoint every N steps, OUT/checkpoint-N at the end (0: none)
     eval_prompts: int | None = None  # held-out prompts (report, steering); None: min(16, 20%); 0: none
     eval_samples_per_prompt: int = 4
     overwrite: bool = False
@@ -272,7 +273,7 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
     for name, v in (("train.weight_decay", tr.weight_decay), ("train.warmup_steps", tr.warmup_steps),
                     ("train.max_grad_norm", tr.max_grad_norm), ("output.save_every", o.save_every),
                     ("output.eval_prompts", o.eval_prompts or 0), ("stop.entropy_tolerance", st.entropy_tolerance),
-                    ("stop.heldout_every", st.heldout_every)):
+                    ("stop.heldout_every", st.heldout_every), ("output.checkpoint_every", o.checkpoint_every)):
         if v < 0:
             e.append(f"{name}: must be >= 0, got {v}")
     if st.rollback_every is not None and st.rollback_every < 1:

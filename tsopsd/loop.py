@@ -49,7 +49,7 @@ from tsopsd.family import causal_lm, max_positions
 from tsopsd.intervals import describe
 from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure
-from tsopsd.output import versions, write_output, written_model
+from tsopsd.output import CHECKPOINT, versions, write_checkpoint, write_output, written_model
 from tsopsd.parallel import Backend, join, make_backend
 from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
@@ -284,6 +284,17 @@ class Run:
         s.trainable = None  # the live objects hold it
 
 
+    def checkpoint(self) -> None:
+        """`output.checkpoint_every`: the weights so far as a loadable checkpoint, RUN/checkpoint-N (OUT/checkpoint-N
+        once the run has written OUT). Rank 0 writes; DDP's other replicas hold the same weights."""
+        if self.backend.is_main:
+            folder = self.run_dir / f"checkpoint-{self.state.next_step}"
+            write_checkpoint(folder, self.policy.student, mode=self.policy.mode, save=self.cfg.output.save,
+                             save_dtype=self.save_dtype, base=self.cfg.model.path, tokenizer=self.tokenizer)
+            log.info("wrote %s (loadable now; in %s at the end)", folder, self.cfg.output.out)
+        self.backend.barrier()
+
+
 def train(run: Run, *, show_progress: bool = True) -> None:
     """The method, one step at a time: rollout -> teacher -> loss -> stop rules -> step -> log -> save."""
     cfg, backend, policy, state, optimizer = run.cfg, run.backend, run.policy, run.state, run.optimizer
@@ -350,6 +361,9 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                     if cfg.output.save_every and state.next_step % cfg.output.save_every == 0 \
                             and state.next_step < cfg.train.steps:
                         run.save()
+                    if cfg.output.checkpoint_every and state.next_step % cfg.output.checkpoint_every == 0 \
+                            and state.next_step < cfg.train.steps:
+                        run.checkpoint()
             run.rollout_compile = dict(COMPILE)
             with signals.held():
                 if state.stop_reason is None:
@@ -472,6 +486,9 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
         raise TsopsdError(f"{have} fewer than {backend.world_size} rank(s) x {cfg.rollout.prompts_per_step} prompts "
                           "per step: lower rollout.prompts_per_step or output.eval_prompts, or add prompts")
     backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
+    if cfg.output.checkpoint_every and backend.lockstep:
+        raise TsopsdError("output.checkpoint_every: not available with FSDP shards yet (only the final output is "
+                          "gathered); use --parallel ddp where the model fits a GPU, or save_every for resumable state")
     torch.manual_seed(cfg.seed)  # the adapter's init: the same however the input was loaded (a verl LoRA draws)
     policy = prepare_policy(model, cfg.train)
     backend.prepare(policy)
@@ -660,6 +677,8 @@ def finish(run: Run) -> dict:
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
             "rollout_compile": run.rollout_compile,
             "measured": _measured(steps), "planned": _planned(run),
+            "checkpoints": sorted((p.name for p in run.run_dir.iterdir() if CHECKPOINT.fullmatch(p.name)),
+                                  key=lambda name: int(name.split("-")[1])),
             "versions": versions(),
         }
         if run.writes_output:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -115,6 +117,13 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # instant, and no second copy of the weights on disk
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def provenance(cfg: Config) -> Config:
     """The config as the output records it: every path resolved (where it was, not as typed), and the
     one-off switches of the command that wrote it (overwrite, resume) off, so it reruns as a fresh run."""
@@ -131,6 +140,65 @@ def provenance(cfg: Config) -> Config:
         output=dataclasses.replace(cfg.output, out=real(cfg.output.out), overwrite=False, resume=False))
 
 
+CHECKPOINT = re.compile(r"checkpoint-\d+")  # OUT/checkpoint-N, as TRL names its intermediate checkpoints
+
+
+@torch.no_grad()
+def plain_weights(student, *, mode: str, save_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights a merged checkpoint of `student` holds, by their plain names, cast to `save_dtype`, on the CPU,
+    one tensor at a time; the student is not touched (training goes on). A LoRA layer's weight is its base weight
+    plus scaling x B @ A, added in float32 (where peft's merge would add in the weights' own dtype)."""
+    if mode == "full":
+        return {k: v.detach().to("cpu", save_dtype) for k, v in student.state_dict().items()}
+    layers = {name: m for name, m in student.named_modules() if "default" in getattr(m, "lora_A", {})}
+    state, out = student.state_dict(), {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        owner, base, leaf = key.rpartition(".base_layer.")
+        if base:
+            if leaf == "weight" and owner in layers:
+                m = layers[owner]
+                delta = state[f"{owner}.lora_B.default.weight"].float() @ state[f"{owner}.lora_A.default.weight"].float()
+                value = value.float() + (delta.T if m.fan_in_fan_out else delta) * m.scaling["default"]
+            key = f"{owner}.{leaf}"
+        out[key.removeprefix("base_model.model.")] = value.detach().to("cpu", save_dtype)
+    return out
+
+
+def write_checkpoint(folder: Path, student, *, mode: str, save: str, save_dtype: torch.dtype, base: str,
+                     tokenizer) -> None:
+    """A loadable checkpoint of the training so far (`output.checkpoint_every`) at `folder` (`checkpoint-N` in the
+    run folder; `write_output` links them into OUT): an adapter, or the merged weights, with the tokenizer.
+    Written beside and renamed into place; one left by a killed write is replaced."""
+    from tsopsd.checkpoint import follow_umask
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    for old in (tmp, folder):
+        shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if save == "adapter":
+        student.save_pretrained(str(tmp))
+        _name_base(tmp, base)
+    else:
+        lm = student.get_base_model() if mode == "lora" else student
+        lm.save_pretrained(str(tmp), state_dict=plain_weights(student, mode=mode, save_dtype=save_dtype))
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(save_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(tmp))
+    follow_umask(tmp)
+    tmp.rename(folder)
+
+
+def _name_base(folder: Path, base: str) -> None:
+    """An adapter's adapter_config.json names its base by its resolved folder (a verl actor: its huggingface/)."""
+    base_path = loadable_folder(base) or Path(base)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_path.resolve())
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) -> None:
     """Write the output folder `cfg.output.out` atomically (replacing one only with overwrite or resume).
 
@@ -145,5 +213,8 @@ def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) 
         tokenizer.save_pretrained(str(tmp))
         save_config(provenance(cfg), tmp / "config.yaml")
         shutil.copy(metrics, tmp / "metrics.jsonl")
+        for folder in sorted(metrics.parent.iterdir()):  # the run's checkpoint-N folders, linked (the run folder
+            if CHECKPOINT.fullmatch(folder.name):          # keeps them until OUT is in place)
+                shutil.copytree(folder, tmp / folder.name, copy_function=_link)
         (tmp / "reheat_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(report))

@@ -129,7 +129,7 @@ def discard_run_dir(run_dir: Path) -> None:
 def comparable(cfg) -> dict:
     """The config fields that must match for a resume to continue the same run."""
     d = cfg.to_dict()
-    d["output"] = {k: v for k, v in d["output"].items() if k not in ("overwrite", "resume", "save_every")}
+    d["output"] = {k: v for k, v in d["output"].items() if k not in ("overwrite", "resume", "save_every", "checkpoint_every")}
     d["train"] = {k: v for k, v in d["train"].items() if k != "steps"}
     d["model"] = {k: v for k, v in d["model"].items() if k != "device"}
     return d
