@@ -223,6 +223,9 @@ def test_off_a_terminal_every_log_line_is_one_timestamped_event(collapsed, tmp_p
     steps = [line for line in lines if " INFO step " in line]
     assert [s.split(" INFO step ")[1].split()[0] for s in steps] == ["1/3", "2/3", "3/3"]
     assert all("train" in s and s.endswith("tok/s") for s in steps)  # the whole step line, on its line
+    # the long measurements before and after training show their progress too (point 3)
+    shown = {line.split(" PROGRESS ")[1].split(":")[0] for line in lines if " PROGRESS " in line}
+    assert {"before-report", "after-report"} <= shown, shown
 
 
 def test_after_the_table_reheat_says_what_to_run_with_its_out(collapsed, tmp_path):

@@ -72,3 +72,19 @@ def test_terminal_charts_without_matplotlib():
     text = terminal_charts({"a": [3.0, 2.0, 1.0]}, {"x": [0.1, 0.2, 2.0], "y": [0.0]})
     assert "entropy over steps" in text and "3.000" in text and "1.000" in text
     assert text.count("|") == 4
+
+
+def test_demo_stages_show_their_progress_in_a_log(tmp_path, capsys):
+    """The demo's SFT and GRPO stages (minutes each on a CPU) show their progress (issue 30, point 3): off a
+    terminal a PROGRESS line every ~10%, ending at the stage's step count."""
+    import dataclasses
+
+    from tsopsd.lab.demo import QUICK, build_models
+
+    build_models(tmp_path, dataclasses.replace(QUICK, sft_steps=20, rl_steps=3, rl_group_size=2),
+                 show_progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if " PROGRESS " in line]
+    sft = [line for line in lines if "1/3 SFT: " in line]
+    grpo = [line for line in lines if "2/3 GRPO: " in line]
+    assert len(sft) >= 10 and "1/3 SFT: 20/20 " in sft[-1], lines
+    assert grpo and "2/3 GRPO: 3/3 " in grpo[-1], lines

@@ -148,6 +148,7 @@ class Run:
     config_dir: Path | None = None  # the folder whose config.json describes the model (what `plan` reads)
     in_memory: bool = False  # the Python API's model in memory: trained in place, handed back merged
     writes_output: bool = True  # False: the API's in-memory run with no OUT (its run folder is temporary)
+    show_progress: bool = True  # the before/after reports' bars (a TTY) or PROGRESS lines (a log), rank 0
 
     @property
     def run_dir(self) -> Path:
@@ -192,8 +193,10 @@ class Run:
         return found.x, hidden
 
     def evaluate(self, model=None, reference=None, *, prompts: list[Prompt] | None = None,
-                 samples: int | None = None, seed: int | None = None, warn_wide: bool = True) -> dict | None:
-        """The before/after report of `model` (default: the student) on the held-out prompts (or `prompts`)."""
+                 samples: int | None = None, seed: int | None = None, warn_wide: bool = True,
+                 bar: str = "") -> dict | None:
+        """The before/after report of `model` (default: the student) on the held-out prompts (or `prompts`);
+        `bar`: its progress, so named (not inside the loop, whose bar is the steps')."""
         cfg = self.cfg
         prompts = self.eval_prompts if prompts is None else prompts
         if not prompts:
@@ -203,13 +206,15 @@ class Run:
         if student:
             context.enter_context(self.backend.generating(self.policy))
             context.enter_context(self.policy.compute())
+        task = context.enter_context(progress(bool(bar) and self.shows_progress(self.show_progress)))
         with context:
             return self.backend.measure(lambda: measure(
                 self.policy.student if student else model, self.tokenizer, prompts, reference=reference,
                 samples_per_prompt=samples or cfg.output.eval_samples_per_prompt,
                 max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
                 score_batch=cfg.train.micro_batch, seed=cfg.seed if seed is None else seed,
-                done_everywhere=self.backend.done_everywhere, warn_wide=warn_wide))
+                done_everywhere=self.backend.done_everywhere, warn_wide=warn_wide,
+                progress=lambda what, total: task(f"{bar}: {what}", total)))
 
     def compares_training(self) -> bool:
         """A target run with held-out prompts also measures its output on training prompts (where it trained)."""
@@ -377,7 +382,7 @@ def train(run: Run, *, show_progress: bool = True) -> None:
             raise
 
 
-def setup(cfg: Config, model: Checkpoint | None = None) -> Run:
+def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool = True) -> Run:
     """Load the checkpoint and prompts, build student, teacher and optimizer, and start or resume the state.
 
     `model`: a checkpoint already in memory (the Python API's), trained in place instead of loading `cfg.model.path`.
@@ -430,7 +435,7 @@ def setup(cfg: Config, model: Checkpoint | None = None) -> Run:
 
     try:
         backend.on_main(preflight)  # rank 0 owns the output folders; every rank learns the verdict
-        run = _build(cfg, backend, launch, started, model)
+        run = _build(cfg, backend, launch, started, model, show_progress)
         if backend.is_main and cfg.output.report_to:
             run.trackers = open_trackers(cfg.output.report_to, logging_dir(out, cfg.output.logging_dir),
                                          resume_step=run.state.next_step + 1 if run.state.next_step else 0,
@@ -451,7 +456,8 @@ def _let_go(lock: OutputLock, run_dir: Path) -> None:
     lock.release()
 
 
-def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpoint | None = None) -> Run:
+def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpoint | None = None,
+           show_progress: bool = True) -> Run:
     """Everything after the preflight: checkpoint, prompts, policy, optimizer, state."""
     out = Path(cfg.output.out)
     torch.manual_seed(cfg.seed)
@@ -500,6 +506,7 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
               scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
               eval_prompts=eval_prompts, save_dtype=ckpt.dtype if given else saved_dtype(ckpt.config_dir),
+              show_progress=show_progress,
               dtype=ckpt.dtype, started=started, config_dir=None if given else ckpt.config_dir, in_memory=given is not None,
               input_fingerprint=({} if given else fingerprint(ckpt.path, ckpt.base_path)) | prompts_fingerprint(cfg.data.prompts)
               | {f"prompts:held-out {k.removeprefix('prompts:')}": v
@@ -551,7 +558,7 @@ def _start(run: Run) -> RunState:
         tau = TRACKING_START  # where step 0's solve starts; every later one starts from the step before's tau
     run.announce("the before-report: measuring the input")
     state = RunState(next_step=0, tau=tau, tau_source=source, target=target, target_measured=measured,
-                     before=run.evaluate(),
+                     before=run.evaluate(bar="before-report"),
                      world_size=backend.world_size, config=comparable(cfg), input_fingerprint=run.input_fingerprint)
     if backend.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
@@ -643,21 +650,24 @@ def finish(run: Run) -> dict:
     run.announce("the after-report: measuring the output")
     if run.in_memory:  # the caller's model: measured as trained, then the training folded into it in place
         measured_on = "the model in memory"
-        after = run.evaluate(reference=policy.teacher)
-        after_training = run.evaluate(prompts=run.training_sample()) if run.compares_training() else None
+        after = run.evaluate(reference=policy.teacher, bar="after-report")
+        after_training = run.evaluate(prompts=run.training_sample(), bar="after-report, training prompts") \
+            if run.compares_training() else None
         written = written_model(policy.student, **save | {"save": "merged"}, keep_student=False)
     elif backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
         measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
-        after = run.evaluate(reference=policy.teacher)
-        after_training = run.evaluate(prompts=run.training_sample()) if run.compares_training() else None
+        after = run.evaluate(reference=policy.teacher, bar="after-report")
+        after_training = run.evaluate(prompts=run.training_sample(), bar="after-report, training prompts") \
+            if run.compares_training() else None
         trained = backend.gather_for_saving(policy, cfg.model.path)
         written = written_model(trained, **save, keep_student=False) if backend.is_main else None
     else:
         written = written_model(policy.student, **save)  # merged and cast as it will be saved
         adapter = cfg.output.save == "adapter"
         measured_on = "the adapter" if adapter else "the written checkpoint"
-        after = run.evaluate(model=None if adapter else written, reference=policy.teacher)
-        after_training = run.evaluate(model=None if adapter else written, prompts=run.training_sample()) \
+        after = run.evaluate(model=None if adapter else written, reference=policy.teacher, bar="after-report")
+        after_training = run.evaluate(model=None if adapter else written, prompts=run.training_sample(),
+                                      bar="after-report, training prompts") \
             if run.compares_training() else None
     report: dict = {}
     if backend.is_main:
@@ -722,7 +732,7 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving resumable state.
     """
     with interrupts() as signals:  # Ctrl-C and SIGTERM: saved state, exit 130
-        run = setup(cfg, model)
+        run = setup(cfg, model, show_progress=show_progress)
         run.signals, run.writes_output = signals, write
         try:
             train(run, show_progress=show_progress)
@@ -803,7 +813,7 @@ def _entropy_of(path: str, run: Run) -> dict:
     g = torch.Generator().manual_seed(step_seed(cfg.seed, -(10**6) - 2))
     pool = run.eval_prompts + [run.prompts[i] for i in torch.randperm(len(run.prompts), generator=g).tolist()]
     k = cfg.output.eval_samples_per_prompt
-    with progress(run.shows_progress(True)) as task:
+    with progress(run.shows_progress(run.show_progress)) as task:
         result = measure(other.model, other.tokenizer, pool, samples_per_prompt=k,
                          max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
                          score_batch=cfg.train.micro_batch, seed=cfg.seed, precision=cfg.teacher.precision,

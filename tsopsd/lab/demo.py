@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.checkpoint import atomic_output, load_checkpoint
+from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped
 
 log = logging.getLogger(__name__)
@@ -49,26 +50,26 @@ FULL = DemoSize()
 QUICK = DemoSize(sft_steps=800, rl_steps=150, reheat_steps=80, eval_samples=16)
 
 
-def _build_sft(path: Path, size: DemoSize) -> None:
+def _build_sft(path: Path, size: DemoSize, advance) -> None:
     from tsopsd.lab.sumtask import build_task_model, build_task_tokenizer, train_sft
 
     tok = build_task_tokenizer(phrasings=size.phrasings)
     model = build_task_model(tok, seed=size.seed, arch=size.arch)
-    losses = train_sft(model, tok, steps=size.sft_steps, seed=size.seed, phrasings=size.phrasings)
+    losses = train_sft(model, tok, steps=size.sft_steps, seed=size.seed, phrasings=size.phrasings, on_step=advance)
     with atomic_output(path, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "sft_loss.json").write_text(json.dumps(losses))
 
 
-def _build_collapsed(sft: Path, path: Path, prompts_file: Path, size: DemoSize) -> None:
+def _build_collapsed(sft: Path, path: Path, prompts_file: Path, size: DemoSize, advance) -> None:
     from tsopsd.lab.grpo import grpo
     from tsopsd.prompts import load_prompts
 
     ck = load_checkpoint(sft, device="cpu")
     prompts = load_prompts(prompts_file, ck.tokenizer)
     history = grpo(ck.model, ck.tokenizer, prompts, verifier(prompts), steps=size.rl_steps,
-                   lr=size.rl_lr, group_size=size.rl_group_size, seed=size.seed)
+                   lr=size.rl_lr, group_size=size.rl_group_size, seed=size.seed, on_step=lambda step, record: advance(1))
     with atomic_output(path, overwrite=True) as tmp:
         ck.model.save_pretrained(str(tmp))
         ck.tokenizer.save_pretrained(str(tmp))
@@ -98,23 +99,25 @@ def verifier(prompts):
     return lambda i, text: is_correct(targets[i], text)
 
 
-def evaluate(folders: dict[str, Path], prompts_file: Path, reference: Path, *, samples: int, seed: int) -> dict:
+def evaluate(folders: dict[str, Path], prompts_file: Path, reference: Path, *, samples: int, seed: int,
+             show_progress: bool = False) -> dict:
     """Measure each checkpoint on the task's prompts against `reference` (the collapsed model)."""
     from tsopsd.metrics import measure
     from tsopsd.prompts import load_prompts
 
     ref = load_checkpoint(reference, device="cpu").model
     results = {}
-    for name, folder in folders.items():
-        ck = load_checkpoint(folder, device="cpu")
-        prompts = load_prompts(prompts_file, ck.tokenizer)
-        results[name] = measure(ck.model, ck.tokenizer, prompts, reference=ref, samples_per_prompt=samples,
-                                max_new_tokens=8, seed=seed + 1, verifier=verifier(prompts),
-                                keep_token_entropy=True)
+    with progress(show_progress) as task:
+        for name, folder in folders.items():
+            ck = load_checkpoint(folder, device="cpu")
+            prompts = load_prompts(prompts_file, ck.tokenizer)
+            results[name] = measure(ck.model, ck.tokenizer, prompts, reference=ref, samples_per_prompt=samples,
+                                    max_new_tokens=8, seed=seed + 1, verifier=verifier(prompts),
+                                    keep_token_entropy=True, progress=lambda what, total, n=name: task(f"{n}: {what}", total))
     return results
 
 
-def build_models(out: str | Path, size: DemoSize = FULL) -> tuple[Path, Path, Path]:
+def build_models(out: str | Path, size: DemoSize = FULL, *, show_progress: bool = False) -> tuple[Path, Path, Path]:
     """Stages 1 and 2 (each skipped when its folder exists): (SFT folder, collapsed folder, prompt file)."""
     from tsopsd.lab.sumtask import write_prompts
 
@@ -123,12 +126,13 @@ def build_models(out: str | Path, size: DemoSize = FULL) -> tuple[Path, Path, Pa
     torch.manual_seed(size.seed)
     prompts_file = write_prompts(out / "prompts.jsonl", phrasings=size.phrasings)
     sft, collapsed = out / "sft", out / "collapsed"
-    if not sft.is_dir():
-        log.info("1/3 SFT on diverse correct answers (%d steps) -> %s", size.sft_steps, sft)
-        _build_sft(sft, size)
-    if not collapsed.is_dir():
-        log.info("2/3 GRPO until entropy collapses (%d steps) -> %s", size.rl_steps, collapsed)
-        _build_collapsed(sft, collapsed, prompts_file, size)
+    with progress(show_progress) as task:  # minutes each on a CPU: a bar, or a PROGRESS line every 10% in a log
+        if not sft.is_dir():
+            log.info("1/3 SFT on diverse correct answers (%d steps) -> %s", size.sft_steps, sft)
+            _build_sft(sft, size, task("1/3 SFT", size.sft_steps))
+        if not collapsed.is_dir():
+            log.info("2/3 GRPO until entropy collapses (%d steps) -> %s", size.rl_steps, collapsed)
+            _build_collapsed(sft, collapsed, prompts_file, size, task("2/3 GRPO", size.rl_steps))
     return sft, collapsed, prompts_file
 
 
@@ -143,14 +147,14 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, fresh: bool 
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
-    sft, collapsed, prompts_file = build_models(out, size)
+    sft, collapsed, prompts_file = build_models(out, size, show_progress=show_progress)
     reheated = out / "reheated"
     if not reheated.is_dir():
         log.info("3/3 reheat with %s (%d steps) -> %s", CONFIG.name, size.reheat_steps, reheated)
         _reheat(sft, collapsed, reheated, prompts_file, size, show_progress)
     log.info("measuring the three checkpoints (%d samples per prompt)", size.eval_samples)
     results = evaluate({"sft": sft, "collapsed": collapsed, "reheated": reheated}, prompts_file, collapsed,
-                       samples=size.eval_samples, seed=size.seed)
+                       samples=size.eval_samples, seed=size.seed, show_progress=show_progress)
     rl = [json.loads(line)["entropy"] for line in (collapsed / "rl_history.jsonl").read_text().splitlines()]
     rh = [json.loads(line) for line in (reheated / "metrics.jsonl").read_text().splitlines()]
     curves = {"GRPO (collapse)": rl, "reheat: student": [m["train/student_entropy"] for m in rh],

@@ -100,9 +100,10 @@ def _examples(tokenizer, targets, answers_per_target: int | None, rng: random.Ra
 
 
 def train_sft(model, tokenizer, *, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-              answers_per_target: int | None = None, targets=TARGETS, phrasings: int = 1) -> list[float]:
+              answers_per_target: int | None = None, targets=TARGETS, phrasings: int = 1,
+              on_step=None) -> list[float]:
     """Plain next-token training on completions only (every target in `phrasings` phrasings). Returns the
-    loss per step."""
+    loss per step; `on_step(1)` after each (progress)."""
     rng = random.Random(seed)
     data = _examples(tokenizer, targets, answers_per_target, rng, phrasings)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -125,6 +126,8 @@ def train_sft(model, tokenizer, *, steps: int = 300, batch_size: int = 64, lr: f
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if on_step:
+            on_step(1)
     model.eval()
     return losses
 
