@@ -305,6 +305,16 @@ def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, promp
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["fits"] and r["max_new_tokens"] == 16 and "train" in r["phases"]
     assert not out.exists() and not list(tmp_path.glob("out*"))
+    # on this CPU it plans the run it would do (issue 30, point 8): float32 on the host's memory, at rates measured
+    # here, not a bf16 80 GiB GPU
+    import os
+
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and "measured" in r["figures"]
+    assert r["gpu_memory_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 1e8 < r["gpu_flops"] < 1e14 and 1e8 < r["gpu_bandwidth"] < 1e13  # a CPU's, not an H100's 989e12
+    result = CliRunner().invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts_file), "--out", str(out),
+                                      "--dry-run", "--set", "rollout.max_new_tokens=16"])
+    assert "on the CPU (" in " ".join(result.output.split()), result.output
 
 
 def test_a_plan_that_does_not_fit_says_what_would(tmp_path):

@@ -358,8 +358,8 @@ def reheat(
                                          rich_help_panel=RUN)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is "
                                                                 "complete).", rich_help_panel=OUTPUT)] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print this run's plan (tsopsd plan), one GPU a rank; "
-                                                            "exit.", rich_help_panel=RUN)] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print this run's plan (tsopsd plan) on the device it "
+                                                            "would use (one GPU a rank, or the CPU); exit.", rich_help_panel=RUN)] = False,
     seed: SeedOpt = None,
     base: Annotated[Optional[Path], _opt("--base", panel=INPUTS, help="Base model folder for an adapter (default: "
                                                                       "from adapter_config.json).")] = None,
@@ -406,9 +406,12 @@ def reheat(
                 from tsopsd.prompts import check_prompt_file
 
                 check_prompt_file(cfg.data.prompts)
-            gpus = int(os.environ.get("WORLD_SIZE", "1"))
+            from tsopsd.checkpoint import resolve_device
+            from tsopsd.plan import this_machine
+
+            gpus = int(os.environ.get("WORLD_SIZE", "1"))  # the run's own device, dtype and memory, as it would run
             _plan_and_print(cfg, ckpt, gpus=gpus, memory=None, flops=None, bandwidth=None, prompt_tokens=None,
-                            as_json=as_json)
+                            as_json=as_json, hardware=this_machine(resolve_device(cfg.model.device), gpus))
             return
         from tsopsd.loop import reheat as run_reheat
 
@@ -437,7 +440,8 @@ def reheat(
 
 
 def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flops: Optional[float],
-                    bandwidth: Optional[float], prompt_tokens: Optional[int], as_json: bool) -> dict:
+                    bandwidth: Optional[float], prompt_tokens: Optional[int], as_json: bool,
+                    hardware=None) -> dict:
     import warnings
 
     from tsopsd.console import planning_status
@@ -451,7 +455,7 @@ def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flop
         if v is not None and not v > 0:
             raise TsopsdError(f"{name} must be > 0, got {v}")
     default = Hardware()
-    hardware = Hardware(gpus=gpus, memory=parse_bytes(memory) if memory is not None else default.memory,
+    hardware = hardware or Hardware(gpus=gpus, memory=parse_bytes(memory) if memory is not None else default.memory,
                         flops=flops or default.flops, bandwidth=bandwidth or default.bandwidth)
     with warnings.catch_warnings(), planning_status() as on_phase:
         warnings.simplefilter("ignore")  # transformers' deprecation notes about its checkpointing flags

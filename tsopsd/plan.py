@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import time
 import weakref
@@ -440,6 +441,37 @@ class Hardware:
     memory: int = 80 * GiB  # bytes per device
     flops: float = 989e12  # peak dense bf16 FLOP/s per device (H100 SXM)
     bandwidth: float = 3.35e12  # memory bytes/s per device (H100 SXM)
+    device: str = "cuda"  # "cpu": plan a run on the host (its dtype: float32 unless model.dtype says)
+    figures: str = "H100 SXM"  # where flops and bandwidth come from (the table says)
+
+
+def this_machine(device: torch.device, gpus: int = 1) -> Hardware:
+    """The hardware a `reheat --dry-run` would run on: this GPU's memory (peak figures: an H100's, as no table
+    of every GPU is kept), or on a CPU the host's memory and its matmul and copy rates measured just now."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return Hardware(gpus=gpus, memory=props.total_memory, figures=f"H100 SXM (this GPU: {props.name})")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    flops, bandwidth = _measure_cpu()
+    return Hardware(gpus=gpus, memory=memory, flops=flops, bandwidth=bandwidth, device="cpu",
+                    figures="this CPU, measured (float32 matmul, tensor copy)")
+
+
+def _measure_cpu() -> tuple[float, float]:
+    """FLOP/s of a float32 1024^3 matmul and bytes/s of a 64 MiB copy on this CPU (best of 3 each, ~0.1 s)."""
+    import time
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    src, dst = torch.empty(16 * 2**20), torch.empty(16 * 2**20)
+    best_mm = best_copy = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best_mm = min(best_mm, time.perf_counter() - t)
+        t = time.perf_counter()
+        dst.copy_(src)
+        best_copy = min(best_copy, time.perf_counter() - t)
+    return 2 * 1024**3 / best_mm, 2 * src.numel() * 4 / best_copy  # a copy reads and writes every byte
 
 
 def _shape_facts(model_config) -> tuple[int, int, int]:
@@ -543,7 +575,8 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     from tsopsd.step import teacher_states, train_step
     from tsopsd.teacher import check_teacher, solve_temperature
 
-    dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda")) if cfg.model.dtype != "auto" else torch.bfloat16
+    dtype = resolve_dtype(cfg.model.dtype, torch.device(hardware.device)) if cfg.model.dtype != "auto" \
+        else torch.bfloat16 if hardware.device == "cuda" else torch.float32
     save_dtype = getattr(model_config, "dtype", None) or dtype  # transformers 5: `torch_dtype` is its deprecated alias
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype
     vocab, kv_heads, head_dim = _shape_facts(model_config)
@@ -719,7 +752,7 @@ def _summary(cfg: Config, hw: Hardware, tracker: Tracker, scale: dict, *, model_
         "architecture": getattr(model_config, "model_type", "?"),
         "parameters": params["model"], "trainable_parameters": params["trainable"], "dtype": str(dtype).removeprefix("torch."),
         "mode": cfg.train.mode, "backend": backend, "gpus": hw.gpus, "gpu_memory_bytes": hw.memory,
-        "gpu_flops": hw.flops, "gpu_bandwidth": hw.bandwidth,
+        "gpu_flops": hw.flops, "gpu_bandwidth": hw.bandwidth, "device": hw.device, "figures": hw.figures,
         "prompt_tokens": P, "max_new_tokens": cfg.rollout.max_new_tokens,
         "sequences_per_rank": cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
         "phases": phases, **_verdict(phases, hw, heldout_s=_heldout_s(cfg, phases, scale)),

@@ -129,10 +129,12 @@ def plan_table(r: dict):
              "kv cache": "KV", "logits chunks": "logits", "temporaries": "temp"}
     cats = [c for c in short if any(p["breakdown"].get(c, 0) for p in r["phases"].values())]
     verdict = "fits" if r["fits"] else "does NOT fit"
+    cpu = r.get("device") == "cpu"
     t = Table(title=(f"tsopsd plan: {r['architecture']} ({r['parameters'] / 1e9:.2f}B params, "
                      f"{r['trainable_parameters'] / 1e6:.1f}M trainable), {r['mode']}, {r['dtype']}, "
-                     f"{BACKENDS.get(r['backend'], r['backend'])} on {r['gpus']} x "
-                     f"{r['gpu_memory_bytes'] / gib:.0f} GiB: {verdict}"),
+                     + (f"one process on the CPU ({r['gpu_memory_bytes'] / gib:.0f} GiB RAM)" if cpu else
+                        f"{BACKENDS.get(r['backend'], r['backend'])} on "
+                        f"{r['gpus']} x {r['gpu_memory_bytes'] / gib:.0f} GiB") + f": {verdict}"),
               caption=(f"GiB per device (rank 0; every rank alike). {r['sequences_per_rank']} sequences of "
                        f"{r['prompt_tokens']} + {r['max_new_tokens']} tokens per rank. Activation checkpointing: "
                        f"{'on' if r['activation_checkpointing'] else 'off'} ({r['activation_checkpointing_why']}). "
@@ -142,9 +144,10 @@ def plan_table(r: dict):
                        f"TFLOP, {r['step_bytes'] / 1e12:.1f} TB moved, roofline {r['step_roofline_s']:.1f} s"
                        + (f" (of which {r['heldout_roofline_s']:.1f} s a step, on average, measuring held-out prompts to "
                           "steer the target)" if r.get("heldout_roofline_s") else "") + ": a lower "
-                       f"bound at {r['gpu_flops'] / 1e12:.0f} TFLOP/s and {r['gpu_bandwidth'] / 1e12:.2f} TB/s; "
-                       f"estimated {r['step_estimate_s']:.0f} s a step at the efficiency measured on "
-                       f"{r['estimate_calibrated_on']}."))
+                       f"bound at {r['gpu_flops'] / 1e12:.3g} TFLOP/s and {r['gpu_bandwidth'] / 1e12:.3g} TB/s "
+                       f"({r.get('figures', 'H100 SXM')})"
+                       + ("." if cpu else f"; estimated {r['step_estimate_s']:.0f} s a step at the efficiency measured "
+                          f"on {r['estimate_calibrated_on']}.")))
     t.add_column("phase")
     t.add_column("peak", justify="right")
     for c in cats:
