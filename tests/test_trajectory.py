@@ -110,6 +110,15 @@ def test_run_folder_gives_the_trajectory_each_row_as_measured_alone(rl_run, tmp_
     assert res.exit_code == 0, res.output
     assert all(f"checkpoint-{n}" in res.stdout for n in (0, 15, 30, 45, 60)) and "reheat:" in res.stdout
     assert ("collapsed" in res.stdout) == (collapse_point(entropies, 0.95) is not None)
+    # the advice is a command, printed beneath the table, that runs as it stands (issue 30, point 10)
+    import shlex
+
+    chosen = rows[collapse_point(entropies, 0.95)]["checkpoint"]
+    line = res.stdout.split("next: reheat the collapsed checkpoint")[1].splitlines()[1].strip()
+    argv = shlex.split(line)
+    assert argv[:3] == ["tsopsd", "reheat", chosen] and argv[argv.index("--target-entropy-from") + 1] == rows[0]["checkpoint"]
+    dry = runner.invoke(app, argv[1:] + ["--dry-run", "--json", "--set", "rollout.max_new_tokens=8"])
+    assert dry.exit_code == 0, dry.output
 
 
 def test_plot_needs_several_checkpoints_and_ratio_must_be_a_fraction(ckpt, prompts_file, tmp_path):

@@ -234,6 +234,9 @@ def measure_entropy(
             result["plot"] = str(save_trajectory_png(plot, result))
             logging.getLogger("tsopsd").info("wrote %s", result["plot"])
         _emit(result, as_json=as_json, out=out, table=lambda: trajectory_table(result))
+        if not as_json and result["reheat"].get("command"):  # beneath the table: the command, ready to run
+            sys.stdout.write(f"next: reheat the collapsed checkpoint back to the first one's entropy:\n  "
+                             f"{result['reheat']['command']}\n")
 
     _run(body, debug=debug)
 

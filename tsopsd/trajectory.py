@@ -139,9 +139,15 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
         advice = {"checkpoint": None, "step": None,
                   "why": f"no collapse: entropy stayed above {collapse_ratio:g} x the first checkpoint's ({first:.4f})"}
     else:
-        advice = {"checkpoint": rows[at]["checkpoint"], "step": rows[at]["step"],
+        import shlex
+
+        chosen = rows[at]["checkpoint"]
+        advice = {"checkpoint": chosen, "step": rows[at]["step"],
                   "why": f"the first checkpoint whose entropy ({entropies[at]:.4f}) is below {collapse_ratio:g} x the "
-                         f"first one's ({first:.4f}): it keeps the RL progress made before the collapse"}
+                         f"first one's ({first:.4f}): it keeps the RL progress made before the collapse",
+                  # back to the entropy before the collapse, on the same prompts
+                  "command": shlex.join(["tsopsd", "reheat", chosen, "--prompts", str(prompts), "--out",
+                                         f"{Path(chosen).name}-reheated", "--target-entropy-from", rows[0]["checkpoint"]])}
     return {
         "checkpoints": rows, "reference": str(ref_path), "prompts_file": str(prompts),
         "collapse": {"ratio": collapse_ratio, "first_entropy": first, "index": at,
