@@ -272,6 +272,11 @@ def test_reheat_help_reads_at_80_columns_in_panels_with_defaults():
     for shown in ("(default 50)", "(default 1.5)", "(default lora)", "(default 0.0001)", "(default 256)"):
         assert shown in flat, shown
     assert "Required." in flat and "Required (a --resume" in flat and "CKPT" in text
+    # switches are switches and the usage names the argument plainly (not typer's `<bool>`, `{CKPT}`)
+    assert "<bool>" not in text and "{" not in text and "reheat [OPTIONS] CKPT" in flat
+    for command in ("measure-entropy", "plan", "merge", "demo"):
+        other = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80", "TERM": "dumb"}).stdout
+        assert "<bool>" not in other and "{" not in other.split("Usage:")[1].splitlines()[0], command
 
 
 def test_dry_run_checks_the_prompt_file_before_planning(ckpt, tmp_path):

@@ -28,6 +28,21 @@ import typer
 from tsopsd.config import Config
 from tsopsd.errors import TrainingStopped, TsopsdError
 
+
+class _Command(typer.core.TyperCommand):
+    """Help as users read it: a switch shows no `<bool>` type, the usage line names `CKPT`, not `{CKPT}`."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx):
+        return [piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -137,7 +152,7 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines on stderr.")]
 
 
-@app.command("measure-entropy")
+@app.command("measure-entropy", cls=_Command)
 def measure_entropy(
     ckpts: Annotated[list[Path], typer.Argument(
         help="A checkpoint folder (save_pretrained) or PEFT adapter folder; or an RL run folder (checkpoint-N, "
@@ -324,7 +339,7 @@ def _overrides(flags: dict, teacher: dict, set_: list[str] | None) -> dict:
     return overrides
 
 
-@app.command()
+@app.command(cls=_Command)
 def reheat(
     ckpt: Ckpt,
     prompts: Annotated[Optional[Path], _opt("--prompts", "-p", panel=INPUTS,
@@ -480,7 +495,7 @@ def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flop
     return result
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
     source: Annotated[Path, typer.Argument(help="Checkpoint folder or its config.json (only the config is read).")],
     config: ConfigFile = None,
@@ -524,7 +539,7 @@ def plan(
     _run(body, debug=debug)
 
 
-@app.command()
+@app.command(cls=_Command)
 def merge(
     adapter: Annotated[Path, typer.Argument(help="PEFT adapter folder (e.g. the output of reheat --save adapter).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the merged checkpoint.")],
@@ -546,7 +561,7 @@ def merge(
     _run(body, debug=debug)
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder; what it builds is cached there.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Smaller budget (about a minute).")] = False,
