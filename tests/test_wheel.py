@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.xdist_group("quick_demo")
 def test_demo_quick_runs_from_an_installed_wheel(tmp_path, quick_demo):
     dist = tmp_path / "dist"
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' build/lib keeps deleted modules and data forever
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                         str(dist), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -41,6 +42,12 @@ def test_demo_quick_runs_from_an_installed_wheel(tmp_path, quick_demo):
     where = subprocess.check_output([str(python), "-c", "import tsopsd.lab.demo as d; print(d.__file__)"], cwd=away,
                                     text=True).strip()
     assert where.startswith(str(site)), where
+    # the shipped configs are package data: `--config lora` works from the wheel, away from any source tree
+    named = subprocess.check_output([str(python), "-c", "from pathlib import Path; from tsopsd.config import "
+                                     "load_config, shipped_config; print(shipped_config(Path('lora'))); "
+                                     "print(load_config('qwen3-4b-1gpu', inputs=False).train.mode)"],
+                                    cwd=away, text=True).split()
+    assert named[0].startswith(str(site)) and named[0].endswith("tsopsd/configs/lora.yaml") and named[1] == "lora", named
     p = subprocess.run([str(python), "-m", "tsopsd", "demo", "--quick", "--out", "demo", "--json", "--quiet"],
                        cwd=away, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -316,7 +316,14 @@ def _one_teacher(section, given: set[str], overrides: dict | None = None) -> Non
         section["temperature"] = None
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (a source install)
+def _shipped() -> Path:
+    """The shipped configs: a wheel's package data (tsopsd/configs/), else the source tree's configs/."""
+    here = Path(__file__).resolve().parent
+    source = here.parent / "configs"
+    return source if (here.parent / "pyproject.toml").is_file() and source.is_dir() else here / "configs"
+
+
+SHIPPED = _shipped()
 
 
 def shipped_config(path: Path) -> Path:
