@@ -238,6 +238,16 @@ def test_after_the_table_reheat_says_what_to_run_with_its_out(collapsed, tmp_pat
     assert f"actor_rollout_ref.model.path={out}-merged" in res.stdout and "temperature 1.0" in res.stdout
     res = runner.invoke(app, ["merge", str(out), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0 and f"wrote {tmp_path / 'm'}" in res.stderr, res.output
+    # the merged folder keeps the reheat's record and says what it is now (point 9)
+    from huggingface_hub import ModelCard
+
+    merged = tmp_path / "m"
+    report = json.loads((merged / "reheat_report.json").read_text())
+    assert report["save"] == "merged" and report["merged_from"] == str(out.resolve())
+    assert report["after"] == json.loads((out / "reheat_report.json").read_text())["after"]
+    assert (merged / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+    card = ModelCard.load(merged / "README.md").data
+    assert card.library_name == "transformers" and card.base_model == report["input_resolved"]
 
 
 def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(collapsed, tmp_path, interrupt_rollout):

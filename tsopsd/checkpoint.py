@@ -671,8 +671,9 @@ def saved_dtype(path: Path) -> torch.dtype:
 
 
 def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                  dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer."""
+                  dtype: str | None = None, overwrite: bool = False, also=None) -> Path:
+    """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer;
+    `also(folder)` adds files to it before it lands (the CLI: the reheat's record, `output.carry_record`)."""
     check_out_name(out)
     check_output_dir(Path(out), overwrite=overwrite)
     check_writes({"output folder": out, "temporary folder": temporary(out)}, {"adapter": adapter, "adapter base": base})
@@ -687,6 +688,8 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     with atomic_output(out, overwrite=overwrite) as tmp:
         merged.to(save_as).save_pretrained(str(tmp))
         ckpt.tokenizer.save_pretrained(str(tmp))
+        if also is not None:
+            also(tmp)
     return Path(out)
 
 

@@ -553,9 +553,11 @@ def merge(
     def body() -> None:
         from tsopsd import console
         from tsopsd.checkpoint import merge_adapter
+        from tsopsd.output import carry_record
 
         console.setup_logging(quiet=quiet)
-        merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite)
+        merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite,
+                      also=lambda folder: carry_record(adapter, folder))
         logging.getLogger("tsopsd").info("wrote %s (the adapter %s merged into its base)", out, adapter)
 
     _run(body, debug=debug)

@@ -81,6 +81,22 @@ def model_card(report: dict) -> str:
     )
 
 
+def carry_record(adapter: Path, folder: Path) -> None:
+    """`tsopsd merge` of a reheat's adapter: the merged folder keeps the reheat's record (report, metrics, config)
+    and gets a card of its own (`library_name: transformers`); the report says what was merged. An adapter that
+    tsopsd did not write has no record: nothing to carry."""
+    adapter = Path(adapter)
+    if not (adapter / "reheat_report.json").is_file():
+        return
+    report = json.loads((adapter / "reheat_report.json").read_text())
+    report |= {"save": "merged", "merged_from": str(adapter.resolve())}
+    for name in ("metrics.jsonl", "config.yaml"):
+        if (adapter / name).is_file():
+            shutil.copy(adapter / name, folder / name)
+    (folder / "reheat_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(report))
+
+
 def written_model(student, *, mode: str, save: str, save_dtype: torch.dtype, keep_student: bool = True):
     """The model the output folder will hold, so that the after-report measures exactly that.
 
