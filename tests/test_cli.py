@@ -208,10 +208,14 @@ def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monke
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
 
 
-def test_off_a_terminal_every_log_line_is_one_timestamped_event(collapsed, tmp_path):
+def test_off_a_terminal_every_log_line_is_one_timestamped_event(collapsed, tmp_path, monkeypatch):
     """A batch job's log (issue 30): one line per event, an ISO timestamp and the level first, never wrapped, so a
     step is one line that grep finds whole."""
     import re
+
+    from tsopsd import console
+
+    monkeypatch.setattr(console, "QUIET_S", 0.0)  # this tiny run's phases take well under a second
 
     ckpt, prompts = collapsed
     res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
@@ -317,3 +321,26 @@ def test_the_output_records_where_it_came_from_for_the_hub_and_for_a_rerun(colla
     assert saved["model"]["path"] == str(Path(ckpt).resolve()) and saved["data"]["prompts"] == str(Path(prompts).resolve())
     report = json.loads((tmp_path / "o" / "reheat_report.json").read_text())
     assert any(k.startswith("prompts:") for k in report["input_fingerprint"]) and len(report["input_fingerprint"]) > 2
+
+
+def test_progress_off_a_terminal_is_a_line_a_second_at_most(monkeypatch, capsys):
+    """Off a terminal a long phase says how far it is, every ~10% but at most once a second; a phase done within a
+    second says nothing (the demo's log had 11 identical-time lines per measurement)."""
+    from tsopsd import console
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock["t"])
+    with console.progress(True) as task:
+        quick = task("quick", 50)
+        for _ in range(50):
+            clock["t"] += 0.01  # 0.5 s in all
+            quick(1)
+        slow = task("slow", 100)
+        for _ in range(100):
+            clock["t"] += 0.25  # 25 s in all
+            slow(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert not [line for line in lines if "PROGRESS quick" in line]
+    done = [int(line.split("PROGRESS slow: ")[1].split("/")[0]) for line in lines if "PROGRESS slow: " in line]
+    assert done[-1] == 100 and 9 <= len(done) <= 11 and done == sorted(done)
+    assert all(b - a >= 4 for a, b in zip(done, done[1:]))  # >= 1 s apart at 0.25 s a step

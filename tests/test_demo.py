@@ -74,12 +74,15 @@ def test_terminal_charts_without_matplotlib():
     assert text.count("|") == 4
 
 
-def test_demo_stages_show_their_progress_in_a_log(tmp_path, capsys):
+def test_demo_stages_show_their_progress_in_a_log(tmp_path, capsys, monkeypatch):
     """The demo's SFT and GRPO stages (minutes each on a CPU) show their progress (issue 30, point 3): off a
     terminal a PROGRESS line every ~10%, ending at the stage's step count."""
     import dataclasses
 
+    from tsopsd import console
     from tsopsd.lab.demo import QUICK, build_models
+
+    monkeypatch.setattr(console, "QUIET_S", 0.0)  # these 20 steps take about a second
 
     build_models(tmp_path, dataclasses.replace(QUICK, sft_steps=20, rl_steps=3, rl_group_size=2),
                  show_progress=True)

@@ -62,6 +62,7 @@ class OneLine(logging.Formatter):
 
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
+QUIET_S = 1.0  # off a terminal: at most a PROGRESS line a second, every ~10%; none for a task done sooner
 
 
 @contextmanager
@@ -95,15 +96,18 @@ def progress(enabled: bool = True, *, plain: bool = True) -> Iterator[ProgressFa
         return
 
     def plain_task(description: str, total: int):
-        state = {"done": 0, "next": 0.0, "start": time.monotonic()}
+        state = {"done": 0, "next": 0.0, "start": time.monotonic(), "last": None}
 
         def advance(n: int = 1) -> None:
             state["done"] += n
-            frac = state["done"] / max(total, 1)
-            if frac >= state["next"] or state["done"] >= total:
-                elapsed = time.monotonic() - state["start"]
-                print(f"{stamp()} PROGRESS {description}: {state['done']}/{total} ({elapsed:.1f}s)", file=sys.stderr,
-                      flush=True)
-                state["next"] = frac + 0.1
+            now, frac, last = time.monotonic(), state["done"] / max(total, 1), state["last"]
+            finished = state["done"] >= total
+            if not (frac >= state["next"] or finished):
+                return
+            if now - (last if last is not None else state["start"]) < QUIET_S and not (finished and last is not None):
+                return  # a line a second at most; a task done within QUIET_S says nothing
+            print(f"{stamp()} PROGRESS {description}: {state['done']}/{total} ({now - state['start']:.1f}s)",
+                  file=sys.stderr, flush=True)
+            state["next"], state["last"] = frac + 0.1, now
         return advance
     yield plain_task

@@ -817,7 +817,8 @@ def _entropy_of(path: str, run: Run) -> dict:
         result = measure(other.model, other.tokenizer, pool, samples_per_prompt=k,
                          max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
                          score_batch=cfg.train.micro_batch, seed=cfg.seed, precision=cfg.teacher.precision,
-                         first_prompts=max(len(run.eval_prompts), 32), progress=task)
+                         first_prompts=max(len(run.eval_prompts), 32),
+                         progress=lambda what, total: task(f"target entropy: {what}", total))
     h, interval = result["entropy"]["mean"], result["intervals"]["entropy"]
     log.info("target entropy from %s: %s nats, 95%% interval (%d prompts, %d samples; %s)", path,
              describe(h, interval), result["prompts"], result["samples"],
