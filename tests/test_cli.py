@@ -344,3 +344,21 @@ def test_progress_off_a_terminal_is_a_line_a_second_at_most(monkeypatch, capsys)
     done = [int(line.split("PROGRESS slow: ")[1].split("/")[0]) for line in lines if "PROGRESS slow: " in line]
     assert done[-1] == 100 and 9 <= len(done) <= 11 and done == sorted(done)
     assert all(b - a >= 4 for a, b in zip(done, done[1:]))  # >= 1 s apart at 0.25 s a step
+
+
+def test_loading_and_saving_bars_on_a_terminal_only(monkeypatch):
+    """A checkpoint's loading and saving (tens of seconds at 4B) show transformers' bars on a terminal; in a batch
+    log (and with --quiet) they are off: a bar redrawn with carriage returns is not one line per event."""
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from tsopsd import console
+
+    monkeypatch.setattr(console, "stderr", Console(stderr=True, force_terminal=True))
+    console.setup_logging()
+    assert hf_logging.is_progress_bar_enabled()
+    console.setup_logging(quiet=True)
+    assert not hf_logging.is_progress_bar_enabled()
+    monkeypatch.setattr(console, "stderr", Console(stderr=True, force_terminal=False))
+    console.setup_logging()
+    assert not hf_logging.is_progress_bar_enabled()

@@ -38,8 +38,9 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         fmt = OneLine("%(asctime)s %(levelname)s %(message)s", datefmt=STAMP)
     handler.setFormatter(fmt)
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    # transformers' own logger and weight-loading bars are noise in a batch log; its warnings (and
-    # everyone's deprecations) still reach the warnings module. Two named ones are not ours to fix:
+    # transformers' own logger is noise, and its weight-loading and saving bars are too in a batch log (a bar
+    # redrawn with carriage returns); on a terminal they are the progress of loading and saving a checkpoint.
+    # Its warnings (and everyone's deprecations) still reach the warnings module. Two named ones are not ours:
     import warnings
 
     import transformers
@@ -50,7 +51,10 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
 
     transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    if stderr.is_terminal and not quiet:
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        transformers.utils.logging.disable_progress_bar()
     logging.getLogger("tsopsd").setLevel(level)
 
 
