@@ -55,14 +55,17 @@ def two_ranks_and_one_process(collapsed, tmp_path, name, args, *, launch=(), wei
         assert a["train/tokens"] == b["train/tokens"]  # the same completions were sampled
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6)
         assert a["train/tau"] == pytest.approx(b["train/tau"], rel=1e-5)  # a target is solved on all ranks' tokens
-    wd, ws = load_file(tmp_path / name / weights), load_file(tmp_path / "one" / weights)
-    assert set(wd) == set(ws) and len(ws) > 0
-    assert all(torch.allclose(wd[k], ws[k], atol=1e-5) for k in ws)
+    for folder in [""] + sorted(p.name for p in (tmp_path / "one").glob("checkpoint-*")):  # OUT, then its checkpoints
+        wd, ws = load_file(tmp_path / name / folder / weights), load_file(tmp_path / "one" / folder / weights)
+        assert set(wd) == set(ws) and len(ws) > 0, folder
+        assert all(torch.allclose(wd[k], ws[k], atol=1e-5) for k in ws), folder
     return md, ms
 
 
 def test_two_ranks_match_one_process(collapsed, tmp_path):
-    md, ms = two_ranks_and_one_process(collapsed, tmp_path, "ddp", [*COMMON, "--target-entropy", "0.35"])
+    md, ms = two_ranks_and_one_process(collapsed, tmp_path, "ddp", [*COMMON, "--target-entropy", "0.35",
+                                                                    "--checkpoint-every", "2"])
+    assert (tmp_path / "ddp" / "checkpoint-2" / "model.safetensors").is_file()  # rank 0 wrote it, compared above
     assert len({m["train/tau"] for m in md}) == len(md)  # tau re-solved on every step
     for a, b in zip(md, ms):
         assert a["train/student_entropy"] == pytest.approx(b["train/student_entropy"], rel=1e-4)
@@ -98,13 +101,16 @@ def test_resume_with_another_world_size_is_refused(collapsed, tmp_path):
 def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
     """FSDP2 (layers and trunk sharded, LM head replicated) on CPU/gloo gives the single-process result."""
     args = [*COMMON, "--mode", mode, "--lr", "3e-4" if mode == "full" else "2e-3",
-            "--save", "merged" if mode == "full" else "adapter", "--target-entropy", "0.35"]
+            "--save", "merged" if mode == "full" else "adapter", "--target-entropy", "0.35", "--checkpoint-every", "2"]
     two_ranks_and_one_process(collapsed, tmp_path, "fsdp", args, launch=("--parallel", "fsdp"),
                               weights="model.safetensors" if mode == "full" else "adapter_model.safetensors")
+    # the checkpoint along the way was gathered from the shards (compared with one process's above)
+    assert (tmp_path / "fsdp" / "checkpoint-2").is_dir()
     if mode == "lora":  # the adapter of a sharded run loads with plain peft, base pointing at the input
         from peft import AutoPeftModelForCausalLM
 
         AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "fsdp"))
+        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "checkpoint-2"))
 
 
 def test_fsdp_resume_with_same_ranks(collapsed, tmp_path):

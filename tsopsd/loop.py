@@ -291,10 +291,11 @@ class Run:
 
     def checkpoint(self) -> None:
         """`output.checkpoint_every`: the weights so far as a loadable checkpoint, RUN/checkpoint-N (OUT/checkpoint-N
-        once the run has written OUT). Rank 0 writes; DDP's other replicas hold the same weights."""
+        once the run has written OUT). Every rank gives its shards (FSDP); rank 0 writes."""
+        state = self.backend.full_state(self.policy)
         if self.backend.is_main:
             folder = self.run_dir / f"checkpoint-{self.state.next_step}"
-            write_checkpoint(folder, self.policy.student, mode=self.policy.mode, save=self.cfg.output.save,
+            write_checkpoint(folder, self.policy.student, state, mode=self.policy.mode, save=self.cfg.output.save,
                              save_dtype=self.save_dtype, base=self.cfg.model.path, tokenizer=self.tokenizer)
             log.info("wrote %s (loadable now; in %s at the end)", folder, self.cfg.output.out)
         self.backend.barrier()
@@ -492,9 +493,6 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
         raise TsopsdError(f"{have} fewer than {backend.world_size} rank(s) x {cfg.rollout.prompts_per_step} prompts "
                           "per step: lower rollout.prompts_per_step or output.eval_prompts, or add prompts")
     backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
-    if cfg.output.checkpoint_every and backend.lockstep:
-        raise TsopsdError("output.checkpoint_every: not available with FSDP shards yet (only the final output is "
-                          "gathered); use --parallel ddp where the model fits a GPU, or save_every for resumable state")
     torch.manual_seed(cfg.seed)  # the adapter's init: the same however the input was loaded (a verl LoRA draws)
     policy = prepare_policy(model, cfg.train)
     backend.prepare(policy)

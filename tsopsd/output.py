@@ -160,14 +160,15 @@ CHECKPOINT = re.compile(r"checkpoint-\d+")  # OUT/checkpoint-N, as TRL names its
 
 
 @torch.no_grad()
-def plain_weights(student, *, mode: str, save_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The weights a merged checkpoint of `student` holds, by their plain names, cast to `save_dtype`, on the CPU,
-    one tensor at a time; the student is not touched (training goes on). A LoRA layer's weight is its base weight
-    plus scaling x B @ A, added in float32 (where peft's merge would add in the weights' own dtype)."""
+def plain_weights(student, state: dict[str, torch.Tensor], *, mode: str,
+                  save_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights a merged checkpoint holds, from the student's `state` dict, by their plain names, cast to
+    `save_dtype`, on the CPU, one tensor at a time; the student is not touched (training goes on). A LoRA layer's
+    weight is its base weight plus scaling x B @ A, added in float32 (peft's merge adds in the weights' dtype)."""
     if mode == "full":
-        return {k: v.detach().to("cpu", save_dtype) for k, v in student.state_dict().items()}
+        return {k: v.detach().to("cpu", save_dtype) for k, v in state.items()}
     layers = {name: m for name, m in student.named_modules() if "default" in getattr(m, "lora_A", {})}
-    state, out = student.state_dict(), {}
+    out = {}
     for key, value in state.items():
         if ".lora_" in key:
             continue
@@ -182,23 +183,30 @@ def plain_weights(student, *, mode: str, save_dtype: torch.dtype) -> dict[str, t
     return out
 
 
-def write_checkpoint(folder: Path, student, *, mode: str, save: str, save_dtype: torch.dtype, base: str,
-                     tokenizer) -> None:
+def write_checkpoint(folder: Path, student, state: dict[str, torch.Tensor], *, mode: str, save: str,
+                     save_dtype: torch.dtype, base: str, tokenizer) -> None:
     """A loadable checkpoint of the training so far (`output.checkpoint_every`) at `folder` (`checkpoint-N` in the
-    run folder; `write_output` links them into OUT): an adapter, or the merged weights, with the tokenizer.
-    Written beside and renamed into place; one left by a killed write is replaced."""
+    run folder; `write_output` links them into OUT), from the student's whole `state` dict (gathered, when
+    sharded): an adapter, or the merged weights, with the tokenizer. Written beside and renamed into place; one
+    left by a killed write is replaced."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
     from tsopsd.checkpoint import follow_umask
 
     tmp = folder.with_name(f".{folder.name}.tmp")
     for old in (tmp, folder):
         shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if save == "adapter":
-        student.save_pretrained(str(tmp))
+    if save == "adapter":  # what peft's save_pretrained writes, from the given state
+        adapter = get_peft_model_state_dict(student, state_dict=state)
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        student.peft_config["default"].save_pretrained(str(tmp))
         _name_base(tmp, base)
     else:
         lm = student.get_base_model() if mode == "lora" else student
-        lm.save_pretrained(str(tmp), state_dict=plain_weights(student, mode=mode, save_dtype=save_dtype))
+        lm.save_pretrained(str(tmp), state_dict=plain_weights(student, state, mode=mode, save_dtype=save_dtype))
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = str(save_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

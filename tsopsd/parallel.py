@@ -238,6 +238,11 @@ class Backend:
         """The trained student as an ordinary module on rank 0 (None on the others). Collective."""
         return policy.student
 
+    def full_state(self, policy) -> dict[str, torch.Tensor] | None:
+        """The student's whole state dict on rank 0 (None on the others), training untouched: a checkpoint along
+        the way (`output.checkpoint_every`). Collective."""
+        return policy.student.state_dict() if self.is_main else None
+
 
 Single = Backend
 
@@ -422,6 +427,13 @@ class FSDP(DDP):
 
         full = get_model_state_dict(policy.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _rebuild(path, full, policy) if self.is_main else None
+
+    def full_state(self, policy) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # gathered a tensor at a time into rank 0's host memory (the others get nothing)
+        full = get_model_state_dict(policy.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full if self.is_main else None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
