@@ -77,3 +77,33 @@ def test_reheat_in_memory_writes_nothing_without_out(collapsed, tmp_path, monkey
         tsopsd.reheat(ck.model, prompts)
     with pytest.raises(TsopsdError, match="cannot resume"):
         tsopsd.reheat(ck.model, prompts, tokenizer=ck.tokenizer, config=TINY, overrides={"output.resume": True})
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "nothing trained"])
+def test_a_stopped_reheat_in_memory_hands_the_model_back_as_it_came(collapsed, interrupt_rollout, monkeypatch, mode,
+                                                                    stop):
+    """Ctrl-C after two updates, or a non-finite loss on the first step (no update kept), leaves the caller's
+    model as it was: no adapter layers left in it, its weights and dtype the input's."""
+    import torch
+
+    import tsopsd
+    from tsopsd.errors import TrainingStopped
+
+    ckpt, prompts = collapsed
+    ck = load_checkpoint(ckpt, device="cpu")
+    model, cls = ck.model, type(ck.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if stop == "ctrl-c":
+        interrupt_rollout(2)
+    else:
+        import tsopsd.loss as loss_mod
+
+        real = loss_mod.divergence_and_grad
+        monkeypatch.setattr(loss_mod, "divergence_and_grad", lambda logits, *a, **k: real(logits * float("nan"), *a, **k))
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else TrainingStopped):
+        tsopsd.reheat(model, prompts, tokenizer=ck.tokenizer, config=TINY,
+                      overrides={"train.steps": 4, "output.eval_prompts": 2, "train.mode": mode, "train.lr": 3e-4})
+    assert type(model) is cls and model.state_dict().keys() == before.keys()
+    for name, value in model.state_dict().items():
+        assert value.dtype == before[name].dtype and torch.equal(value, before[name]), name

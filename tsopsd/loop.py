@@ -49,7 +49,7 @@ from tsopsd.family import causal_lm, max_positions
 from tsopsd.intervals import describe
 from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure
-from tsopsd.output import CHECKPOINT, versions, write_checkpoint, write_output, written_model
+from tsopsd.output import CHECKPOINT, cast_model, versions, write_checkpoint, write_output, written_model
 from tsopsd.parallel import Backend, join, make_backend
 from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
@@ -149,6 +149,7 @@ class Run:
     in_memory: bool = False  # the Python API's model in memory: trained in place, handed back merged
     writes_output: bool = True  # False: the API's in-memory run with no OUT (its run folder is temporary)
     show_progress: bool = True  # the before/after reports' bars (a TTY) or PROGRESS lines (a log), rank 0
+    handed_back: bool = False  # an in-memory run's model holds its result (else it is put back as it came)
 
     @property
     def run_dir(self) -> Path:
@@ -364,12 +365,12 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                         lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0, phases=timings,
                         memory=run.memory_peaks()))
                     advance(1)
+                    if cfg.output.checkpoint_every and state.next_step % cfg.output.checkpoint_every == 0 \
+                            and state.next_step < cfg.train.steps:  # before the state: a resume redoes it
+                        run.checkpoint()
                     if cfg.output.save_every and state.next_step % cfg.output.save_every == 0 \
                             and state.next_step < cfg.train.steps:
                         run.save()
-                    if cfg.output.checkpoint_every and state.next_step % cfg.output.checkpoint_every == 0 \
-                            and state.next_step < cfg.train.steps:
-                        run.checkpoint()
             run.rollout_compile = dict(COMPILE)
             with signals.held():
                 if state.stop_reason is None:
@@ -652,6 +653,7 @@ def finish(run: Run) -> dict:
         after_training = run.evaluate(prompts=run.training_sample(), bar="after-report, training prompts") \
             if run.compares_training() else None
         written = written_model(policy.student, **save | {"save": "merged"}, keep_student=False)
+        run.handed_back = True
     elif backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
         measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
         after = run.evaluate(reference=policy.teacher, bar="after-report")
@@ -705,6 +707,23 @@ def finish(run: Run) -> dict:
     return report
 
 
+@torch.no_grad()
+def _put_back(run: Run) -> None:
+    """An in-memory run stopped before its result was folded in (Ctrl-C, nothing trained, an error): the caller's
+    model as it came. LoRA: the adapter layers taken out (the base weights never trained); full: the frozen
+    teacher's weights copied back, in the model's dtype."""
+    policy = run.policy
+    if policy.mode == "lora":
+        model = policy.student.get_base_model()
+        for name, module in list(model.named_modules()):
+            if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+        return
+    student = cast_model(policy.student, run.dtype)
+    student.load_state_dict(policy.teacher.model.state_dict())
+
+
 def _what_to_change(reason: str) -> str:
     if reason.startswith("drift"):
         return "lower train.lr or the teacher temperature, or lower stop.min_top1_agreement"
@@ -735,6 +754,10 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
         try:
             train(run, show_progress=show_progress)
             return finish(run)
+        except BaseException:
+            if run.in_memory and not run.handed_back:
+                _put_back(run)
+            raise
         finally:
             run.trackers.close()
             _let_go(run.lock, run.run_dir)

@@ -108,12 +108,12 @@ def written_model(student, *, mode: str, save: str, save_dtype: torch.dtype, kee
         return student
     if mode == "lora":
         merged = (copy.deepcopy(student) if keep_student else student).merge_and_unload()
-        return _cast(merged, save_dtype)
-    return _cast(student, save_dtype)
+        return cast_model(merged, save_dtype)
+    return cast_model(student, save_dtype)
 
 
 @torch.no_grad()
-def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """`model.to(dtype)` for what is saved (parameters, persistent buffers), one tensor at a time.
 
     New parameter objects are put in place rather than their data swapped, which `tsopsd plan`'s fake
