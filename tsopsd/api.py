@@ -12,7 +12,6 @@ stopped training; nothing here prints unless `show_progress`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -36,6 +35,7 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
         config: a YAML file or a shipped config's name (`lora`, `full`, ...); `overrides` dotted keys as `--set`
             takes them: {"train.steps": 50, "teacher.target_entropy": 0.8}.
     """
+    from tsopsd.checkpoint import Checkpoint
     from tsopsd.config import load_config
     from tsopsd.errors import TsopsdError
     from tsopsd.loop import reheat as run
@@ -51,12 +51,11 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TsopsdError("reheat of a model in memory runs in one process; for several GPUs reheat a checkpoint "
                           "folder under torchrun")
-    first = next(model.parameters())
-    keys |= {"model.path": str(getattr(model, "name_or_path", "") or "a model in memory"),
-             "model.device": str(first.device), "model.dtype": str(first.dtype).removeprefix("torch."),
+    first, name = next(model.parameters()), getattr(model, "name_or_path", "") or "a model in memory"
+    keys |= {"model.path": name, "model.device": str(first.device), "model.dtype": str(first.dtype).removeprefix("torch."),
              "output.save": "merged", "output.save_every": 0} | ({} if out is not None else {"output.checkpoint_every": 0})
-    with contextlib.ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tsopsd-api-")))
+    with tempfile.TemporaryDirectory(prefix="tsopsd-api-") as folder:
+        scratch = Path(folder)
         if keys["data.prompts"] is None:
             keys["data.prompts"] = str(scratch / "prompts.jsonl")
             Path(keys["data.prompts"]).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -64,22 +63,22 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
         cfg = load_config(config, keys)
         if cfg.output.resume:
             raise TsopsdError("reheat of a model in memory cannot resume: reheat a checkpoint folder for that")
-        return _in_place(model, lambda ckpt: run(cfg, show_progress=show_progress, model=ckpt, write=out is not None),
-                         tokenizer, first.dtype)
+        ckpt = Checkpoint(model=model, tokenizer=tokenizer, path=Path(name), base_path=None, dtype=first.dtype,
+                          source="a model in memory")
+        return _in_place(ckpt, lambda: run(cfg, show_progress=show_progress, model=ckpt, write=out is not None))
 
 
-def _in_place(model, reheat_it, tokenizer, dtype) -> dict:
-    """Run `reheat_it` on `model` as a `Checkpoint`; the model's flags and mode as they were, whatever happens."""
-    from tsopsd.checkpoint import Checkpoint
-
+def _in_place(ckpt, reheat_it) -> dict:
+    """Run `reheat_it` on the model in memory of `ckpt`; its tokenizer padding, and the model's flags and mode, as
+    they were, whatever happens."""
+    model, tokenizer = ckpt.model, ckpt.tokenizer
     if getattr(tokenizer, "pad_token", None) is None:  # batched rollouts pad (left), as `load_checkpoint` sets up
         tokenizer.pad_token = tokenizer.eos_token
     flags, training = {name: p.requires_grad for name, p in model.named_parameters()}, model.training
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        return reheat_it(Checkpoint(model=model, tokenizer=tokenizer, path=Path(str(getattr(model, "name_or_path", "") or ".")),
-                                    base_path=None, dtype=dtype, source="a model in memory"))
+        return reheat_it()
     finally:
         tokenizer.padding_side = side
         for name, p in model.named_parameters():

@@ -428,8 +428,7 @@ def reheat(
             from tsopsd.plan import this_machine
 
             gpus = int(os.environ.get("WORLD_SIZE", "1"))  # the run's own device, dtype and memory, as it would run
-            _plan_and_print(cfg, ckpt, gpus=gpus, memory=None, flops=None, bandwidth=None, prompt_tokens=None,
-                            as_json=as_json, hardware=this_machine(resolve_device(cfg.model.device), gpus))
+            _plan_and_print(cfg, ckpt, this_machine(resolve_device(cfg.model.device), gpus), as_json=as_json)
             return
         from tsopsd.loop import reheat as run_reheat
 
@@ -457,15 +456,11 @@ def reheat(
     _run(body, debug=debug)
 
 
-def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flops: Optional[float],
-                    bandwidth: Optional[float], prompt_tokens: Optional[int], as_json: bool,
-                    hardware=None) -> dict:
-    import warnings
-
-    from tsopsd.console import planning_status
-    from tsopsd.errors import TsopsdError
-    from tsopsd.plan import Hardware, parse_bytes, plan
-    from tsopsd.tables import plan_table
+def _given_hardware(gpus: int, memory: Optional[str], flops: Optional[float], bandwidth: Optional[float],
+                    prompt_tokens: Optional[int]):
+    """`tsopsd plan`'s --gpus, --gpu-memory, --gpu-flops, --gpu-bandwidth (checked, with --prompt-tokens) as a
+    `plan.Hardware`; what is not given is the default's (an 80 GiB H100)."""
+    from tsopsd.plan import Hardware, parse_bytes
 
     if gpus < 1:
         raise TsopsdError(f"--gpus must be >= 1, got {gpus}")
@@ -473,8 +468,17 @@ def _plan_and_print(cfg, source: Path, *, gpus: int, memory: Optional[str], flop
         if v is not None and not v > 0:
             raise TsopsdError(f"{name} must be > 0, got {v}")
     default = Hardware()
-    hardware = hardware or Hardware(gpus=gpus, memory=parse_bytes(memory) if memory is not None else default.memory,
-                        flops=flops or default.flops, bandwidth=bandwidth or default.bandwidth)
+    return Hardware(gpus=gpus, memory=parse_bytes(memory) if memory is not None else default.memory,
+                    flops=flops or default.flops, bandwidth=bandwidth or default.bandwidth)
+
+
+def _plan_and_print(cfg, source: Path, hardware, *, as_json: bool, prompt_tokens: Optional[int] = None) -> dict:
+    import warnings
+
+    from tsopsd.console import planning_status
+    from tsopsd.plan import plan
+    from tsopsd.tables import plan_table
+
     with warnings.catch_warnings(), planning_status() as on_phase:
         warnings.simplefilter("ignore")  # transformers' deprecation notes about its checkpointing flags
         result = plan(cfg, source, hardware, prompt_tokens=prompt_tokens, on_phase=on_phase)
@@ -533,7 +537,7 @@ def plan(
         overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
                                        "teacher.target_entropy_from": target_entropy_from}, set_)
         cfg = load_config(config, overrides, inputs=False)
-        _plan_and_print(cfg, source, gpus=gpus, memory=gpu_memory, flops=gpu_flops, bandwidth=gpu_bandwidth,
+        _plan_and_print(cfg, source, _given_hardware(gpus, gpu_memory, gpu_flops, gpu_bandwidth, prompt_tokens),
                         prompt_tokens=prompt_tokens, as_json=as_json)
 
     _run(body, debug=debug)

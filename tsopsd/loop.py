@@ -289,6 +289,11 @@ class Run:
             s.save(self.run_dir)
         s.trainable = None  # the live objects hold it
 
+    def due(self, every: int) -> bool:
+        """Is this an every-N-steps moment (`output.save_every`, `output.checkpoint_every`; 0: never)? Not after
+        the last step: the end of the run does its own."""
+        step = self.state.next_step
+        return bool(every) and step % every == 0 and step < self.cfg.train.steps
 
     def checkpoint(self) -> None:
         """`output.checkpoint_every`: the weights so far as a loadable checkpoint, RUN/checkpoint-N (OUT/checkpoint-N
@@ -365,11 +370,9 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                         lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0, phases=timings,
                         memory=run.memory_peaks()))
                     advance(1)
-                    if cfg.output.checkpoint_every and state.next_step % cfg.output.checkpoint_every == 0 \
-                            and state.next_step < cfg.train.steps:  # before the state: a resume redoes it
+                    if run.due(cfg.output.checkpoint_every):  # before the state: a resume redoes it
                         run.checkpoint()
-                    if cfg.output.save_every and state.next_step % cfg.output.save_every == 0 \
-                            and state.next_step < cfg.train.steps:
+                    if run.due(cfg.output.save_every):
                         run.save()
             run.rollout_compile = dict(COMPILE)
             with signals.held():
@@ -647,28 +650,25 @@ def finish(run: Run) -> dict:
                               f"{_what_to_change(state.stop_reason)}")
     save = dict(mode=policy.mode, save=cfg.output.save, save_dtype=run.save_dtype)
     run.announce("the after-report: measuring the output")
+    measured = written = None  # what the after-report measures (None: the student as trained)
     if run.in_memory:  # the caller's model: measured as trained, then the training folded into it in place
         measured_on = "the model in memory"
-        after = run.evaluate(reference=policy.teacher, bar="after-report")
-        after_training = run.evaluate(prompts=run.training_sample(), bar="after-report, training prompts") \
-            if run.compares_training() else None
-        written = written_model(policy.student, **save | {"save": "merged"}, keep_student=False)
-        run.handed_back = True
     elif backend.lockstep:  # sharded: measured on every rank, then gathered onto rank 0 and written there
         measured_on = backend.round_to(policy, run.save_dtype) if cfg.output.save == "merged" else "the adapter"
-        after = run.evaluate(reference=policy.teacher, bar="after-report")
-        after_training = run.evaluate(prompts=run.training_sample(), bar="after-report, training prompts") \
-            if run.compares_training() else None
-        trained = backend.gather_for_saving(policy, cfg.model.path)
-        written = written_model(trained, **save, keep_student=False) if backend.is_main else None
     else:
         written = written_model(policy.student, **save)  # merged and cast as it will be saved
         adapter = cfg.output.save == "adapter"
         measured_on = "the adapter" if adapter else "the written checkpoint"
-        after = run.evaluate(model=None if adapter else written, reference=policy.teacher, bar="after-report")
-        after_training = run.evaluate(model=None if adapter else written, prompts=run.training_sample(),
-                                      bar="after-report, training prompts") \
-            if run.compares_training() else None
+        measured = None if adapter else written
+    after = run.evaluate(model=measured, reference=policy.teacher, bar="after-report")
+    after_training = run.evaluate(model=measured, prompts=run.training_sample(), bar="after-report, training prompts") \
+        if run.compares_training() else None
+    if run.in_memory:
+        written = written_model(policy.student, **save | {"save": "merged"}, keep_student=False)
+        run.handed_back = True
+    elif backend.lockstep:
+        trained = backend.gather_for_saving(policy, cfg.model.path)
+        written = written_model(trained, **save, keep_student=False) if backend.is_main else None
     report: dict = {}
     if backend.is_main:
         metrics = run.run_dir / "metrics.jsonl"
@@ -714,11 +714,7 @@ def _put_back(run: Run) -> None:
     teacher's weights copied back, in the model's dtype."""
     policy = run.policy
     if policy.mode == "lora":
-        model = policy.student.get_base_model()
-        for name, module in list(model.named_modules()):
-            if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+        policy.student.unload()  # peft puts the base layers back in place, in the caller's model object
         return
     student = cast_model(policy.student, run.dtype)
     student.load_state_dict(policy.teacher.model.state_dict())
@@ -789,14 +785,13 @@ def _planned(run: Run) -> dict | None:
         return None
     import warnings
 
-    from tsopsd.plan import Hardware, plan
+    from tsopsd.plan import plan, this_machine
 
     log.info("planning this run's step for the report, to set beside the measured one (tens of seconds at 4B)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            memory = torch.cuda.get_device_properties(run.backend.device).total_memory
-            r = plan(run.cfg, run.config_dir, Hardware(gpus=run.backend.world_size, memory=memory))
+            r = plan(run.cfg, run.config_dir, this_machine(run.backend.device, run.backend.world_size))
     except Exception as e:  # noqa: BLE001 - the run is done: a plan that fails must not fail it
         log.warning("could not plan this run for the report: %s: %s", type(e).__name__, e)
         return None

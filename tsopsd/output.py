@@ -202,8 +202,9 @@ def write_checkpoint(folder: Path, student, state: dict[str, torch.Tensor], *, m
         adapter = get_peft_model_state_dict(student, state_dict=state)
         save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, tmp / "adapter_model.safetensors",
                   metadata={"format": "pt"})
-        student.peft_config["default"].save_pretrained(str(tmp))
-        _name_base(tmp, base)
+        config = copy.copy(student.peft_config["default"])
+        config.base_model_name_or_path = adapter_base(base)
+        config.save_pretrained(str(tmp))
     else:
         lm = student.get_base_model() if mode == "lora" else student
         lm.save_pretrained(str(tmp), state_dict=plain_weights(student, state, mode=mode, save_dtype=save_dtype))
@@ -215,12 +216,10 @@ def write_checkpoint(folder: Path, student, state: dict[str, torch.Tensor], *, m
     tmp.rename(folder)
 
 
-def _name_base(folder: Path, base: str) -> None:
-    """An adapter's adapter_config.json names its base by its resolved folder (a verl actor: its huggingface/)."""
-    base_path = loadable_folder(base) or Path(base)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(base_path.resolve())
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+def adapter_base(model_path: str) -> str:
+    """What an adapter's adapter_config.json names as its base: the input's resolved folder (a verl actor: its
+    huggingface/)."""
+    return str((loadable_folder(model_path) or Path(model_path)).resolve())
 
 
 def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) -> None:
@@ -231,8 +230,7 @@ def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) 
     out = Path(cfg.output.out)
     with atomic_output(out, overwrite=cfg.output.overwrite or cfg.output.resume) as tmp:
         if cfg.output.save == "adapter":
-            base = loadable_folder(cfg.model.path) or Path(cfg.model.path)  # a verl actor: its huggingface/
-            model.peft_config["default"].base_model_name_or_path = str(base.resolve())
+            model.peft_config["default"].base_model_name_or_path = adapter_base(cfg.model.path)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         save_config(provenance(cfg), tmp / "config.yaml")

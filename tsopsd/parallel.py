@@ -423,9 +423,7 @@ class FSDP(DDP):
         return last_good
 
     def gather_for_saving(self, policy, path: str):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(policy.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = self.full_state(policy)
         return _rebuild(path, full, policy) if self.is_main else None
 
     def full_state(self, policy) -> dict[str, torch.Tensor] | None:

@@ -459,8 +459,6 @@ def this_machine(device: torch.device, gpus: int = 1) -> Hardware:
 
 def _measure_cpu() -> tuple[float, float]:
     """FLOP/s of a float32 1024^3 matmul and bytes/s of a 64 MiB copy on this CPU (best of 3 each, ~0.1 s)."""
-    import time
-
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     src, dst = torch.empty(16 * 2**20), torch.empty(16 * 2**20)
     best_mm = best_copy = math.inf
