@@ -143,6 +143,8 @@ BAD = {
     "--precision 2": (lambda w, t: reheat_args(w, t / "o", "--target-entropy", "0.5", "--precision", "2"),
                       "teacher.precision: must be in [0, 1)"),
     "--eval-prompts a folder": (lambda w, t: reheat_args(w, t / "o", "--eval-prompts", str(t)), "is a folder"),
+    "--checkpoint-every -1": (lambda w, t: reheat_args(w, t / "o", "--checkpoint-every", "-1"),
+                              "output.checkpoint_every: must be >= 0"),
     # case 5: unwritable output, found before any work
     "out under a file": (lambda w, t: reheat_args(w, _file(t) / "sub"), "is a file, not a folder"),
     "out is a file": (lambda w, t: reheat_args(w, _file(t)), "exists and is not a folder"),
