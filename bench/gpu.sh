@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, once, on a lent H100/H200 (issue 27): one folder, one table, under 10 minutes.
+# The GPU check, once, on a lent H100/H200: one folder, one table, under 10 minutes.
 #
 #   bash bench/gpu.sh            (on a machine with CUDA; nothing is downloaded)
 #   bash bench/gpu.sh --tiny     (CPU, tiny models: what `make test` runs so the script cannot rot)

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tsopsd.cli import app
+from tsopsd.errors import ExitCode
 
 runner = CliRunner()
 TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
@@ -154,9 +155,10 @@ def test_reheat_cli_json_refuses_existing_out_and_merge(collapsed, tmp_path):
     args = ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(TINY),
             "--steps", "3", "--save", "adapter", "--set", "output.eval_prompts=2", "--json", "--quiet"]
     res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == ExitCode.GOAL_NOT_MET, res.output  # 3 steps do not converge: written, and said so
     report = json.loads(res.stdout)
     assert report["steps_run"] == 3 and report["save"] == "adapter" and report["teacher_temperature"] == 1.2
+    assert report["status"] == "goal_not_met"
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "output folder exists" in res.stderr and "--overwrite" in res.stderr
     merged = tmp_path / "merged"
@@ -178,7 +180,7 @@ def test_reheat_cli_bad_config_lists_errors(collapsed, tmp_path):
     assert res.exit_code == 2
 
 
-def test_nan_loss_on_the_first_step_exits_1_with_one_line_and_writes_nothing(collapsed, tmp_path, monkeypatch):
+def test_nan_loss_on_the_first_step_trained_nothing_one_line_and_no_output(collapsed, tmp_path, monkeypatch):
     import tsopsd.loss as loss_mod
 
     real = loss_mod.divergence_and_grad
@@ -190,7 +192,7 @@ def test_nan_loss_on_the_first_step_exits_1_with_one_line_and_writes_nothing(col
     ckpt, prompts = collapsed
     res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
                               "--config", str(TINY), "--steps", "3", "--set", "output.eval_prompts=0", "--quiet"])
-    assert res.exit_code == 1
+    assert res.exit_code == ExitCode.NOTHING_TRAINED
     assert "non-finite loss at step 1" in res.stderr and "unexpected" not in res.stderr
     assert "nothing was trained, so no output was written" in res.stderr
     assert not (tmp_path / "o").exists()  # the last good state is the input: no OUT that looks reheated
@@ -222,8 +224,10 @@ def test_off_a_terminal_every_log_line_is_one_timestamped_event(collapsed, tmp_p
     ckpt, prompts = collapsed
     res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
                               "--config", str(TINY), "--steps", "3", "--set", "output.eval_prompts=2"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == ExitCode.GOAL_NOT_MET, res.output  # 3 steps: written, not converged
     lines = res.stderr.splitlines()
+    assert lines[-1].startswith("tsopsd: error: goal not met")  # the exit's one line, after the events
+    lines = lines[:-1]
     event = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} (DEBUG|INFO|WARNING|ERROR|PROGRESS) \S")
     assert lines and [line for line in lines if not event.match(line)] == []
     steps = [line for line in lines if " INFO step " in line]
@@ -238,8 +242,9 @@ def test_after_the_table_reheat_says_what_to_run_with_its_out(collapsed, tmp_pat
     ckpt, prompts = collapsed
     out = tmp_path / "o"
     res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--config", str(TINY),
-                              "--steps", "2", "--set", "output.eval_prompts=0", "--save", "adapter", "--quiet"])
-    assert res.exit_code == 0, res.output
+                              "--steps", "3", "--set", "output.eval_prompts=0", "--save", "adapter", "--quiet",
+                              "--set", "stop.window=2", "--set", "stop.entropy_tolerance=0.99"])  # met after 1 update
+    assert res.exit_code == ExitCode.DONE, res.output
     assert f"tsopsd merge {out} --out {out}-merged" in res.stdout
     assert f"actor_rollout_ref.model.path={out}-merged" in res.stdout and "temperature 1.0" in res.stdout
     res = runner.invoke(app, ["merge", str(out), "--out", str(tmp_path / "m")])
@@ -269,7 +274,7 @@ def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(coll
     assert res.exit_code == 2
     assert "rollout.max_new_tokens: saved 12, given 10" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = runner.invoke(app, ["reheat", str(ckpt), "--out", str(out), "--resume", "--json"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == ExitCode.GOAL_NOT_MET, res.output  # 4 steps: written, not converged
     report = json.loads(res.stdout)
     assert report["steps_run"] == 4 and (out / "model.safetensors").is_file()
     # one numbering (issue 30, point 5): the console, the interrupt, the resume and metrics.jsonl count alike
@@ -285,7 +290,7 @@ def test_reheat_help_reads_at_80_columns_in_panels_with_defaults():
     for panel in ("Inputs", "Teacher", "Rollout", "Training", "Output", "Run"):
         assert f"─ {panel} ─" in text, panel
     flat = " ".join(text.split())
-    for shown in ("(default 50)", "(default 1.5)", "(default lora)", "(default 0.0001)", "(default 256)"):
+    for shown in ("(default 200)", "(default 1.5)", "(default lora)", "(default 0.0001)", "(default 256)"):
         assert shown in flat, shown
     assert "Required." in flat and "Required (a --resume" in flat and "CKPT" in text
     # switches are switches and the usage names the argument plainly (not typer's `<bool>`, `{CKPT}`)
@@ -314,7 +319,7 @@ def test_the_output_records_where_it_came_from_for_the_hub_and_for_a_rerun(colla
     res = runner.invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts), "--out", "o", "--config", str(TINY),
                               "--steps", "2", "--set", "output.eval_prompts=2", "--save", "adapter", "--overwrite",
                               "--quiet"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == ExitCode.GOAL_NOT_MET, res.output  # 2 steps: written, not converged
     card = ModelCard.load(tmp_path / "o" / "README.md")
     assert card.data.library_name == "peft" and card.data.base_model == str(Path(ckpt).resolve())
     assert "tsopsd" in card.data.tags and "95% CI" in card.text

@@ -16,7 +16,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
-    assert load_config(None, REQUIRED).train.steps == 50
+    assert load_config(None, REQUIRED).train.steps == 200
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  steps: 7\n  lr: 0.5\nseed: 3\n")
     cfg = load_config(y, REQUIRED)

@@ -12,6 +12,8 @@ import signals
 import torch
 from safetensors.torch import load_file
 
+from tsopsd.errors import ExitCode
+
 TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
 # 2 ranks x 2 prompts x 2 samples = one process with 4 prompts; sampling batches of 4 rows either way
 COMMON = ["--config", str(TINY), "--steps", "4", "--samples-per-prompt", "2", "--set", "rollout.batch_size=4",
@@ -34,6 +36,13 @@ def single(*args):
                           env=_env(), timeout=300)
 
 
+def used_every_step(p, *, launcher: bool = True) -> bool:
+    """These runs never converge (stop.entropy_tolerance 0): OUT written, the goal not met, one line saying so; exit
+    4, which torchrun (and accelerate) report as their own 1, as they do any rank's non-zero exit."""
+    ours = [line for line in p.stderr.splitlines() if line.startswith("tsopsd: error:")]
+    return len(ours) == 1 and "goal not met" in ours[0] and p.returncode == (1 if launcher else ExitCode.GOAL_NOT_MET)
+
+
 def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -46,9 +55,9 @@ def two_ranks_and_one_process(collapsed, tmp_path, name, args, *, launch=(), wei
     ckpt, prompts = collapsed
     d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / name, "--prompts-per-step", "2",
                  *launch, *args)
-    assert d.returncode == 0, d.stderr[-12000:]
+    assert used_every_step(d), d.stderr[-12000:]
     s = single("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "one", "--prompts-per-step", "4", *args)
-    assert s.returncode == 0, s.stderr[-12000:]
+    assert used_every_step(s, launcher=False), s.stderr[-12000:]
     md, ms = metrics(tmp_path / name), metrics(tmp_path / "one")
     assert len(md) == len(ms) == 4
     for a, b in zip(md, ms):
@@ -125,9 +134,9 @@ def test_fsdp_resume_with_same_ranks(collapsed, tmp_path):
     assert r.signalled and r.returncode != 0 and not (tmp_path / "f").exists(), r.stderr[-3000:]
     assert [p.name for p in (tmp_path / "f.tsopsd-run").glob("sharded-*")]
     d = torchrun(*args, "--out", tmp_path / "f", "--resume")
-    assert d.returncode == 0, d.stderr[-12000:]
+    assert used_every_step(d), d.stderr[-12000:]
     u = torchrun(*args, "--out", tmp_path / "u")
-    assert u.returncode == 0, u.stderr[-12000:]
+    assert used_every_step(u), u.stderr[-12000:]
     assert [m["train/loss"] for m in metrics(tmp_path / "f")] == pytest.approx(
         [m["train/loss"] for m in metrics(tmp_path / "u")], rel=1e-6)
     wf, wu = load_file(tmp_path / "f" / "model.safetensors"), load_file(tmp_path / "u" / "model.safetensors")
@@ -135,7 +144,8 @@ def test_fsdp_resume_with_same_ranks(collapsed, tmp_path):
 
 
 def test_checkpoint_failure_is_one_line_naming_the_ranks(tmp_path, prompts_file):
-    d = torchrun("reheat", tmp_path / "missing", "--prompts", prompts_file, "--out", tmp_path / "o", "--quiet")
+    d = torchrun("reheat", tmp_path / "missing", "--prompts", prompts_file, "--out", tmp_path / "o", "--quiet",
+                 "--prompts-per-step", "1")
     assert d.returncode != 0
     ours = [line for line in d.stderr.splitlines() if "tsopsd: error:" in line]
     assert len(ours) == 1
@@ -151,7 +161,7 @@ def test_accelerate_launch_runs_the_same_job(collapsed, tmp_path):
            "no", "--dynamo_backend", "no", "-m", "tsopsd", "reheat", str(ckpt), "--prompts", str(prompts), "--out",
            str(tmp_path / "acc"), "--prompts-per-step", "2", *COMMON]
     d = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    assert d.returncode == 0, d.stderr[-12000:]
+    assert used_every_step(d), d.stderr[-12000:]
     t = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "tr", "--prompts-per-step", "2", *COMMON)
-    assert t.returncode == 0, t.stderr[-12000:]
+    assert used_every_step(t), t.stderr[-12000:]
     assert [m["train/loss"] for m in metrics(tmp_path / "acc")] == [m["train/loss"] for m in metrics(tmp_path / "tr")]

@@ -299,8 +299,13 @@ def test_a_plan_that_does_not_fit_exits_2_after_printing_it(tmp_path):
 
 def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, prompts_file):
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts_file), "--out", str(out),
-                                      "--dry-run", "--json", "--set", "rollout.max_new_tokens=16"])
+    args = ["reheat", str(ckpt), "--prompts", str(prompts_file), "--out", str(out), "--dry-run", "--json",
+            "--set", "rollout.max_new_tokens=16"]
+    # 3 prompts and 8 a step: the dry run refuses what the run refuses, in the same words
+    refused, run = CliRunner().invoke(app, args), CliRunner().invoke(app, [a for a in args if a != "--dry-run"])
+    assert refused.exit_code == run.exit_code == 2 and "3 prompts are fewer than 1 rank(s) x 8" in refused.stderr
+    assert refused.stderr.splitlines()[-1] == run.stderr.splitlines()[-1] and not out.exists()
+    result = CliRunner().invoke(app, [*args, "--prompts-per-step", "2"])
     assert result.exit_code == 0, result.output
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["fits"] and r["max_new_tokens"] == 16 and "train" in r["phases"]
@@ -313,7 +318,7 @@ def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, promp
     assert r["gpu_memory_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert 1e8 < r["gpu_flops"] < 1e14 and 1e8 < r["gpu_bandwidth"] < 1e13  # a CPU's, not an H100's 989e12
     result = CliRunner().invoke(app, ["reheat", str(ckpt), "--prompts", str(prompts_file), "--out", str(out),
-                                      "--dry-run", "--set", "rollout.max_new_tokens=16"])
+                                      "--dry-run", "--set", "rollout.max_new_tokens=16", "--prompts-per-step", "2"])
     assert "on the CPU (" in " ".join(result.output.split()), result.output
 
 

@@ -47,7 +47,7 @@ def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
     out = tmp_path / "out"
     input_weights = load_file(ckpt / "model.safetensors")
     run = setup(cfg_for(collapsed, out, **{"train.mode": mode, "train.lr": lr, "train.steps": 80,
-                                           "stop.entropy_tolerance": 0.0}))
+                                           "stop.entropy_tolerance": 0.0, "train.max_lr_factor": 1}))  # the method at this lr
     train(run, show_progress=False)
     trained = {n: p.detach().clone() for n, p in run.policy.student.named_parameters() if p.requires_grad}
     teacher = base_weights(run.policy)

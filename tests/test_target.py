@@ -217,8 +217,8 @@ def test_steering_brings_a_held_out_entropy_that_differs_to_the_target():
         h, verdict = 0.1, None
         for step in range(200):
             if rules.steers(step):
-                held = gap * h
-                verdict = rules.steer(step, held, (0.95 * held, 1.05 * held))
+                held = gap * h  # near the goal the loop samples on before it may stop (`near_goal`)
+                verdict = rules.steer(step, held, (0.95 * held, 1.05 * held), refined=rules.near_goal(held))
                 if verdict:
                     break
             h += 0.3 * (rules.target - h)  # the student moves toward what its teacher is solved for
@@ -249,8 +249,10 @@ def test_steering_a_step_twice_is_one_steer_and_resumes_with_the_steered_target(
     again.load_state_dict(rules.state_dict())
     again.set_goal(1.0, steering=True)
     assert (again.target, again.log_ratio) == once
-    assert again.steer(4, 1.0, (0.5, 1.5)) is None  # on the target, but too noisy to say: no stop
-    assert again.steer(4, 1.0, (0.95, 1.05)).rule == "converged"
+    assert not again.near_goal(1.25) and again.near_goal(1.08)  # within 2x the tolerance: sampled on
+    assert again.steer(4, 1.0, (0.95, 1.05)) is None  # on the target, but a first measurement never stops a run
+    assert again.steer(4, 1.12, (1.08, 1.16), refined=True) is None  # sampled on, and off the target
+    assert again.steer(4, 1.0, (0.95, 1.05), refined=True).rule == "converged"
 
 
 def test_a_steered_run_measures_held_out_prompts_and_moves_its_training_target(collapsed, tmp_path):

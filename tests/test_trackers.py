@@ -7,6 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from tsopsd.cli import app
+from tsopsd.errors import ExitCode
 
 runner = CliRunner()
 TINY = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
@@ -29,8 +30,9 @@ def events(log_dir: Path) -> dict[str, dict[int, float]]:
 def test_tensorboard_holds_every_metric_of_every_step(collapsed, tmp_path):
     ckpt, prompts = collapsed
     out = tmp_path / "o"
-    res = runner.invoke(app, [*_args(ckpt, prompts, out), "--report-to", "tensorboard"])
-    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*_args(ckpt, prompts, out)[:-1], "--report-to", "tensorboard"])  # not --quiet
+    assert res.exit_code == ExitCode.GOAL_NOT_MET, res.output  # 3 steps: written, not converged
+    assert f"step metrics to tensorboard in {(tmp_path / 'o.logs' / 'tensorboard').resolve()}" in res.stderr
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]  # the N-th step is step N, as the console says
     got = events(tmp_path / "o.logs" / "tensorboard")

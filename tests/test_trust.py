@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from test_faults import TINY, leftovers, one_line, reheat_args, runner, tree_hash
 
 from tsopsd.cli import app
+from tsopsd.errors import ExitCode
 
 PY = [sys.executable, "-m", "tsopsd"]
 
@@ -310,7 +311,7 @@ def test_a_run_that_trained_nothing_fails_and_writes_no_output(world, tmp_path):
     before = tree_hash(world)
     out = tmp_path / "o"
     res = runner.invoke(app, reheat_args(world, out, "--lr", "1", "--steps", "3", "--set", "stop.min_top1_agreement=1"))
-    line = one_line(res, 1)
+    line = one_line(res, ExitCode.NOTHING_TRAINED)
     assert "rolled back to the input weights" in line and "nothing was trained, so no output was written" in line
     assert not out.exists() and leftovers(out) == [] and tree_hash(world) == before
 
@@ -354,7 +355,7 @@ def test_a_c_locale_finishes_a_reheat_and_reads_non_ascii_paths(world, tmp_path)
     p = subprocess.run([*PY, *reheat_args(world, tmp_path / "o", "--set", "output.eval_prompts=2", "--set",
                                           "output.eval_samples_per_prompt=1", "--steps", "1")],
                        capture_output=True, text=True, env=env, encoding="utf-8")
-    assert p.returncode == 0 and "KL(model ‖ ref)" in p.stdout, p.stderr
+    assert p.returncode == ExitCode.GOAL_NOT_MET and "KL(model ‖ ref)" in p.stdout, p.stderr  # 1 step: not converged
     p = subprocess.run([*PY, *measure_args(ck, world / "prompts.jsonl", "--reference", world / "ckpt", "--json")],
                        capture_output=True, text=True, env=env, encoding="utf-8")
     assert p.returncode == 0 and json.loads(p.stdout)["metrics"]["reference"]["top1_agreement"] >= 0, p.stderr
@@ -371,7 +372,7 @@ def test_a_checkpoint_under_a_non_utf8_name_loads(world, tmp_path):
 def test_an_empty_lock_left_by_a_killed_run_is_taken_over(world, tmp_path):
     (tmp_path / "o.tsopsd-lock").write_text("")
     res = runner.invoke(app, reheat_args(world, tmp_path / "o", "--steps", "1", quiet=False))
-    assert res.exit_code == 0, res.stderr
+    assert res.exit_code == ExitCode.GOAL_NOT_MET, res.stderr  # 1 step: written, not converged
     assert squeeze("the lock file was empty or unreadable") in squeeze(res.stderr) and leftovers(tmp_path / "o") == []
 
 
@@ -379,7 +380,7 @@ def test_an_empty_lock_left_by_a_killed_run_is_taken_over(world, tmp_path):
 def adapter(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "ad"
     res = runner.invoke(app, reheat_args(world, out, "--save", "adapter", "--steps", "1"))
-    assert res.exit_code == 0, res.stderr
+    assert res.exit_code == ExitCode.GOAL_NOT_MET, res.stderr  # 1 step: written, not converged
     return out
 
 
@@ -499,9 +500,9 @@ def test_a_resume_continues_to_the_uninterrupted_result(saved_run, tmp_path, mon
     torch.set_num_threads(1)  # as in the interrupted subprocess (OMP_NUM_THREADS=1): the same kernels
     try:
         res = runner.invoke(app, resume_args("--resume"))
-        assert res.exit_code == 0, res.stderr
+        assert res.exit_code == ExitCode.GOAL_NOT_MET, res.stderr  # 6 steps: written, not converged
         res = runner.invoke(app, [a if a != "o" else "clean" for a in resume_args()])
-        assert res.exit_code == 0, res.stderr
+        assert res.exit_code == ExitCode.GOAL_NOT_MET, res.stderr
     finally:
         torch.set_num_threads(threads)
     a, b = load_file(d / "o" / "model.safetensors"), load_file(d / "clean" / "model.safetensors")

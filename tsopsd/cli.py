@@ -5,8 +5,8 @@
     tsopsd plan ckpt/config.json --config configs/qwen3-4b-1gpu.yaml --gpus 1 --gpu-memory 80GB
     tsopsd demo
 
-Exit codes: 0 ok, 2 bad input or usage, 1 unexpected failure. Errors are one line on stderr;
-``--debug`` adds the traceback.
+Exit codes: `errors.ExitCode`, the one table (docs/reference.md, "Exit codes"). Errors are one line on
+stderr; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Annotated, Optional, TypeVar
 import typer
 
 from tsopsd.config import Config
-from tsopsd.errors import TrainingStopped, TsopsdError
+from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
 
 
 class _Command(typer.core.TyperCommand):
@@ -78,7 +78,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _run(fn: Callable[[], T], *, debug: bool) -> T:
-    """Run a command body: known errors exit 2, anything else exits 1, both as one line."""
+    """Run a command body: bad input exits 2, a stopped run its `TrainingStopped.code`, a crash 1; one line each."""
     try:
         return fn()
     except (typer.Exit, typer.Abort):
@@ -86,19 +86,19 @@ def _run(fn: Callable[[], T], *, debug: bool) -> T:
     except TsopsdError as e:
         if debug:
             traceback.print_exc()
-        raise _fail(str(e), 2) from None
-    except TrainingStopped as e:  # a guard stopped training; the last good state was written
-        raise _fail(str(e), 1) from None
+        raise _fail(str(e), ExitCode.BAD_INPUT) from None
+    except TrainingStopped as e:  # a guard stopped training (OUT holds the last good state), or nothing trained
+        raise _fail(str(e), e.code) from None
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into one line
         if not _disk_full(e):
             raise _unexpected(e, debug) from None
         where = getattr(e, "filename", None) or "the output"
         raise _fail(f"no space left on device writing {where}: free some, then rerun (with --resume where a run "
-                    "folder was kept)", 2) from None
+                    "folder was kept)", ExitCode.BAD_INPUT) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; --debug shows where it landed
         if debug:
             traceback.print_exc()
-        raise _fail("interrupted", 130) from None
+        raise _fail("interrupted", ExitCode.INTERRUPTED) from None
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -109,7 +109,7 @@ def _disk_full(e: BaseException) -> bool:
 def _unexpected(e: BaseException, debug: bool) -> typer.Exit:
     if debug:
         traceback.print_exc()
-    return _fail(f"unexpected failure: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
+    return _fail(f"unexpected failure: {type(e).__name__}: {e} (rerun with --debug for the traceback)", ExitCode.CRASH)
 
 
 def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[], object]) -> None:
@@ -399,7 +399,6 @@ def reheat(
         from tsopsd import console
         from tsopsd.config import load_config
         from tsopsd.parallel import launched_rank
-        from tsopsd.tables import metrics_table
 
         rank = launched_rank()  # under torchrun only rank 0 talks
         console.setup_logging(quiet=quiet or rank != 0)
@@ -420,36 +419,38 @@ def reheat(
             if rank != 0:
                 return
             cfg = load_config(config, overrides, inputs=False)
-            if cfg.data.prompts:  # a dry run finds a bad prompt file as the run would, before planning
-                from tsopsd.prompts import check_prompt_file
+            if cfg.data.prompts:  # a dry run refuses the prompts the run refuses, before planning
+                from tsopsd.loop import check_prompts
 
-                check_prompt_file(cfg.data.prompts)
+                check_prompts(cfg, int(os.environ.get("WORLD_SIZE", "1")))
             from tsopsd.checkpoint import resolve_device
             from tsopsd.plan import this_machine
 
             gpus = int(os.environ.get("WORLD_SIZE", "1"))  # the run's own device, dtype and memory, as it would run
             _plan_and_print(cfg, ckpt, this_machine(resolve_device(cfg.model.device), gpus), as_json=as_json)
             return
+        from tsopsd.config import shipped_config
         from tsopsd.loop import reheat as run_reheat
 
         if resume and not overwrite:  # a saved config from a run begun with --overwrite resumes, it does not restart
             overrides.setdefault("output.overwrite", False)
-        cfg = load_config(_saved_config(config, out, resume), overrides)
-        report = run_reheat(cfg, show_progress=not quiet)
+        source = _saved_config(config, out, resume)
+        cfg = load_config(source, overrides)
+        try:
+            report = run_reheat(cfg, show_progress=not quiet, config_file=shipped_config(source) if source else None)
+        except TrainingStopped as e:  # a guard stop wrote OUT: its report is still the one object on stdout
+            if e.report and rank == 0:
+                _show_reheat(e.report, as_json=as_json)
+            raise
         # Free the run's models now: under torchrun their reference cycles (FSDP state, hooks) can keep
         # process-group objects alive into interpreter shutdown, a known place for gloo to abort.
         gc.collect()
         if rank != 0:
             return
-        columns = {"before": report["before"], "after": report["after"]} if report["before"] else {}
-        if columns and report.get("after_training_prompts"):
-            columns["after, training prompts"] = report["after_training_prompts"]
-        from tsopsd.output import teacher_line
-
-        _emit(report, as_json=as_json, out=None,
-              table=lambda: metrics_table(columns, target=report["target_entropy"],
-                                          title=f"tsopsd reheat: {teacher_line(report, 3)}, "
-                                          f"{report['steps_run']} steps, {report['stop_reason']}; held-out prompts"))
+        _show_reheat(report, as_json=as_json)
+        if report["status"] != "met":  # OUT is written, but it is not what was asked for: no hand-off
+            raise _fail(f"goal not met ({report['goal']['evidence']}); {report['output']} is written, but "
+                        f"{report['goal']['advice']}", ExitCode.GOAL_NOT_MET)
         if not as_json:  # beneath the table: what to run next with this OUT
             sys.stdout.write("\n".join(hand_off(report)) + "\n")
 
@@ -572,6 +573,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Working folder; what it builds is cached there.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Smaller budget (about a minute).")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild everything instead of reusing the cache.")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads. The toy model's time goes to per-operation overhead: "
+                                                     "one thread is as fast, and does not stall on a shared machine.")] = 1,
     as_json: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -585,7 +588,7 @@ def demo(
         from tsopsd.tables import metrics_table
 
         console.setup_logging(quiet=quiet)
-        summary = run_demo(out, quick=quick, fresh=fresh, show_progress=not quiet)
+        summary = run_demo(out, quick=quick, fresh=fresh, show_progress=not quiet, threads=threads)
         if as_json:
             _emit(summary, as_json=True, out=None, table=lambda: None)
             return
@@ -623,6 +626,21 @@ def _saved_config(config: Optional[Path], out: Optional[Path], resume: bool) -> 
 
     saved = run_dir_for(Path(out)) / "config.yaml"
     return saved if saved.is_file() else None
+
+
+def _show_reheat(report: dict, *, as_json: bool) -> None:
+    """The run's report: one JSON object on stdout, or the before/after table."""
+    from tsopsd.output import teacher_line
+    from tsopsd.tables import metrics_table
+
+    columns = {"before": report["before"], "after": report["after"]} if report["before"] else {}
+    if columns and report.get("after_training_prompts"):
+        columns["after, training prompts"] = report["after_training_prompts"]
+    _emit(report, as_json=as_json, out=None,
+          table=lambda: metrics_table(columns, target=report["target_entropy"],
+                                      title=f"tsopsd reheat: {teacher_line(report, 3)}, {report['steps_run']} steps, "
+                                            f"{report['stop_reason']}; {report['status'].replace('_', ' ')}; "
+                                            "held-out prompts"))
 
 
 def hand_off(report: dict) -> list[str]:

@@ -72,8 +72,9 @@ class LossConfig:
 class TrainConfig:
     mode: Literal["lora", "full"] = "lora"
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # with several ranks; auto: ddp when the model fits a device
-    steps: int = 50
-    lr: float = 1e-4
+    steps: int = 200  # a budget: the run stops when it meets its goal
+    lr: float = 1e-4  # the starting learning rate: doubled while the entropy gap closes too slowly (max_lr_factor)
+    max_lr_factor: float = 32.0  # pace: the lr may rise to this x `lr` (1: a fixed lr)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0: no clipping
@@ -270,6 +271,8 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"loss.chunk_size: must be >= 0, got {lo.chunk_size}")
     if not 0 < tr.lr < math.inf:
         e.append(f"train.lr: must be > 0, got {tr.lr}")
+    if not 1 <= tr.max_lr_factor < math.inf:
+        e.append(f"train.max_lr_factor: must be >= 1 (1: a fixed lr), got {tr.max_lr_factor}")
     for name, v in (("train.weight_decay", tr.weight_decay), ("train.warmup_steps", tr.warmup_steps),
                     ("train.max_grad_norm", tr.max_grad_norm), ("output.save_every", o.save_every),
                     ("output.eval_prompts", o.eval_prompts or 0), ("stop.entropy_tolerance", st.entropy_tolerance),

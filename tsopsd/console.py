@@ -38,6 +38,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         fmt = OneLine("%(asctime)s %(levelname)s %(message)s", datefmt=STAMP)
     handler.setFormatter(fmt)
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # third-party warnings are log events too: one line each off a terminal
     # transformers' own logger is noise, and its weight-loading and saving bars are too in a batch log (a bar
     # redrawn with carriage returns); on a terminal they are the progress of loading and saving a checkpoint.
     # Its warnings (and everyone's deprecations) still reach the warnings module. Two named ones are not ours:
@@ -56,6 +57,16 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     else:
         transformers.utils.logging.disable_progress_bar()
     logging.getLogger("tsopsd").setLevel(level)
+
+
+@contextmanager
+def timed(what: str, into: dict[str, float], logger: logging.Logger | None = None) -> Iterator[None]:
+    """Time a phase of a long job: its seconds into `into[what]` and, with `logger`, an info line when it ends."""
+    start = time.monotonic()
+    yield
+    into[what] = into.get(what, 0.0) + time.monotonic() - start
+    if logger is not None:
+        logger.info("%s: done in %.1f s", what, time.monotonic() - start)
 
 
 class OneLine(logging.Formatter):

@@ -67,7 +67,11 @@ def tied_embeddings(model) -> bool:
 
 def max_positions(model) -> int | None:
     """How many positions the model was built for (prompt plus completion), or None when its config does not say."""
-    cfg = causal_lm(model).config
+    return config_positions(causal_lm(model).config)
+
+
+def config_positions(cfg) -> int | None:
+    """`max_positions` from a transformers config."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:

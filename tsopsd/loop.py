@@ -19,6 +19,7 @@ once, complete, through a temporary folder and a rename (`output.py`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -39,12 +40,13 @@ from tsopsd.checkpoint import (
     loadable_folder,
     remove_stale_temporaries,
     resolve_device,
+    resolve_dtype,
     saved_dtype,
 )
 from tsopsd.config import Config, save_config
-from tsopsd.console import progress
+from tsopsd.console import progress, timed
 from tsopsd.decode import COMPILE
-from tsopsd.errors import TrainingStopped, TsopsdError
+from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
 from tsopsd.family import causal_lm, max_positions
 from tsopsd.intervals import describe
 from tsopsd.loss import ChunkStats
@@ -53,11 +55,11 @@ from tsopsd.output import CHECKPOINT, cast_model, versions, write_checkpoint, wr
 from tsopsd.parallel import Backend, join, make_backend
 from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
-from tsopsd.prompts import Prompt, check_prompt_file, load_prompts, prompt_room, prompts_fingerprint
+from tsopsd.prompts import Prompt, fit_prompts, load_prompts, prompts_fingerprint, read_records
 from tsopsd.rollout import sample_rollouts
 from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparable, discard_run_dir, interrupts, run_dir_for
 from tsopsd.step import Clock, teacher_states, train_step
-from tsopsd.stop import StopRules
+from tsopsd.stop import StopRules, judge
 from tsopsd.teacher import check_teacher, solve_temperature, unreachable
 from tsopsd.trackers import Trackers, check_trackers, logging_dir, open_trackers
 
@@ -150,6 +152,11 @@ class Run:
     writes_output: bool = True  # False: the API's in-memory run with no OUT (its run folder is temporary)
     show_progress: bool = True  # the before/after reports' bars (a TTY) or PROGRESS lines (a log), rank 0
     handed_back: bool = False  # an in-memory run's model holds its result (else it is put back as it came)
+    phase_seconds: dict = field(default_factory=dict)  # load, target measurement, before-report, training, ...
+
+    def timed(self, what: str):
+        """`with run.timed(phase):` its seconds into the report; rank 0 logs when it ends."""
+        return timed(what, self.phase_seconds, log if self.backend.is_main else None)
 
     @property
     def run_dir(self) -> Path:
@@ -195,9 +202,10 @@ class Run:
 
     def evaluate(self, model=None, reference=None, *, prompts: list[Prompt] | None = None,
                  samples: int | None = None, seed: int | None = None, warn_wide: bool = True,
-                 bar: str = "") -> dict | None:
+                 bar: str = "", precision: float | None = None) -> dict | None:
         """The before/after report of `model` (default: the student) on the held-out prompts (or `prompts`);
-        `bar`: its progress, so named (not inside the loop, whose bar is the steps')."""
+        `bar`: its progress, so named (not inside the loop, whose bar is the steps'); `precision`: sample on, up to
+        4x the samples, until the interval is within +-precision of the mean (`metrics.measure`)."""
         cfg = self.cfg
         prompts = self.eval_prompts if prompts is None else prompts
         if not prompts:
@@ -214,7 +222,7 @@ class Run:
                 samples_per_prompt=samples or cfg.output.eval_samples_per_prompt,
                 max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
                 score_batch=cfg.train.micro_batch, seed=cfg.seed if seed is None else seed,
-                done_everywhere=self.backend.done_everywhere, warn_wide=warn_wide,
+                done_everywhere=self.backend.done_everywhere, warn_wide=warn_wide, precision=precision,
                 progress=lambda what, total: task(f"{bar}: {what}", total)))
 
     def compares_training(self) -> bool:
@@ -231,14 +239,19 @@ class Run:
         mean averages their noise out) and its 95% interval on these prompts; {} on other steps."""
         if not self.stop.steers(step):
             return {}
-        m = self.backend.broadcast(self.evaluate(samples=self.cfg.stop.heldout_samples_per_prompt,
-                                                 seed=step_seed(self.cfg.seed, -(10**6) - 1 - step), warn_wide=False))
+        seed, stop = step_seed(self.cfg.seed, -(10**6) - 1 - step), self.cfg.stop
+        m = self.backend.broadcast(self.evaluate(samples=stop.heldout_samples_per_prompt, seed=seed, warn_wide=False))
         lo, hi = m["intervals"]["entropy_these_prompts"] or (m["entropy"]["mean"],) * 2
+        refined = self.stop.near_goal(m["entropy"]["mean"])
+        if refined:  # close: whether it stops is decided on more samples, up to 4x
+            m = self.backend.broadcast(self.evaluate(samples=stop.heldout_samples_per_prompt, seed=seed, warn_wide=False,
+                                                     precision=stop.heldout_tolerance))
+            lo, hi = m["intervals"]["entropy_these_prompts"] or (m["entropy"]["mean"],) * 2
         if self.backend.is_main:
             log.info("held-out entropy before step %d: %s (95%% interval on these %d prompts x %d), target %.4f",
                      step + 1, describe(m["entropy"]["mean"], (lo, hi)), m["prompts"], m["samples"] // m["prompts"],
                      self.stop.goal)
-        return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi}
+        return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi, "refined": float(refined)}
 
     def clock(self, timings: dict[str, float]) -> Clock:
         """A step's clock: `with clock(phase):` adds the phase's seconds to `timings`; on a GPU, called as the
@@ -276,9 +289,9 @@ class Run:
             log.info("%s on %d held-out prompts x %d samples", what, len(self.eval_prompts),
                      self.cfg.output.eval_samples_per_prompt)
 
-    def note(self, message: str) -> None:
-        if self.backend.is_main:
-            log.warning(message)
+    def note(self, message: str | None, level: int = logging.WARNING) -> None:
+        if self.backend.is_main and message:
+            log.log(level, message)
 
     def save(self) -> None:
         """Write the resumable state (every rank takes part; rank 0 writes the state file)."""
@@ -322,7 +335,8 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 clock = run.clock(timings)
                 with clock("heldout"):  # a steered run, every stop.heldout_every steps: steers the training target
                     heldout = run.heldout(step)
-                if heldout and (verdict := run.stop.steer(step, heldout["entropy"], (heldout["low"], heldout["high"]))):
+                if heldout and (verdict := run.stop.steer(step, heldout["entropy"], (heldout["low"], heldout["high"]),
+                                                           refined=bool(heldout["refined"]))):
                     with signals.held():
                         state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
                         break
@@ -350,6 +364,7 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                         state.failed = verdict.failure
                         break
                     run.stop.passed(step, backend.snapshot(policy) if run.stop.wants_snapshot(step) else None)
+                    run.note(run.stop.pace(step), level=logging.INFO)  # the next step's lr (the scheduler reads it)
                     grad_norm = backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm) \
                         if cfg.train.max_grad_norm > 0 else None
                     lr = run.scheduler.get_last_lr()[0]
@@ -387,10 +402,12 @@ def train(run: Run, *, show_progress: bool = True) -> None:
             raise
 
 
-def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool = True) -> Run:
+def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool = True,
+          config_file: str | Path | None = None) -> Run:
     """Load the checkpoint and prompts, build student, teacher and optimizer, and start or resume the state.
 
-    `model`: a checkpoint already in memory (the Python API's), trained in place instead of loading `cfg.model.path`.
+    `model`: a checkpoint already in memory (the Python API's), trained in place instead of loading `cfg.model.path`;
+    `config_file`: the YAML the config came from, named in the log's start line.
     """
     started = time.monotonic()
     out = Path(cfg.output.out)
@@ -398,13 +415,13 @@ def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool =
     run_dir = run_dir_for(out)
     launch = join(cfg.model.device, group=cfg.train.parallel == "fsdp")
     backend = make_backend(cfg.train.parallel, launch, resolve_device(launch.device))
+    if backend.is_main:
+        log.info(_start_line(cfg, backend, model, config_file))
 
     lock = OutputLock(out)
 
     def preflight() -> None:
-        check_prompt_file(cfg.data.prompts)
-        if cfg.data.eval_prompts:
-            check_prompt_file(cfg.data.eval_prompts)
+        check_prompts(cfg, backend.world_size)  # parsed and counted before any model loads
         logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
         writes = {"output folder": out, "temporary folder": temporary(out),
                   "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
@@ -454,6 +471,21 @@ def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool =
     return run
 
 
+def _start_line(cfg: Config, backend: Backend, given: Checkpoint | None, config_file: str | Path | None) -> str:
+    """What runs, in one line: versions, input and OUT (absolute), device, dtype, mode, teacher, lr, steps, config."""
+    v, t = versions(), cfg.teacher
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else \
+        f"auto ({str(resolve_dtype('auto', backend.device)).removeprefix('torch.')})"
+    teacher = f"tau {t.temperature:g}" if t.temperature is not None else f"target entropy {t.target_entropy:g}" \
+        if t.target_entropy is not None else f"target entropy from {Path(t.target_entropy_from).resolve()}"
+    source = "a model in memory" if given is not None else str(Path(cfg.model.path).resolve())
+    return (f"tsopsd {v['tsopsd']} reheat (torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}): "
+            f"{source} -> {Path(cfg.output.out).resolve()}; {backend.world_size} process(es) on {backend.device}, "
+            f"dtype {dtype}, mode {cfg.train.mode}, {teacher}, lr {cfg.train.lr:g} (up to x{cfg.train.max_lr_factor:g}), "
+            f"up to {cfg.train.steps} steps, seed {cfg.seed}, "
+            f"config {Path(config_file).resolve() if config_file else 'defaults'}" + ("; resuming" if cfg.output.resume else ""))
+
+
 def _let_go(lock: OutputLock, run_dir: Path) -> None:
     """Release OUT; a run folder that never got a saved state is removed (nothing in it to resume)."""
     if lock.held and run_dir.is_dir() and not (run_dir / STATE_FILE).is_file():
@@ -466,10 +498,13 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
     """Everything after the preflight: checkpoint, prompts, policy, optimizer, state."""
     out = Path(cfg.output.out)
     torch.manual_seed(cfg.seed)
+    phases: dict[str, float] = {}
     if given is None:
         log.info("loading %s", cfg.model.path)
-    ckpt = given or backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base, device=launch.device,
-                                                               dtype=cfg.model.dtype), prefix="checkpoint failed to load on ")
+    with timed("load", phases, log if backend.is_main and given is None else None):
+        ckpt = given or backend.everywhere(lambda: load_checkpoint(cfg.model.path, base=cfg.model.base,
+                                                                   device=launch.device, dtype=cfg.model.dtype),
+                                           prefix="checkpoint failed to load on ")
     model = ckpt.model
     if ckpt.source != "model folder":
         log.info("loaded %s", ckpt.source)
@@ -480,22 +515,18 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
                               "(tsopsd merge ADAPTER --out MERGED)")
         model = model.merge_and_unload()  # the teacher is the checkpoint as loaded: base + adapter
     prompts = load_prompts(cfg.data.prompts, ckpt.tokenizer, prompt_field=cfg.data.prompt_field,
-                           max_prompt_tokens=cfg.data.max_prompt_tokens, limit=cfg.data.limit,
-                           room=prompt_room(max_positions(model), cfg.rollout.max_new_tokens))
+                           max_prompt_tokens=cfg.data.max_prompt_tokens, limit=cfg.data.limit)
+    held = load_prompts(cfg.data.eval_prompts, ckpt.tokenizer, prompt_field=cfg.data.prompt_field,
+                        max_prompt_tokens=cfg.data.max_prompt_tokens) if cfg.data.eval_prompts else []
+    fitted, new_tokens = fit_prompts(prompts + held, max_positions(model), cfg.rollout.max_new_tokens)
+    prompts, held = fitted[:len(prompts)], fitted[len(prompts):]
+    if new_tokens != cfg.rollout.max_new_tokens:  # what runs, what is saved and what a resume compares
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=new_tokens))
     if cfg.data.eval_prompts:  # the user's held-out prompts (e.g. other problem families): all of them train
-        held = load_prompts(cfg.data.eval_prompts, ckpt.tokenizer, prompt_field=cfg.data.prompt_field,
-                            max_prompt_tokens=cfg.data.max_prompt_tokens,
-                            room=prompt_room(max_positions(model), cfg.rollout.max_new_tokens))
         train_prompts, eval_prompts = prompts, held[:cfg.output.eval_prompts] if cfg.output.eval_prompts is not None else held
     else:
         train_prompts, eval_prompts = hold_out(prompts, held_out_count(len(prompts), cfg.output.eval_prompts), cfg.seed)
-    need = backend.world_size * cfg.rollout.prompts_per_step
-    if len(train_prompts) < need:
-        have = f"{len(prompts)} prompts leave {len(train_prompts)} for training after holding out " \
-            f"{len(eval_prompts)} for the report (output.eval_prompts), which is" if eval_prompts else \
-            f"{len(prompts)} prompts are"
-        raise TsopsdError(f"{have} fewer than {backend.world_size} rank(s) x {cfg.rollout.prompts_per_step} prompts "
-                          "per step: lower rollout.prompts_per_step or output.eval_prompts, or add prompts")
+    _check_enough(cfg, backend.world_size, len(prompts), len(train_prompts), len(eval_prompts))
     backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
     torch.manual_seed(cfg.seed)  # the adapter's init: the same however the input was loaded (a verl LoRA draws)
     policy = prepare_policy(model, cfg.train)
@@ -504,11 +535,13 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
         enable_checkpointing(policy)
     optimizer = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    stop = StopRules(cfg.stop, mode=cfg.train.mode, steps=cfg.train.steps, max_lr_factor=cfg.train.max_lr_factor)
+    # linear warm-up, times the pace factor the stop rules raise while the entropy gap closes too slowly
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * stop.lr_factor)
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,
-              scheduler=scheduler, stop=StopRules(cfg.stop, mode=cfg.train.mode), state=None, prompts=train_prompts,
+              scheduler=scheduler, stop=stop, state=None, prompts=train_prompts,
               eval_prompts=eval_prompts, save_dtype=ckpt.dtype if given else saved_dtype(ckpt.config_dir),
-              show_progress=show_progress,
+              show_progress=show_progress, phase_seconds=phases,
               dtype=ckpt.dtype, started=started, config_dir=None if given else ckpt.config_dir, in_memory=given is not None,
               input_fingerprint=({} if given else fingerprint(ckpt.path, ckpt.base_path)) | prompts_fingerprint(cfg.data.prompts)
               | {f"prompts:held-out {k.removeprefix('prompts:')}": v
@@ -516,6 +549,29 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
     run.state = _resume(run) if cfg.output.resume else _start(run)
     run.stop.set_goal(run.state.target, steering=bool(eval_prompts) and cfg.stop.heldout_every > 0)
     return run
+
+
+def check_prompts(cfg: Config, world_size: int = 1) -> None:
+    """The prompt files parsed and checked (fields, empty prompts, roles) and counted against what a step takes,
+    before any model loads: what needs the tokenizer (chat templates, token counts) waits for it."""
+    n = len(read_records(cfg.data.prompts, cfg.data.prompt_field, cfg.data.limit))
+    if cfg.data.eval_prompts:
+        held = len(read_records(cfg.data.eval_prompts, cfg.data.prompt_field))
+        held = held if cfg.output.eval_prompts is None else min(held, cfg.output.eval_prompts)
+        _check_enough(cfg, world_size, n, n, held)
+    else:
+        held = held_out_count(n, cfg.output.eval_prompts)
+        _check_enough(cfg, world_size, n, n - held, held)
+
+
+def _check_enough(cfg: Config, world_size: int, n: int, training: int, held: int) -> None:
+    """`n` prompts, `training` of them trained on and `held` held out, give every rank its prompts a step."""
+    if training >= world_size * cfg.rollout.prompts_per_step:
+        return
+    have = f"{n} prompts leave {training} for training after holding out {held} for the report " \
+        "(output.eval_prompts), which is" if held and not cfg.data.eval_prompts else f"{n} prompts are"
+    raise TsopsdError(f"{have} fewer than {world_size} rank(s) x {cfg.rollout.prompts_per_step} prompts "
+                      "per step: lower rollout.prompts_per_step or output.eval_prompts, or add prompts")
 
 
 def _wants_checkpointing(cfg: Config, backend: Backend, policy: Policy) -> bool:
@@ -552,15 +608,18 @@ def _start(run: Run) -> RunState:
         run.run_dir.mkdir(parents=True)
     tau, source, target, measured = cfg.teacher.temperature, "temperature", cfg.teacher.target_entropy, None
     if cfg.teacher.target_entropy_from is not None:
-        measured = backend.broadcast(backend.measure(lambda: _entropy_of(cfg.teacher.target_entropy_from, run)))
+        with run.timed("target measurement"):
+            measured = backend.broadcast(backend.measure(lambda: _entropy_of(cfg.teacher.target_entropy_from, run)))
         target, source = measured["entropy"], f"target_entropy_from:{cfg.teacher.target_entropy_from}"
     elif target is not None:
         source = "target_entropy"
     if target is not None:
         tau = TRACKING_START  # where step 0's solve starts; every later one starts from the step before's tau
     run.announce("the before-report: measuring the input")
+    with run.timed("before-report"):
+        before = run.evaluate(bar="before-report")
     state = RunState(next_step=0, tau=tau, tau_source=source, target=target, target_measured=measured,
-                     before=run.evaluate(bar="before-report"),
+                     before=before,
                      world_size=backend.world_size, config=comparable(cfg), input_fingerprint=run.input_fingerprint)
     if backend.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
@@ -647,7 +706,7 @@ def finish(run: Run) -> dict:
         backend.finish()
         run.trackers.close()
         raise TrainingStopped(f"{state.stop_reason}: nothing was trained, so no output was written; "
-                              f"{_what_to_change(state.stop_reason)}")
+                              f"{_what_to_change(state.stop_reason)}", code=ExitCode.NOTHING_TRAINED)
     save = dict(mode=policy.mode, save=cfg.output.save, save_dtype=run.save_dtype)
     run.announce("the after-report: measuring the output")
     measured = written = None  # what the after-report measures (None: the student as trained)
@@ -660,20 +719,27 @@ def finish(run: Run) -> dict:
         adapter = cfg.output.save == "adapter"
         measured_on = "the adapter" if adapter else "the written checkpoint"
         measured = None if adapter else written
-    after = run.evaluate(model=measured, reference=policy.teacher, bar="after-report")
-    after_training = run.evaluate(model=measured, prompts=run.training_sample(), bar="after-report, training prompts") \
-        if run.compares_training() else None
+    judged = state.target is not None and not state.failed  # a target run's goal is judged on this measurement
+    with run.timed("after-report"):
+        after = run.evaluate(model=measured, reference=policy.teacher, bar="after-report",
+                             precision=cfg.stop.heldout_tolerance if judged else None)
+        after_training = run.evaluate(model=measured, prompts=run.training_sample(),
+                                      bar="after-report, training prompts") if run.compares_training() else None
     if run.in_memory:
         written = written_model(policy.student, **save | {"save": "merged"}, keep_student=False)
         run.handed_back = True
     elif backend.lockstep:
         trained = backend.gather_for_saving(policy, cfg.model.path)
         written = written_model(trained, **save, keep_student=False) if backend.is_main else None
+    goal = judge(target=state.target, tolerance=cfg.stop.heldout_tolerance, heldout=after, stop_reason=state.stop_reason)
+    status = "guard_stop" if state.failed else "met" if goal["met"] else "goal_not_met"
     report: dict = {}
     if backend.is_main:
         metrics = run.run_dir / "metrics.jsonl"
         steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         report = {
+            "status": status, "goal": goal, "pace": {"max_lr_factor": cfg.train.max_lr_factor,
+                                                     "lr_factor": run.stop.lr_factor, "raised": run.stop.paced},
             "input": str(cfg.model.path), "output": str(cfg.output.out) if run.writes_output else None,
             "mode": cfg.train.mode, "input_resolved": None if run.in_memory else str(Path(cfg.model.path).resolve()),
             "input_fingerprint": run.input_fingerprint,
@@ -685,7 +751,7 @@ def finish(run: Run) -> dict:
             "after": after, "after_measured_on": measured_on, "after_training_prompts": after_training,
             "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
-            "rollout_compile": run.rollout_compile,
+            "rollout_compile": run.rollout_compile, "phase_seconds": dict(run.phase_seconds),
             "measured": _measured(steps), "planned": _planned(run),
             "checkpoints": sorted((p.name for p in run.run_dir.iterdir() if CHECKPOINT.fullmatch(p.name)),
                                   key=lambda name: int(name.split("-")[1])),
@@ -693,17 +759,21 @@ def finish(run: Run) -> dict:
         }
         if run.writes_output:
             log.info("writing %s", cfg.output.out)
-        with run.signals.held():  # the output and the end of the run folder land together (only SIGKILL cuts in)
+        with run.signals.held(), run.timed("write"):  # the output and the end of the run folder land together
             if run.writes_output:
                 write_output(cfg, written, tokenizer=run.tokenizer, report=report, metrics=metrics)
             discard_run_dir(run.run_dir)
         log.info("%s (%s)", f"wrote {cfg.output.out}" if run.writes_output else "reheated the model in memory",
                  state.stop_reason)
+        log.info("done in %.0f s: %s; %s", time.monotonic() - run.started, status.replace("_", " "),
+                 ", ".join(f"{k} {v:.0f} s" for k, v in run.phase_seconds.items()))
     backend.finish()
     run.trackers.close()
     if state.failed:
         kept = f"written to {cfg.output.out}" if run.writes_output else "the model in memory holds the last good weights"
-        raise TrainingStopped(f"{state.stop_reason}; {kept}", report=report)
+        raise TrainingStopped(f"{state.stop_reason}; {kept}", report=report, code=ExitCode.GUARD_STOP)
+    if status == "goal_not_met":
+        run.note(f"goal not met: {goal['evidence']}; {goal['advice']}")
     return report
 
 
@@ -729,11 +799,12 @@ def _what_to_change(reason: str) -> str:
 
 
 def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None = None,
-           write: bool = True) -> dict:
+           write: bool = True, config_file: str | Path | None = None) -> dict:
     """Run TS-OPSD on `cfg.model.path` and write the output folder `cfg.output.out`.
 
     `model`: a checkpoint in memory (the Python API's) instead of `cfg.model.path`, trained in place; `write`
-    False: no output folder (the run folder at `cfg.output.out` is the caller's temporary one).
+    False: no output folder (the run folder at `cfg.output.out` is the caller's temporary one); `config_file`: the
+    YAML `cfg` came from (the log's start line names it).
 
     Returns:
         The report written to ``reheat_report.json``.
@@ -745,10 +816,11 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving resumable state.
     """
     with interrupts() as signals:  # Ctrl-C and SIGTERM: saved state, exit 130
-        run = setup(cfg, model, show_progress=show_progress)
+        run = setup(cfg, model, show_progress=show_progress, config_file=config_file)
         run.signals, run.writes_output = signals, write
         try:
-            train(run, show_progress=show_progress)
+            with run.timed("training"):
+                train(run, show_progress=show_progress)
             return finish(run)
         except BaseException:
             if run.in_memory and not run.handed_back:

@@ -29,7 +29,7 @@ from tsopsd.distributions import entropy, kl_divergence, summarize_entropy, temp
 from tsopsd.errors import TsopsdError
 from tsopsd.family import eos_token_ids, max_positions
 from tsopsd.intervals import WIDE, describe, prompt_interval, ratio_interval, relative_half_width, samples_for
-from tsopsd.prompts import Prompt, load_prompts, prompt_room
+from tsopsd.prompts import Prompt, fit_prompts, load_prompts, read_records
 from tsopsd.rollout import sample_rollouts
 from tsopsd.scoring import as_scorer
 
@@ -347,6 +347,7 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
     check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
                   precision=precision, max_samples_per_prompt=max_samples_per_prompt)
+    read_records(prompts, prompt_field, limit)  # a bad prompt file is found before any model loads
     model_ckpt = load_checkpoint(ckpt, base=base, device=device, dtype=dtype)
     ref_model = None
     if reference is not None:
@@ -355,8 +356,8 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
             raise TsopsdError(f"reference {reference} has a different tokenizer than {ckpt}: they must share one")
         ref_model = ref_ckpt.model
     items = load_prompts(prompts, model_ckpt.tokenizer, prompt_field=prompt_field,
-                         max_prompt_tokens=max_prompt_tokens, limit=limit,
-                         room=prompt_room(max_positions(model_ckpt.model), max_new_tokens))
+                         max_prompt_tokens=max_prompt_tokens, limit=limit)
+    items, max_new_tokens = fit_prompts(items, max_positions(model_ckpt.model), max_new_tokens)
     log.info("measuring %s on %d prompts x %d samples", ckpt, len(items), samples_per_prompt)
     with progress(show_progress) as task:
         metrics = measure(model_ckpt.model, model_ckpt.tokenizer, items, reference=ref_model,
@@ -370,5 +371,6 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
         "device": str(next(model_ckpt.model.parameters()).device),
         "dtype": str(model_ckpt.dtype).removeprefix("torch."),
         "tsopsd_version": __version__,
+        "max_new_tokens": max_new_tokens,
         "metrics": metrics,
     }

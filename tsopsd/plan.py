@@ -54,7 +54,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from tsopsd.batch import Rollout
 from tsopsd.config import Config
 from tsopsd.errors import TsopsdError
-from tsopsd.family import causal_lm, is_fake
+from tsopsd.family import causal_lm, config_positions, is_fake
+from tsopsd.prompts import fit_context
 
 CATEGORIES = ("weights", "optimizer state", "gradients", "activations", "kv cache", "logits chunks", "temporaries")
 PHASES = ("load", "rollout", "check", "train", "update", "report", "save")
@@ -62,14 +63,14 @@ PHASES = ("load", "rollout", "check", "train", "update", "report", "save")
 # when its peak plus this is at most the device's memory.
 RESERVED_BYTES = 3 * 2**30
 # The caching allocator holds more than it hands out: measured on one H200 (torch 2.11, the shipped Qwen3-4B LoRA
-# config, 2 steps, issue 27): max_memory_reserved 47.9 GiB against max_memory_allocated 33.3 GiB, 1.44x, without
+# config, 2 steps; docs/performance.md): max_memory_reserved 47.9 GiB against max_memory_allocated 33.3 GiB, 1.44x, without
 # expandable segments. tsopsd now turns those on (`PYTORCH_CUDA_ALLOC_CONF`), which should bring the ratio down;
 # until bench/gpu.sh measures it again the plan keeps the measured 1.44x as its reserve on top of the 3 GiB.
 RESERVED_RATIO = 47.9 / 33.3
 # A step's measured time over its roofline, from the same run: 131 s a step against a 39.4 s roofline (eager
 # decode, 13% of the training FLOPs at peak). `tsopsd plan` estimates a step as roofline / this.
 STEP_EFFICIENCY = 39.4 / 131
-CALIBRATED_ON = "one H200, torch 2.11, the shipped Qwen3-4B LoRA config, 2 steps (issue 27)"
+CALIBRATED_ON = "one H200, torch 2.11, the shipped Qwen3-4B LoRA config, 2 steps (docs/performance.md)"
 SHADOW_NUMEL = 1 << 22  # integer/bool tensors up to this size are also computed for real
 SHADOW_FLOAT_NUMEL = 64  # ...and float ones this small (an optimizer's step count), from real inputs only
 DECODE_PROBE = 3  # decoding steps run per rollout batch; the rest are extrapolated
@@ -579,7 +580,10 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype
     vocab, kv_heads, head_dim = _shape_facts(model_config)
     P = prompt_tokens or cfg.data.max_prompt_tokens or 512
-    L, k = cfg.rollout.max_new_tokens, cfg.rollout.samples_per_prompt
+    # as the run fits them to the model's context (`prompts.fit_context`), taking P as the longest prompt
+    L, room, _ = fit_context(config_positions(model_config), cfg.rollout.max_new_tokens, P)
+    P, k = min(P, room) if room is not None else P, cfg.rollout.samples_per_prompt
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=L))
     rows = cfg.rollout.prompts_per_step * k  # per rank
     mb = cfg.train.micro_batch
     tau = cfg.teacher.temperature or 1.5

@@ -84,11 +84,12 @@ def _records_parquet(path: Path, field: str | None) -> list[tuple[int, object]]:
     return [(i + 1, v) for i, v in enumerate(table.column(column).to_pylist())]
 
 
-def _to_text(value: object, tokenizer, where: str) -> str:
+def _check_value(value: object, where: str) -> None:
+    """A record's prompt is a non-empty string or a list of {role, content} messages with known roles."""
     if isinstance(value, str):
         if not value.strip():
             raise TsopsdError(f"{where}: empty prompt")
-        return value
+        return
     if isinstance(value, list) and value and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
@@ -96,13 +97,20 @@ def _to_text(value: object, tokenizer, where: str) -> str:
         if unknown:
             raise TsopsdError(f"{where}: unknown chat role {', '.join(map(repr, unknown))}: use "
                               f"{', '.join(sorted(ROLES))}")
-        if getattr(tokenizer, "chat_template", None):
-            return _apply_chat_template(tokenizer, value, where)
-        # No template: join the turns plainly, as a base model would see a transcript.
-        return "\n".join(f"{m['role']}: {m['content']}" for m in value) + "\nassistant:"
+        return
     raise TsopsdError(
         f"{where}: prompt must be a string or a list of {{role, content}} messages, got {type(value).__name__}"
     )
+
+
+def _to_text(value: object, tokenizer, where: str) -> str:
+    """The prompt as text (`value` passed `_check_value`): chat messages through the tokenizer's template."""
+    if isinstance(value, str):
+        return value
+    if getattr(tokenizer, "chat_template", None):
+        return _apply_chat_template(tokenizer, value, where)
+    # No template: join the turns plainly, as a base model would see a transcript.
+    return "\n".join(f"{m['role']}: {m['content']}" for m in value) + "\nassistant:"
 
 
 def _apply_chat_template(tokenizer, messages: list, where: str) -> str:
@@ -150,6 +158,35 @@ def prompts_fingerprint(path: str | Path) -> dict[str, str]:
     return {f"prompts:{os.path.basename(os.path.realpath(path))}": h.hexdigest()}
 
 
+def read_records(path: str | Path, prompt_field: str | None = None, limit: int | None = None) -> list[tuple[int, object]]:
+    """The prompt file's records, (line number, prompt text or chat messages), checked without a tokenizer: its
+    type, JSON, fields, empty prompts and roles; the first `limit`. What `reheat` checks before any model loads.
+
+    Raises:
+        TsopsdError: a missing or empty file, bad JSON, a missing field or a wrong type (naming the line).
+    """
+    path = Path(path)
+    check_prompt_file(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            records = _records_jsonl(path, prompt_field)
+        elif suffix == ".txt":
+            records = _records_txt(path)
+        elif suffix == ".parquet":
+            records = _records_parquet(path, prompt_field)
+        else:
+            raise TsopsdError(f"unknown prompt file type '{suffix}' for {path}: use .jsonl, .txt or .parquet")
+    except UnicodeDecodeError as e:
+        raise TsopsdError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not records:
+        raise TsopsdError(f"prompt file is empty: {path}")
+    records = records[:limit] if limit is not None else records
+    for lineno, value in records:
+        _check_value(value, f"{path}:{lineno}")
+    return records
+
+
 def load_prompts(
     path: str | Path,
     tokenizer,
@@ -174,23 +211,7 @@ def load_prompts(
         TsopsdError: a missing or empty file, bad JSON, a missing field or a wrong type (naming the line).
     """
     path = Path(path)
-    check_prompt_file(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            records = _records_jsonl(path, prompt_field)
-        elif suffix == ".txt":
-            records = _records_txt(path)
-        elif suffix == ".parquet":
-            records = _records_parquet(path, prompt_field)
-        else:
-            raise TsopsdError(f"unknown prompt file type '{suffix}' for {path}: use .jsonl, .txt or .parquet")
-    except UnicodeDecodeError as e:
-        raise TsopsdError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if not records:
-        raise TsopsdError(f"prompt file is empty: {path}")
-    if limit is not None:
-        records = records[:limit]
+    records = read_records(path, prompt_field, limit)
     cut = min((n for n in (max_prompt_tokens, room) if n is not None), default=None)
     prompts, truncated = [], 0
     for lineno, value in records:
@@ -211,15 +232,32 @@ def load_prompts(
     return prompts
 
 
-def prompt_room(positions: int | None, max_new_tokens: int) -> int | None:
-    """Prompt tokens that fit beside `max_new_tokens` in a context of `positions` (None: no known limit).
+def fit_context(positions: int | None, max_new_tokens: int, longest_prompt: int) -> tuple[int, int | None, str | None]:
+    """A completion length and a prompt room that fit a model's context of `positions` (None: no known limit).
 
-    Raises:
-        TsopsdError: when the completion length alone fills the context.
+    When the longest prompt and `max_new_tokens` fit, both are kept. Otherwise completions get what the longest
+    prompt leaves, but at least half the context (and no more than asked); prompts keep their last tokens in the
+    rest. A run, `measure-entropy` and `plan` all fit this way.
+
+    Returns:
+        (max_new_tokens, prompt room or None, a warning saying what was fitted or None).
     """
-    if positions is None:
-        return None
-    if max_new_tokens >= positions:
-        raise TsopsdError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
-                          f"{positions} positions: lower it below {positions}")
-    return positions - max_new_tokens
+    if positions is None or longest_prompt + max_new_tokens <= positions:
+        return max_new_tokens, None if positions is None else positions - max_new_tokens, None
+    fitted = min(max_new_tokens, max(positions - longest_prompt, positions // 2))
+    room = positions - fitted
+    said = (f"max_new_tokens {max_new_tokens} and the longest prompt ({longest_prompt} tokens) do not fit the model's "
+            f"context of {positions} positions: completions of up to {fitted} tokens")
+    if longest_prompt > room:
+        said += f", prompts keep their last {room} tokens"
+    return fitted, room, said + " (set rollout.max_new_tokens and data.max_prompt_tokens to choose)"
+
+
+def fit_prompts(prompts: list[Prompt], positions: int | None, max_new_tokens: int) -> tuple[list[Prompt], int]:
+    """`fit_context` applied: (the prompts, longer ones keeping their last tokens, and the completion length),
+    with its warning logged."""
+    fitted, room, said = fit_context(positions, max_new_tokens, max((len(p.ids) for p in prompts), default=0))
+    if said is None:
+        return prompts, fitted
+    log.warning(said)
+    return [p if len(p.ids) <= room else Prompt(p.text, p.ids[-room:]) for p in prompts], fitted

@@ -14,11 +14,14 @@ the run named `output.run_name` (default: OUT's folder name).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from pathlib import Path
 
 from tsopsd.config import report_kinds
 from tsopsd.errors import TsopsdError
+
+log = logging.getLogger(__name__)
 
 
 def check_trackers(spec: str) -> None:
@@ -97,4 +100,6 @@ def open_trackers(spec: str, log_dir: str | Path, *, resume_step: int, config: d
     for kind in kinds:
         sinks.append(_TensorBoard(log_dir / "tensorboard", resume_step) if kind == "tensorboard"
                      else _Wandb(log_dir, config, name, project))
+        log.info("step metrics to %s in %s", kind, (log_dir / "tensorboard").resolve() if kind == "tensorboard"
+                 else log_dir.resolve())
     return Trackers(sinks)

@@ -102,7 +102,7 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
     from tsopsd.console import progress
     from tsopsd.family import max_positions
     from tsopsd.metrics import check_options, measure
-    from tsopsd.prompts import load_prompts, prompt_room
+    from tsopsd.prompts import fit_prompts, load_prompts, read_records
 
     check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
@@ -110,9 +110,11 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
     if not 0 < collapse_ratio < 1:
         raise TsopsdError(f"--collapse-ratio must be in (0, 1), got {collapse_ratio}")
     ref_path = Path(reference) if reference is not None else found[0][1]
+    read_records(prompts, prompt_field, limit)  # a bad prompt file is found before any model loads
     ref = load_checkpoint(ref_path, base=base, device=device, dtype=dtype)
     items = load_prompts(prompts, ref.tokenizer, prompt_field=prompt_field, max_prompt_tokens=max_prompt_tokens,
-                         limit=limit, room=prompt_room(max_positions(ref.model), max_new_tokens))
+                         limit=limit)
+    items, max_new_tokens = fit_prompts(items, max_positions(ref.model), max_new_tokens)
     rows = []
     log.info("measuring %d checkpoints on %d prompts x %d samples against %s", len(found), len(items),
              samples_per_prompt, ref_path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,14 +138,26 @@ def build_models(out: str | Path, size: DemoSize = FULL, *, show_progress: bool 
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, fresh: bool = False,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, threads: int | None = 1) -> dict:
     """Build (or reuse) SFT, collapsed and reheated checkpoints; measure them; draw the pictures.
+
+    `threads`: torch's CPU threads for the demo (None: as they are). One by default: the toy model's time is
+    per-operation overhead, and with two a busy machine's spinning threads stall it (docs/lab.md).
 
     Returns:
         {"results": {name: measure result}, "pictures": [paths], "charts": text or None, "out": str}
     """
-    size = QUICK if quick else FULL
-    out = Path(out)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    log.info("demo: %d CPU thread(s) of %d cores", torch.get_num_threads(), len(os.sched_getaffinity(0)))
+    try:
+        return _run_demo(Path(out), QUICK if quick else FULL, fresh=fresh, show_progress=show_progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_demo(out: Path, size: DemoSize, *, fresh: bool, show_progress: bool) -> dict:
     if fresh and out.exists():
         shutil.rmtree(out)
     sft, collapsed, prompts_file = build_models(out, size, show_progress=show_progress)
