@@ -1,9 +1,10 @@
-"""The Python API (issue 30): a reheat on paths and a measurement of a model in memory, without the CLI."""
+"""The Python API: a reheat on paths and of a model in memory, and a measurement, without the CLI."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tsopsd.api import measure_entropy, reheat
 from tsopsd.checkpoint import load_checkpoint
@@ -107,3 +108,84 @@ def test_a_stopped_reheat_in_memory_hands_the_model_back_as_it_came(collapsed, i
     assert type(model) is cls and model.state_dict().keys() == before.keys()
     for name, value in model.state_dict().items():
         assert value.dtype == before[name].dtype and torch.equal(value, before[name]), name
+
+
+def _state(model) -> dict:
+    """Everything of the caller's model a call may not change: weights (exact), train/eval, requires_grad flags."""
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "training": model.training,
+            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "checkpointing": model.is_gradient_checkpointing}
+
+
+def _same(model, before: dict) -> bool:
+    import torch
+
+    now = _state(model)
+    return (now["weights"].keys() == before["weights"].keys()
+            and all(torch.equal(v, before["weights"][k]) for k, v in now["weights"].items())
+            and {k: now[k] for k in ("training", "grad", "checkpointing")} ==
+            {k: before[k] for k in ("training", "grad", "checkpointing")})
+
+
+def test_the_api_takes_a_model_as_an_rl_loop_holds_it(ckpts):
+    """A GPT-2-shaped policy in train mode with gradient checkpointing (TRL's default) and a tokenizer with no pad
+    token (GPT-2's, Llama's): measured and reheated, then handed back with its flags and the tokenizer as they were."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tsopsd
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpts["gpt2"]))
+    tok = AutoTokenizer.from_pretrained(str(ckpts["gpt2"]))
+    tok.pad_token, tok.padding_side = None, "right"
+    model.gradient_checkpointing_enable()
+    model.train()
+    before = _state(model)
+    prompts = ["the cat sat on", "one two three", "give me a number", "a b c d"] * 2
+    result = tsopsd.measure_entropy(model, prompts, tokenizer=tok, max_new_tokens=6, precision=0)
+    assert result["tokens"] > 0 and result["samples"] == 32
+    assert _same(model, before) and tok.pad_token is None and tok.padding_side == "right"
+    report = tsopsd.reheat(model, prompts, tokenizer=tok, config=TINY,
+                           overrides={"train.steps": 2, "output.eval_prompts": 2, "rollout.max_new_tokens": 6})
+    assert report["steps_run"] == 2 and report["status"] == "goal_not_met"  # 2 steps: said, not hidden
+    after = _state(model)
+    assert {k: after[k] for k in ("training", "grad", "checkpointing")} == \
+        {k: before[k] for k in ("training", "grad", "checkpointing")}
+    assert any(not (v == before["weights"][k]).all() for k, v in after["weights"].items())  # it trained, in place
+    assert tok.pad_token is None and tok.padding_side == "right"
+
+
+def test_the_api_refuses_what_it_cannot_take_before_touching_it(ckpts):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tsopsd
+    from tsopsd.errors import TsopsdError
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpts["gpt2"]))
+    tok = AutoTokenizer.from_pretrained(str(ckpts["gpt2"]))
+    prompts = ["the cat sat on", "one two three"] * 4
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"]))  # a PEFT policy, as TRL trains one
+    before = _state(policy)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    with pytest.raises(TsopsdError, match="reheat of a PEFT model in memory: .*merge it first"):
+        tsopsd.reheat(policy, prompts, tokenizer=tok, config=TINY, overrides={"train.steps": 2})
+    assert _same(policy, before) and sum(p.numel() for p in policy.parameters() if p.requires_grad) == trainable
+    assert tsopsd.measure_entropy(policy, prompts, tokenizer=tok, max_new_tokens=4, precision=0)["tokens"] > 0
+    assert _same(policy, before)  # measuring a PEFT policy is fine, and changes nothing
+    plain = AutoModelForCausalLM.from_pretrained(str(ckpts["gpt2"]))
+    before = _state(plain)
+    bare = AutoTokenizer.from_pretrained(str(ckpts["gpt2"]))
+    bare.pad_token = bare.eos_token = None
+    cases = [((42, prompts), {"tokenizer": tok}, "model must be a transformers causal LM"),
+             ((torch.nn.Linear(2, 2), prompts), {"tokenizer": tok}, "model must be a transformers causal LM"),
+             ((plain, prompts), {"tokenizer": "gpt2"}, "tokenizer= must be the model's transformers tokenizer"),
+             ((plain, prompts), {"tokenizer": bare}, "neither a pad token nor an eos token")]
+    for args, kwargs, message in cases:
+        for call in (tsopsd.reheat, tsopsd.measure_entropy):
+            with pytest.raises(TsopsdError, match=message):
+                call(*args, **kwargs)
+    with pytest.raises(TsopsdError, match="non-empty list of non-empty strings"):
+        tsopsd.measure_entropy(plain, ["ok", ""], tokenizer=tok)
+    with pytest.raises(TsopsdError, match="--samples-per-prompt must be"):
+        tsopsd.measure_entropy(plain, prompts, tokenizer=tok, samples_per_prompt=0)
+    assert _same(plain, before)

@@ -12,11 +12,14 @@ stopped training; nothing here prints unless `show_progress`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 
 def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = None, *, tokenizer=None,
@@ -48,6 +51,8 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
                    show_progress=show_progress)
     if tokenizer is None:
         raise TsopsdError("reheat of a model in memory needs its tokenizer= as well")
+    with _borrowed(model, tokenizer, what="reheat"):  # refusals before anything is touched
+        pass
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TsopsdError("reheat of a model in memory runs in one process; for several GPUs reheat a checkpoint "
                           "folder under torchrun")
@@ -65,21 +70,44 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
             raise TsopsdError("reheat of a model in memory cannot resume: reheat a checkpoint folder for that")
         ckpt = Checkpoint(model=model, tokenizer=tokenizer, path=Path(name), base_path=None, dtype=first.dtype,
                           source="a model in memory")
-        return _in_place(ckpt, lambda: run(cfg, show_progress=show_progress, model=ckpt, write=out is not None))
+        with _borrowed(model, tokenizer, what="reheat"):
+            return run(cfg, show_progress=show_progress, model=ckpt, write=out is not None)
 
 
-def _in_place(ckpt, reheat_it) -> dict:
-    """Run `reheat_it` on the model in memory of `ckpt`; its tokenizer padding, and the model's flags and mode, as
-    they were, whatever happens."""
-    model, tokenizer = ckpt.model, ckpt.tokenizer
-    if getattr(tokenizer, "pad_token", None) is None:  # batched rollouts pad (left), as `load_checkpoint` sets up
-        tokenizer.pad_token = tokenizer.eos_token
-    flags, training = {name: p.requires_grad for name, p in model.named_parameters()}, model.training
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+@contextlib.contextmanager
+def _borrowed(model, tokenizer, *, what: str):
+    """The caller's model and tokenizer set up for a run, and put back as they were whatever happens: a pad token
+    (the eos token) where there is none, left padding, eval mode; `requires_grad`, train/eval and the tokenizer's
+    padding as they came. Refused in one line before anything is touched: a model that is no causal LM, a
+    tokenizer that is no tokenizer, a PEFT model to train (its adapter would be trained beside tsopsd's).
+    """
+    from tsopsd.errors import TsopsdError
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or next(model.parameters(), None) is None:
+        raise TsopsdError(f"{what}: model must be a transformers causal LM (or a checkpoint folder), got "
+                          f"{type(model).__name__}")
+    if isinstance(tokenizer, (str, Path)) or not callable(tokenizer) or not hasattr(tokenizer, "get_vocab"):
+        raise TsopsdError(f"{what}: tokenizer= must be the model's transformers tokenizer, got {type(tokenizer).__name__}")
+    if what == "reheat" and hasattr(model, "peft_config"):
+        raise TsopsdError("reheat of a PEFT model in memory: its adapter would train beside tsopsd's; merge it first "
+                          "(model = model.merge_and_unload()) or reheat its saved adapter folder")
+    if next(model.parameters()).device.type == "meta":
+        raise TsopsdError(f"{what}: the model's weights are on the meta device (not loaded)")
+    pad = getattr(tokenizer, "pad_token", None)
+    if pad is None and getattr(tokenizer, "eos_token", None) is None:
+        raise TsopsdError(f"{what}: the tokenizer has neither a pad token nor an eos token to pad with: set "
+                          "tokenizer.pad_token")
+    flags, training, side = {name: p.requires_grad for name, p in model.named_parameters()}, model.training, \
+        tokenizer.padding_side
     try:
-        return reheat_it()
+        if pad is None:  # batched rollouts pad (left), as `load_checkpoint` sets up
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        model.eval()  # train mode would turn on dropout and a gradient-checkpointed model's use_cache=False
+        yield
     finally:
+        if pad is None:
+            tokenizer.pad_token = None
         tokenizer.padding_side = side
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, False))
@@ -107,14 +135,23 @@ def measure_entropy(model, prompts: str | Path | Sequence[str], *, tokenizer=Non
                                   precision=precision, seed=seed, reference=reference, show_progress=show_progress,
                                   **options)
     from tsopsd.errors import TsopsdError
-    from tsopsd.metrics import measure
-    from tsopsd.prompts import Prompt, load_prompts
+    from tsopsd.family import max_positions
+    from tsopsd.metrics import check_options, measure
+    from tsopsd.prompts import Prompt, fit_prompts, load_prompts
 
     if tokenizer is None:
         raise TsopsdError("measure_entropy of a model in memory needs its tokenizer= as well")
-    if isinstance(prompts, (str, Path)):
-        items = load_prompts(prompts, tokenizer)
-    else:
-        items = [Prompt(text, tuple(tokenizer(text)["input_ids"])) for text in prompts]
-    return measure(model, tokenizer, items, reference=reference, samples_per_prompt=samples_per_prompt,
-                   max_new_tokens=max_new_tokens, precision=precision, seed=seed, **options)
+    check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, precision=precision,
+                  temperature=options.get("temperature", 1.0), top_p=options.get("top_p", 1.0),
+                  top_k=options.get("top_k", 0), batch_size=options.get("batch_size", 16), limit=None,
+                  max_prompt_tokens=None, max_samples_per_prompt=options.get("max_samples_per_prompt"))
+    with _borrowed(model, tokenizer, what="measure_entropy"):
+        if isinstance(prompts, (str, Path)):
+            items = load_prompts(prompts, tokenizer)
+        else:
+            if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts) or not prompts:
+                raise TsopsdError("measure_entropy: prompts must be a prompt file or a non-empty list of non-empty strings")
+            items = [Prompt(text, tuple(tokenizer(text)["input_ids"])) for text in prompts]
+        items, max_new_tokens = fit_prompts(items, max_positions(model), max_new_tokens)
+        return measure(model, tokenizer, items, reference=reference, samples_per_prompt=samples_per_prompt,
+                       max_new_tokens=max_new_tokens, precision=precision, seed=seed, **options)
