@@ -32,9 +32,16 @@ def test_find_checkpoints_orders_by_step_and_knows_trl_and_verl_layouts(tmp_path
     assert found == [(3, trl[2]), (20, trl[1]), (50, verl.parent), (70, sharded), (100, trl[0])]  # the actor loads
     assert find_checkpoints([trl[0]]) == []  # one model folder: the single-checkpoint measurement
     assert find_checkpoints([sharded.parent]) == []  # one verl step folder too
-    assert find_checkpoints([trl[0], trl[2]]) == [(3, trl[2]), (100, trl[0])]
+    # paths given keep their order (the user's); only checkpoint-N and global_step_N name a step
+    assert find_checkpoints([trl[0], trl[2]]) == [(100, trl[0]), (3, trl[2])]
     plain = _model(tmp_path / "final")
-    assert find_checkpoints([plain, trl[1]]) == [(20, trl[1]), (None, plain)]  # unnumbered after numbered
+    assert find_checkpoints([plain, trl[1]]) == [(None, plain), (20, trl[1])]
+    sft, reheated2 = _model(tmp_path / "gpt2-sft"), _model(tmp_path / "reheated2")  # the name's 2 is no step
+    given = [sft, trl[1], trl[0], reheated2]
+    assert find_checkpoints(given) == [(None, sft), (20, trl[1]), (100, trl[0]), (None, reheated2)]
+    inside = tmp_path / "mixed"
+    names = [_model(inside / n) for n in ("step_9", "checkpoint-5", "global_step_2")]
+    assert find_checkpoints([inside]) == [(2, names[2]), (5, names[1]), (None, names[0])]
     assert find_checkpoints([tmp_path / "run" / "logs"]) == []  # one path, nothing in it: the loader says why
     with pytest.raises(TsopsdError, match="no checkpoint in"):
         find_checkpoints([plain, run / "logs"])

@@ -40,7 +40,9 @@ def save_trajectory_png(path: Path, result: dict) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result["checkpoints"]
-    xs = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
+    steps = [r["step"] for r in rows]
+    by_step = None not in steps and all(a < b for a, b in zip(steps, steps[1:]))  # else: the order given
+    xs = steps if by_step else list(range(len(rows)))
     mean = [r["metrics"]["entropy"]["mean"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.fill_between(xs, [r["metrics"]["entropy"]["p10"] for r in rows], [r["metrics"]["entropy"]["p90"] for r in rows],
@@ -51,7 +53,11 @@ def save_trajectory_png(path: Path, result: dict) -> Path:
     if result["collapse"]["index"] is not None:
         i = result["collapse"]["index"]
         ax.axvline(xs[i], color="red", alpha=0.6, label="collapse: the checkpoint to reheat")
-    ax.set_xlabel("step")
+    if by_step:
+        ax.set_xlabel("step")
+    else:
+        ax.set_xticks(xs, [Path(r["checkpoint"]).name for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("checkpoint, in the order given")
     ax.set_ylabel("nats")
     ax.set_title("entropy over a run's checkpoints")
     ax.legend(fontsize=8)

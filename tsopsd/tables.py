@@ -97,8 +97,8 @@ def trajectory_table(result: dict) -> Table:
     entropies = [r["metrics"]["entropy"]["mean"] for r in rows]
     at = result["collapse"]["index"]
     paths = [r["checkpoint"] for r in rows]
-    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if len(paths) > 1 else os.path.dirname(paths[0])
-    short = lambda p: os.path.relpath(p, root) if p else "none"  # noqa: E731 - names within the run folder
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    short = lambda p: os.path.relpath(os.path.abspath(p), root) if p else "none"  # noqa: E731 - names within root
     table = Table(title=f"tsopsd measure-entropy: {len(rows)} checkpoints in {root}, reference "
                         f"{short(result['reference']) if result['reference'] in paths else result['reference']}",
                   caption=f"entropy {entropies[0]:.3f} {sparkline(entropies)} {entropies[-1]:.3f}\n"

@@ -3,9 +3,9 @@
     found = find_checkpoints([Path("checkpoints/proj/exp")])      # [(step, folder), ...] or [] for one model
     result = measure_trajectory(found, "prompts.jsonl", samples_per_prompt=4)
 
-`tsopsd measure-entropy RUN_DIR` (or several folders) lands here. Recognized below a run folder, one level
-down: TRL's `checkpoint-N/`, verl's `global_step_N/` (its model in `actor/huggingface/` or `actor/`) and
-any model folder whose name ends in a number. A verl step is loaded from `actor/huggingface/` when that
+`tsopsd measure-entropy RUN_DIR` (or several folders, kept in the order given) lands here. Recognized below a
+run folder, one level down, in step order: TRL's `checkpoint-N/`, verl's `global_step_N/` (its model in
+`actor/huggingface/` or `actor/`), then any other model folder. A verl step is loaded from `actor/huggingface/` when that
 holds weights, else from the actor's rank shards (`verl_fsdp`). Each checkpoint is measured on the same prompts with the
 same seed, against one reference (`--reference`, default the first checkpoint), loaded one at a time,
 so memory holds the reference and one checkpoint. The first checkpoint whose mean entropy falls below
@@ -25,7 +25,7 @@ from tsopsd.verl_fsdp import is_actor
 
 log = logging.getLogger(__name__)
 
-STEP = re.compile(r"(?:global_step_|checkpoint-|step[-_]?)?(\d+)$")
+STEP = re.compile(r"(?:global_step_|checkpoint-)(\d+)$")  # TRL's and verl's names: the only ones that name a step
 INSIDE = ("", "actor", "huggingface")  # where a run's step folder keeps its model
 
 
@@ -51,10 +51,11 @@ def step_of(folder: Path) -> int | None:
 
 
 def find_checkpoints(paths: Sequence[Path]) -> list[tuple[int | None, Path]]:
-    """The checkpoints to measure, in step order, as (step, model folder); [] when `paths` is one model folder.
+    """The checkpoints to measure, as (step, model folder); [] when `paths` is one model folder.
 
-    A path that is a model folder is one checkpoint; otherwise its subfolders that hold a model (directly
-    or where verl keeps it) are. Folders without a step number keep their given order, after those with one.
+    Paths given keep the order they were given in. A path that is a model folder is one checkpoint; otherwise
+    its subfolders that hold a model (directly or where verl keeps it) are, in step order (`checkpoint-N`,
+    `global_step_N`), then those without a step by name. Only those two names give a step: `reheated2` does not.
     """
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and (is_model_folder(paths[0]) or is_actor(paths[0] / "actor")):
@@ -69,14 +70,14 @@ def find_checkpoints(paths: Sequence[Path]) -> list[tuple[int | None, Path]]:
             continue
         inside = [(step_of(child), _model_in(child)) for child in sorted(path.iterdir()) if child.is_dir()]
         inside = [(s, m) for s, m in inside if m is not None]
+        inside = sorted((x for x in inside if x[0] is not None), key=lambda x: x[0]) + [x for x in inside if x[0] is None]
         if not inside:
             if len(paths) == 1:
                 return []  # one path, no model and no checkpoints: the single-checkpoint loader says what is wrong
             raise TsopsdError(f"no checkpoint in {path}: expected a model folder or folders such as checkpoint-N "
                               "or global_step_N holding one")
         found += inside
-    numbered = sorted((x for x in found if x[0] is not None), key=lambda x: x[0])
-    return numbered + [x for x in found if x[0] is None]
+    return found
 
 
 def collapse_point(entropies: Sequence[float], ratio: float) -> int | None:
