@@ -101,6 +101,7 @@ def test_readme_recipe_reheats_the_demos_collapsed_model_full(quick_demo, tmp_pa
     check_readme_recipe(quick_demo[0], tmp_path, "full")
 
 
+@pytest.mark.slow  # 90 s with its world: make test keeps the README's own recipe on the demo's model
 @pytest.mark.xdist_group("gpt2_world")
 def test_readme_recipe_reheats_a_gpt2_shaped_collapsed_model_full(gpt2_world, tmp_path):
     check_readme_recipe(gpt2_world, tmp_path, "full")
@@ -199,11 +200,11 @@ class Stats:
         self.top1_agreement, self.student_entropy, self.teacher_entropy = agree * tokens, student * tokens, teacher * tokens
 
 
-def rules(**stop):
+def rules(warmup=0, **stop):
     from tsopsd.config import StopConfig
     from tsopsd.stop import StopRules
 
-    return StopRules(StopConfig(**stop), steps=200, max_lr_factor=32)
+    return StopRules(StopConfig(**stop), steps=200, max_lr_factor=32, warmup=warmup)
 
 
 def test_drift_guard_needs_evidence_not_one_token():
@@ -223,6 +224,11 @@ def test_pace_raises_a_stalled_lr_and_keeps_one_that_moves():
     stalled = rules(window=5)
     raised = [stalled.pace(i) for i in range(20) if stalled.check(i, Stats(1000, 1.0, 0.1, 1.0), 1000) is None]
     assert stalled.lr_factor == 8 and sum(x is not None for x in raised) == 3  # after steps 10, 15 and 20
+    warming = rules(window=5, warmup=10)
+    for i in range(20):  # the same, after 10 warm-up steps: the first two windows after them end at step 20
+        warming.check(i, Stats(1000, 1.0, 0.1, 1.0), 1000)
+        warming.pace(i)
+    assert warming.lr_factor == 2 and [p["step"] for p in warming.paced] == [20]
     moving = rules(window=5)
     for i in range(20):  # closes 30% of its gap a window: in time for a 200-step budget
         gap = 0.9 * 0.7 ** (i // 5)

@@ -535,7 +535,8 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
         enable_checkpointing(policy)
     optimizer = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
-    stop = StopRules(cfg.stop, mode=cfg.train.mode, steps=cfg.train.steps, max_lr_factor=cfg.train.max_lr_factor)
+    stop = StopRules(cfg.stop, mode=cfg.train.mode, steps=cfg.train.steps, max_lr_factor=cfg.train.max_lr_factor,
+                     warmup=warmup)
     # linear warm-up, times the pace factor the stop rules raise while the entropy gap closes too slowly
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * stop.lr_factor)
     run = Run(cfg=cfg, backend=backend, policy=policy, tokenizer=ckpt.tokenizer, optimizer=optimizer,

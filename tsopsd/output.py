@@ -41,6 +41,16 @@ def teacher_line(report: dict, digits: int = 4) -> str:
     return f"target entropy {target:.4f} nats{moved}"
 
 
+def _outcome(report: dict) -> str:
+    """The card's word on the outcome: nothing when the goal was met, else what was missed."""
+    status, goal = report.get("status", "met"), report.get("goal") or {}
+    if status == "met":
+        return ""
+    what = "A guard stopped training; these are the last weights that passed it" if status == "guard_stop" else \
+        f"**The goal was not met**: {goal.get('evidence', '')}"
+    return f"{what}. Check `reheat_report.json` before continuing RL from it.\n\n"
+
+
 def model_card(report: dict) -> str:
     """The output's README.md: Hub metadata (base model, library, tags), what was done, and the before/after
     on held-out prompts, each entropy with its 95% interval, against the target when there was one."""
@@ -74,6 +84,7 @@ def model_card(report: dict) -> str:
         f"Input checkpoint: `{report.get('input_resolved') or report['input']}`. Method: TS-OPSD (temperature-scaled "
         f"on-policy self-distillation), {teacher_line(report)}, divergence `{report['divergence']}`, "
         f"mode `{report['mode']}`, {report['steps_run']} steps (stopped: {report['stop_reason']}).\n\n"
+        + _outcome(report) +
         "| | before | after |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
         "Sample it at temperature 1.0: the entropy is in the weights.\n\n"
         "Files: `config.yaml` (the resolved run config), `metrics.jsonl` (one line per step), "

@@ -33,7 +33,8 @@ it: a few samples a prompt can miss a prompt's rare hot completions, and their i
 **Pace** (`train.max_lr_factor`): the learning rate given is where a run starts, not a promise that it
 moves the model. Every `stop.window` steps the student's entropy gap (1 - student / teacher entropy on
 the step's rollouts: the teacher's is the training target when tau is solved) over the last window is
-compared with the window before. When the gap closed more slowly than the rate that would bring it within
+compared with the window before (windows after `train.warmup_steps`: a lr still ramping up looks stalled).
+When the gap closed more slowly than the rate that would bring it within
 `stop.entropy_tolerance` in half the steps left, and the student has not yet closed half of the first
 window's gap, the learning rate doubles, up to `max_lr_factor` x the given one (an lr that moves the model
 is kept: later windows are noisier, steering moves the target, and raising on them thrashes). When the
@@ -86,13 +87,14 @@ class Verdict:
 
 
 class StopRules:
-    def __init__(self, cfg: StopConfig, *, mode: str = "lora", steps: int = 0, max_lr_factor: float = 1.0):
+    def __init__(self, cfg: StopConfig, *, mode: str = "lora", steps: int = 0, max_lr_factor: float = 1.0,
+                 warmup: int = 0):
         self.cfg = cfg
         self.every = cfg.rollback_every or (1 if mode == "lora" else 10)
         self.window: deque[tuple[float, float]] = deque(maxlen=cfg.window)  # (student, teacher) entropy
         self.agreement: deque[tuple[float, float]] = deque(maxlen=cfg.window)  # (agreeing tokens, tokens) a step
         self.gaps: deque[float] = deque(maxlen=2 * cfg.window)  # 1 - student / teacher entropy, a step
-        self.steps, self.max_lr_factor = steps, max_lr_factor
+        self.steps, self.max_lr_factor, self.warmup = steps, max_lr_factor, warmup  # pace judges windows after warm-up
         self.lr_factor = 1.0  # x the given learning rate (pace)
         self.first_gap: float | None = None  # the mean gap of the first window (pace raises until half of it is closed)
         self.paced: list[dict] = []  # each raise: step, factor, the gap closed and the rate needed
@@ -149,7 +151,7 @@ class StopRules:
         """After step `step` passed: double the learning-rate factor when the entropy gap closes too slowly to
         meet the tolerance in half the steps left (see the module docstring); a line saying why, or None."""
         w, tol = self.cfg.window, self.cfg.entropy_tolerance
-        if (step + 1) % w or len(self.gaps) < 2 * w:
+        if (step + 1) % w or step + 1 < self.warmup + 2 * w:  # two whole windows, both after the warm-up
             return None
         gaps = list(self.gaps)
         before, now = sum(gaps[:w]) / w, sum(gaps[w:]) / w
@@ -274,7 +276,8 @@ def judge(*, target: float | None, tolerance: float, heldout: dict | None, stop_
         below = h < target
     else:
         met = stop_reason.startswith("converged")
-        evidence = stop_reason
+        evidence = stop_reason if met else (f"{stop_reason}, and the student's entropy never came within "
+                                            "stop.entropy_tolerance of its teacher's over stop.window steps")
         below = True
     if met:
         return {"met": True, "evidence": evidence, "advice": ""}
