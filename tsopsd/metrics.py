@@ -219,8 +219,8 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
             result says which. A round adds prompts while some are unused (`first_prompts` starts with only
             the first ones: the prompts are then a pool to draw from), else samples to every prompt.
             None or 0: one round of k samples per prompt.
-        warn_wide: warn when the interval is wider than +-10% of the mean (a run's steering measurements log
-            their interval instead).
+        warn_wide: warn when the interval is wider than +-10% of the mean, or `precision` was not reached (a run's
+            steering measurements log their interval instead).
 
     Returns:
         A JSON-ready dict (fields documented in docs/reference.md, "`--json` fields").
@@ -290,7 +290,7 @@ def measure(model, tokenizer, prompts: Sequence[Prompt], *, reference=None, samp
                    "precision": {"asked": precision or None,
                                  "relative_half_width": rel if math.isfinite(rel) else None, "outcome": why}})
     if why is not None:
-        (log.info if why.startswith("reached") else log.warning)("--precision %g: %s", precision, why)
+        (log.info if why.startswith("reached") or not warn_wide else log.warning)("--precision %g: %s", precision, why)
     if rel > WIDE and warn_wide:
         need = samples_for(rel, result["samples"], WIDE)
         log.warning("mean entropy %s: the 95%% interval is +-%.0f%% of it (%d samples on %d prompts); about %d samples "

@@ -85,7 +85,7 @@ def _reheat(sft: Path, collapsed: Path, path: Path, prompts_file: Path, size: De
                                "teacher.target_entropy_from": str(sft), "train.steps": size.reheat_steps,
                                "seed": size.seed, "output.overwrite": True})
     try:
-        reheat(cfg, show_progress=show_progress)
+        reheat(cfg, show_progress=show_progress, config_file=CONFIG)
     except TrainingStopped as e:
         if e.report is None:  # nothing trained: nothing to show
             raise
