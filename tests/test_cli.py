@@ -369,3 +369,15 @@ def test_loading_and_saving_bars_on_a_terminal_only(monkeypatch):
     monkeypatch.setattr(console, "stderr", Console(stderr=True, force_terminal=False))
     console.setup_logging()
     assert not hf_logging.is_progress_bar_enabled()
+
+
+def test_a_libraries_two_line_warning_is_one_log_event():
+    """peft warns in two lines; off a terminal it is one timestamped event like every other line."""
+    import re
+
+    code = ("from tsopsd import console; console.setup_logging(); import warnings; "
+            "warnings.warn('first line\\nsecond line', UserWarning)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 0 and len(lines) == 1, p.stderr
+    assert re.match(r"^\d{4}-\d\d-\d\dT\S+ WARNING .*UserWarning: first line \| second line", lines[0]), lines
