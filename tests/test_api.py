@@ -189,3 +189,23 @@ def test_the_api_refuses_what_it_cannot_take_before_touching_it(ckpts):
     with pytest.raises(TsopsdError, match="--samples-per-prompt must be"):
         tsopsd.measure_entropy(plain, prompts, tokenizer=tok, samples_per_prompt=0)
     assert _same(plain, before)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_reheat_that_fails_in_set_up_hands_the_model_back_as_it_came(ckpts, collapsed, mode):
+    """An error after the policy is built (here: --target-entropy-from a checkpoint with another tokenizer, found
+    while measuring the target): no adapter layers left, a bf16 model still bf16 with its exact weights."""
+    from transformers import AutoModelForCausalLM
+
+    import tsopsd
+
+    ckpt, prompts = collapsed
+    ck = load_checkpoint(ckpt, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16)
+    cls, before = type(model), _state(model)
+    with pytest.raises(TsopsdError, match="its tokenizer differs"):
+        tsopsd.reheat(model, prompts, tokenizer=ck.tokenizer, config=TINY,
+                      overrides={"train.mode": mode, "teacher.target_entropy_from": str(ckpts["qwen3"]),
+                                 "output.eval_prompts": 2})
+    assert type(model) is cls and _same(model, before)
+    assert {v.dtype for v in model.state_dict().values()} == {torch.bfloat16}

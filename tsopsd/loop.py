@@ -530,6 +530,19 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
     backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
     torch.manual_seed(cfg.seed)  # the adapter's init: the same however the input was loaded (a verl LoRA draws)
     policy = prepare_policy(model, cfg.train)
+    try:
+        return _build_run(cfg, backend, policy, ckpt, given, started, show_progress, phases, train_prompts,
+                          eval_prompts)
+    except BaseException:  # the caller's model in memory goes back as it came, whatever failed in set-up
+        if given is not None:
+            _put_back(policy, ckpt.dtype)
+        raise
+
+
+def _build_run(cfg: Config, backend: Backend, policy: Policy, ckpt: Checkpoint, given: Checkpoint | None,
+               started: float, show_progress: bool, phases: dict, train_prompts: list[Prompt],
+               eval_prompts: list[Prompt]) -> Run:
+    """The run around a built policy: backend placement, optimizer, schedule, stop rules, fresh or resumed state."""
     backend.prepare(policy)
     if _wants_checkpointing(cfg, backend, policy):
         enable_checkpointing(policy)
@@ -779,15 +792,14 @@ def finish(run: Run) -> dict:
 
 
 @torch.no_grad()
-def _put_back(run: Run) -> None:
-    """An in-memory run stopped before its result was folded in (Ctrl-C, nothing trained, an error): the caller's
-    model as it came. LoRA: the adapter layers taken out (the base weights never trained); full: the frozen
-    teacher's weights copied back, in the model's dtype."""
-    policy = run.policy
+def _put_back(policy: Policy, dtype: torch.dtype) -> None:
+    """An in-memory run stopped before its result was folded in (an error in set-up, Ctrl-C, nothing trained): the
+    caller's model as it came. LoRA: the adapter layers taken out (the base weights never trained); full: the
+    frozen teacher's weights copied back, in the model's dtype."""
     if policy.mode == "lora":
         policy.student.unload()  # peft puts the base layers back in place, in the caller's model object
         return
-    student = cast_model(policy.student, run.dtype)
+    student = cast_model(policy.student, dtype)
     student.load_state_dict(policy.teacher.model.state_dict())
 
 
@@ -825,7 +837,7 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
             return finish(run)
         except BaseException:
             if run.in_memory and not run.handed_back:
-                _put_back(run)
+                _put_back(run.policy, run.dtype)
             raise
         finally:
             run.trackers.close()
