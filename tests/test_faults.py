@@ -153,6 +153,23 @@ BAD = {
                                              "--out", str(t)], "is a folder: name a file"),
     # case 6: another live run holds OUT
     "another run on OUT": (lambda w, t: _locked(w, t, os.getpid()), f"another run is writing {{out}} (pid {os.getpid()})"),
+    # nothing lost: tsopsd deletes only what it can prove it wrote (its run folder's marker) and no longer needs
+    "resume onto an OUT it did not write": (lambda w, t: _run_folder(w, t, "--resume", out=True),
+                                           "cannot resume into {out}: it exists and this run did not write it"),
+    "a checkpoint along the way, no saved state": (lambda w, t: _run_folder(w, t, state=None, checkpoint=True),
+                                                   "holds checkpoint-3 from a run stopped before its first saved state"),
+    "...and --resume": (lambda w, t: _run_folder(w, t, "--resume", state=None, checkpoint=True),
+                        "holds checkpoint-3 from a run stopped before its first saved state"),
+    "OUT.tsopsd-run not made by tsopsd": (lambda w, t: _run_folder(w, t, state=None, marker=False),
+                                          "in the way of OUT's run folder and was not made by tsopsd"),
+    "...with a state file": (lambda w, t: _run_folder(w, t, "--resume", marker=False),
+                             "in the way of OUT's run folder and was not made by tsopsd"),
+    "state.json a link to /dev/zero": (lambda w, t: _run_folder(w, t, "--resume", state="dev-zero"),
+                                       "is damaged (state.json is not a file): left as it is"),
+    "state.json a folder": (lambda w, t: _run_folder(w, t, "--resume", state="folder"), "is damaged"),
+    "state.json a dangling link": (lambda w, t: _run_folder(w, t, state="dangling"), "is damaged"),
+    "merge onto an OUT a reheat writes": (lambda w, t: ["merge", str(_locked(w, t, os.getpid())[1]), "--out",
+                                                        str(t / "o")], f"another run is writing {{out}} (pid {os.getpid()})"),
     # malformed messages
     "unknown chat role": (lambda w, t: ["measure-entropy", str(w / "ckpt"), "--prompts", str(_prompts(
         t, '{"messages": [{"role": "wizard", "content": "sum 7 ="}]}\n')), "--max-new-tokens", "8"],
@@ -167,6 +184,27 @@ def _file(tmp):
     f = tmp / "a-file"
     f.write_text("not a folder")
     return f
+
+
+def _run_folder(world, tmp, *extra, state="file", checkpoint=False, marker=True, out=False):
+    """`reheat_args` onto tmp/o, with a run folder tmp/o.tsopsd-run made as a run leaves it: its marker (or none: a
+    folder tsopsd did not make), `state` ("file", None, "dev-zero", "folder", "dangling"), a loadable checkpoint-3,
+    and OUT made by hand beside it."""
+    run = tmp / "o.tsopsd-run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    if marker:
+        (run / "tsopsd-run.json").write_text('{"run_id": "5f0c", "pid": 1, "host": "h"}')
+    made = {"file": lambda p: p.write_text("{}"), "folder": lambda p: p.mkdir(), None: lambda p: None,
+            "dev-zero": lambda p: p.symlink_to("/dev/zero"), "dangling": lambda p: p.symlink_to(tmp / "gone")}
+    made[state](run / "state.json")
+    if checkpoint:
+        (run / "checkpoint-3").mkdir()
+        (run / "checkpoint-3" / "model.safetensors").write_bytes(b"weights of step 3")
+    if out:
+        (tmp / "o").mkdir()
+        (tmp / "o" / "notes.txt").write_text("the user's own")
+    return reheat_args(world, tmp / "o", *extra)
 
 
 def _locked(world, tmp, pid):
@@ -228,8 +266,10 @@ def test_stale_lock_leftover_run_folder_and_temporaries_are_cleared(world, tmp_p
     out = tmp_path / "o"
     pid = dead_pid()
     (tmp_path / "o.tsopsd-lock").write_text(f"{pid} {os.uname().nodename}")
-    (tmp_path / "o.tsopsd-run").mkdir()  # a run killed before its first save: no state.json
-    (tmp_path / "o.tsopsd-run" / "metrics.jsonl").write_text("")
+    killed = tmp_path / "o.tsopsd-run"  # a run killed before its first save: its marker, no state.json
+    killed.mkdir()
+    (killed / "tsopsd-run.json").write_text('{"run_id": "5f0c", "pid": 1, "host": "h"}')
+    (killed / "metrics.jsonl").write_text("")
     (tmp_path / f".o.tmp-{pid}-abc").mkdir()  # a final save killed before its rename
     (tmp_path / f".o.old-{pid}-run").mkdir()
     res = runner.invoke(app, reheat_args(world, out, "--resume"))
@@ -237,7 +277,8 @@ def test_stale_lock_leftover_run_folder_and_temporaries_are_cleared(world, tmp_p
     assert res.stderr.strip().splitlines()[-1] == (f"tsopsd: error: nothing to resume: {tmp_path / 'o.tsopsd-run'} "
                                                    "held no saved state (removed); rerun without --resume")
     assert leftovers(out) == []  # lock taken over and released, run folder and temporaries removed
-    (tmp_path / "o.tsopsd-run").mkdir()
+    killed.mkdir()
+    (killed / "tsopsd-run.json").write_text('{"run_id": "5f0c", "pid": 1, "host": "h"}')
     res = runner.invoke(app, reheat_args(world, out, quiet=False))
     assert res.exit_code == ExitCode.GOAL_NOT_MET, res.stderr  # 2 steps: written, not converged
     assert "a run folder without saved state" in res.stderr
@@ -347,10 +388,10 @@ def recover(world, row: dict, reference: dict) -> dict:
     """What a user does next, in this process (one thread, as the subprocesses run): --resume or a rerun."""
     out = row["out"]
     args = [str(a) for a in fault_args(world, out)]
-    if (out.with_name("o.tsopsd-run") / "state.json").is_file():
+    if (out.with_name("o.tsopsd-run") / "state.json").is_file() and not out.is_dir():
         rec, row["recovery"] = runner.invoke(app, [*args, "--resume"]), "--resume"
         ok = rec.exit_code == row["reference exit"]
-    elif out.is_dir():  # finished before the signal took effect; the user's --resume says so, and tidies up
+    elif out.is_dir():  # finished before the signal took effect (its run folder may be left): --resume says so, tidies up
         rec, row["recovery"] = runner.invoke(app, [*args, "--resume"]), "--resume: already complete"
         ok = rec.exit_code == 2 and "is complete (its run finished)" in rec.stderr
     else:

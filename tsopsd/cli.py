@@ -559,10 +559,18 @@ def merge(
         from tsopsd import console
         from tsopsd.checkpoint import merge_adapter
         from tsopsd.output import carry_record
+        from tsopsd.paths import check_out_name
+        from tsopsd.state import OutputLock
 
         console.setup_logging(quiet=quiet)
-        merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite,
-                      also=lambda folder: carry_record(adapter, folder))
+        check_out_name(out)
+        lock = OutputLock(out)  # every writer of OUT takes its lock: a reheat writing it, or another merge
+        lock.acquire()
+        try:
+            merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite,
+                          also=lambda folder: carry_record(adapter, folder))
+        finally:
+            lock.release()
         logging.getLogger("tsopsd").info("wrote %s (the adapter %s merged into its base)", out, adapter)
 
     _run(body, debug=debug)

@@ -23,8 +23,8 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,7 +57,19 @@ from tsopsd.paths import check_out_name, check_writes, check_writes_apart, tempo
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, fit_prompts, load_prompts, prompts_fingerprint, read_records
 from tsopsd.rollout import sample_rollouts
-from tsopsd.state import STATE_FILE, Interrupts, OutputLock, RunState, comparable, discard_run_dir, interrupts, run_dir_for
+from tsopsd.state import (
+    Interrupts,
+    OutputLock,
+    RunState,
+    comparable,
+    discard_run_dir,
+    discard_unsaved,
+    interrupts,
+    make_run_dir,
+    run_dir_for,
+    run_id_of,
+    settle_run_dir,
+)
 from tsopsd.step import Clock, teacher_states, train_step
 from tsopsd.stop import StopRules, judge
 from tsopsd.teacher import check_teacher, solve_temperature, unreachable
@@ -440,20 +452,7 @@ def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool =
         lock.acquire()  # from here on this run owns OUT and its run folder
         check_output_dir(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
         remove_stale_temporaries(out)
-        if run_dir.exists() and not (run_dir / STATE_FILE).is_file():  # killed before its first save
-            log.warning("removing %s: a run folder without saved state (its run stopped before saving any)", run_dir)
-            shutil.rmtree(run_dir)
-            if cfg.output.resume:
-                raise TsopsdError(f"nothing to resume: {run_dir} held no saved state (removed); rerun without --resume")
-        if cfg.output.resume and not (run_dir / STATE_FILE).is_file():
-            if out.is_dir():
-                raise TsopsdError(f"nothing to resume: {out} is complete (its run finished)")
-            raise TsopsdError(f"nothing to resume: no saved state in {run_dir}")
-        if not cfg.output.resume and run_dir.exists():
-            if not cfg.output.overwrite:
-                raise TsopsdError(f"an unfinished run exists at {run_dir}: pass --resume to continue it or "
-                                  "--overwrite to start over")
-            shutil.rmtree(run_dir)
+        settle_run_dir(run_dir, out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
 
     try:
         backend.on_main(preflight)  # rank 0 owns the output folders; every rank learns the verdict
@@ -487,9 +486,9 @@ def _start_line(cfg: Config, backend: Backend, given: Checkpoint | None, config_
 
 
 def _let_go(lock: OutputLock, run_dir: Path) -> None:
-    """Release OUT; a run folder that never got a saved state is removed (nothing in it to resume)."""
-    if lock.held and run_dir.is_dir() and not (run_dir / STATE_FILE).is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)
+    """Release OUT; a run folder this run made that never got a saved state, and holds no checkpoint, is removed."""
+    if lock.held and run_dir.is_dir():
+        discard_unsaved(run_dir)
     lock.release()
 
 
@@ -618,8 +617,9 @@ def _wants_checkpointing(cfg: Config, backend: Backend, policy: Policy) -> bool:
 def _start(run: Run) -> RunState:
     """A fresh state: tau (fixed, or the target entropy it will be solved for every step) and the before-report."""
     cfg, backend = run.cfg, run.backend
+    run_id = backend.broadcast(uuid.uuid4().hex if backend.is_main else None)  # in the marker, state and report
     if backend.is_main:
-        run.run_dir.mkdir(parents=True)
+        make_run_dir(run.run_dir, run_id)
     tau, source, target, measured = cfg.teacher.temperature, "temperature", cfg.teacher.target_entropy, None
     if cfg.teacher.target_entropy_from is not None:
         with run.timed("target measurement"):
@@ -632,7 +632,7 @@ def _start(run: Run) -> RunState:
     run.announce("the before-report: measuring the input")
     with run.timed("before-report"):
         before = run.evaluate(bar="before-report")
-    state = RunState(next_step=0, tau=tau, tau_source=source, target=target, target_measured=measured,
+    state = RunState(next_step=0, tau=tau, tau_source=source, target=target, target_measured=measured, run_id=run_id,
                      before=before,
                      world_size=backend.world_size, config=comparable(cfg), input_fingerprint=run.input_fingerprint)
     if backend.is_main:
@@ -646,6 +646,9 @@ def _resume(run: Run) -> RunState:
     """The saved state, after checking that it belongs to this run; restores weights, optimizer and rules."""
     cfg, backend = run.cfg, run.backend
     state = RunState.load(run.run_dir)
+    if state.run_id != run_id_of(run.run_dir):
+        raise TsopsdError(f"cannot resume: the state in {run.run_dir} is not the run its folder was made for (the run ids "
+                          "differ): the run folder was altered; rerun with --overwrite to start over")
     if state.world_size != backend.world_size:
         raise TsopsdError(f"cannot resume: the run was saved with {state.world_size} rank(s), this launch has "
                           f"{backend.world_size}; relaunch with the same number of processes")
@@ -752,7 +755,7 @@ def finish(run: Run) -> dict:
         metrics = run.run_dir / "metrics.jsonl"
         steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         report = {
-            "status": status, "goal": goal, "pace": {"max_lr_factor": cfg.train.max_lr_factor,
+            "status": status, "goal": goal, "run_id": state.run_id, "pace": {"max_lr_factor": cfg.train.max_lr_factor,
                                                      "lr_factor": run.stop.lr_factor, "raised": run.stop.paced},
             "input": str(cfg.model.path), "output": str(cfg.output.out) if run.writes_output else None,
             "mode": cfg.train.mode, "input_resolved": None if run.in_memory else str(Path(cfg.model.path).resolve()),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 from tsopsd import __version__
 from tsopsd.checkpoint import atomic_output, loadable_folder
 from tsopsd.config import Config, save_config
+from tsopsd.state import CHECKPOINT  # OUT/checkpoint-N, as TRL names its checkpoints along the way
 
 
 def versions() -> dict[str, str]:
@@ -167,7 +167,6 @@ def provenance(cfg: Config) -> Config:
         output=dataclasses.replace(cfg.output, out=real(cfg.output.out), overwrite=False, resume=False))
 
 
-CHECKPOINT = re.compile(r"checkpoint-\d+")  # OUT/checkpoint-N, as TRL names its intermediate checkpoints
 
 
 @torch.no_grad()

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +66,7 @@ class RunState:
         input_fingerprint: `checkpoint.fingerprint` of the input (and adapter base): a resume refuses a
             changed input.
         target_measured: with `teacher.target_entropy_from`, how the target was measured (with its interval).
+        run_id: the run's id, also in its folder's marker (`MARKER`) and OUT's report.
     """
 
     next_step: int
@@ -81,6 +84,7 @@ class RunState:
     failed: bool = False
     input_fingerprint: dict = dataclasses.field(default_factory=dict)
     target_measured: dict | None = None  # target_entropy_from: the measurement (entropy, interval, samples)
+    run_id: str = ""  # the run's id: in its folder's marker and in OUT's report (what this run wrote)
 
     def save(self, run_dir: Path) -> None:
         """Write the state atomically (JSON + safetensors), then remove sharded folders it no longer names."""
@@ -107,13 +111,91 @@ class RunState:
         kinds = {"next_step": int, "tau": (int, float), "tau_source": str, "target": (int, float, type(None)),
                  "before": (dict, type(None)), "world_size": int, "config": dict, "stop": dict, "scheduler": dict,
                  "trainable": (dict, type(None)), "stop_reason": (str, type(None)), "kept_step": (int, type(None)),
-                 "failed": bool, "input_fingerprint": dict, "target_measured": (dict, type(None))}
+                 "failed": bool, "input_fingerprint": dict, "target_measured": (dict, type(None)), "run_id": str}
         wrong = [k for k, kind in kinds.items() if not isinstance(saved[k], kind) or
                  (kind is int and isinstance(saved[k], bool))]
         if wrong or saved["next_step"] < 0 or saved["world_size"] < 1:
             raise TsopsdError(f"cannot resume: {path} is damaged ({', '.join(wrong) or 'next_step or world_size'} out of "
                               "form); rerun with --overwrite to start over")
         return cls(**saved)
+
+
+CHECKPOINT = re.compile(r"checkpoint-\d+")  # a loadable checkpoint along the way (TRL's name)
+MARKER = "tsopsd-run.json"  # written first into every run folder: proof that tsopsd made it, and which run
+
+
+def make_run_dir(run_dir: Path, run_id: str) -> None:
+    """Create a run's folder with its marker (the run id, this pid and host), written whole before anything else."""
+    run_dir.mkdir(parents=True)
+    tmp = run_dir / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}))
+    os.replace(tmp, run_dir / MARKER)
+
+
+def run_id_of(folder: Path, name: str = MARKER) -> str | None:
+    """The run id in `folder/name` (a run folder's marker, or an output's `reheat_report.json`); None when it is
+    not there or not readable as one."""
+    path = Path(folder) / name
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 2**26:
+            return None
+        found = json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) and found else None
+
+
+def settle_run_dir(run_dir: Path, out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Before a run starts: what an existing run folder (and, for a resume, OUT) means. tsopsd deletes only what it
+    can prove it wrote (the marker) and no longer needs; anything else is left as it is and named in the error.
+
+    Raises:
+        TsopsdError: a folder tsopsd did not make; a damaged run folder; one holding checkpoints of a run killed
+            before its first saved state (without --overwrite); an unfinished run (without --resume or
+            --overwrite); nothing to resume; a resume onto an OUT this run did not write.
+    """
+    state, exists = run_dir / STATE_FILE, os.path.lexists(run_dir)
+    if exists and (run_dir.is_symlink() or not run_dir.is_dir() or run_id_of(run_dir) is None):
+        raise TsopsdError(f"{run_dir} is in the way of OUT's run folder and was not made by tsopsd: move it away")
+    ours = run_id_of(run_dir) if exists else None
+    if exists and os.path.lexists(state) and (state.is_symlink() or not state.is_file()):
+        raise TsopsdError(f"{run_dir} is damaged ({STATE_FILE} is not a file): left as it is; move it away, then rerun")
+    if exists and state.is_file():
+        if resume and out.exists():
+            if run_id_of(out, "reheat_report.json") == ours:  # killed between writing OUT and discarding this
+                discard_run_dir(run_dir)
+                raise TsopsdError(f"nothing to resume: {out} is complete (its run finished)")
+            raise TsopsdError(f"cannot resume into {out}: it exists and this run did not write it; move it away, then "
+                              "--resume")
+        if resume:
+            return
+        if not overwrite:
+            raise TsopsdError(f"an unfinished run exists at {run_dir}: pass --resume to continue it or --overwrite to "
+                              "start over")
+        shutil.rmtree(run_dir)
+        return
+    if exists:  # ours, killed before its first saved state
+        kept = sorted(p.name for p in run_dir.iterdir() if CHECKPOINT.fullmatch(p.name))
+        if kept and not overwrite:
+            raise TsopsdError(f"{run_dir} holds {', '.join(kept)} from a run stopped before its first saved state: "
+                              "move what you need out of it, then rerun (--overwrite deletes it)")
+        log.warning("removing %s: a run folder without saved state (its run stopped before saving any)", run_dir)
+        shutil.rmtree(run_dir)
+        if resume:
+            raise TsopsdError(f"nothing to resume: {run_dir} held no saved state (removed); rerun without --resume")
+    if resume:
+        if out.is_dir():
+            raise TsopsdError(f"nothing to resume: {out} is complete (its run finished)")
+        raise TsopsdError(f"nothing to resume: no saved state in {run_dir}")
+
+
+def discard_unsaved(run_dir: Path) -> None:
+    """A run ending without a saved state: its folder removed if this run made it and it holds no checkpoint."""
+    marker = run_id_of(run_dir)
+    if marker is None or os.path.lexists(run_dir / STATE_FILE):
+        return
+    if not any(CHECKPOINT.fullmatch(p.name) for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def discard_run_dir(run_dir: Path) -> None:
