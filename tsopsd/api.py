@@ -141,7 +141,7 @@ def measure_entropy(model, prompts: str | Path | Sequence[str], *, tokenizer=Non
 
     if tokenizer is None:
         raise TsopsdError("measure_entropy of a model in memory needs its tokenizer= as well")
-    check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, precision=precision,
+    check_options(seed=seed, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, precision=precision,
                   temperature=options.get("temperature", 1.0), top_p=options.get("top_p", 1.0),
                   top_k=options.get("top_k", 0), batch_size=options.get("batch_size", 16), limit=None,
                   max_prompt_tokens=None, max_samples_per_prompt=options.get("max_samples_per_prompt"))

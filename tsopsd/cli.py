@@ -15,6 +15,7 @@ import errno
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -463,14 +464,18 @@ def _given_hardware(gpus: int, memory: Optional[str], flops: Optional[float], ba
     `plan.Hardware`; what is not given is the default's (an 80 GiB H100)."""
     from tsopsd.plan import Hardware, parse_bytes
 
-    if gpus < 1:
-        raise TsopsdError(f"--gpus must be >= 1, got {gpus}")
+    if not 1 <= gpus <= 2**16:
+        raise TsopsdError(f"--gpus must be in 1..65536, got {gpus}")
     for name, v in (("--gpu-flops", flops), ("--gpu-bandwidth", bandwidth), ("--prompt-tokens", prompt_tokens)):
-        if v is not None and not v > 0:
-            raise TsopsdError(f"{name} must be > 0, got {v}")
+        if v is not None and not 0 < v < math.inf:
+            raise TsopsdError(f"{name} must be a finite number > 0, got {v}")
+    if prompt_tokens is not None and prompt_tokens > 2**24:
+        raise TsopsdError(f"--prompt-tokens must be <= {2**24} (16M tokens), got {prompt_tokens}")
     default = Hardware()
-    return Hardware(gpus=gpus, memory=parse_bytes(memory) if memory is not None else default.memory,
-                    flops=flops or default.flops, bandwidth=bandwidth or default.bandwidth)
+    size = parse_bytes(memory) if memory is not None else default.memory
+    if not 0 < size < 2**60:
+        raise TsopsdError(f"--gpu-memory must be a finite size under 1 EiB, got {memory}")
+    return Hardware(gpus=gpus, memory=size, flops=flops or default.flops, bandwidth=bandwidth or default.bandwidth)
 
 
 def _plan_and_print(cfg, source: Path, hardware, *, as_json: bool, prompt_tokens: Optional[int] = None) -> dict:

@@ -233,6 +233,7 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 
 MAX_SAMPLES_PER_PROMPT = 4096  # every sample is held in memory until used: past this a typo, refused up front
+MAX_LORA_R = 16384  # wider than any model tsopsd targets: past it a typo that would fill memory
 
 
 def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
@@ -252,6 +253,25 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
     if r.samples_per_prompt > MAX_SAMPLES_PER_PROMPT:
         e.append(f"rollout.samples_per_prompt: must be <= {MAX_SAMPLES_PER_PROMPT} (every sample is held until trained "
                  f"on), got {r.samples_per_prompt}")
+    for name, v in (("output.eval_samples_per_prompt", o.eval_samples_per_prompt),
+                    ("stop.heldout_samples_per_prompt", st.heldout_samples_per_prompt)):
+        if v > MAX_SAMPLES_PER_PROMPT:
+            e.append(f"{name}: must be <= {MAX_SAMPLES_PER_PROMPT} (each is sampled, up to 4x, at every measurement), "
+                     f"got {v}")
+    if not 0 <= cfg.seed < 2**63:
+        e.append(f"seed: must be in 0..2^63-1, got {cfg.seed}")
+    floats = {"teacher.target_entropy": t.target_entropy, "train.weight_decay": tr.weight_decay,
+              "train.max_grad_norm": tr.max_grad_norm, "stop.entropy_tolerance": st.entropy_tolerance,
+              "stop.heldout_tolerance": st.heldout_tolerance, "stop.min_top1_agreement": st.min_top1_agreement,
+              "loss.beta": lo.beta, "train.max_lr_factor": tr.max_lr_factor}
+    e += [f"{name}: must be a finite number, got {v}" for name, v in floats.items() if v is not None and not math.isfinite(v)]
+    if not 0 <= st.entropy_tolerance < 1:
+        e.append(f"stop.entropy_tolerance: must be in [0, 1), got {st.entropy_tolerance}")
+    if tr.lora_alpha <= 0:
+        e.append(f"train.lora_alpha: must be > 0 (0 scales the adapter to nothing: a run that trains nothing), got "
+                 f"{tr.lora_alpha}")
+    if tr.lora_r > MAX_LORA_R:
+        e.append(f"train.lora_r: must be <= {MAX_LORA_R} (a rank above the model's width adds nothing), got {tr.lora_r}")
     for name, v in (("data.limit", cfg.data.limit), ("data.max_prompt_tokens", cfg.data.max_prompt_tokens)):
         if v is not None and v < 1:
             e.append(f"{name}: must be >= 1, got {v}")
@@ -259,6 +279,8 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"teacher.temperature: must be > 1 to reheat, got {t.temperature}")
     if t.target_entropy is not None and not t.target_entropy > 0:
         e.append(f"teacher.target_entropy: must be > 0 nats, got {t.target_entropy}")
+    if r.max_new_tokens > 2**20:
+        e.append(f"rollout.max_new_tokens: must be <= 1048576, got {r.max_new_tokens}")
     for name, v in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt", r.samples_per_prompt),
                     ("rollout.max_new_tokens", r.max_new_tokens), ("rollout.batch_size", r.batch_size),
                     ("train.steps", tr.steps), ("train.micro_batch", tr.micro_batch), ("train.lora_r", tr.lora_r),
@@ -340,6 +362,16 @@ def shipped_config(path: Path) -> Path:
     raise ConfigError(f"config file not found: {path}" + (f" (shipped configs by name: {', '.join(known)})" if known else ""))
 
 
+def _load_yaml(text: str, path: Path):
+    """A config file's YAML, refusing aliases (`*name`): nothing a config needs, and a few nested ones expand to
+    billions of values (an alias bomb) once walked."""
+    if len(text) > 2**20:
+        raise ConfigError(f"{path}: {len(text)} characters; a config is a few KB")
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+        raise ConfigError(f"{path}: YAML aliases (*name) are not allowed in a config: write the values out")
+    return yaml.safe_load(text) or {}
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
                 inputs: bool = True) -> Config:
     """Build a `Config` from defaults, an optional YAML file and dotted-key overrides.
@@ -357,7 +389,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+            loaded = _load_yaml(path.read_bytes().decode("utf-8"), path)
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except yaml.YAMLError as err:

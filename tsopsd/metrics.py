@@ -314,12 +314,13 @@ def _sample_round(model, tokenizer, prompts: Sequence[Prompt], plan: list[tuple[
 
 def check_options(*, samples_per_prompt: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                   limit: int | None, batch_size: int, max_prompt_tokens: int | None, precision: float | None = None,
-                  max_samples_per_prompt: int | None = None) -> None:
+                  max_samples_per_prompt: int | None = None, seed: int = 0) -> None:
     """`measure-entropy`'s sampling options: every bad one in one line (TsopsdError), before anything loads."""
     bad = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
         ("--samples-per-prompt", samples_per_prompt, 1 <= samples_per_prompt <= MAX_SAMPLES_PER_PROMPT,
          f"in 1..{MAX_SAMPLES_PER_PROMPT} (more prompts narrow the estimate, more samples of one prompt barely do)"),
-        ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("--max-new-tokens", max_new_tokens, 1 <= max_new_tokens <= 2**20, "in 1..1048576"),
+        ("--seed", seed, 0 <= seed < 2**63, "in 0..2^63-1"),
         ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
         ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
         ("--top-k", top_k, top_k >= 0, ">= 0"),
@@ -344,7 +345,7 @@ def measure_checkpoint(ckpt: str | Path, prompts: str | Path, *, samples_per_pro
                        precision: float | None = None, max_samples_per_prompt: int | None = None,
                        show_progress: bool = True) -> dict:
     """Load a checkpoint (and a reference) and prompts, then `measure`; returns the JSON the CLI prints."""
-    check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+    check_options(seed=seed, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
                   precision=precision, max_samples_per_prompt=max_samples_per_prompt)
     read_records(prompts, prompt_field, limit)  # a bad prompt file is found before any model loads

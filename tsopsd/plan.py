@@ -86,7 +86,10 @@ def parse_bytes(text: str) -> int:
     if m.group(2) is None and float(m.group(1)) < 2**20:  # "80": surely not 80 bytes
         raise TsopsdError(f"--gpu-memory {text!r}: give a unit, such as {text.strip()}GB (a bare number is bytes)")
     unit = (m.group(2) or "b").lower().rstrip("b").rstrip("i")
-    return int(float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit])
+    size = float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
+    if not size < 2**60:
+        raise TsopsdError(f"--gpu-memory {text!r}: must be under 1 EiB")
+    return int(size)
 
 
 # ---- the fake model ------------------------------------------------------------------------------

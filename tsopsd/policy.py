@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tsopsd.config import TrainConfig
+from tsopsd.errors import TsopsdError
 from tsopsd.family import plain_tensor
 from tsopsd.scoring import Scorer
 
@@ -85,7 +86,11 @@ def prepare_policy(model: torch.nn.Module, cfg: TrainConfig) -> Policy:
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=lora_target_modules(cfg.lora_target_modules), task_type="CAUSAL_LM")
-        student = get_peft_model(model, lora)
+        try:
+            student = get_peft_model(model, lora)
+        except ValueError as e:  # peft: no module of the model matches the names (nothing was injected)
+            raise TsopsdError(f"train.lora_target_modules {cfg.lora_target_modules!r}: {str(e).splitlines()[0]} "
+                              "(all-linear, or names such as q_proj,v_proj)") from None
         student.eval()
         trainable = [p for p in student.parameters() if p.requires_grad]
         frozen = Scorer(student, adapter_disabled=True)

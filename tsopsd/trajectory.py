@@ -105,7 +105,7 @@ def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path
     from tsopsd.metrics import check_options, measure
     from tsopsd.prompts import fit_prompts, load_prompts, read_records
 
-    check_options(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+    check_options(seed=seed, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_p=top_p, top_k=top_k, limit=limit, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
                   precision=precision, max_samples_per_prompt=max_samples_per_prompt)
     if not 0 < collapse_ratio < 1:
