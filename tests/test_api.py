@@ -209,3 +209,18 @@ def test_a_reheat_that_fails_in_set_up_hands_the_model_back_as_it_came(ckpts, co
                                  "output.eval_prompts": 2})
     assert type(model) is cls and _same(model, before)
     assert {v.dtype for v in model.state_dict().values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_a_reheat_called_under_no_grad_still_trains(collapsed, context):
+    """An RL loop may call it inside its own no-grad or inference block: the run trains all the same."""
+    import tsopsd
+
+    ckpt, prompts = collapsed
+    ck = load_checkpoint(ckpt, device="cpu")
+    before = {k: v.clone() for k, v in ck.model.state_dict().items()}
+    with getattr(torch, context)():
+        report = tsopsd.reheat(ck.model, prompts, tokenizer=ck.tokenizer, config=TINY,
+                               overrides={"train.steps": 2, "output.eval_prompts": 2})
+    assert report["steps_run"] == 2
+    assert any(not torch.equal(v, before[k]) for k, v in ck.model.state_dict().items())  # it trained

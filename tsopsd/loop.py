@@ -831,7 +831,9 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
             the output, its report in `.report`), or no update was kept (nothing written).
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving resumable state.
     """
-    with interrupts() as signals:  # Ctrl-C and SIGTERM: saved state, exit 130
+    # Ctrl-C and SIGTERM: saved state, exit 130. Gradients on whatever the caller's context (an RL loop's no_grad or
+    # inference_mode block would make every step a silent no-op); the teacher's passes turn them off themselves.
+    with interrupts() as signals, torch.inference_mode(False), torch.enable_grad():
         run = setup(cfg, model, show_progress=show_progress, config_file=config_file)
         run.signals, run.writes_output = signals, write
         try:
