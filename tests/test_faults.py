@@ -201,6 +201,21 @@ BAD = {
                                                                                        "b: &b [*a, *a, *a, *a, *a, *a]\n"
                                                                                        "c: [*b, *b, *b, *b, *b, *b]\n")),
                           "YAML aliases (*name) are not allowed"),
+    # a dry run refuses what the run refuses
+    "dry run onto the checkpoint": (lambda w, t: reheat_args(w, w / "ckpt", "--overwrite", "--dry-run"), "is the checkpoint"),
+    "dry run, --target-entropy-from missing": (lambda w, t: reheat_args(w, t / "o", "--dry-run", "--target-entropy-from",
+                                                                        t / "missing"), "checkpoint not found"),
+    "dry run, --eval-prompts missing": (lambda w, t: reheat_args(w, t / "o", "--dry-run", "--eval-prompts",
+                                                                 t / "missing.jsonl"), "prompt file not found"),
+    "dry run, --resume with nothing to resume": (lambda w, t: reheat_args(w, t / "o", "--dry-run", "--resume"),
+                                                 "nothing to resume"),
+    # a pickle is never loaded; a damaged record is found before a merge, not after it
+    "a legacy pytorch_model.bin": (lambda w, t: ["reheat", str(_legacy(w, t)), *reheat_args(w, t / "o")[2:]],
+                                   "holds pytorch_model.bin, a pickle"),
+    "merge, the adapter's report damaged": (lambda w, t: ["merge", str(_adapter_with_report(t, "[1, 2]")), "--out",
+                                                          str(t / "o")], "reheat_report.json is damaged"),
+    "merge, the adapter's report not JSON": (lambda w, t: ["merge", str(_adapter_with_report(t, "{nope")), "--out",
+                                                           str(t / "o")], "reheat_report.json is damaged"),
     # malformed messages
     "unknown chat role": (lambda w, t: ["measure-entropy", str(w / "ckpt"), "--prompts", str(_prompts(
         t, '{"messages": [{"role": "wizard", "content": "sum 7 ="}]}\n')), "--max-new-tokens", "8"],
@@ -236,6 +251,23 @@ def _run_folder(world, tmp, *extra, state="file", checkpoint=False, marker=True,
         (tmp / "o").mkdir()
         (tmp / "o" / "notes.txt").write_text("the user's own")
     return reheat_args(world, tmp / "o", *extra)
+
+
+def _legacy(world, tmp) -> Path:
+    """A checkpoint in the legacy format: config and tokenizer, weights as pytorch_model.bin (never unpickled)."""
+    legacy = tmp / "legacy"
+    if not legacy.exists():
+        shutil.copytree(world / "ckpt", legacy, ignore=shutil.ignore_patterns("*.safetensors*"))
+        (legacy / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    return legacy
+
+
+def _adapter_with_report(tmp, report: str) -> Path:
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "none", "peft_type": "LORA"}')
+    (adapter / "reheat_report.json").write_text(report)
+    return adapter
 
 
 def _locked(world, tmp, pid):

@@ -253,3 +253,17 @@ def test_pace_raises_a_stalled_lr_and_keeps_one_that_moves():
     again = rules(window=5)
     again.load_state_dict(json.loads(json.dumps(state)))
     assert again.lr_factor == 4 and again.paced == hot.paced and again.first_gap == hot.first_gap
+
+
+def test_held_out_prompts_that_are_the_training_prompts_are_named(collapsed, tmp_path, caplog):
+    from tsopsd.config import load_config
+    from tsopsd.loop import check_run
+
+    ckpt, prompts = collapsed
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(Path(prompts).read_bytes())
+    cfg = load_config(None, {"model.path": str(ckpt), "data.prompts": str(prompts), "output.out": str(tmp_path / "o"),
+                             "data.eval_prompts": str(copy), "rollout.prompts_per_step": 2})
+    with caplog.at_level("WARNING", logger="tsopsd"):
+        check_run(cfg, dry_run=True)
+    assert any("holds the training prompts" in r.getMessage() for r in caplog.records)

@@ -24,6 +24,7 @@ def test_find_checkpoints_orders_by_step_and_knows_trl_and_verl_layouts(tmp_path
     trl = [_model(run / f"checkpoint-{n}") for n in (100, 20, 3)]
     verl = _model(run / "global_step_50" / "actor" / "huggingface")
     (run / "logs").mkdir()  # not a checkpoint: ignored
+    _model(run / ".checkpoint-9.tmp")  # a checkpoint being written (hidden until renamed): never read
     (run / "global_step_60" / "actor").mkdir(parents=True)  # an empty actor folder: not a checkpoint
     sharded = run / "global_step_70" / "actor"  # verl rank shards, huggingface/ without weights: the actor is one
     _model(sharded / "huggingface")

@@ -389,8 +389,12 @@ def test_merge_onto_another_base_says_so(world, adapter, tmp_path):
     res = runner.invoke(app, ["merge", str(adapter), "--base", str(other), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.stderr
     assert squeeze(f"--base {other} is not the adapter's own base") in squeeze(res.stderr)
+    record = json.loads((tmp_path / "m" / "reheat_report.json").read_text())  # the record names the base it has now
+    assert record["base_model"] == record["merged_onto"] == str(other.resolve())
+    assert f"base_model: {other.resolve()}" in (tmp_path / "m" / "README.md").read_text()
     res = runner.invoke(app, ["merge", str(adapter), "--out", str(tmp_path / "m2")])
     assert res.exit_code == 0 and "own base" not in res.stderr
+    assert "merged_onto" not in json.loads((tmp_path / "m2" / "reheat_report.json").read_text())
 
 
 def test_dry_run_plans_an_adapter(world, adapter):

@@ -198,8 +198,9 @@ def check_model_folder(path: Path) -> None:
     if single.is_file():
         _check_safetensors(single)
         return
-    if (path / "pytorch_model.bin").is_file():
-        return  # legacy format: torch.load will validate it
+    if (path / "pytorch_model.bin").is_file():  # a pickle: never unpickled from a user's disk
+        raise TsopsdError(f"{path} holds pytorch_model.bin, a pickle, which tsopsd does not load: save it as "
+                          "safetensors first (transformers: model.save_pretrained(folder, safe_serialization=True))")
     raise TsopsdError(f"no weights in {path}: expected model.safetensors or a sharded index")
 
 

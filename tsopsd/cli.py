@@ -420,10 +420,10 @@ def reheat(
             if rank != 0:
                 return
             cfg = load_config(config, overrides, inputs=False)
-            if cfg.data.prompts:  # a dry run refuses the prompts the run refuses, before planning
-                from tsopsd.loop import check_prompts
+            if cfg.data.prompts and cfg.output.out:  # a dry run refuses what the run refuses, before planning
+                from tsopsd.loop import check_run
 
-                check_prompts(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+                check_run(load_config(config, overrides), int(os.environ.get("WORLD_SIZE", "1")), dry_run=True)
             from tsopsd.checkpoint import resolve_device
             from tsopsd.plan import this_machine
 
@@ -563,17 +563,18 @@ def merge(
     def body() -> None:
         from tsopsd import console
         from tsopsd.checkpoint import merge_adapter
-        from tsopsd.output import carry_record
+        from tsopsd.output import adapter_record, carry_record
         from tsopsd.paths import check_out_name
         from tsopsd.state import OutputLock
 
         console.setup_logging(quiet=quiet)
         check_out_name(out)
+        adapter_record(adapter)  # a damaged record is found before the merge, not after it
         lock = OutputLock(out)  # every writer of OUT takes its lock: a reheat writing it, or another merge
         lock.acquire()
         try:
             merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite,
-                          also=lambda folder: carry_record(adapter, folder))
+                          also=lambda folder: carry_record(adapter, folder, base))
         finally:
             lock.release()
         logging.getLogger("tsopsd").info("wrote %s (the adapter %s merged into its base)", out, adapter)

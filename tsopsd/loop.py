@@ -433,22 +433,7 @@ def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool =
     lock = OutputLock(out)
 
     def preflight() -> None:
-        check_prompts(cfg, backend.world_size)  # parsed and counted before any model loads
-        logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
-        writes = {"output folder": out, "temporary folder": temporary(out),
-                  "run folder": run_dir, "lock file": lock.path, "output.logging_dir": logs}
-        check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
-                              "target checkpoint": cfg.teacher.target_entropy_from, "prompt file": cfg.data.prompts,
-                              "held-out prompt file": cfg.data.eval_prompts})
-        check_writes_apart(writes)
-        for path in (out, run_dir, logs):
-            if path is not None:
-                check_writable(path)
-        check_trackers(cfg.output.report_to)
-        if model is None and cfg.output.save == "adapter" and loadable_folder(cfg.model.path) is None:
-            raise TsopsdError(f"{cfg.model.path} is a verl checkpoint held in rank shards, which an adapter cannot "
-                              "name as its base: reheat it with --save merged (or convert it with verl's model_merger "
-                              "and reheat that folder)")
+        check_run(cfg, backend.world_size, in_memory=model is not None)  # what a dry run refuses too
         lock.acquire()  # from here on this run owns OUT and its run folder
         check_output_dir(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
         remove_stale_temporaries(out)
@@ -564,12 +549,46 @@ def _build_run(cfg: Config, backend: Backend, policy: Policy, ckpt: Checkpoint, 
     return run
 
 
+def check_run(cfg: Config, world_size: int = 1, *, in_memory: bool = False, dry_run: bool = False) -> None:
+    """What a run refuses before it loads anything: the prompts, the target checkpoint, every path it would write
+    (against every input, and writable), the trackers; with `dry_run`, also OUT and its run folder as the run would
+    find them (nothing is deleted or locked). `reheat --dry-run` refuses exactly this."""
+    out = Path(cfg.output.out)
+    run_dir = run_dir_for(out)
+    check_prompts(cfg, world_size)
+    target = cfg.teacher.target_entropy_from
+    if target is not None and not Path(target).exists():
+        raise TsopsdError(f"--target-entropy-from {target}: checkpoint not found")
+    logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
+    writes = {"output folder": out, "temporary folder": temporary(out), "run folder": run_dir,
+              "lock file": OutputLock(out).path, "output.logging_dir": logs}
+    check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
+                          "target checkpoint": target, "prompt file": cfg.data.prompts,
+                          "held-out prompt file": cfg.data.eval_prompts})
+    check_writes_apart(writes)
+    for path in (out, run_dir, logs):
+        if path is not None:
+            check_writable(path)
+    check_trackers(cfg.output.report_to)
+    if not in_memory and cfg.output.save == "adapter" and loadable_folder(cfg.model.path) is None:
+        raise TsopsdError(f"{cfg.model.path} is a verl checkpoint held in rank shards, which an adapter cannot "
+                          "name as its base: reheat it with --save merged (or convert it with verl's model_merger "
+                          "and reheat that folder)")
+    if dry_run:
+        check_output_dir(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
+        settle_run_dir(run_dir, out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, dry_run=True)
+
+
 def check_prompts(cfg: Config, world_size: int = 1) -> None:
     """The prompt files parsed and checked (fields, empty prompts, roles) and counted against what a step takes,
     before any model loads: what needs the tokenizer (chat templates, token counts) waits for it."""
     n = len(read_records(cfg.data.prompts, cfg.data.prompt_field, cfg.data.limit))
     if cfg.data.eval_prompts:
         held = len(read_records(cfg.data.eval_prompts, cfg.data.prompt_field))
+        if [*prompts_fingerprint(cfg.data.eval_prompts).values()] == [*prompts_fingerprint(cfg.data.prompts).values()]:
+            log.warning("--eval-prompts holds the training prompts (the same file's contents): the run trains on them, "
+                        "so its 'held-out' measurements and steering are not held out; give other prompts, or leave it "
+                        "out to hold some out of the training file")
         held = held if cfg.output.eval_prompts is None else min(held, cfg.output.eval_prompts)
         _check_enough(cfg, world_size, n, n, held)
     else:

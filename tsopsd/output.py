@@ -21,6 +21,7 @@ import yaml
 from tsopsd import __version__
 from tsopsd.checkpoint import atomic_output, loadable_folder
 from tsopsd.config import Config, save_config
+from tsopsd.errors import TsopsdError
 from tsopsd.state import CHECKPOINT  # OUT/checkpoint-N, as TRL names its checkpoints along the way
 
 
@@ -92,15 +93,36 @@ def model_card(report: dict) -> str:
     )
 
 
-def carry_record(adapter: Path, folder: Path) -> None:
+def adapter_record(adapter: Path) -> dict | None:
+    """The reheat's report beside an adapter (None: an adapter tsopsd did not write), checked before a merge starts.
+
+    Raises:
+        TsopsdError: a report that is not a JSON object of a reheat (edited or damaged).
+    """
+    path = Path(adapter) / "reheat_report.json"
+    if not os.path.lexists(path):
+        return None
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        report = None
+    if not isinstance(report, dict) or not isinstance(report.get("input"), str) or not isinstance(
+            report.get("steps_run"), int):
+        raise TsopsdError(f"{path} is damaged (not a reheat's report): move it away to merge without the record")
+    return report
+
+
+def carry_record(adapter: Path, folder: Path, base: str | os.PathLike | None = None) -> None:
     """`tsopsd merge` of a reheat's adapter: the merged folder keeps the reheat's record (report, metrics, config)
-    and gets a card of its own (`library_name: transformers`); the report says what was merged. An adapter that
-    tsopsd did not write has no record: nothing to carry."""
+    and gets a card of its own (`library_name: transformers`); the report says what was merged, and onto which
+    base when it was not the adapter's own. An adapter that tsopsd did not write has no record: nothing to carry."""
     adapter = Path(adapter)
-    if not (adapter / "reheat_report.json").is_file():
+    report = adapter_record(adapter)
+    if report is None:
         return
-    report = json.loads((adapter / "reheat_report.json").read_text())
     report |= {"save": "merged", "merged_from": str(adapter.resolve())}
+    if base is not None:
+        report |= {"base_model": str(Path(base).resolve()), "merged_onto": str(Path(base).resolve())}
     for name in ("metrics.jsonl", "config.yaml"):
         if (adapter / name).is_file():
             shutil.copy(adapter / name, folder / name)

@@ -145,14 +145,15 @@ def run_id_of(folder: Path, name: str = MARKER) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
-def settle_run_dir(run_dir: Path, out: Path, *, overwrite: bool, resume: bool) -> None:
+def settle_run_dir(run_dir: Path, out: Path, *, overwrite: bool, resume: bool, dry_run: bool = False) -> None:
     """Before a run starts: what an existing run folder (and, for a resume, OUT) means. tsopsd deletes only what it
     can prove it wrote (the marker) and no longer needs; anything else is left as it is and named in the error.
 
     Raises:
         TsopsdError: a folder tsopsd did not make; a damaged run folder; one holding checkpoints of a run killed
             before its first saved state (without --overwrite); an unfinished run (without --resume or
-            --overwrite); nothing to resume; a resume onto an OUT this run did not write.
+            --overwrite); nothing to resume; a resume onto an OUT this run did not write. With `dry_run` the
+            same refusals, and nothing deleted.
     """
     state, exists = run_dir / STATE_FILE, os.path.lexists(run_dir)
     if exists and (run_dir.is_symlink() or not run_dir.is_dir() or run_id_of(run_dir) is None):
@@ -163,7 +164,8 @@ def settle_run_dir(run_dir: Path, out: Path, *, overwrite: bool, resume: bool) -
     if exists and state.is_file():
         if resume and out.exists():
             if run_id_of(out, "reheat_report.json") == ours:  # killed between writing OUT and discarding this
-                discard_run_dir(run_dir)
+                if not dry_run:
+                    discard_run_dir(run_dir)
                 raise TsopsdError(f"nothing to resume: {out} is complete (its run finished)")
             raise TsopsdError(f"cannot resume into {out}: it exists and this run did not write it; move it away, then "
                               "--resume")
@@ -172,15 +174,19 @@ def settle_run_dir(run_dir: Path, out: Path, *, overwrite: bool, resume: bool) -
         if not overwrite:
             raise TsopsdError(f"an unfinished run exists at {run_dir}: pass --resume to continue it or --overwrite to "
                               "start over")
-        shutil.rmtree(run_dir)
+        if not dry_run:
+            shutil.rmtree(run_dir)
         return
     if exists:  # ours, killed before its first saved state
         kept = sorted(p.name for p in run_dir.iterdir() if CHECKPOINT.fullmatch(p.name))
         if kept and not overwrite:
             raise TsopsdError(f"{run_dir} holds {', '.join(kept)} from a run stopped before its first saved state: "
                               "move what you need out of it, then rerun (--overwrite deletes it)")
-        log.warning("removing %s: a run folder without saved state (its run stopped before saving any)", run_dir)
-        shutil.rmtree(run_dir)
+        if dry_run and not resume:
+            return
+        if not dry_run:
+            log.warning("removing %s: a run folder without saved state (its run stopped before saving any)", run_dir)
+            shutil.rmtree(run_dir)
         if resume:
             raise TsopsdError(f"nothing to resume: {run_dir} held no saved state (removed); rerun without --resume")
     if resume:

@@ -68,7 +68,8 @@ def find_checkpoints(paths: Sequence[Path]) -> list[tuple[int | None, Path]]:
         if model is not None:
             found.append((step_of(path), model))
             continue
-        inside = [(step_of(child), _model_in(child)) for child in sorted(path.iterdir()) if child.is_dir()]
+        inside = [(step_of(child), _model_in(child)) for child in sorted(path.iterdir())  # .checkpoint-9.tmp: half
+                  if child.is_dir() and not child.name.startswith(".")]                    # written, never read
         inside = [(s, m) for s, m in inside if m is not None]
         inside = sorted((x for x in inside if x[0] is not None), key=lambda x: x[0]) + [x for x in inside if x[0] is None]
         if not inside:
