@@ -184,6 +184,8 @@ def test_the_api_refuses_what_it_cannot_take_before_touching_it(ckpts):
         for call in (tsopsd.reheat, tsopsd.measure_entropy):
             with pytest.raises(TsopsdError, match=message):
                 call(*args, **kwargs)
+    with pytest.raises(TsopsdError, match="overrides= must be a dict of dotted keys"):
+        tsopsd.reheat(plain, prompts, tokenizer=tok, overrides="train.steps=2")
     with pytest.raises(TsopsdError, match="non-empty list of non-empty strings"):
         tsopsd.measure_entropy(plain, ["ok", ""], tokenizer=tok)
     with pytest.raises(TsopsdError, match="--samples-per-prompt must be"):

@@ -214,6 +214,8 @@ BAD = {
                                    "holds pytorch_model.bin, a pickle"),
     "merge, the adapter's report damaged": (lambda w, t: ["merge", str(_adapter_with_report(t, "[1, 2]")), "--out",
                                                           str(t / "o")], "reheat_report.json is damaged"),
+    "merge onto an existing OUT": (lambda w, t: ["merge", str(_adapter_with_report(t, None)), "--out", str(_folder(t))],
+                                   "output folder exists: {out} (pass --overwrite to replace it)"),
     "merge, the adapter's report not JSON": (lambda w, t: ["merge", str(_adapter_with_report(t, "{nope")), "--out",
                                                            str(t / "o")], "reheat_report.json is damaged"),
     # malformed messages
@@ -262,12 +264,18 @@ def _legacy(world, tmp) -> Path:
     return legacy
 
 
-def _adapter_with_report(tmp, report: str) -> Path:
+def _adapter_with_report(tmp, report: str | None) -> Path:
     adapter = tmp / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "none", "peft_type": "LORA"}')
-    (adapter / "reheat_report.json").write_text(report)
+    if report is not None:
+        (adapter / "reheat_report.json").write_text(report)
     return adapter
+
+
+def _folder(tmp) -> Path:
+    (tmp / "o").mkdir()
+    return tmp / "o"
 
 
 def _locked(world, tmp, pid):

@@ -43,6 +43,9 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
     from tsopsd.errors import TsopsdError
     from tsopsd.loop import reheat as run
 
+    if overrides is not None and not (isinstance(overrides, dict) and all(isinstance(k, str) for k in overrides)):
+        raise TsopsdError(f"reheat: overrides= must be a dict of dotted keys, such as {{'train.steps': 50}}, got "
+                          f"{type(overrides).__name__}")
     keys = {"data.prompts": str(prompts) if isinstance(prompts, (str, Path)) else None, **(overrides or {})}
     if isinstance(model, (str, Path)):
         if out is None or keys["data.prompts"] is None:

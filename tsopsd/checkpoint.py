@@ -529,10 +529,11 @@ def check_vocab(model, tokenizer, path: Path) -> None:
         )
 
 
-def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to touch an existing output folder unless asked to."""
+def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False, resumable: bool = True) -> None:
+    """Refuse to touch an existing output folder unless asked to (`resumable`: the command has --resume)."""
     if out.exists() and not (overwrite or resume):
-        raise TsopsdError(f"output folder exists: {out} (pass --overwrite to replace it, or --resume)")
+        raise TsopsdError(f"output folder exists: {out} (pass --overwrite to replace it" +
+                          (", or --resume)" if resumable else ")"))
     if out.exists() and not out.is_dir():
         raise TsopsdError(f"output path exists and is not a folder: {out}")
 
@@ -676,7 +677,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     """Merge a PEFT adapter into its base and save a plain checkpoint (safetensors) with the tokenizer;
     `also(folder)` adds files to it before it lands (the CLI: the reheat's record, `output.carry_record`)."""
     check_out_name(out)
-    check_output_dir(Path(out), overwrite=overwrite)
+    check_output_dir(Path(out), overwrite=overwrite, resumable=False)
     check_writes({"output folder": out, "temporary folder": temporary(out)}, {"adapter": adapter, "adapter base": base})
     check_writable(out)
     _warn_other_base(Path(adapter), base)
