@@ -7,7 +7,9 @@
     result = tsopsd.measure_entropy(model, ["sum 12 =", "add to 7 ="], tokenizer=tok)  # a model in memory
 
 Both raise `TsopsdError` on bad input (with the CLI's one-line message) and `TrainingStopped` when a guard
-stopped training; nothing here prints unless `show_progress`.
+stopped training or nothing was trained (its `code` is the CLI's exit code); a run that ended without meeting
+its goal returns its report with `status` "goal_not_met" (the CLI's exit 4): check `report["status"] == "met"`.
+Nothing here prints unless `show_progress`.
 """
 
 from __future__ import annotations
