@@ -520,5 +520,7 @@ def test_signals_at_every_moment_lose_nothing(world, tmp_path, signals_sent):
     for row in rows:
         assert row["signalled"], row
         assert row["out after signal"] in ("absent", "complete"), row
+        if row["signal"] != "SIGKILL" and row["exit"] >= 0:  # caught: 130, or OUT's own outcome once it is complete
+            assert row["exit"] == (row["reference exit"] if row["out after signal"] == "complete" else 130), row
         assert row["recovered"] and row["equal to uninterrupted"] and row["leftovers"] == [], \
             (row["moment"], row["signal"], row["leftovers"], row["stderr"])

@@ -267,3 +267,25 @@ def test_held_out_prompts_that_are_the_training_prompts_are_named(collapsed, tmp
     with caplog.at_level("WARNING", logger="tsopsd"):
         check_run(cfg, dry_run=True)
     assert any("holds the training prompts" in r.getMessage() for r in caplog.records)
+
+
+def test_an_interrupt_says_what_it_left(collapsed, tmp_path):
+    """SIGTERM (what a scheduler sends) through a real process: 130 either way, and the line says whether state was
+    saved (continue with --resume) or nothing was (rerun)."""
+    import signal
+
+    import signals
+
+    slow = ("--steps", "400", "--set", "output.save_every=1")
+    r = signals.run_and_signal(short_run(collapsed, tmp_path / "a", *slow), when=lambda line: "loading " in line,
+                               sig=signal.SIGTERM)
+    assert r.returncode == ExitCode.INTERRUPTED, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "tsopsd: error: interrupted before any state was saved: nothing to " \
+                                                "resume; rerun"
+    assert not (tmp_path / "a.tsopsd-run").exists()
+    r = signals.run_and_signal(short_run(collapsed, tmp_path / "b", *slow), when=lambda line: "step 3/400" in line,
+                               sig=signal.SIGTERM)
+    assert r.returncode == ExitCode.INTERRUPTED, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"tsopsd: error: interrupted: state saved in {tmp_path / 'b.tsopsd-run'}; " \
+                                                "continue with --resume"
+    assert (tmp_path / "b.tsopsd-run" / "state.json").is_file()

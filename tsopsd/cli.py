@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from enum import Enum
@@ -437,12 +438,17 @@ def reheat(
             overrides.setdefault("output.overwrite", False)
         source = _saved_config(config, out, resume)
         cfg = load_config(source, overrides)
+        started = time.time()
         try:
             report = run_reheat(cfg, show_progress=not quiet, config_file=shipped_config(source) if source else None)
         except TrainingStopped as e:  # a guard stop wrote OUT: its report is still the one object on stdout
             if e.report and rank == 0:
                 _show_reheat(e.report, as_json=as_json)
             raise
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            raise _interrupted(Path(cfg.output.out), started, as_json=as_json) from None
         # Free the run's models now: under torchrun their reference cycles (FSDP state, hooks) can keep
         # process-group objects alive into interpreter shutdown, a known place for gloo to abort.
         gc.collect()
@@ -640,6 +646,25 @@ def _saved_config(config: Optional[Path], out: Optional[Path], resume: bool) -> 
 
     saved = run_dir_for(Path(out)) / "config.yaml"
     return saved if saved.is_file() else None
+
+
+def _interrupted(out: Path, started: float, *, as_json: bool) -> typer.Exit:
+    """A reheat's Ctrl-C or SIGTERM, said as it landed: state saved (130, --resume), nothing saved yet (130, rerun),
+    or after OUT was written (its report, and the exit code of its outcome)."""
+    from tsopsd.state import STATE_FILE, run_dir_for
+
+    run_dir, written = run_dir_for(out), out / "reheat_report.json"
+    if (run_dir / STATE_FILE).is_file():
+        return _fail(f"interrupted: state saved in {run_dir}; continue with --resume", ExitCode.INTERRUPTED)
+    if written.is_file() and written.stat().st_mtime >= started:  # this run wrote OUT before the signal landed
+        report = json.loads(written.read_text())
+        _show_reheat(report, as_json=as_json)
+        said = f"interrupted after {out} was written: it is complete (status {report.get('status')})"
+        if report.get("status") == "met":  # done: the signal changed nothing
+            logging.getLogger("tsopsd").warning(said)
+            return typer.Exit(ExitCode.DONE)
+        return _fail(said, ExitCode.GUARD_STOP if report.get("status") == "guard_stop" else ExitCode.GOAL_NOT_MET)
+    return _fail("interrupted before any state was saved: nothing to resume; rerun", ExitCode.INTERRUPTED)
 
 
 def _show_reheat(report: dict, *, as_json: bool) -> None:

@@ -19,7 +19,7 @@ class ExitCode(IntEnum):
     GOAL_NOT_MET = 4  # the run ended, OUT written, but its target (or convergence) was not reached
     GUARD_STOP = 5  # a guard stopped training (non-finite loss, drift): OUT holds the last good state
     NOTHING_TRAINED = 6  # no update was kept: no OUT
-    INTERRUPTED = 130  # Ctrl-C or SIGTERM: state saved, continue with --resume
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM before OUT was written: state saved (--resume), or none yet (rerun)
 
 
 class TsopsdError(ValueError):
