@@ -457,6 +457,21 @@ RESUME = {  # name: (change the copy, extra flags, text of the one line)
     "tensors truncated": (lambda d: _tensors_file(d).write_bytes(_tensors_file(d).read_bytes()[:100]), (), "is damaged"),
     "optimizer missing": (lambda d: _edit_state(d, lambda t: t["trainable"].pop("optimizer")), (),
                           "is damaged (KeyError"),
+    # the config is the only source of hyperparameters: a saved value that differs is named, never trained on
+    "tau 1.2 -> 9": (lambda d: _edit_state(d, lambda t: t.update(tau=9.0)), (), "tau: saved 9.0, config 1.2"),
+    "optimizer lr x500": (lambda d: _edit_state(d, lambda t: [g.update(lr=g["lr"] * 500) for g in
+                                                             t["trainable"]["optimizer"]["param_groups"]]), (),
+                          "optimizer lr: saved"),
+    "base lr x500": (lambda d: _edit_state(d, lambda t: t["scheduler"].update(base_lrs=[1.0])), (),
+                     "learning rate: saved [1.0], config 0.002"),
+    "weight_decay": (lambda d: _edit_state(d, lambda t: t["trainable"]["optimizer"]["param_groups"][0].update(
+        weight_decay=0.5)), (), "optimizer weight_decay: saved 0.5, config 0.0"),
+    "betas": (lambda d: _edit_state(d, lambda t: t["trainable"]["optimizer"]["param_groups"][0].update(
+        betas={"__tuple__": [0.5, 0.5]})), (), "optimizer betas: saved (0.5, 0.5)"),
+    "a fixed tau switched to a target": (lambda d: _edit_state(d, lambda t: t.update(target=0.5)), (),
+                                         "target entropy: saved 0.5"),
+    "pace factor x64": (lambda d: _edit_state(d, lambda t: t["stop"].update(lr_factor=64.0)), (),
+                        "learning-rate factor: saved 64.0"),
 }
 
 

@@ -693,6 +693,10 @@ def _resume(run: Run) -> RunState:
         raise TsopsdError(f"cannot resume: the state in {run.run_dir} is damaged ({type(e).__name__}: {e}); rerun with "
                           "--overwrite to start over") from None
     state.trainable = None
+    off = _disagrees_with_config(run, state)
+    if off:
+        raise TsopsdError(f"cannot resume: the state in {run.run_dir} disagrees with the config ({'; '.join(off)}): the "
+                          "run folder was altered; rerun with --overwrite to start over")
     metrics = run.run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     try:
@@ -714,6 +718,34 @@ def _resume(run: Run) -> RunState:
         metrics.write_text("".join(line + "\n" for line, k in zip(lines, logged) if k <= state.next_step))
         log.info("resuming %s at step %d of %d", run.run_dir, state.next_step + 1, cfg.train.steps)
     return state
+
+
+def _disagrees_with_config(run: Run, state: RunState) -> list[str]:
+    """What a loaded state says that the config does not: the config is the only source of hyperparameters, so a
+    saved value that differs (an edited state file) is named, never used. Empty when they agree."""
+    cfg, stop, off = run.cfg, run.stop, []
+    t = cfg.teacher
+    if t.temperature is not None and state.tau != t.temperature:
+        off.append(f"tau: saved {state.tau}, config {t.temperature}")
+    if (state.target is None) != (t.temperature is not None) or (t.target_entropy is not None and state.target !=
+                                                                t.target_entropy):
+        off.append(f"target entropy: saved {state.target}, config {t.target_entropy or t.target_entropy_from}")
+    if state.target is not None and not (state.target / 3 <= (stop.target or 0) <= 3 * state.target):
+        off.append(f"training target: saved {stop.target}, outside 1/3x..3x the target {state.target}")
+    factor = stop.lr_factor
+    if not (1 <= factor <= cfg.train.max_lr_factor and math.log2(factor).is_integer()) or \
+            factor != (stop.paced[-1]["factor"] if stop.paced else 1.0):
+        off.append(f"learning-rate factor: saved {factor}, not what pace gives (train.max_lr_factor {cfg.train.max_lr_factor})")
+    if run.scheduler.base_lrs != [cfg.train.lr] * len(run.optimizer.param_groups):
+        off.append(f"learning rate: saved {run.scheduler.base_lrs}, config {cfg.train.lr}")
+    for group in run.optimizer.param_groups:
+        for key, value in run.optimizer.defaults.items():
+            if key not in ("lr", "params") and group.get(key) != value:
+                off.append(f"optimizer {key}: saved {group.get(key)}, config {value}")
+        expected = cfg.train.lr * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)  # warm-up x pace, from config
+        if group.get("initial_lr") != cfg.train.lr or not math.isclose(group["lr"], expected, rel_tol=1e-9):
+            off.append(f"optimizer lr: saved {group['lr']}, the schedule gives {expected}")
+    return sorted(set(off))
 
 
 def _leaf_diff(then: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
