@@ -470,6 +470,9 @@ RESUME = {  # name: (change the copy, extra flags, text of the one line)
         betas={"__tuple__": [0.5, 0.5]})), (), "optimizer betas: saved (0.5, 0.5)"),
     "a fixed tau switched to a target": (lambda d: _edit_state(d, lambda t: t.update(target=0.5)), (),
                                          "target entropy: saved 0.5"),
+    "a failure that never happened": (lambda d: _edit_state(d, lambda t: t.update(failed=True)), (),
+                                      "the run's outcome: stop reason None"),
+    "a kept step mid-run": (lambda d: _edit_state(d, lambda t: t.update(kept_step=1)), (), "the run's outcome"),
     "pace factor x64": (lambda d: _edit_state(d, lambda t: t["stop"].update(lr_factor=64.0)), (),
                         "learning-rate factor: saved 64.0"),
 }

@@ -745,6 +745,12 @@ def _disagrees_with_config(run: Run, state: RunState) -> list[str]:
         expected = cfg.train.lr * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)  # warm-up x pace, from config
         if group.get("initial_lr") != cfg.train.lr or not math.isclose(group["lr"], expected, rel_tol=1e-9):
             off.append(f"optimizer lr: saved {group['lr']}, the schedule gives {expected}")
+    # what only the run produces: set together when it stops (a state saved mid-run has none of them)
+    guard = (state.stop_reason or "").startswith(("drift guard", "non-finite"))
+    if (state.stop_reason is None and (state.kept_step is not None or state.failed)) or \
+            (state.stop_reason is not None and state.failed != guard):
+        off.append(f"the run's outcome: stop reason {state.stop_reason!r} with kept step {state.kept_step} and failed "
+                   f"{state.failed}, which no run saves together")
     return sorted(set(off))
 
 
