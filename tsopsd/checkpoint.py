@@ -434,6 +434,8 @@ def read_model_config(folder: Path):
 
 
 MAX_LAYERS = 1024  # the largest public decoders have ~130 layers; far more is a typo (and planning it never ends)
+MAX_SIZES = {"vocab_size": 2**24, "hidden_size": 2**17}  # 16M tokens, 131k wide: far past any decoder, short of a typo
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def check_model_config(config, where: str | os.PathLike) -> None:
@@ -458,6 +460,13 @@ def check_model_config(config, where: str | os.PathLike) -> None:
         if type(value) is not int or value < (2 if name in ("vocab_size", "hidden_size") else 1):
             raise TsopsdError(f"{where}: {name} must be an integer >= {2 if name in ('vocab_size', 'hidden_size') else 1}, "
                               f"got {value!r}")
+    for name, most in MAX_SIZES.items():
+        if sizes[name] > most:
+            raise TsopsdError(f"{where}: {name} {sizes[name]} is more than {most}; is the config right?")
+    for name in POSITION_KEYS:  # the context: where a config gives one, at least one position
+        value = getattr(text, name, None)
+        if value is not None and (type(value) is not int or value < 1):
+            raise TsopsdError(f"{where}: {name} must be an integer >= 1 (the context length), got {value!r}")
     if sizes["num_hidden_layers"] > MAX_LAYERS:
         raise TsopsdError(f"{where}: num_hidden_layers {sizes['num_hidden_layers']} is more than {MAX_LAYERS}; "
                           "is the config right?")
