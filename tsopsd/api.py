@@ -56,8 +56,7 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
                    show_progress=show_progress)
     if tokenizer is None:
         raise TsopsdError("reheat of a model in memory needs its tokenizer= as well")
-    with _borrowed(model, tokenizer, what="reheat"):  # refusals before anything is touched
-        pass
+    _refuse(model, tokenizer, what="reheat")  # before anything is touched
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TsopsdError("reheat of a model in memory runs in one process; for several GPUs reheat a checkpoint "
                           "folder under torchrun")
@@ -79,13 +78,9 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
             return run(cfg, show_progress=show_progress, model=ckpt, write=out is not None)
 
 
-@contextlib.contextmanager
-def _borrowed(model, tokenizer, *, what: str):
-    """The caller's model and tokenizer set up for a run, and put back as they were whatever happens: a pad token
-    (the eos token) where there is none, left padding, eval mode; `requires_grad`, train/eval and the tokenizer's
-    padding as they came. Refused in one line before anything is touched: a model that is no causal LM, a
-    tokenizer that is no tokenizer, a PEFT model to train (its adapter would be trained beside tsopsd's).
-    """
+def _refuse(model, tokenizer, *, what: str) -> None:
+    """What `what` cannot take, in one line (TsopsdError): a model that is no causal LM or is not loaded, a tokenizer
+    that is no tokenizer or has nothing to pad with, a PEFT model to train (its adapter would train beside tsopsd's)."""
     from tsopsd.errors import TsopsdError
 
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or next(model.parameters(), None) is None:
@@ -102,6 +97,15 @@ def _borrowed(model, tokenizer, *, what: str):
     if pad is None and getattr(tokenizer, "eos_token", None) is None:
         raise TsopsdError(f"{what}: the tokenizer has neither a pad token nor an eos token to pad with: set "
                           "tokenizer.pad_token")
+
+
+@contextlib.contextmanager
+def _borrowed(model, tokenizer, *, what: str):
+    """The caller's model and tokenizer set up for a run, and put back as they were whatever happens: a pad token
+    (the eos token) where there is none, left padding, eval mode; `requires_grad`, train/eval and the tokenizer's
+    padding as they came. `_refuse`s first, before anything is touched."""
+    _refuse(model, tokenizer, what=what)
+    pad = tokenizer.pad_token
     flags, training, side = {name: p.requires_grad for name, p in model.named_parameters()}, model.training, \
         tokenizer.padding_side
     try:

@@ -234,6 +234,8 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 MAX_SAMPLES_PER_PROMPT = 4096  # every sample is held in memory until used: past this a typo, refused up front
 MAX_LORA_R = 16384  # wider than any model tsopsd targets: past it a typo that would fill memory
+MAX_NEW_TOKENS = 2**20  # a million tokens a completion: past any context, a typo (planning it would not end)
+SEED_LIMIT = 2**63  # seeds are 0..2^63-1: what torch's generators take
 
 
 def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
@@ -258,7 +260,7 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         if v > MAX_SAMPLES_PER_PROMPT:
             e.append(f"{name}: must be <= {MAX_SAMPLES_PER_PROMPT} (each is sampled, up to 4x, at every measurement), "
                      f"got {v}")
-    if not 0 <= cfg.seed < 2**63:
+    if not 0 <= cfg.seed < SEED_LIMIT:
         e.append(f"seed: must be in 0..2^63-1, got {cfg.seed}")
     floats = {"teacher.target_entropy": t.target_entropy, "train.weight_decay": tr.weight_decay,
               "train.max_grad_norm": tr.max_grad_norm, "stop.entropy_tolerance": st.entropy_tolerance,
@@ -279,8 +281,8 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"teacher.temperature: must be > 1 to reheat, got {t.temperature}")
     if t.target_entropy is not None and not t.target_entropy > 0:
         e.append(f"teacher.target_entropy: must be > 0 nats, got {t.target_entropy}")
-    if r.max_new_tokens > 2**20:
-        e.append(f"rollout.max_new_tokens: must be <= 1048576, got {r.max_new_tokens}")
+    if r.max_new_tokens > MAX_NEW_TOKENS:
+        e.append(f"rollout.max_new_tokens: must be <= {MAX_NEW_TOKENS}, got {r.max_new_tokens}")
     for name, v in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt", r.samples_per_prompt),
                     ("rollout.max_new_tokens", r.max_new_tokens), ("rollout.batch_size", r.batch_size),
                     ("train.steps", tr.steps), ("train.micro_batch", tr.micro_batch), ("train.lora_r", tr.lora_r),

@@ -23,7 +23,7 @@ import torch
 from tsopsd import __version__
 from tsopsd.batch import Rollout, concat
 from tsopsd.checkpoint import load_checkpoint
-from tsopsd.config import MAX_SAMPLES_PER_PROMPT
+from tsopsd.config import MAX_NEW_TOKENS, MAX_SAMPLES_PER_PROMPT, SEED_LIMIT
 from tsopsd.console import progress
 from tsopsd.distributions import entropy, kl_divergence, summarize_entropy, temperature_for_entropy, topk_overlap
 from tsopsd.errors import TsopsdError
@@ -319,8 +319,8 @@ def check_options(*, samples_per_prompt: int, max_new_tokens: int, temperature: 
     bad = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
         ("--samples-per-prompt", samples_per_prompt, 1 <= samples_per_prompt <= MAX_SAMPLES_PER_PROMPT,
          f"in 1..{MAX_SAMPLES_PER_PROMPT} (more prompts narrow the estimate, more samples of one prompt barely do)"),
-        ("--max-new-tokens", max_new_tokens, 1 <= max_new_tokens <= 2**20, "in 1..1048576"),
-        ("--seed", seed, 0 <= seed < 2**63, "in 0..2^63-1"),
+        ("--max-new-tokens", max_new_tokens, 1 <= max_new_tokens <= MAX_NEW_TOKENS, f"in 1..{MAX_NEW_TOKENS}"),
+        ("--seed", seed, 0 <= seed < SEED_LIMIT, "in 0..2^63-1"),
         ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
         ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
         ("--top-k", top_k, top_k >= 0, ">= 0"),

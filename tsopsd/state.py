@@ -156,9 +156,9 @@ def settle_run_dir(run_dir: Path, out: Path, *, overwrite: bool, resume: bool, d
             same refusals, and nothing deleted.
     """
     state, exists = run_dir / STATE_FILE, os.path.lexists(run_dir)
-    if exists and (run_dir.is_symlink() or not run_dir.is_dir() or run_id_of(run_dir) is None):
+    ours = run_id_of(run_dir) if exists and run_dir.is_dir() and not run_dir.is_symlink() else None
+    if exists and ours is None:
         raise TsopsdError(f"{run_dir} is in the way of OUT's run folder and was not made by tsopsd: move it away")
-    ours = run_id_of(run_dir) if exists else None
     if exists and os.path.lexists(state) and (state.is_symlink() or not state.is_file()):
         raise TsopsdError(f"{run_dir} is damaged ({STATE_FILE} is not a file): left as it is; move it away, then rerun")
     if exists and state.is_file():
@@ -197,8 +197,7 @@ def settle_run_dir(run_dir: Path, out: Path, *, overwrite: bool, resume: bool, d
 
 def discard_unsaved(run_dir: Path) -> None:
     """A run ending without a saved state: its folder removed if this run made it and it holds no checkpoint."""
-    marker = run_id_of(run_dir)
-    if marker is None or os.path.lexists(run_dir / STATE_FILE):
+    if run_id_of(run_dir) is None or os.path.lexists(run_dir / STATE_FILE):
         return
     if not any(CHECKPOINT.fullmatch(p.name) for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
