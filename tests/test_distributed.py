@@ -132,7 +132,16 @@ def test_fsdp_resume_with_same_ranks(collapsed, tmp_path):
     r = signals.run_and_signal([*args, "--out", tmp_path / "f"], when_file=state.is_file, sig=signal.SIGKILL,
                                launcher=launcher, tree=True)
     assert r.signalled and r.returncode != 0 and not (tmp_path / "f").exists(), r.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "f.tsopsd-run").glob("sharded-*")]
+    (shards,) = (tmp_path / "f.tsopsd-run").glob("sharded-*")
+    def swap_ranks():  # each rank's part whole and sealed, but the other rank's
+        (shards / "rank-0.json").rename(shards / "swap")
+        (shards / "rank-1.json").rename(shards / "rank-0.json")
+        (shards / "swap").rename(shards / "rank-1.json")
+
+    swap_ranks()
+    refused = torchrun(*args, "--out", tmp_path / "f", "--resume")
+    assert refused.returncode != 0 and "rank-0.json was altered after tsopsd wrote it" in refused.stderr, refused.stderr
+    swap_ranks()
     d = torchrun(*args, "--out", tmp_path / "f", "--resume")
     assert used_every_step(d), d.stderr[-12000:]
     u = torchrun(*args, "--out", tmp_path / "u")

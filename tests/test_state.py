@@ -67,3 +67,92 @@ def test_a_signal_inside_held_waits_for_the_block_to_end(sig):
         done.append("never")
     assert done == ["update", "counter"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def _tree_meta(folder) -> dict:
+    import json
+
+    return json.loads((folder / "state.json").read_text())
+
+
+def _rewrite_tensors(folder, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / _tree_meta(folder)["tensors"]
+    save_file(edit(load_file(path)), path)
+
+
+ALTERED = {  # name: (change the saved pair of files, text of the refusal)
+    "a tensor +0.5": (lambda d: _rewrite_tensors(d, lambda t: {k: v + 0.5 for k, v in t.items()}), "SHA-256 differs"),
+    "tensors cast to bf16": (lambda d: _rewrite_tensors(d, lambda t: {k: v.bfloat16() for k, v in t.items()}),
+                             "SHA-256 differs"),
+    "a value edited in the JSON": (lambda d: (d / "state.json").write_text(
+        (d / "state.json").read_text().replace('"step": 3', '"step": 4')), "was altered after tsopsd wrote it"),
+    "a value of the wrong type": (lambda d: (d / "state.json").write_text(
+        (d / "state.json").read_text().replace('"step": 3', '"step": "3"')), "was altered after tsopsd wrote it"),
+    "the seal removed": (lambda d: (d / "state.json").write_text(
+        (d / "state.json").read_text().replace('"seal"', '"unsealed"')), "was altered after tsopsd wrote it"),
+}
+
+
+@pytest.mark.parametrize("case", ALTERED)
+def test_a_saved_tree_refuses_what_changed_after_it_was_written(tmp_path, case):
+    change, message = ALTERED[case]
+    save_tree({"step": 3, "w": torch.arange(6.0)}, tmp_path, "state")
+    assert load_tree(tmp_path, "state")["step"] == 3
+    change(tmp_path)
+    with pytest.raises(TsopsdError, match=message):
+        load_tree(tmp_path, "state")
+
+
+def test_another_saves_tensor_file_under_this_ones_name_is_refused(tmp_path):
+    """Two saves of the same shapes: each JSON accepts its own tensor file only."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    save_tree({"w": torch.zeros(4)}, a, "state")
+    save_tree({"w": torch.ones(4)}, b, "state")
+    (a / _tree_meta(a)["tensors"]).write_bytes((b / _tree_meta(b)["tensors"]).read_bytes())
+    with pytest.raises(TsopsdError, match="is not the tensor file tsopsd saved"):
+        load_tree(a, "state")
+    seal = save_tree({"w": torch.zeros(4)}, a, "state")  # a caller that recorded the seal refuses another pair
+    with pytest.raises(TsopsdError, match="was altered"):
+        load_tree(a, "state", expected=_tree_meta(b)["seal"])
+    assert torch.equal(load_tree(a, "state", expected=seal)["w"], torch.zeros(4))
+
+
+def test_file_and_folder_digests_match_a_plain_sha256(tmp_path, monkeypatch):
+    """Hashed in pieces on several threads, the digest is the SHA-256 of the pieces' SHA-256s, in order, whatever
+    the pieces' sizes relative to the file (none, one, several, a partial last one)."""
+    import hashlib
+    import json
+
+    from tsopsd import saved
+
+    monkeypatch.setattr(saved, "CHUNK", 7)
+    data = os.urandom(7 * 5 + 3)
+    for size in (0, 5, 7, 14, len(data)):
+        (tmp_path / "f").write_bytes(data[:size])
+        pieces = [data[:size][i:i + 7] for i in range(0, size, 7)] or [b""]
+        expect = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in pieces)).hexdigest()
+        assert saved.file_digest(tmp_path / "f") == expect, size
+    folder = tmp_path / "ck"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b").write_bytes(data)
+    (folder / "sub" / "a").write_bytes(b"x")
+    listing = [[name, saved.file_digest(folder / name)] for name in ("b", "sub/a")]
+    assert saved.folder_digest(folder) == hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    (folder / "sub" / "a").write_bytes(b"y")
+    assert saved.folder_digest(folder) != hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def test_the_stop_rules_refuse_a_saved_value_out_of_form():
+    from tsopsd.config import StopConfig
+    from tsopsd.stop import StopRules
+
+    rules = StopRules(StopConfig())
+    good = rules.state_dict() | {"window": [[0.1, 0.3]], "steered": [-1, None]}
+    StopRules(StopConfig()).load_state_dict(good)
+    for key, bad in [("window", [["a", 0.3]]), ("gaps", [float("nan")]), ("last_good_step", "3"),
+                     ("steered", [1.5, None]), ("lr_factor", True), ("paced", [3])]:
+        with pytest.raises(ValueError, match=f"stop rules' {key} is out of form"):
+            StopRules(StopConfig()).load_state_dict(good | {key: bad})

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 import signals
+import torch
 from safetensors.torch import load_file, save_file
 from test_faults import TINY, leftovers, one_line, reheat_args, runner, tree_hash
 
 from tsopsd.cli import app
 from tsopsd.errors import ExitCode
+from tsopsd.saved import file_digest, seal
 
 PY = [sys.executable, "-m", "tsopsd"]
 
@@ -426,17 +428,48 @@ def saved_run(world, tmp_path_factory):
 
 def resume_args(*extra):
     return ["reheat", "ck", "--prompts", "p.jsonl", "--out", "o", "--config", str(TINY), "--steps", "6", "--set",
-            "output.eval_prompts=0", "--set", "output.save_every=0", *map(str, extra), "--quiet"]
+            "output.eval_prompts=0", "--set", "output.save_every=0", "--set", "output.checkpoint_every=1",
+            *map(str, extra), "--quiet"]
 
 
 def _state(d: Path) -> dict:
     return json.loads((d / "o.tsopsd-run" / "state.json").read_text())
 
 
-def _edit_state(d: Path, edit) -> None:
+def _edit_state(d: Path, edit, *, reseal: bool = True) -> None:
+    """Edit the saved state's values; `reseal` recomputes its seal as a forger who knows the format would (what is
+    left to catch then is what disagrees with the config or the weights), else a plain edit by hand."""
     data = _state(d)
     edit(data["tree"])
+    if reseal:
+        data["seal"] = seal(data)
     (d / "o.tsopsd-run" / "state.json").write_text(json.dumps(data))
+
+
+def _edit_tensors(d: Path, edit) -> None:
+    path = _tensors_file(d)
+    save_file(edit(load_file(path)), path)
+
+
+def _swap_two_tensors(t: dict) -> dict:
+    """Two tensors of one shape trade places: every value is a real one of this run, in the wrong place."""
+    by_shape: dict = {}
+    for k in sorted(t):
+        by_shape.setdefault((t[k].dtype, tuple(t[k].shape)), []).append(k)
+    a, b = next(ks for ks in by_shape.values() if len(ks) > 1 and not torch.equal(t[ks[0]], t[ks[1]]))[:2]
+    return t | {a: t[b], b: t[a]}
+
+
+def _swap_checkpoints(d: Path) -> None:
+    one, two = (d / "o.tsopsd-run" / f"checkpoint-{n}" / "model.safetensors" for n in (1, 2))
+    a, b = one.read_bytes(), two.read_bytes()
+    one.write_bytes(b), two.write_bytes(a)
+
+
+def _edit_metrics(d: Path) -> None:
+    path = d / "o.tsopsd-run" / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r | {"train/tau": 9.0}) + "\n" for r in lines))
 
 
 def _tensors_file(d: Path) -> Path:
@@ -460,7 +493,8 @@ RESUME = {  # name: (change the copy, extra flags, text of the one line)
     "state edited into garbage": (lambda d: (d / "o.tsopsd-run" / "state.json").write_text("{not json"), (),
                                   "is damaged or was not written by tsopsd"),
     "state empty": (lambda d: (d / "o.tsopsd-run" / "state.json").write_text(""), (), "is damaged"),
-    "tensors truncated": (lambda d: _tensors_file(d).write_bytes(_tensors_file(d).read_bytes()[:100]), (), "is damaged"),
+    "tensors truncated": (lambda d: _tensors_file(d).write_bytes(_tensors_file(d).read_bytes()[:100]), (),
+                          "SHA-256 differs"),
     "optimizer missing": (lambda d: _edit_state(d, lambda t: t["trainable"].pop("optimizer")), (),
                           "is damaged (KeyError"),
     # the config is the only source of hyperparameters: a saved value that differs is named, never trained on
@@ -481,6 +515,22 @@ RESUME = {  # name: (change the copy, extra flags, text of the one line)
     "a kept step mid-run": (lambda d: _edit_state(d, lambda t: t.update(kept_step=1)), (), "the run's outcome"),
     "pace factor x64": (lambda d: _edit_state(d, lambda t: t["stop"].update(lr_factor=64.0)), (),
                         "learning-rate factor: saved 64.0"),
+    "a stop-rule value of the wrong element type": (lambda d: _edit_state(d, lambda t: t["stop"].update(
+        window=[["a", 0.3]])), (), "the stop rules' window is out of form"),
+    # what tsopsd wrote is sealed and hashed: an edit by hand, another file or a swapped checkpoint is refused
+    "a before-entropy of 99, by hand": (lambda d: _edit_state(d, lambda t: t.update(before={"entropy": {"mean": 99.0}}),
+                                                              reseal=False), (), "was altered after tsopsd wrote it"),
+    "a value of the wrong element type, by hand": (lambda d: _edit_state(d, lambda t: t["stop"].update(
+        window=[["a", 0.3]]), reseal=False), (), "was altered after tsopsd wrote it"),
+    "a tensor +0.5": (lambda d: _edit_tensors(d, lambda t: {k: v + 0.5 if v.is_floating_point() else v
+                                                            for k, v in t.items()}), (), "SHA-256 differs"),
+    "tensors cast to bf16": (lambda d: _edit_tensors(d, lambda t: {k: v.bfloat16() if v.is_floating_point() else v
+                                                                   for k, v in t.items()}), (), "SHA-256 differs"),
+    "two tensors swapped": (lambda d: _edit_tensors(d, _swap_two_tensors), (), "SHA-256 differs"),
+    "every train/tau in metrics.jsonl edited": (_edit_metrics, (), "metrics.jsonl is not what the run saved"),
+    "a checkpoint's weights swapped": (_swap_checkpoints, (), "checkpoint-1 is not the checkpoint this run wrote"),
+    "a checkpoint planted": (lambda d: shutil.copytree(d / "o.tsopsd-run" / "checkpoint-1", d / "o.tsopsd-run" /
+                                                       "checkpoint-0"), (), "checkpoint-0 was not written by this run"),
 }
 
 
@@ -513,17 +563,26 @@ def test_a_pickle_planted_in_the_run_folder_never_runs(saved_run, tmp_path, monk
     _tensors_file(d).write_bytes(payload)  # and as the tensors the state names
     monkeypatch.chdir(d)
     res = runner.invoke(app, resume_args("--resume"))
+    assert "is not the tensor file tsopsd saved" in one_line(res)
+    data = _state(d)  # a forger who also recomputes the hashes: the file is still read as safetensors only
+    data["sha256"] = file_digest(_tensors_file(d))
+    data["seal"] = seal(data)
+    (d / "o.tsopsd-run" / "state.json").write_text(json.dumps(data))
+    res = runner.invoke(app, resume_args("--resume"))
     assert "is damaged or was not written by tsopsd" in one_line(res)
     assert not marker.exists()
 
 
 def test_a_resume_continues_to_the_uninterrupted_result(saved_run, tmp_path, monkeypatch):
-    """The saved state (JSON + safetensors) resumes to the same weights as a run never interrupted."""
+    """The saved state (JSON + safetensors) resumes to the same weights as a run never interrupted, and its
+    checkpoints along the way too: one written after the last save (here planted: checkpoint-5 holding step 2's
+    weights) is written again as the run passes its step; one the user removed is left out of OUT."""
     d = tmp_path / "run"
     shutil.copytree(saved_run, d)
+    run = d / "o.tsopsd-run"
+    shutil.rmtree(run / "checkpoint-1")
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-5")
     monkeypatch.chdir(d)
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the interrupted subprocess (OMP_NUM_THREADS=1): the same kernels
     try:
@@ -536,3 +595,9 @@ def test_a_resume_continues_to_the_uninterrupted_result(saved_run, tmp_path, mon
     a, b = load_file(d / "o" / "model.safetensors"), load_file(d / "clean" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((d / "o" / "reheat_report.json").read_text())["steps_run"] == 6
+    assert sorted(p.name for p in d.glob("o/checkpoint-*")) == [f"checkpoint-{n}" for n in range(2, 6)]
+    assert json.loads((d / "o" / "reheat_report.json").read_text())["checkpoints"] == [f"checkpoint-{n}" for n in
+                                                                                         range(2, 6)]
+    for n in (2, 5):
+        a, b = (load_file(d / o / f"checkpoint-{n}" / "model.safetensors") for o in ("o", "clean"))
+        assert all(torch.equal(a[k], b[k]) for k in a), n

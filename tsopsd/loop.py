@@ -51,12 +51,13 @@ from tsopsd.family import causal_lm, max_positions
 from tsopsd.intervals import describe
 from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure
-from tsopsd.output import CHECKPOINT, cast_model, versions, write_checkpoint, write_output, written_model
+from tsopsd.output import cast_model, versions, write_checkpoint, write_output, written_model
 from tsopsd.parallel import Backend, join, make_backend
 from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, fit_prompts, load_prompts, prompts_fingerprint, read_records
 from tsopsd.rollout import sample_rollouts
+from tsopsd.saved import folder_digest
 from tsopsd.state import (
     Interrupts,
     OutputLock,
@@ -311,6 +312,7 @@ class Run:
         s.stop, s.scheduler = self.stop.state_dict(), self.scheduler.state_dict()
         s.trainable = self.backend.save_trainable(self.run_dir, self.policy, self.optimizer, self.stop.last_good)
         if self.backend.is_main:
+            s.record_metrics(self.run_dir)
             s.save(self.run_dir)
         s.trainable = None  # the live objects hold it
 
@@ -328,6 +330,7 @@ class Run:
             folder = self.run_dir / f"checkpoint-{self.state.next_step}"
             write_checkpoint(folder, self.policy.student, state, mode=self.policy.mode, save=self.cfg.output.save,
                              save_dtype=self.save_dtype, base=self.cfg.model.path, tokenizer=self.tokenizer)
+            self.state.checkpoints[folder.name] = folder_digest(folder)  # a resume checks it is as written
             log.info("wrote %s (loadable now; in %s at the end)", folder, self.cfg.output.out)
         self.backend.barrier()
 
@@ -697,8 +700,9 @@ def _resume(run: Run) -> RunState:
     if off:
         raise TsopsdError(f"cannot resume: the state in {run.run_dir} disagrees with the config ({'; '.join(off)}): the "
                           "run folder was altered; rerun with --overwrite to start over")
+    # metrics.jsonl and the checkpoints as this run wrote them; its lines as saved (a step after the save runs again)
+    lines = state.check_files(run.run_dir).decode().splitlines() if backend.is_main else []
     metrics = run.run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
     try:
         logged = [json.loads(line)["step"] for line in lines]
     except (ValueError, KeyError, TypeError):
@@ -827,8 +831,7 @@ def finish(run: Run) -> dict:
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
             "rollout_compile": run.rollout_compile, "phase_seconds": dict(run.phase_seconds),
             "measured": _measured(steps), "planned": _planned(run),
-            "checkpoints": sorted((p.name for p in run.run_dir.iterdir() if CHECKPOINT.fullmatch(p.name)),
-                                  key=lambda name: int(name.split("-")[1])),
+            "checkpoints": sorted(state.checkpoints, key=lambda name: int(name.split("-")[1])),
             "versions": versions(),
         }
         if run.writes_output:

@@ -22,7 +22,6 @@ from tsopsd import __version__
 from tsopsd.checkpoint import atomic_output, loadable_folder
 from tsopsd.config import Config, save_config
 from tsopsd.errors import TsopsdError
-from tsopsd.state import CHECKPOINT  # OUT/checkpoint-N, as TRL names its checkpoints along the way
 
 
 def versions() -> dict[str, str]:
@@ -267,8 +266,7 @@ def write_output(cfg: Config, model, *, tokenizer, report: dict, metrics: Path) 
         tokenizer.save_pretrained(str(tmp))
         save_config(provenance(cfg), tmp / "config.yaml")
         shutil.copy(metrics, tmp / "metrics.jsonl")
-        for folder in sorted(metrics.parent.iterdir()):  # the run's checkpoint-N folders, linked (the run folder
-            if CHECKPOINT.fullmatch(folder.name):          # keeps them until OUT is in place)
-                shutil.copytree(folder, tmp / folder.name, copy_function=_link)
+        for name in report["checkpoints"]:  # the run's checkpoint-N folders, linked (the run folder keeps them
+            shutil.copytree(metrics.parent / name, tmp / name, copy_function=_link)  # until OUT is in place)
         (tmp / "reheat_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(report))

@@ -392,18 +392,20 @@ class FSDP(DDP):
         self._saves += 1
         folder = run_dir / f"sharded-{self._saves}"
         folder.mkdir(parents=True, exist_ok=True)
-        save_tree(map_tensors(_local, state), folder, f"rank-{self.rank}")
-        tdist.barrier()
-        return {"folder": folder.name, "has_last_good": last_good is not None}
+        seal = save_tree(map_tensors(_local, state), folder, f"rank-{self.rank}")
+        seals: list = [None] * self.world_size  # every rank's seal, in the state file: shards of this save only
+        tdist.all_gather_object(seals, seal)
+        return {"folder": folder.name, "has_last_good": last_good is not None, "seals": seals}
 
     def load_trainable(self, run_dir: Path, saved: dict | None, policy, optimizer) -> dict | None:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         if not isinstance(saved, dict) or not isinstance(saved.get("folder"), str) \
-                or not saved["folder"].startswith("sharded-") or not saved["folder"][8:].isdigit():
+                or not saved["folder"].startswith("sharded-") or not saved["folder"][8:].isdigit() \
+                or not isinstance(saved.get("seals"), list) or len(saved["seals"]) != self.world_size:
             raise TsopsdError(f"cannot resume: the state in {run_dir} names no sharded folder; rerun with --overwrite")
         msd, _ = get_state_dict(policy.student, optimizer)
-        state = load_tree(run_dir / saved["folder"], f"rank-{self.rank}")
+        state = load_tree(run_dir / saved["folder"], f"rank-{self.rank}", expected=saved["seals"][self.rank])
         try:
             model = {k: _place(state["model"][k], like) for k, like in msd.items()}
             optim = state["optim"]

@@ -8,7 +8,9 @@ While a run goes, `OUT.tsopsd-run/` (beside OUT, never inside it) holds `state.j
 `config.yaml` and `metrics.jsonl`; an FSDP run adds `sharded-N/` (its weights and optimizer shards,
 named by the state file).
 Sampling seeds derive from (seed, step) and the prompt order from (seed, epoch), so no RNG state is
-needed: a resumed run repeats exactly what an uninterrupted one would have done.
+needed: a resumed run repeats exactly what an uninterrupted one would have done. What a resume reads was
+written by this run, unchanged: the state is sealed and its tensors hashed (`saved.py`), and it records the
+hashes of metrics.jsonl and of each checkpoint along the way (`RunState.check_files`).
 
 `interrupts()` makes Ctrl-C and SIGTERM (what schedulers send first) raise `KeyboardInterrupt`,
 except inside `held()` blocks, where they wait until the block ends: the part of a step that
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -35,11 +38,13 @@ from pathlib import Path
 
 from tsopsd.checkpoint import pid_alive
 from tsopsd.errors import TsopsdError
-from tsopsd.saved import load_tree, save_tree
+from tsopsd.saved import folder_digest, load_tree, save_tree
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"  # beside it the tensors, `state-*.safetensors` (`saved.save_tree`): no pickle
+METRICS = "metrics.jsonl"  # a line a step, appended as each lands
+CHECKPOINT = re.compile(r"checkpoint-\d+")  # a loadable checkpoint along the way (TRL's name)
 
 
 def run_dir_for(out: Path) -> Path:
@@ -67,6 +72,9 @@ class RunState:
             changed input.
         target_measured: with `teacher.target_entropy_from`, how the target was measured (with its interval).
         run_id: the run's id, also in its folder's marker (`MARKER`) and OUT's report.
+        checkpoints: the checkpoints along the way this run wrote, {"checkpoint-N": `saved.folder_digest`}: a
+            resume refuses one that changed, and OUT receives these only.
+        metrics: {"bytes": n, "sha256": ...} of metrics.jsonl as saved (a resume refuses edited lines).
     """
 
     next_step: int
@@ -85,6 +93,8 @@ class RunState:
     input_fingerprint: dict = dataclasses.field(default_factory=dict)
     target_measured: dict | None = None  # target_entropy_from: the measurement (entropy, interval, samples)
     run_id: str = ""  # the run's id: in its folder's marker and in OUT's report (what this run wrote)
+    checkpoints: dict = dataclasses.field(default_factory=dict)
+    metrics: dict = dataclasses.field(default_factory=lambda: {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()})
 
     def save(self, run_dir: Path) -> None:
         """Write the state atomically (JSON + safetensors), then remove sharded folders it no longer names."""
@@ -101,6 +111,51 @@ class RunState:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def record_metrics(self, run_dir: Path) -> None:
+        """Note the length and SHA-256 of metrics.jsonl as it stands (the lines of the steps applied so far)."""
+        data = (Path(run_dir) / METRICS).read_bytes()
+        self.metrics = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def check_files(self, run_dir: Path) -> bytes:
+        """On resume, what the run folder holds beside the state, against what the state recorded: metrics.jsonl
+        must begin with the saved lines (returned: those after them are of steps that will run again) and every
+        checkpoint the state names must be as written. A checkpoint it does not name is refused if it claims a
+        step the state has applied (not this run's), and is written again if it lies beyond (written after the
+        last save). One the user removed is noted and left out of OUT.
+
+        Raises:
+            TsopsdError: an edited or foreign metrics.jsonl or checkpoint; nothing is changed then.
+        """
+        run_dir = Path(run_dir)
+        metrics = run_dir / METRICS
+        data = metrics.read_bytes() if metrics.is_file() and not metrics.is_symlink() else b""
+        saved = data[:self.metrics["bytes"]]
+        if len(saved) != self.metrics["bytes"] or hashlib.sha256(saved).hexdigest() != self.metrics["sha256"]:
+            raise TsopsdError(f"cannot resume: {metrics} is not what the run saved (its first {self.metrics['bytes']} "
+                              "bytes were altered or are missing); rerun with --overwrite to start over")
+        for folder in sorted(run_dir.iterdir()):
+            if not CHECKPOINT.fullmatch(folder.name):
+                continue
+            step = int(folder.name.split("-")[1])
+            if folder.name in self.checkpoints:
+                try:
+                    same = folder_digest(folder) == self.checkpoints[folder.name]
+                except OSError:
+                    same = False
+                if not same:
+                    raise TsopsdError(f"cannot resume: {folder} is not the checkpoint this run wrote (its files "
+                                      "changed); move it away to resume without it, or --overwrite to start over")
+            elif step <= self.next_step:
+                raise TsopsdError(f"cannot resume: {folder} was not written by this run (its saved state names no "
+                                  "such checkpoint); move it away, then --resume")
+            else:
+                log.warning("%s was written after the last saved state: written again when the run passes step %d",
+                            folder, step)
+        for name in sorted(set(self.checkpoints) - {p.name for p in run_dir.iterdir()}):
+            log.warning("%s is gone from %s: OUT will not hold it", name, run_dir)
+            del self.checkpoints[name]
+        return saved
+
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
         """The saved state, its fields checked for type (an edited or foreign file is refused in one line)."""
@@ -111,16 +166,22 @@ class RunState:
         kinds = {"next_step": int, "tau": (int, float), "tau_source": str, "target": (int, float, type(None)),
                  "before": (dict, type(None)), "world_size": int, "config": dict, "stop": dict, "scheduler": dict,
                  "trainable": (dict, type(None)), "stop_reason": (str, type(None)), "kept_step": (int, type(None)),
-                 "failed": bool, "input_fingerprint": dict, "target_measured": (dict, type(None)), "run_id": str}
+                 "failed": bool, "input_fingerprint": dict, "target_measured": (dict, type(None)), "run_id": str,
+                 "checkpoints": dict, "metrics": dict}
         wrong = [k for k, kind in kinds.items() if not isinstance(saved[k], kind) or
                  (kind is int and isinstance(saved[k], bool))]
+        if "checkpoints" not in wrong and not all(CHECKPOINT.fullmatch(k) and isinstance(v, str)
+                                                  for k, v in saved["checkpoints"].items()):
+            wrong.append("checkpoints")
+        if "metrics" not in wrong and (set(saved["metrics"]) != {"bytes", "sha256"} or not isinstance(
+                saved["metrics"]["sha256"], str) or type(saved["metrics"]["bytes"]) is not int):
+            wrong.append("metrics")
         if wrong or saved["next_step"] < 0 or saved["world_size"] < 1:
             raise TsopsdError(f"cannot resume: {path} is damaged ({', '.join(wrong) or 'next_step or world_size'} out of "
                               "form); rerun with --overwrite to start over")
         return cls(**saved)
 
 
-CHECKPOINT = re.compile(r"checkpoint-\d+")  # a loadable checkpoint along the way (TRL's name)
 MARKER = "tsopsd-run.json"  # written first into every run folder: proof that tsopsd made it, and which run
 
 

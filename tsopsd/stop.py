@@ -245,6 +245,19 @@ class StopRules:
                 "first_gap": self.first_gap}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s values, each checked for form first (ValueError names the first that is not)."""
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        pairs = lambda v: isinstance(v, list) and all(isinstance(p, (list, tuple)) and len(p) == 2  # noqa: E731
+                                                      and all(map(real, p)) for p in v)
+        forms = {"window": pairs, "agreement": pairs, "gaps": lambda v: isinstance(v, list) and all(map(real, v)),
+                 "last_good_step": lambda v: type(v) is int and v >= 0, "target": lambda v: v is None or real(v),
+                 "log_ratio": lambda v: v is None or real(v), "first_gap": lambda v: v is None or real(v),
+                 "lr_factor": real, "paced": lambda v: isinstance(v, list) and all(isinstance(p, dict) for p in v),
+                 "steered": lambda v: isinstance(v, list) and len(v) == 2 and type(v[0]) is int
+                 and (v[1] is None or real(v[1]))}
+        off = next((k for k, ok in forms.items() if k not in state or not ok(state[k])), None)
+        if off is not None:
+            raise ValueError(f"the stop rules' {off} is out of form")
         self.window = deque((tuple(w) for w in state["window"]), maxlen=self.cfg.window)
         self.last_good_step = state["last_good_step"]
         self.target, self.log_ratio = state["target"], state["log_ratio"]
