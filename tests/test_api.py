@@ -226,3 +226,39 @@ def test_a_reheat_called_under_no_grad_still_trains(collapsed, context):
                                overrides={"train.steps": 2, "output.eval_prompts": 2})
     assert report["steps_run"] == 2
     assert any(not torch.equal(v, before[k]) for k, v in ck.model.state_dict().items())  # it trained
+
+
+def test_out_onto_the_folder_the_model_came_from_is_refused_from_any_directory(ckpts, tmp_path, monkeypatch):
+    """A model loaded by a relative path knows only that string: after a chdir, out= naming its folder by another
+    path (with overwrite) would replace the weights it came with. They are recognised by content; another model's
+    folder is still replaced as asked."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tsopsd.checkpoint import fingerprint
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(ckpts["gpt2"], home / "policy")
+    monkeypatch.chdir(home)
+    model = AutoModelForCausalLM.from_pretrained("policy", dtype=torch.bfloat16)  # cast on load: still recognised
+    tok = AutoTokenizer.from_pretrained("policy")
+    monkeypatch.chdir(elsewhere)
+    before, weights = fingerprint(home / "policy"), _state(model)
+    with pytest.raises(TsopsdError, match="holds the weights this model came with"):
+        reheat(model, ["the cat sat on", "one two three"] * 4, tokenizer=tok, out="../home/policy", config=TINY,
+               overrides={"train.steps": 2, "output.overwrite": True, "output.eval_prompts": 0})
+    assert fingerprint(home / "policy") == before and _same(model, weights)
+    from safetensors.torch import load_file, save_file
+
+    from tsopsd.checkpoint import holds_weights_of
+
+    (elsewhere / "tuned").mkdir()  # the same names and shapes, every matrix a little changed: other weights
+    save_file({k: v + 0.01 if v.dim() >= 2 else v for k, v in load_file(home / "policy" / "model.safetensors").items()},
+              elsewhere / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    assert holds_weights_of(home / "policy", model) and not holds_weights_of(elsewhere / "tuned", model)
+    shutil.copytree(ckpts["llama"], elsewhere / "other")  # not this model's weights: replaced, as overwrite asks
+    report = reheat(model, ["the cat sat on", "one two three"] * 4, tokenizer=tok, out="other", config=TINY,
+                    overrides={"train.steps": 2, "output.overwrite": True, "output.eval_prompts": 0})
+    assert report["steps_run"] == 2 and json.loads((elsewhere / "other" / "config.json").read_text())["model_type"] == "gpt2"

@@ -40,7 +40,7 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
         config: a YAML file or a shipped config's name (`lora`, `full`, ...); `overrides` dotted keys as `--set`
             takes them: {"train.steps": 50, "teacher.target_entropy": 0.8}.
     """
-    from tsopsd.checkpoint import Checkpoint
+    from tsopsd.checkpoint import Checkpoint, holds_weights_of
     from tsopsd.config import load_config
     from tsopsd.errors import TsopsdError
     from tsopsd.loop import reheat as run
@@ -60,6 +60,9 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TsopsdError("reheat of a model in memory runs in one process; for several GPUs reheat a checkpoint "
                           "folder under torchrun")
+    if out is not None and holds_weights_of(Path(out), model):
+        raise TsopsdError(f"reheat: out={out} holds the weights this model came with (the folder it was loaded from, "
+                          "or a copy): writing there would replace them; choose a new folder")
     first, name = next(model.parameters()), getattr(model, "name_or_path", "") or "a model in memory"
     keys |= {"model.path": name, "model.device": str(first.device), "model.dtype": str(first.dtype).removeprefix("torch."),
              "output.save": "merged", "output.save_every": 0} | ({} if out is not None else {"output.checkpoint_every": 0})

@@ -173,6 +173,42 @@ def _shard_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def holds_weights_of(folder: Path, model: torch.nn.Module) -> bool:
+    """Whether `folder`'s safetensors hold the weights `model` holds now: its own folder, or a copy of it, whatever
+    path it was loaded by (a model in memory knows only the path string it was given, relative to a working
+    directory that may have changed). The first row of every matrix the two share by name is compared (cast to
+    the model's dtype): a few MB read at any size, and a fine-tune, full or LoRA-merged, changes rows of every
+    matrix it trains. True when at least one is shared and all are equal; a folder with no such tensors, or
+    unreadable ones, holds other weights."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = {name: folder / shard for name, shard in _shard_index(index).items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+                files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+        else:
+            return False
+        mine = model.state_dict()
+        shared = {name: name if name in mine else next((k for k in mine if k.endswith("." + name)), None)
+                  for name in files}
+        shared = {name: ours for name, ours in shared.items() if ours is not None and mine[ours].dim() >= 2}
+        for file in sorted(set(files[name] for name in shared)):
+            with safe_open(str(file), framework="pt") as f:
+                for name in sorted(n for n in shared if files[n] == file):
+                    ours = mine[shared[name]].detach()
+                    row = f.get_slice(name)[0:1]
+                    if tuple(f.get_slice(name).get_shape()) != tuple(ours.shape) or \
+                            not torch.equal(row.to(ours.dtype), ours[0:1].cpu()):
+                        return False
+        return bool(shared)
+    except (OSError, ValueError, RuntimeError, SafetensorError, TsopsdError):
+        return False
+
+
 def check_model_folder(path: Path) -> None:
     """Check that `path` holds a config and complete weights (safetensors, sharded or not)."""
     if not path.exists():
