@@ -299,6 +299,15 @@ TargetEntropy = Annotated[Optional[float], _opt("--target-entropy", panel=TEACHE
                                                 help="Or: solve tau so the teacher's mean entropy is H nats.")]
 TargetFrom = Annotated[Optional[Path], _opt("--target-entropy-from", panel=TEACHER,
                                             help="Or: H = the entropy of this checkpoint (e.g. the SFT one).")]
+class Method(str, Enum):
+    distill = "distill"
+    scale = "scale"
+
+
+MethodOpt = Annotated[Optional[Method], _opt("--method", panel=TEACHER,
+                                             help="distill: train toward the teacher; scale: the closed form, "
+                                                  "logits / tau by a weight edit (seconds, no training).",
+                                             default=_D.teacher.method)]
 ModeOpt = Annotated[Optional[Mode], _opt("--mode", panel=TRAINING, help="Train a LoRA adapter or all weights.",
                                          default=_D.train.mode)]
 SaveOpt = Annotated[Optional[Save], _opt("--save", panel=OUTPUT, help="A PEFT adapter (lora only) or a merged checkpoint.",
@@ -353,6 +362,7 @@ def reheat(
     temperature: Temperature = None,
     target_entropy: TargetEntropy = None,
     target_entropy_from: TargetFrom = None,
+    method: MethodOpt = None,
     mode: ModeOpt = None,
     save: SaveOpt = None,
     parallel: ParallelOpt = None,
@@ -407,7 +417,7 @@ def reheat(
         flags = {
             "model.path": str(ckpt), "data.prompts": prompts, "output.out": out, "model.base": base,
             "model.device": device, "model.dtype": dtype, "train.mode": mode, "output.save": save,
-            "train.parallel": parallel,
+            "train.parallel": parallel, "teacher.method": method,
             "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
             "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
             "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,

@@ -59,6 +59,7 @@ class TeacherConfig:
     target_entropy: float | None = None  # or: choose tau so the teacher's mean entropy is this (nats)
     target_entropy_from: str | None = None  # or: take that target from another checkpoint (e.g. the SFT model)
     precision: float = 0.05  # target_entropy_from: sample until its 95% interval is within +-5% (0: one round)
+    method: Literal["distill", "scale"] = "distill"  # scale: the closed form, logits / tau by a weight edit (no training)
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,12 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"output.eval_samples_per_prompt: must be >= 1, got {o.eval_samples_per_prompt}")
     if not 0 <= st.min_top1_agreement <= 1:
         e.append(f"stop.min_top1_agreement: must be in [0, 1], got {st.min_top1_agreement}")
+    if t.method == "scale" and o.save == "adapter":
+        e.append("output.save: 'adapter' cannot hold --method scale (it edits the final norm or the LM head, which a "
+                 "LoRA adapter cannot express in a form vLLM loads): use --save merged")
+    if t.method == "scale" and t.temperature is None and o.eval_prompts == 0 and not cfg.data.eval_prompts:
+        e.append("teacher.method: scale solves tau for its target on held-out prompts: output.eval_prompts must be > 0 "
+                 "(or give --eval-prompts)")
     if tr.mode == "full" and o.save == "adapter":
         e.append("output.save: 'adapter' needs train.mode lora (full fine-tuning saves a merged checkpoint)")
     unknown = [k for k in report_kinds(o.report_to) if k not in REPORT_TO]

@@ -58,6 +58,17 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
     return getattr(trunk, "layers", None) or getattr(trunk, "h", None)
 
 
+def final_norm(model) -> torch.nn.Module | None:
+    """The norm applied to the last hidden state before the LM head (Llama-style `norm`, GPT-2's `ln_f`, Phi's
+    `final_layernorm`), or None where the trunk names none of these."""
+    trunk = causal_lm(model).base_model
+    for name in ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm"):
+        module = getattr(trunk, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
 def tied_embeddings(model) -> bool:
     """Whether the LM head shares its weight with the input embedding."""
     lm = causal_lm(model)

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from tsopsd.checkpoint import (
     resolve_dtype,
     saved_dtype,
 )
+from tsopsd.closed_form import check_scaled, scale_logits_, solve_scale
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress, timed
 from tsopsd.decode import COMPILE
@@ -160,6 +162,7 @@ class Run:
     input_fingerprint: dict | None = None  # `checkpoint.fingerprint` of the input (and adapter base)
     trackers: Trackers = field(default_factory=lambda: Trackers([]))  # TensorBoard / W&B, rank 0 only
     rollout_compile: dict = field(default_factory=dict)  # `decode.COMPILE` after the loop's rollouts (the report's)
+    closed_form: dict | None = None  # `teacher.method: scale`: tau, what was edited, the check, the solve's measurements
     config_dir: Path | None = None  # the folder whose config.json describes the model (what `plan` reads)
     in_memory: bool = False  # the Python API's model in memory: trained in place, handed back merged
     writes_output: bool = True  # False: the API's in-memory run with no OUT (its run folder is temporary)
@@ -415,6 +418,31 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 run.save()
             run.note(f"interrupted at step {state.next_step + 1}: state saved in {run.run_dir}; continue with --resume")
             raise
+
+
+def closed_form(run: Run) -> None:
+    """`teacher.method: scale`: the student edited so its logits are the input's / tau (fixed, or solved for the
+    target on the edited model's own held-out rollouts), checked against the input on the prompts; no steps."""
+    state, policy = run.state, run.policy
+    if state.target is None:
+        tau, tries = state.tau, []
+        what = scale_logits_(policy.student, tau, policy.teacher.model)
+    else:
+        tau, tries = solve_scale(run, state.before)
+        what = scale_logits_(policy.student, tau, policy.teacher.model)
+    ids = _check_ids(run)
+    error = check_scaled(policy.student, policy.teacher.model, ids, tau, compute=policy.compute())
+    state.tau, state.kept_step = tau, 0
+    state.stop_reason = f"closed form: logits / {tau:.4g} ({what}; max logit error {error:.1e} of their range)"
+    run.closed_form = {"tau": tau, "edited": what, "max_logit_error": error, "measurements": tries}
+    log.info("%s", state.stop_reason)
+
+
+def _check_ids(run: Run) -> torch.Tensor:
+    """A few real prompts, unpadded (each as long as the shortest of them), for `check_scaled`."""
+    prompts = (run.eval_prompts or run.prompts)[:4]
+    n = min(len(p.ids) for p in prompts)
+    return torch.tensor([list(p.ids[:n]) for p in prompts], device=run.policy.teacher.device)
 
 
 def setup(cfg: Config, model: Checkpoint | None = None, *, show_progress: bool = True,
@@ -777,7 +805,7 @@ def _shown(value) -> str:
 def finish(run: Run) -> dict:
     """Measure the result as it will be written, write the output folder (rank 0), remove the run folder."""
     cfg, backend, state, policy = run.cfg, run.backend, run.state, run.policy
-    if not state.kept_step:  # a run that trained nothing is not a success: nothing to measure, merge or write
+    if not state.kept_step and cfg.teacher.method != "scale":  # a run that trained nothing is not a success
         if backend.is_main:
             with run.signals.held():
                 discard_run_dir(run.run_dir)
@@ -829,6 +857,7 @@ def finish(run: Run) -> dict:
             "after": after, "after_measured_on": measured_on, "after_training_prompts": after_training,
             "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
+            "method": cfg.teacher.method, "closed_form": run.closed_form,
             "rollout_compile": run.rollout_compile, "phase_seconds": dict(run.phase_seconds),
             "measured": _measured(steps), "planned": _planned(run),
             "checkpoints": sorted(state.checkpoints, key=lambda name: int(name.split("-")[1])),
@@ -893,12 +922,21 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
     """
     # Ctrl-C and SIGTERM: saved state, exit 130. Gradients on whatever the caller's context (an RL loop's no_grad or
     # inference_mode block would make every step a silent no-op); the teacher's passes turn them off themselves.
+    scale = cfg.teacher.method == "scale"
+    if scale:  # the closed form edits the whole student's weights: a full-mode policy, one process
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TsopsdError("--method scale runs in one process (a weight edit, no training): run it without torchrun")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode="full"))
     with interrupts() as signals, torch.inference_mode(False), torch.enable_grad():
         run = setup(cfg, model, show_progress=show_progress, config_file=config_file)
         run.signals, run.writes_output = signals, write
         try:
-            with run.timed("training"):
-                train(run, show_progress=show_progress)
+            if scale:
+                with run.timed("closed form"):
+                    closed_form(run)
+            else:
+                with run.timed("training"):
+                    train(run, show_progress=show_progress)
             return finish(run)
         except BaseException:
             if run.in_memory and not run.handed_back:

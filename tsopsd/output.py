@@ -81,15 +81,22 @@ def model_card(report: dict) -> str:
     return (
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
         f"# Reheated with tsopsd {__version__}\n\n"
-        f"Input checkpoint: `{report.get('input_resolved') or report['input']}`. Method: TS-OPSD (temperature-scaled "
-        f"on-policy self-distillation), {teacher_line(report)}, divergence `{report['divergence']}`, "
-        f"mode `{report['mode']}`, {report['steps_run']} steps (stopped: {report['stop_reason']}).\n\n"
+        f"Input checkpoint: `{report.get('input_resolved') or report['input']}`. " + _method(report) + "\n\n"
         + _outcome(report) +
         "| | before | after |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
         "Sample it at temperature 1.0: the entropy is in the weights.\n\n"
         "Files: `config.yaml` (the resolved run config), `metrics.jsonl` (one line per step), "
         "`reheat_report.json` (before/after metrics, input fingerprints).\n"
     )
+
+
+def _method(report: dict) -> str:
+    if report.get("method") == "scale":
+        return (f"Method: the closed form of TS-OPSD, its loss's exact optimum by a weight edit (no training): "
+                f"{report['stop_reason']}.")
+    return (f"Method: TS-OPSD (temperature-scaled on-policy self-distillation), {teacher_line(report)}, divergence "
+            f"`{report['divergence']}`, mode `{report['mode']}`, {report['steps_run']} steps (stopped: "
+            f"{report['stop_reason']}).")
 
 
 def adapter_record(adapter: Path) -> dict | None:

@@ -274,8 +274,9 @@ def judge(*, target: float | None, tolerance: float, heldout: dict | None, stop_
     A target run with held-out prompts meets it when the after-report's 95% interval on those prompts overlaps
     target x (1 +- `tolerance`) (`stop.heldout_tolerance`) and its mean is within twice the tolerance: the
     measurement cannot tell it from a run that met it, and its point is near (a run stops on a measurement
-    within the tolerance; the after-report samples anew, so its mean may land a little further). Any other run
-    meets it when a stop rule saw it converge (the student's entropy reached the teacher's, or the target,
+    within the tolerance; the after-report samples anew, so its mean may land a little further). A fixed-tau
+    closed form (`--method scale`) meets it by construction (its logits are checked). Any other run meets it when a
+    stop rule saw it converge (the student's entropy reached the teacher's, or the target,
     over the training window); a run that used every step without that did not.
 
     Returns:
@@ -291,7 +292,7 @@ def judge(*, target: float | None, tolerance: float, heldout: dict | None, stop_
                     f"{2 * tolerance:.0%} needed")
         below = h < target
     else:
-        met = stop_reason.startswith("converged")
+        met = stop_reason.startswith(("converged", "closed form"))  # a closed form is exact, and checked
         evidence = stop_reason if met else (f"{stop_reason}, and the student's entropy never came within "
                                             "stop.entropy_tolerance of its teacher's over stop.window steps")
         below = True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "cohere", "granite", "phi", "olmo")
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -60,7 +61,7 @@ def build_tokenizer(out: str | Path | None = None, *, vocab_size: int = 384, tex
 
 def model_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                  eos_id: int = 0, max_positions: int = 512):
-    """A tiny transformers config of a real architecture: gpt2, llama, qwen2 or qwen3."""
+    """A tiny transformers config of a real architecture (`ARCHS`)."""
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=None)
@@ -75,21 +76,30 @@ def model_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 
         return tf.Qwen2Config(**llama_like)
     if arch == "qwen3":
         return tf.Qwen3Config(head_dim=hidden // heads, **llama_like)
-    raise ValueError(f"unknown toy architecture '{arch}': use gpt2, llama, qwen2 or qwen3")
-
-
-def final_norm(model) -> torch.nn.Module:
-    base = model.base_model
-    return base.ln_f if hasattr(base, "ln_f") else base.norm
+    # families whose final layers differ (what `--method scale` edits): a Gemma norm (1 + weight) and a soft-capped
+    # head, logit scales after the head, a head with a bias, a norm without weight and a tied head
+    if arch == "gemma2":
+        return tf.Gemma2Config(head_dim=hidden // heads, final_logit_softcapping=3.0, **llama_like)
+    if arch == "cohere":
+        return tf.CohereConfig(logit_scale=0.5, **llama_like)
+    if arch == "granite":
+        return tf.GraniteConfig(logits_scaling=2.0, **llama_like)
+    if arch == "phi":
+        return tf.PhiConfig(**llama_like)
+    if arch == "olmo":
+        return tf.OlmoConfig(**llama_like | {"tie_word_embeddings": True})
+    raise ValueError(f"unknown toy architecture '{arch}': use {', '.join(ARCHS)}")
 
 
 @torch.no_grad()
 def sharpen_(model, factor: float) -> None:
-    """Scale every output logit by `factor` (lower entropy) by scaling the final norm's affine part."""
-    norm = final_norm(model)
-    norm.weight.mul_(factor)
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.mul_(factor)
+    """Scale every output logit by `factor` (lower entropy): the closed form's edit with tau = 1 / factor (the final
+    norm's affine part, or the head where the family needs it)."""
+    import copy
+
+    from tsopsd.closed_form import scale_logits_
+
+    scale_logits_(model, 1 / factor, copy.deepcopy(model))
 
 
 def build_checkpoint(out: str | Path, *, arch: str = "qwen3", seed: int = 0, sharpen: float | None = None,
