@@ -96,6 +96,21 @@ def test_readme_recipe_reheats_the_demos_collapsed_model_lora(quick_demo, tmp_pa
     check_readme_recipe(quick_demo[0], tmp_path, "lora")
 
 
+@pytest.mark.xdist_group("quick_demo")
+def test_the_closed_form_reaches_the_sft_entropy_without_training(quick_demo, tmp_path):
+    """`--method scale --target-entropy-from SFT` on the demo's collapsed model: tau solved on the edited model's own
+    held-out rollouts until a measurement's interval holds the target; the after-report judges it met; no step."""
+    world, out = quick_demo[0], tmp_path / "scaled"
+    r = tsopsd("reheat", str(world / "collapsed"), "--prompts", str(world / "prompts.jsonl"), "--out", str(out),
+               "--method", "scale", "--target-entropy-from", str(world / "sft"), "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    last = report["closed_form"]["measurements"][-1]
+    assert last["low"] <= report["target_entropy"] <= last["high"], report["closed_form"]
+    assert report["status"] == "met" and report["steps_run"] == 0 and report["method"] == "scale"
+    assert report["after"]["reference"]["effective_temperature"] == pytest.approx(report["closed_form"]["tau"], rel=1e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("quick_demo")
 def test_readme_recipe_reheats_the_demos_collapsed_model_full(quick_demo, tmp_path):
