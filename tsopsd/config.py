@@ -60,6 +60,9 @@ class TeacherConfig:
     target_entropy_from: str | None = None  # or: take that target from another checkpoint (e.g. the SFT model)
     precision: float = 0.05  # target_entropy_from: sample until its 95% interval is within +-5% (0: one round)
     method: Literal["distill", "scale"] = "distill"  # scale: the closed form, logits / tau by a weight edit (no training)
+    heat: Literal["uniform", "forking", "plausible"] = "uniform"  # where the teacher is heated (see docs/reference.md)
+    heat_fraction: float = 0.2  # forking: the share of a step's positions heated (the original's most uncertain)
+    heat_min_p: float = 0.001  # plausible: heat over the tokens with p >= min_p * p_max under the original only
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,13 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"output.eval_samples_per_prompt: must be >= 1, got {o.eval_samples_per_prompt}")
     if not 0 <= st.min_top1_agreement <= 1:
         e.append(f"stop.min_top1_agreement: must be in [0, 1], got {st.min_top1_agreement}")
+    if not (math.isfinite(t.heat_fraction) and 0 < t.heat_fraction <= 1):
+        e.append(f"teacher.heat_fraction: must be in (0, 1], got {t.heat_fraction}")
+    if not (math.isfinite(t.heat_min_p) and 0 < t.heat_min_p < 1):
+        e.append(f"teacher.heat_min_p: must be in (0, 1), got {t.heat_min_p}")
+    if t.method == "scale" and t.heat != "uniform":
+        e.append(f"teacher.heat: {t.heat} is a per-position heat, which no weight edit expresses: it needs --method "
+                 "distill (the closed form heats every position alike)")
     if t.method == "scale" and o.save == "adapter":
         e.append("output.save: 'adapter' cannot hold --method scale (it edits the final norm or the LM head, which a "
                  "LoRA adapter cannot express in a form vLLM loads): use --save merged")

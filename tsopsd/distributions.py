@@ -78,8 +78,9 @@ def summarize_entropy(values: torch.Tensor) -> dict[str, float]:
             "p90": float(quantile(0.9)), "top20_mean": float(top.mean())}
 
 
-def entropy_and_slope(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) entropy H of q = softmax(logits / T) and (N,) its derivative dH/dT, in float32.
+def entropy_and_slope(logits: torch.Tensor, temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) entropy H of q = softmax(logits / T) and (N,) its derivative dH/dT, in float32; T a number or one per
+    row ((N, 1)).
 
     With z = logits / T: dH/dT = Var_q(logits) / T^3 = Var_q(z) / T (non-negative: H rises with T).
     """
@@ -89,17 +90,56 @@ def entropy_and_slope(logits: torch.Tensor, temperature: float) -> tuple[torch.T
     h = -(q * logq).sum(-1)
     mean = (q * z).sum(-1, keepdim=True)
     var = (q * (z - mean).square_()).sum(-1)
-    return h, var / temperature
+    return h, var / (temperature.squeeze(-1) if isinstance(temperature, torch.Tensor) else temperature)
+
+
+# A selective heat (`teacher.heat`): the teacher at tau where it heats, the original (T = 1) elsewhere.
+@dataclass(frozen=True)
+class Heat:
+    """Where a step's teacher is heated: `masks`, one bool per completion position of each micro-batch (None for
+    a micro-batch without any; the whole list None: every position), and `min_p` (over the original's plausible
+    candidates only, `keep_plausible_`; 0: over the whole vocabulary)."""
+
+    masks: list[torch.Tensor | None] | None = None
+    min_p: float = 0.0
+
+
+MASKED = 1e4  # a logit out of the plausible set: this far below the row's max (probability 0 even at T = 50)
+
+
+def keep_plausible_(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """In place: shifted so each row's max is 0, and every token with p < min_p * p_max (p = softmax(logits), the
+    original's) set to -MASKED, so softmax(logits / T) spreads over the plausible candidates only, at any T.
+    min_p 0: only the shift (softmax and entropy are unchanged by it)."""
+    logits.sub_(logits.amax(-1, keepdim=True))
+    if min_p > 0:
+        logits.masked_fill_(logits < math.log(min_p), -MASKED)
+    return logits
+
+
+def row_temperatures(tau: float, heated: torch.Tensor | None) -> float | torch.Tensor:
+    """tau where `heated` (a bool per row), 1 elsewhere, as an (N,) tensor; tau itself without a mask."""
+    if heated is None:
+        return tau
+    return torch.where(heated, tau, 1.0).to(torch.float32)
 
 
 def entropy_sums(parts: list[torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor], temperature: float,
-                 *, chunk_size: int = 1024) -> list[float]:
+                 *, chunk_size: int = 1024, heated: list[torch.Tensor | None] | None = None,
+                 min_p: float = 0.0) -> list[float]:
     """[sum of H, sum of dH/dT, rows] of softmax(head(h) / T) over the rows of (n, D) hidden `parts`,
-    one chunk of logits at a time; the sums in float64 (lists of floats add across processes)."""
+    one chunk of logits at a time; the sums in float64 (lists of floats add across processes). A selective
+    heat: `heated` (a bool per row of each part; T = 1 elsewhere, where dH/dT is 0) and `min_p`
+    (`keep_plausible_`)."""
     sums = [0.0, 0.0, 0.0]
-    for hidden in parts:
+    for i, hidden in enumerate(parts):
         for c in range(0, hidden.shape[0], chunk_size):
-            h, slope = entropy_and_slope(head(hidden[c:c + chunk_size]), temperature)
+            mask = heated[i][c:c + chunk_size] if heated is not None and heated[i] is not None else None
+            z = keep_plausible_(head(hidden[c:c + chunk_size]).float(), min_p) if min_p else head(hidden[c:c + chunk_size])
+            temps = row_temperatures(temperature, mask)
+            h, slope = entropy_and_slope(z, temps if mask is None else temps[:, None])
+            if mask is not None:
+                slope = slope * mask
             sums[0] += float(h.double().sum())
             sums[1] += float(slope.double().sum())
             sums[2] += h.shape[0]

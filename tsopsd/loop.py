@@ -48,6 +48,7 @@ from tsopsd.closed_form import check_scaled, scale_logits_, solve_scale
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress, timed
 from tsopsd.decode import COMPILE
+from tsopsd.distributions import Heat
 from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
 from tsopsd.family import causal_lm, max_positions
 from tsopsd.intervals import describe
@@ -75,7 +76,7 @@ from tsopsd.state import (
 )
 from tsopsd.step import Clock, teacher_states, train_step
 from tsopsd.stop import StopRules, judge
-from tsopsd.teacher import check_teacher, solve_temperature, unreachable
+from tsopsd.teacher import check_teacher, heat_masks, solve_temperature, unreachable
 from tsopsd.trackers import Trackers, check_trackers, logging_dir, open_trackers
 
 log = logging.getLogger(__name__)
@@ -195,26 +196,32 @@ class Run:
                                    engine=cfg.rollout.engine, share_prompts=cfg.train.share_prompts,
                                    compile=cfg.rollout.compile)
 
-    def temperature(self, step: int, rollout: Rollout) -> tuple[float, list[torch.Tensor | None] | None]:
-        """Step `step`'s tau and, when it was solved on them, the teacher's hidden states (the loss reuses them).
+    def temperature(self, step: int, rollout: Rollout) -> tuple[float, list[torch.Tensor | None] | None, Heat | None]:
+        """Step `step`'s tau, the teacher's hidden states when they were computed for it (the loss reuses them), and
+        where the teacher heats (`teacher.heat`; None: uniform, every position over the whole vocabulary).
 
         A fixed --temperature is returned as is. With a target entropy, tau is re-solved on this step's
-        rollouts (over all ranks) so that the teacher's mean entropy on them equals the target: as the
-        student heats up and its rollouts move, tau follows.
+        rollouts (over all ranks) so that the teacher's mean entropy on them, heated as the loss heats them, equals
+        the target: as the student heats up and its rollouts move, tau follows.
         """
-        state, target = self.state, self.stop.target  # the training target (steered toward the held-out goal)
-        if target is None:
-            return state.tau, None
+        state, target, t = self.state, self.stop.target, self.cfg.teacher  # target: the training one (steered)
+        heat = None if t.heat == "uniform" else Heat(min_p=t.heat_min_p if t.heat == "plausible" else 0.0)
+        if target is None and t.heat != "forking":
+            return state.tau, None, heat
         hidden = teacher_states(self.policy, rollout, micro_batch=self.cfg.train.micro_batch,
                                 skip_empty=not self.backend.lockstep, share_prompts=self.cfg.train.share_prompts)
+        if t.heat == "forking":
+            heat = Heat(masks=heat_masks(self.policy.teacher, hidden, t.heat_fraction, chunk_size=self.cfg.loss.chunk_size))
+        if target is None:
+            return state.tau, hidden, heat
         found = solve_temperature(self.policy.teacher, hidden, target, start=state.tau, total=self.backend.sum,
-                                  chunk_size=self.cfg.loss.chunk_size)
+                                  chunk_size=self.cfg.loss.chunk_size, heat=heat)
         if not found.reached:
             if step == 0:
                 raise unreachable(target, found)
             self.note(f"step {step + 1}: the target entropy {target:.4f} is out of reach on this step's "
                       f"rollouts; tau = {found.x:g} gives {found.value:.4f}")
-        return found.x, hidden
+        return found.x, hidden, heat
 
     def evaluate(self, model=None, reference=None, *, prompts: list[Prompt] | None = None,
                  samples: int | None = None, seed: int | None = None, warn_wide: bool = True,
@@ -364,14 +371,14 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 local_tokens = int(rollout.completion_mask.sum())
                 n_tokens = int(backend.sum([float(local_tokens)])[0])
                 with clock("solve"):
-                    tau, teacher_hidden = run.temperature(step, rollout)  # fixed, or solved for the target entropy
+                    tau, teacher_hidden, heat = run.temperature(step, rollout)  # fixed, or solved for the target
                 stats = train_step(policy, rollout, tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
                                    normalizer=backend.loss_normalizer(n_tokens), timings=timings,
-                                   teacher_hidden=teacher_hidden)  # teacher, student, loss, backward
+                                   teacher_hidden=teacher_hidden, heat=heat)  # teacher, student, loss, backward
                 if step == 0:  # the training path against the model's own forward, in float64
                     with clock("check"):
                         check_teacher(policy.teacher, rollout, tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
-                                      measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
+                                      heat=heat, measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
                 stats = ChunkStats.from_sums(backend.sum(stats.sums()))
                 backend.reduce_gradients(policy.trainable)
                 with signals.held():  # from here the step lands whole, or (interrupted before) not at all

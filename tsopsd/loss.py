@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tsopsd.distributions import MASKED
 from tsopsd.family import is_fake
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -126,8 +127,8 @@ class Workspace:
 
 @torch.no_grad()
 def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str,
-                        teacher_temperature: float, beta: float = 0.5, grad_scale: float | None = None,
-                        workspace: Workspace | None = None) -> tuple[torch.Tensor | None, ChunkStats]:
+                        teacher_temperature: float | torch.Tensor, beta: float = 0.5, grad_scale: float | None = None,
+                        workspace: Workspace | None = None, min_p: float = 0.0) -> tuple[torch.Tensor | None, ChunkStats]:
     """Per-token divergence, its gradient w.r.t. the student logits, and logging statistics, by hand.
 
     All three divergences have dL/dp_v = g_v with a simple g, and through the softmax
@@ -174,7 +175,9 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     lse0 = m0.squeeze(-1) + q.sum(-1).log_()
     # KL(student || original at T=1) = sum p log p - sum p z0 + logsumexp(z0), since sum p = 1
     kl_orig = float((p_logp - p_z0 + lse0).sum())
-    logq.div_(teacher_temperature)  # (z0 - max) / tau; its max is 0
+    if min_p:  # a plausible-set heat: the tail (p < min_p * p_max) gets no mass (`keep_plausible_`)
+        logq.masked_fill_(logq < math.log(min_p), -MASKED)
+    logq.div_(teacher_temperature)  # (z0 - max) / tau, tau a number or one per row; its max is 0
     torch.exp(logq, out=q)
     sq = q.sum(-1, keepdim=True)
     q.div_(sq)
@@ -214,9 +217,9 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
 def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                                 student_head: Callable[[torch.Tensor], torch.Tensor],
                                 teacher_head: Callable[[torch.Tensor], torch.Tensor], *, normalizer: float,
-                                divergence: str, teacher_temperature: float, beta: float = 0.5,
+                                divergence: str, teacher_temperature: float | torch.Tensor, beta: float = 0.5,
                                 chunk_size: int = 1024, backward: bool = True,
-                                workspace: Workspace | None = None) -> ChunkStats:
+                                workspace: Workspace | None = None, min_p: float = 0.0) -> ChunkStats:
     """Sum of per-token divergences / `normalizer`, back-propagated chunk by chunk.
 
     Args:
@@ -224,6 +227,8 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
         teacher_hidden: (N, D) frozen teacher hidden states at the same positions.
         student_head, teacher_head: (n, D) -> (n, V) float32 logits.
         normalizer: number of valid tokens in the whole step (so micro-batches add up to the mean).
+        teacher_temperature: tau, or (N,) one per position (a selective heat: 1 where it does not heat).
+        min_p: a selective heat over the original's plausible candidates (`distributions.keep_plausible_`).
         chunk_size: positions per chunk; 0 means all at once.
         backward: run backward (False: statistics only). With it, the trunk is back-propagated exactly
             once, with zeros when no chunk gave a gradient (no positions, or a non-finite divergence), so
@@ -244,8 +249,10 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
         with torch.set_grad_enabled(leaf.requires_grad):
             student_logits = student_head(leaf[s:s + step])  # autograd keeps only the head's inputs
         with torch.no_grad():  # the teacher's logits are handed over, not kept: freed inside once used
+            tau = teacher_temperature if not isinstance(teacher_temperature, torch.Tensor) else \
+                teacher_temperature[s:s + step, None]
             grad, stats = divergence_and_grad(student_logits.detach(), teacher_head(teacher_hidden[s:s + step]),
-                                              divergence=divergence, teacher_temperature=teacher_temperature,
+                                              divergence=divergence, teacher_temperature=tau, min_p=min_p,
                                               beta=beta, workspace=workspace,
                                               grad_scale=1.0 / max(normalizer, 1.0) if leaf.requires_grad else None)
         total.add(stats)

@@ -20,6 +20,7 @@ import torch
 
 from tsopsd.batch import Rollout
 from tsopsd.config import Config
+from tsopsd.distributions import Heat, row_temperatures
 from tsopsd.loss import ChunkStats, Workspace, chunked_divergence_backward
 from tsopsd.policy import Policy
 from tsopsd.scoring import completion_hidden, head_logits
@@ -47,7 +48,7 @@ def teacher_states(policy: Policy, rollout: Rollout, *, micro_batch: int, skip_e
 
 def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, normalizer: float | None = None,
                skip_empty: bool = True, timings: dict[str, float] | None = None,
-               teacher_hidden: list[torch.Tensor | None] | None = None) -> ChunkStats:
+               teacher_hidden: list[torch.Tensor | None] | None = None, heat: Heat | None = None) -> ChunkStats:
     """Accumulate gradients of the mean divergence over the rollout's completion tokens.
 
     Args:
@@ -61,6 +62,8 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
         teacher_hidden: `teacher_states` of this rollout, computed beforehand (None: computed here,
             one micro-batch at a time); the list's entries are set to None as their micro-batches finish,
             so each is freed once used.
+        heat: a selective heat (`teacher.heat`): tau only at its masked positions (the original, T = 1,
+            elsewhere), and over the original's plausible candidates only (its min_p); None: tau everywhere.
 
     Returns statistics summed over tokens. Gradients are left in `.grad` (not applied).
     """
@@ -83,8 +86,9 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
                 student_hidden = completion_hidden(policy.student, part, share_prompts=share)  # (n, D), with grad
             stats = chunked_divergence_backward(
                 student_hidden, hidden, partial(head_logits, policy.student), policy.teacher.logits,
-                normalizer=n_tokens, divergence=cfg.loss.divergence, teacher_temperature=tau, beta=cfg.loss.beta,
-                chunk_size=cfg.loss.chunk_size, workspace=workspace)
+                normalizer=n_tokens, divergence=cfg.loss.divergence, beta=cfg.loss.beta,
+                teacher_temperature=row_temperatures(tau, heat.masks[i] if heat and heat.masks else None),
+                chunk_size=cfg.loss.chunk_size, workspace=workspace, min_p=heat.min_p if heat else 0.0)
         total.add(stats)
         del hidden, student_hidden
         if total.nonfinite and skip_empty:
