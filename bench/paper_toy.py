@@ -5,8 +5,9 @@
     python bench/paper_toy.py --suite ablations              # the reheat itself: tau, divergence, LoRA vs full
 
 exploration (`tsopsd/lab/exploration.py`): from the demo's checkpoints, the same budget of continued
-GRPO from five starts -- (a) collapsed at T=1, (b) collapsed at T=tau, (c) reheated at fixed tau,
-(d) collapsed with an entropy bonus, (e) reheated to the SFT model's entropy -- under the reward that
+GRPO from eight starts -- (a) collapsed at T=1, (b) collapsed at T=tau, (c) reheated at fixed tau,
+(d) collapsed with an entropy bonus, (e) reheated to the SFT model's entropy, (f) the closed form at that
+entropy, (g) SSD (fine-tuned on its own samples at (f)'s tau), (h) a selective reheat (--heat) -- under the reward that
 collapsed the model and under a shifted one, for paired seeds. Means with 95% bootstrap intervals,
 paired differences, curves with bands. Writes results.md, results.json and PNGs under --results.
 
@@ -89,13 +90,14 @@ def explore(args) -> str:
               f"{run['curve'][0]['pass@1']:.3f} -> {run['final']['pass@1']:.3f} ({run['seconds']:.0f} s)", flush=True)
 
     result = exploration.run_suite(args.work, budget, seeds=seeds, quick=args.quick, jobs=args.jobs,
-                                   fresh=args.fresh, on_done=done)
+                                   fresh=args.fresh, on_done=done, heat=args.heat)
     exploration.write_results(result, args.results, command(args))
     return (args.results / "results.md").read_text()
 
 
 def command(args) -> str:
-    parts = ["python bench/paper_toy.py", f"--suite {args.suite}"] + (["--quick"] if args.quick else [])
+    parts = ["python bench/paper_toy.py", f"--suite {args.suite}"] + (["--quick"] if args.quick else []) + \
+        ([f"--heat {args.heat}"] if args.suite == "exploration" else [])
     return " ".join(parts + ([f"--seeds {args.seeds}"] if args.seeds else []))
 
 
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=None, help="paired seeds (default 8; 2 with --quick)")
     ap.add_argument("--jobs", type=int, default=2, help="continued-RL runs in parallel, one thread each")
     ap.add_argument("--fresh", action="store_true", help="rebuild the cached checkpoints")
+    ap.add_argument("--heat", choices=("forking", "plausible"), default="forking",
+                    help="the selective reheat of start (h) (teacher.heat)")
     args = ap.parse_args(argv)
     args.work = args.work or ROOT / "runs" / ("lab-quick" if args.quick else "lab")
     args.results = args.results or ROOT / "results" / (args.suite + ("-quick" if args.quick else ""))

@@ -95,10 +95,12 @@ def test_exploration_suite_runs_paired_and_writes_its_results(quick_demo, tmp_pa
     for stage in ("sft", "collapsed", "reheated"):
         shutil.copytree(demo / stage, work / stage)
     shutil.copytree(demo / "reheated", work / f"reheated-tau{exploration.TAU:g}")  # stands in for the fixed-tau reheat
+    shutil.copytree(demo / "reheated", work / "reheated-forking")  # and for the selective one (the closed form and
+    # SSD are built: seconds)
     budget = exploration.Budget(rl_steps=4, eval_every=2, eval_samples=2, final_samples=4)
     done = []
     result = exploration.run_suite(work, budget, seeds=2, quick=True, on_done=lambda i, n, r: done.append((i, n)))
-    assert done[-1] == (20, 20) and len(result["runs"]) == 20  # 5 starts x 2 rewards x 2 seeds
+    assert done[-1] == (32, 32) and len(result["runs"]) == 32  # 8 starts x 2 rewards x 2 seeds
     for reward in ("same", "shifted"):
         for seed in range(2):
             runs = {r["start"]: r for r in result["runs"] if r["reward"] == reward and r["seed"] == seed}
@@ -109,11 +111,15 @@ def test_exploration_suite_runs_paired_and_writes_its_results(quick_demo, tmp_pa
             assert reheated > from_collapsed[0]["entropy"] + 0.05
         s = result["summary"][reward]
         for row in s["starts"].values():
-            for m in exploration.METRICS:
+            for m in (m for m in exploration.METRICS if m in row):  # pass@64 needs 64 samples (4 here)
                 assert row[m]["low"] <= row[m]["mean"] + 1e-12 and row[m]["mean"] <= row[m]["high"] + 1e-12
         a, e = exploration.STARTS[0].label, exploration.STARTS[4].label
         diff = s["differences"][f"{e} - {a}"]["entropy"]
         assert diff["mean"] == pytest.approx(s["starts"][e]["entropy"]["mean"] - s["starts"][a]["entropy"]["mean"])
+        assert set(s["starts"][a]["pass@k"]) == {"1", "2", "4"}  # unbiased pass@k for every k the samples allow
+    closed = json.loads((work / "scaled" / "reheat_report.json").read_text())
+    assert closed["method"] == "scale" and closed["steps_run"] == 0
+    assert json.loads((work / "ssd" / "ssd.json").read_text())["temperature"] == closed["teacher_temperature"]
     layers = result["checkpoints"]["collapsed"]["vs_collapsed"]["layers"]["cosine"]
     assert layers == pytest.approx([1.0] * len(layers))
     files = exploration.write_results(result, tmp_path / "results", "test")

@@ -11,6 +11,9 @@ and each of two rewards:
            (c) reheated at the same fixed tau, T=1   (`tsopsd reheat --temperature tau`)
            (d) collapsed, T=1, with an entropy bonus (verl's `actor.entropy_coeff`)
            (e) reheated to the SFT model's entropy   (the demo's `--target-entropy-from sft`), T=1
+           (f) the closed form at the same target    (`--method scale --target-entropy-from sft`: no training)
+           (g) SSD-style: fine-tuned by cross-entropy on its own samples at T = (f)'s tau (off-policy heat)
+           (h) a selective reheat to the same target (`teacher.heat`, the suite's `heat`), T=1
   rewards  "same":    any correct answer (the reward that collapsed the model)
            "shifted": correct *and* the first number larger (`sumtask.larger_first`)
 
@@ -27,6 +30,7 @@ differences between starts (`tsopsd.lab.stats`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -60,9 +64,14 @@ STARTS = (
     Start(f"(c) reheated tau={TAU:g}, T=1", "reheated_tau"),
     Start(f"(d) collapsed, entropy bonus {ENTROPY_COEFF:g}", "collapsed", entropy_coeff=ENTROPY_COEFF),
     Start("(e) reheated to SFT entropy, T=1", "reheated_target"),
+    Start("(f) closed form to SFT entropy, T=1", "scaled_target"),
+    Start("(g) SSD: own samples at T=tau(f), T=1", "ssd"),
+    Start("(h) selective reheat to SFT entropy, T=1", "selective_target"),
 )
-# The comparisons the tables show: each reheated start against each baseline, and the two reheats.
-COMPARISONS = tuple((x, y) for x in (2, 4) for y in (0, 1, 3)) + ((4, 2),)
+# The comparisons the tables show: each reheated start against each baseline, the two reheats, and the closed form,
+# SSD and the selective reheat against what they must beat.
+COMPARISONS = tuple((x, y) for x in (2, 4) for y in (0, 1, 3)) + ((4, 2), (4, 5), (6, 5), (7, 1), (7, 4), (7, 5))
+PASS_K = (1, 2, 4, 8, 16, 32, 64)  # unbiased pass@k at the end (final_samples >= 64)
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ class Budget:
     rl_steps: int = 150
     eval_every: int = 10
     eval_samples: int = 8  # per prompt, on the curves
-    final_samples: int = 16  # per prompt, at the end
+    final_samples: int = 64  # per prompt, at the end (pass@k up to 64)
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-3
@@ -78,7 +87,7 @@ class Budget:
 
 
 SUITE = Budget()
-QUICK_SUITE = Budget(rl_steps=30, eval_every=10, eval_samples=4, final_samples=8)
+QUICK_SUITE = Budget(rl_steps=30, eval_every=10, eval_samples=4, final_samples=16)
 
 
 # ---- one continued-RL run --------------------------------------------------------------------------
@@ -97,15 +106,18 @@ def evaluate(model, tokenizer, prompts, verifier: Callable[[int, str], bool], *,
     per_prompt: dict[int, list[str]] = {}
     for i, t in zip(r.prompt_index.tolist(), texts):
         per_prompt.setdefault(i, []).append(t)
-    p1, p8, distinct = [], [], []
+    ks = [k for k in PASS_K if k <= samples]
+    passk, distinct = {k: [] for k in ks}, []
     for i, ts in per_prompt.items():
         ok = [verifier(i, t) for t in ts]
-        p1.append(pass_at_k(len(ts), sum(ok), 1))
-        p8.append(pass_at_k(len(ts), sum(ok), min(8, len(ts))))
+        for k in ks:
+            passk[k].append(pass_at_k(len(ts), sum(ok), k))
         distinct.append(len({t.strip() for t, good in zip(ts, ok) if good}))
     h = float(entropy(head_logits(model, completion_hidden(model, r))).mean())
     n = len(per_prompt)
-    return {"pass@1": sum(p1) / n, "pass@8": sum(p8) / n, "distinct_correct": sum(distinct) / n, "entropy": h}
+    mean = {k: sum(v) / n for k, v in passk.items()}
+    return {"pass@1": mean[1], "pass@8": mean.get(8, mean[max(ks)]), "pass@k": {str(k): v for k, v in mean.items()},
+            "distinct_correct": sum(distinct) / n, "entropy": h}
 
 
 def continued_rl(job: dict) -> dict:
@@ -161,13 +173,21 @@ def per_seed(runs: list[dict], budget: Budget) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [r["final"][k] for r in runs] for k in ("pass@1", "pass@8", "distinct_correct",
                                                                               "entropy")}
     out["train_reward"] = [sum(r["train_reward"][-tail:]) / tail for r in runs]
+    # re-collapse: the entropy left after continued RL, as a share of the start's (curve points share a sample size)
+    out["entropy_kept"] = [r["curve"][-1]["entropy"] / max(r["curve"][0]["entropy"], 1e-9) for r in runs]
+    for k in PASS_K:  # "k=K": the pass@k curve's points; pass@64 is also a metric of the tables
+        if runs and all(str(k) in r["final"].get("pass@k", {}) for r in runs):
+            out[f"k={k}"] = [r["final"]["pass@k"][str(k)] for r in runs]
+    if "k=64" in out:
+        out["pass@64"] = out["k=64"]
     reached = [steps_to(r["curve"], THRESHOLDS[r["reward"]], budget) for r in runs]
     out["steps_to_threshold"] = [float(s) for s, _ in reached]
     out["reached"] = [float(ok) for _, ok in reached]
     return out
 
 
-METRICS = ("pass@1", "pass@8", "train_reward", "distinct_correct", "entropy", "steps_to_threshold")
+METRICS = ("pass@1", "pass@8", "pass@64", "train_reward", "distinct_correct", "entropy", "entropy_kept",
+           "steps_to_threshold")
 
 
 def summarize(runs: list[dict], budget: Budget) -> dict:
@@ -177,36 +197,92 @@ def summarize(runs: list[dict], budget: Budget) -> dict:
         values = {s.label: per_seed([r for r in runs if r["reward"] == reward and r["start"] == s.label], budget)
                   for s in STARTS}
         values = {k: v for k, v in values.items() if v["pass@1"]}
-        starts = {label: {m: interval(v[m]) for m in METRICS} | {"reached": int(sum(v["reached"]))}
+        starts = {label: {m: interval(v[m]) for m in METRICS if m in v} | {"reached": int(sum(v["reached"]))}
+                  | {"pass@k": {str(k): interval(v[f"k={k}"]) for k in PASS_K if f"k={k}" in v}}
                   for label, v in values.items()}
         pairs = {}
         for x, y in COMPARISONS:
             a, b = STARTS[x].label, STARTS[y].label
             if a in values and b in values:
-                pairs[f"{a} - {b}"] = {m: paired(values[a][m], values[b][m]) for m in METRICS}
+                pairs[f"{a} - {b}"] = {m: paired(values[a][m], values[b][m]) for m in METRICS
+                                       if m in values[a] and m in values[b]}
         if starts:
             out[reward] = {"threshold": THRESHOLDS[reward], "starts": starts, "differences": pairs,
                            "per_seed": values}
     return out
 
 
-def build_checkpoints(work: Path, *, quick: bool, fresh: bool) -> dict[str, Path]:
-    """The demo's SFT, collapsed and reheated-to-SFT-entropy checkpoints, and a reheat at fixed TAU."""
+def build_checkpoints(work: Path, *, quick: bool, fresh: bool, heat: str = "forking") -> dict[str, Path]:
+    """The demo's SFT, collapsed and reheated-to-SFT-entropy checkpoints, a reheat at fixed TAU, the closed form at
+    the SFT entropy, the SSD-style baseline at the closed form's tau and a selective reheat (`heat`) to the SFT
+    entropy; each built once under `work` and reused."""
     from tsopsd.config import load_config
+    from tsopsd.errors import TrainingStopped
     from tsopsd.lab.demo import CONFIG, FULL, QUICK, run_demo
     from tsopsd.loop import reheat
 
     size = QUICK if quick else FULL
     run_demo(work, quick=quick, fresh=fresh, show_progress=False)
-    fixed = work / f"reheated-tau{TAU:g}"
-    if not fixed.is_dir():
-        log.info("reheat at fixed tau=%g (%d steps) -> %s", TAU, size.reheat_steps, fixed)
-        reheat(load_config(CONFIG, {
-            "model.path": str(work / "collapsed"), "data.prompts": str(work / "prompts.jsonl"),
-            "output.out": str(fixed), "teacher.temperature": TAU, "teacher.target_entropy_from": None,
-            "train.steps": size.reheat_steps, "seed": size.seed}), show_progress=False)
+    base = {"model.path": str(work / "collapsed"), "data.prompts": str(work / "prompts.jsonl"), "seed": size.seed,
+            "train.steps": size.reheat_steps}
+    fixed, scaled, selective = work / f"reheated-tau{TAU:g}", work / "scaled", work / f"reheated-{heat}"
+    to_sft = {"teacher.temperature": None, "teacher.target_entropy_from": str(work / "sft")}
+    for folder, keys in ((fixed, {"teacher.temperature": TAU, "teacher.target_entropy_from": None}),
+                         (scaled, to_sft | {"teacher.method": "scale"}),
+                         (selective, to_sft | {"teacher.heat": heat})):
+        if not folder.is_dir():
+            log.info("reheat %s -> %s", keys, folder)
+            try:
+                reheat(load_config(CONFIG, base | keys | {"output.out": str(folder)}), show_progress=False)
+            except TrainingStopped as e:  # a guard stop writes the last good weights: the lab uses them, and says so
+                log.warning("%s: %s", folder, e)
+    ssd = work / "ssd"
+    if not ssd.is_dir():
+        tau = json.loads((scaled / "reheat_report.json").read_text())["teacher_temperature"]
+        build_ssd(work / "collapsed", work / "prompts.jsonl", ssd, temperature=tau, seed=size.seed)
     return {"sft": work / "sft", "collapsed": work / "collapsed", "reheated_tau": fixed,
-            "reheated_target": work / "reheated", "prompts": work / "prompts.jsonl"}
+            "reheated_target": work / "reheated", "scaled_target": scaled, "ssd": ssd, "selective_target": selective,
+            "prompts": work / "prompts.jsonl"}
+
+
+def build_ssd(collapsed: Path, prompts_file: Path, out: Path, *, temperature: float, seed: int,
+              samples: int = 32, epochs: int = 3, lr: float = 5e-4, batch: int = 256) -> None:
+    """The off-policy way to put a temperature into weights (simple self-distillation, SSD): sample the collapsed
+    model at T = `temperature` on every prompt, then fine-tune it (all weights) by cross-entropy on those
+    completions. Written as a checkpoint with `ssd.json` (its settings and losses)."""
+    from tsopsd.checkpoint import atomic_output
+    from tsopsd.prompts import load_prompts
+    from tsopsd.rollout import sample_rollouts
+
+    ck = load_checkpoint(collapsed, device="cpu")
+    model, tok = ck.model, ck.tokenizer
+    prompts = load_prompts(prompts_file, tok)
+    with torch.no_grad():
+        r = sample_rollouts(model, tok, prompts, samples_per_prompt=samples, max_new_tokens=8, temperature=temperature,
+                            seed=seed, batch_size=len(prompts) * samples)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    n = r.input_ids.shape[0]
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(batch):
+            ids, mask, comp = r.input_ids[idx], r.attention_mask[idx], r.completion_mask[idx]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target, keep = ids[:, 1:], comp[:, 1:].bool()
+            loss = torch.nn.functional.cross_entropy(logits[keep], target[keep])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    model.eval()
+    with atomic_output(out, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "ssd.json").write_text(json.dumps({"temperature": temperature, "samples_per_prompt": samples,
+                                                  "epochs": epochs, "lr": lr, "losses": losses}))
 
 
 def describe_checkpoints(paths: dict[str, Path], budget: Budget) -> dict:
@@ -217,7 +293,7 @@ def describe_checkpoints(paths: dict[str, Path], budget: Budget) -> dict:
 
     ref = load_checkpoint(paths["collapsed"], device="cpu").model
     out = {}
-    for name in ("sft", "collapsed", "reheated_tau", "reheated_target"):
+    for name in ("sft", "collapsed", "reheated_tau", "reheated_target", "scaled_target", "ssd", "selective_target"):
         ck = load_checkpoint(paths[name], device="cpu")
         prompts = load_prompts(paths["prompts"], ck.tokenizer)
         targets = [parse_target(p.text) for p in prompts]
@@ -242,11 +318,12 @@ def _worker() -> None:
 
 
 def run_suite(work: str | Path, budget: Budget = SUITE, *, seeds: int = 8, quick: bool = False, jobs: int = 1,
-              fresh: bool = False, on_done: Callable[[int, int, dict], None] | None = None) -> dict:
+              fresh: bool = False, on_done: Callable[[int, int, dict], None] | None = None,
+              heat: str = "forking") -> dict:
     """Build or reuse the checkpoints, run every (start, reward, seed), summarize. JSON-ready."""
     work = Path(work)
     started = time.monotonic()
-    paths = build_checkpoints(work, quick=quick, fresh=fresh)
+    paths = build_checkpoints(work, quick=quick, fresh=fresh, heat=heat)
     built = time.monotonic() - started
     checkpoints = describe_checkpoints(paths, budget)
     todo = [{"folder": str(paths[s.checkpoint]), "prompts": str(paths["prompts"]), "start": asdict(s),
@@ -272,6 +349,7 @@ def run_suite(work: str | Path, budget: Budget = SUITE, *, seeds: int = 8, quick
     runs.sort(key=lambda r: (r["reward"], r["seed"], r["start"]))
     n_prompts = len(paths["prompts"].read_text().splitlines())
     return {"budget": asdict(budget), "seeds": seeds, "quick": quick, "tau": TAU, "entropy_coeff": ENTROPY_COEFF,
+            "heat": heat,
             "prompts": n_prompts, "starts": [asdict(s) for s in STARTS], "checkpoints": checkpoints,
             "summary": summarize(runs, budget), "runs": runs,
             "seconds": {"checkpoints": built, "total": time.monotonic() - started}}
@@ -309,9 +387,9 @@ def _diff(ci: dict, digits: int = 3) -> str:
     return f"**{text}**" if ci["real"] and ci["n"] >= MIN_SEEDS else text
 
 
-LABELS = {"pass@1": "pass@1", "pass@8": "pass@8", "train_reward": "train reward (last 10)",
+LABELS = {"pass@1": "pass@1", "pass@8": "pass@8", "pass@64": "pass@64", "train_reward": "train reward (last 10)",
           "distinct_correct": "distinct correct / prompt", "entropy": "entropy (nats)",
-          "steps_to_threshold": "steps to threshold"}
+          "entropy_kept": "entropy kept (end / start)", "steps_to_threshold": "steps to threshold"}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -344,18 +422,27 @@ def markdown(result: dict, command: str) -> str:
     for reward, s in result["summary"].items():
         what = {"same": "the same reward (any correct answer)",
                 "shifted": "the shifted reward (correct and the first number larger)"}[reward]
+        shown = [m for m in METRICS if all(m in row for row in s["starts"].values())]
         lines += [f"\n## Continued RL with {what}\n",
                   f"Steps to threshold: first evaluated step with pass@1 >= {s['threshold']}; a run that never gets "
-                  f"there counts as {b['rl_steps'] + b['eval_every']} (so that mean is a lower bound).\n",
-                  "| start | " + " | ".join(LABELS[m] for m in METRICS) + " | reached |", "|---" * (len(METRICS) + 2) + "|"]
+                  f"there counts as {b['rl_steps'] + b['eval_every']} (so that mean is a lower bound). Entropy kept: "
+                  "the entropy at the end of continued RL over the start's (how much of the heat RL leaves).\n",
+                  "| start | " + " | ".join(LABELS[m] for m in shown) + " | reached |", "|---" * (len(shown) + 2) + "|"]
         for label, row in s["starts"].items():
             lines.append(f"| {label} | " + " | ".join(_cell(row[m], 1 if m == "steps_to_threshold" else 3)
-                                                    for m in METRICS) + f" | {row['reached']}/{row['pass@1']['n']} |")
+                                                    for m in shown) + f" | {row['reached']}/{row['pass@1']['n']} |")
         lines += ["\nPaired differences (first minus second, same seeds):\n",
-                  "| difference | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+                  "| difference | " + " | ".join(LABELS[m] for m in shown) + " |", "|---" * (len(shown) + 1) + "|"]
         for pair, row in s["differences"].items():
             lines.append(f"| {pair} | " + " | ".join(_diff(row[m], 1 if m == "steps_to_threshold" else 3)
-                                                   for m in METRICS) + " |")
+                                                   for m in shown) + " |")
+        ks = sorted({int(k) for row in s["starts"].values() for k in row.get("pass@k", {})})
+        if ks:
+            lines += ["\nUnbiased pass@k at the end of continued RL (mean over seeds [95% interval]):\n",
+                      "| start | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+            for label, row in s["starts"].items():
+                lines.append(f"| {label} | " + " | ".join(_cell(row["pass@k"][str(k)]) if str(k) in row["pass@k"] else "–"
+                                                        for k in ks) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,6 +465,12 @@ def curves(result: dict, reward: str) -> dict[str, dict[str, tuple[list, list, l
         cis = [ci([s[i] for s in smooth], resamples=2000) for i in xs]
         panels["train reward (10-step mean, at the start's T)"][label] = (
             [x + 1 for x in xs], [c["mean"] for c in cis], [c["low"] for c in cis], [c["high"] for c in cis])
+        at_end = result["summary"].get(reward, {}).get("starts", {}).get(label, {}).get("pass@k", {})
+        if at_end:
+            ks = sorted(at_end, key=int)
+            panels.setdefault("pass@k at the end (k = 1..64)", {})[label] = (
+                [int(k) for k in ks], [at_end[k]["mean"] for k in ks], [at_end[k]["low"] for k in ks],
+                [at_end[k]["high"] for k in ks])
     return panels
 
 
