@@ -88,7 +88,7 @@ def save_band_plot(path: Path, panels: dict[str, dict[str, tuple[list, list, lis
             (line,) = ax.plot(x, mean, label=label, linewidth=1.4)
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel("k" if name.startswith("pass@k") else xlabel)  # a pass@k panel's x is k, not a step
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
