@@ -599,6 +599,62 @@ def merge(
 
 
 @app.command(cls=_Command)
+def watch(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The RL run's folder of checkpoint-N / "
+                                                                     "global_step_N checkpoints.")],
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompts to measure each checkpoint on (and to "
+                                                                   "solve the reheat's tau on).")],
+    once: Annotated[bool, typer.Option("--once", help="Look once, act, exit (cron, SLURM chains); default: poll until "
+                                                      "the rule fires.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between looks.")] = 300.0,
+    settle: Annotated[float, typer.Option(help="A checkpoint counts once no file in it changed for this many "
+                                               "seconds (still being written otherwise).")] = 60.0,
+    collapse_ratio: Annotated[float, typer.Option(help="Collapsed: entropy below this x the first checkpoint's.")] = 0.5,
+    min_entropy: Annotated[Optional[float], typer.Option(help="Or below this many nats.")] = None,
+    consecutive: Annotated[int, typer.Option(help="...for this many checkpoints in a row.")] = 1,
+    method: Annotated[Method, typer.Option(help="How to reheat: scale (the closed form, seconds) or distill.")] =
+    Method.scale,
+    target_entropy: Annotated[Optional[float], typer.Option(help="Reheat to this entropy (default: the first "
+                                                                  "checkpoint's, before the collapse).")] = None,
+    config: ConfigFile = None,
+    samples_per_prompt: Annotated[int, typer.Option(help="Samples per prompt in each measurement.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap in each measurement.")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu, cuda:N.")] = "auto",
+    as_json: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Follow an RL run's checkpoints; when entropy collapses, write NAME-reheated beside the checkpoint and print how
+    to resume from it. Exit 0: nothing to do; 3: reheated (resume from the printed path); 2: bad input."""
+    def body() -> int:
+        from tsopsd import console
+        from tsopsd.watch import watch as follow
+
+        console.setup_logging(quiet=quiet)
+        result = follow(run_dir, prompts, once=once, interval=interval, settle=settle, ratio=collapse_ratio,
+                        min_entropy=min_entropy, consecutive=consecutive, method=method.value, config=config,
+                        target_entropy=target_entropy, samples_per_prompt=samples_per_prompt,
+                        max_new_tokens=max_new_tokens, seed=seed, device=device, show_progress=not quiet)
+        if as_json:
+            _emit(result, as_json=True, out=None, table=lambda: None)
+        else:
+            lines = [f"{c['checkpoint']}: entropy {c['entropy']:.4f}" for c in result["checkpoints"]]
+            if result["status"] == "nothing":
+                lines.append(f"no collapse ({result['rule']['words']})")
+            else:
+                what = "reheated" if result["status"] == "reheated" else "reheated already"
+                lines.append(f"collapse at {result['fired_at']} ({result['rule']['words']}): {what} -> {result['reheated']}")
+                lines += [f"  {name}: {command}" for name, command in result["resume"].items()]
+            typer.echo("\n".join(lines))
+        return ExitCode.REHEATED if result["status"] == "reheated" else ExitCode.DONE
+
+    code = _run(body, debug=debug)
+    if code:
+        raise typer.Exit(int(code))
+
+
+@app.command(cls=_Command)
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder; what it builds is cached there.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Smaller budget (about a minute).")] = False,

@@ -108,16 +108,19 @@ def check_scaled(model, original, ids: torch.Tensor, tau: float, *, compute=None
 
 
 def next_tau(tries: list[tuple[float, float]], target: float) -> float:
-    """The next tau to measure, from (tau, entropy) measured so far: the secant of log entropy against log tau
-    between the nearest measurements on either side of the target (bracketed), else from the last two (a
-    slope of 2 while there is one: the entropy of a peaked distribution rises faster than tau)."""
+    """The next tau to measure, from (tau, entropy) measured so far, in the order measured: the secant of log
+    entropy against log tau between the nearest measurements on either side of the target (bracketed; the
+    bracket's middle instead when the last two landed on the same side, so a curve that saturates cannot stall
+    the secant on one end), else from the nearest two (a slope of 2 while there is one: the entropy of a peaked
+    distribution rises faster than tau)."""
     pts = sorted((math.log(t), math.log(max(h, 1e-9))) for t, h in tries)
     goal = math.log(target)
     below = [p for p in pts if p[1] < goal]
     above = [p for p in pts if p[1] >= goal]
     if below and above:
         (a, ha), (b, hb) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
-        x = a + (goal - ha) * (b - a) / (hb - ha) if hb != ha else (a + b) / 2
+        stalled = len(tries) >= 3 and (tries[-1][1] < target) == (tries[-2][1] < target)
+        x = (a + b) / 2 if stalled or hb == ha else a + (goal - ha) * (b - a) / (hb - ha)
     else:
         (a, ha) = min(pts, key=lambda p: abs(p[1] - goal))
         others = [p for p in pts if p[0] != a]
