@@ -128,3 +128,17 @@ def test_method_scale_refuses_an_adapter_in_one_line(family_ckpts, tmp_path):
     assert p.stderr.strip().splitlines() == ["tsopsd: error: invalid config: output.save: 'adapter' cannot hold "
                                              "--method scale (it edits the final norm or the LM head, which a LoRA "
                                              "adapter cannot express in a form vLLM loads): use --save merged"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "olmo"])
+def test_an_edit_on_top_of_an_edit_composes(arch):
+    """`scale_logits_(model, r, model)`: the model's own logits / r again (how a callback solves tau in place with no
+    copy of the model): 1.3 then 2.0/1.3 is the edit at 2.0, for a plain norm, a Gemma norm with a cap and a tied
+    head."""
+    model = _tiny(arch)
+    reference = copy.deepcopy(model).double()
+    scale_logits_(model, 1.3, model)
+    scale_logits_(model, 2.0 / 1.3, model)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits.double(), reference(input_ids=ids).logits / 2.0, atol=1e-5)

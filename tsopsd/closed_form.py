@@ -35,8 +35,9 @@ MAX_TRIES = 8  # measurements of the edited model a target's solve may take
 @torch.no_grad()
 def scale_logits_(model, tau: float, original) -> str:
     """Edit `model` in place so its logits are `original`'s / tau (`original`: an untouched copy with the same
-    module names, the teacher; the edit starts from it, so solving tau may call this again). Returns what was
-    edited, in words. Raises TsopsdError for a family whose final layers it cannot edit exactly."""
+    module names, the teacher; the edit starts from it, so solving tau may call this again; or `model` itself, to
+    divide its logits by tau once more). Returns what was edited, in words. Raises TsopsdError for a family whose
+    final layers it cannot edit exactly."""
     lm, src = causal_lm(model), causal_lm(original)
     head, src_head = lm.get_output_embeddings(), src.get_output_embeddings()
     cap = getattr(src.config, "final_logit_softcapping", None)
@@ -69,18 +70,19 @@ def _scale_norm(norm, src, tau: float) -> bool:
     the original)."""
     x = torch.randn(4, src.weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(src.weight)
     want = src(x).double() / tau
-    bias = getattr(src, "bias", None)
+    weight = src.weight.detach().clone()  # `src` may be `norm` itself (an edit on top of an edit): kept first
+    bias = src.bias.detach().clone() if getattr(src, "bias", None) is not None else None
     for kind in ("plain", "one plus"):
-        w = src.weight / tau if kind == "plain" else (1 + src.weight.double()) / tau - 1
+        w = weight / tau if kind == "plain" else (1 + weight.double()) / tau - 1
         norm.weight.copy_(w.to(norm.weight.dtype))
         if bias is not None:
             norm.bias.copy_(bias / tau)
         got = norm(x.to(norm.weight.dtype)).double()
         if torch.allclose(got, want, rtol=_rtol(norm.weight.dtype), atol=_rtol(norm.weight.dtype) * want.abs().max()):
             return True
-    norm.weight.copy_(src.weight.to(norm.weight.dtype))
+    norm.weight.copy_(weight)
     if bias is not None:
-        norm.bias.copy_(bias.to(norm.bias.dtype))
+        norm.bias.copy_(bias)
     return False
 
 

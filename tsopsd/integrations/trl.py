@@ -1,0 +1,158 @@
+"""Reheat inside a TRL run: `ReheatCallback`, a `transformers.TrainerCallback` for `GRPOTrainer` (or any Trainer).
+
+    from tsopsd.integrations.trl import ReheatCallback
+    trainer = GRPOTrainer(model=..., ..., callbacks=[ReheatCallback(held_out_prompts, every=10)])
+
+Every `every` optimizer steps it measures the policy in memory on its own held-out prompts (`measure_entropy`: the
+policy's own rollouts at T=1, mean token entropy with a 95% interval). The collapse rule, in words: **`consecutive`
+measurements in a row below `ratio` x the entropy at the run's start (or below `min_entropy` nats)**. When it fires,
+at most `max_reheats` times a run and not within `cooldown` steps of the last, it reheats the policy in place with
+the closed form (`tsopsd.closed_form`: the final norm, or the head, / tau), tau solved on the held-out prompts
+until a measurement's 95% interval holds the target (default: the entropy at the run's start). Why the closed form
+here: it is the exact optimum of fixed-tau TS-OPSD, it takes a few measurements and no optimizer, and in the lab its
+heat survived continued RL better than a trained reheat's (docs/lab.md, "Why train?").
+
+What it keeps consistent:
+- **The optimizer**: the Adam moments of every parameter the edit changed are reset (zeroed, step kept): they
+  were accumulated for the old scale of that parameter, and a moment ten times too large would undo the edit on
+  the next steps. Other parameters keep theirs.
+- **A PEFT policy** (LoRA): the edit goes into the base model's final norm (or head), frozen and outside the
+  adapter: the policy in memory is reheated, but an adapter saved from it does not hold the heat. Save the merged
+  model (`merge_and_unload()`) to keep it; the callback logs this once.
+- **The reference model** (GRPO's beta > 0) is left as it is: the KL term keeps pulling toward the run's start.
+- **vLLM generation** (`use_vllm`): TRL loads the policy's weights into vLLM whenever `global_step` changed since
+  the last load; the reheat happens in `on_step_end`, after the step's update, so the next generation loads it.
+- **Gradient accumulation**: `on_step_end` runs after an optimizer step, never between micro-batches.
+
+It logs `tsopsd/entropy` (with `tsopsd/entropy_low`, `_high`), `tsopsd/reheats` and `tsopsd/tau` into the
+trainer's `state.log_history`, and one line per reheat to the `tsopsd` logger. Cost when nothing fires: one
+held-out measurement every `every` steps (`bench/callback_overhead.py` measures it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from tsopsd.closed_form import MAX_TRIES, next_tau, scale_logits_
+from tsopsd.errors import TsopsdError
+from tsopsd.family import causal_lm
+
+log = logging.getLogger("tsopsd")
+
+
+class ReheatCallback(TrainerCallback):
+    """See the module's docstring.
+
+    Args:
+        prompts: held-out prompts (strings, tokenized as they are): the rule and the solve measure on these.
+        every: measure every this many optimizer steps.
+        ratio, min_entropy, consecutive: the collapse rule.
+        target_entropy: the reheat's target in nats (default: the entropy measured at the run's start).
+        cooldown: steps after a reheat before the next may fire; max_reheats: per run.
+        samples_per_prompt, max_new_tokens, precision: each measurement (`tsopsd.measure_entropy`).
+    """
+
+    def __init__(self, prompts: Sequence[str], *, every: int = 10, ratio: float = 0.5, min_entropy: float | None = None,
+                 consecutive: int = 2, target_entropy: float | None = None, cooldown: int = 50, max_reheats: int = 3,
+                 samples_per_prompt: int = 4, max_new_tokens: int = 256, precision: float | None = 0.1, seed: int = 0):
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise TsopsdError("ReheatCallback: prompts must be a non-empty list of non-empty strings")
+        if every < 1 or consecutive < 1 or cooldown < 0 or max_reheats < 0 or not 0 < ratio < 1:
+            raise TsopsdError("ReheatCallback: every and consecutive must be >= 1, cooldown and max_reheats >= 0, "
+                              "ratio in (0, 1)")
+        self.prompts, self.every, self.ratio, self.min_entropy = list(prompts), every, ratio, min_entropy
+        self.consecutive, self.target, self.cooldown, self.max_reheats = consecutive, target_entropy, cooldown, max_reheats
+        self.measure_kw = {"samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
+                           "precision": precision, "seed": seed}
+        self.start: float | None = None
+        self.below = 0  # measurements in a row under the floor
+        self.reheats: list[dict] = []
+        self.tau = 1.0  # the policy's logits are the trained weights' / tau since the last reheat
+
+    # ---- measurements ----
+    def measure(self, model, tokenizer) -> dict:
+        from tsopsd.api import measure_entropy
+
+        training = model.training
+        try:
+            m = measure_entropy(model, self.prompts, tokenizer=tokenizer, **self.measure_kw)
+        finally:
+            model.train(training)
+        lo, hi = m["intervals"]["entropy"] or (m["entropy"]["mean"],) * 2
+        return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi}
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.start is None:
+            self.start = self.measure(model, processing_class)["entropy"]
+            self._log(state, {"tsopsd/entropy": self.start, "tsopsd/reheats": 0})
+            log.info("ReheatCallback: entropy at the start %.4f nats; collapse: below %s, %d measurement(s) in a row",
+                     self.start, self._floor_words(), self.consecutive)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
+        if state.global_step % self.every:
+            return
+        m = self.measure(model, processing_class)
+        self._log(state, {"tsopsd/entropy": m["entropy"], "tsopsd/entropy_low": m["low"],
+                          "tsopsd/entropy_high": m["high"], "tsopsd/reheats": len(self.reheats)})
+        self.below = self.below + 1 if m["entropy"] < self.floor() else 0
+        last = self.reheats[-1]["step"] if self.reheats else None
+        if self.below < self.consecutive or len(self.reheats) >= self.max_reheats or \
+                (last is not None and state.global_step - last < self.cooldown):
+            return
+        target = self.target if self.target is not None else self.start
+        record = self.reheat(model, processing_class, optimizer, target, m["entropy"])
+        record["step"] = state.global_step
+        self.reheats.append(record)
+        self.below = 0
+        self._log(state, {"tsopsd/entropy": record["entropy"], "tsopsd/entropy_low": record["low"],
+                          "tsopsd/entropy_high": record["high"], "tsopsd/tau": record["tau"],
+                          "tsopsd/reheats": len(self.reheats)})
+        log.info("ReheatCallback: step %d: entropy %.4f below %s; reheated (closed form, tau %.3f): %.4f (%.4f-%.4f), "
+                 "target %.4f", state.global_step, m["entropy"], self._floor_words(), record["tau"], record["entropy"],
+                 record["low"], record["high"], target)
+
+    def floor(self) -> float:
+        return max(self.ratio * (self.start or 0.0), self.min_entropy or 0.0)
+
+    def _floor_words(self) -> str:
+        return f"{self.ratio:g} x the start's ({self.ratio * (self.start or 0):.4f})" + (
+            f" or {self.min_entropy:g} nats" if self.min_entropy else "")
+
+    # ---- the reheat ----
+    @torch.no_grad()
+    def reheat(self, model, tokenizer, optimizer, target: float, now: float) -> dict:
+        """The closed form in place, tau solved on the held-out prompts; the changed parameters' moments reset."""
+        if hasattr(model, "peft_config") and not self.reheats:
+            log.warning("ReheatCallback: a PEFT policy: the heat goes into the base model's final norm (or head), "
+                        "outside the adapter; save the merged model to keep it")
+        before = {id(p): (float(p.detach().float().sum()), float(p.detach().float().norm())) for p in model.parameters()}
+        tries, applied, m = [(1.0, now)], 1.0, None
+        for _ in range(MAX_TRIES):
+            tau = next_tau(tries, target)
+            scale_logits_(causal_lm(model), tau / applied, causal_lm(model))  # on top of what is there
+            applied = tau
+            m = self.measure(model, tokenizer)
+            tries.append((tau, m["entropy"]))
+            if m["low"] <= target <= m["high"]:
+                break
+        changed = [p for p in model.parameters() if before.get(id(p)) != (float(p.detach().float().sum()),
+                                                                           float(p.detach().float().norm()))]
+        reset = 0
+        if optimizer is not None:
+            for p in changed:
+                state = optimizer.state.get(p)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if state is not None and key in state:
+                        state[key].zero_()
+                        reset += 1
+        self.tau *= applied
+        return {"tau": applied, "entropy": m["entropy"], "low": m["low"], "high": m["high"], "target": target,
+                "measurements": len(tries) - 1, "parameters_changed": len(changed), "moments_reset": reset}
+
+    @staticmethod
+    def _log(state, values: dict) -> None:
+        state.log_history.append({**values, "step": state.global_step})
