@@ -262,3 +262,15 @@ def test_out_onto_the_folder_the_model_came_from_is_refused_from_any_directory(c
     report = reheat(model, ["the cat sat on", "one two three"] * 4, tokenizer=tok, out="other", config=TINY,
                     overrides={"train.steps": 2, "output.overwrite": True, "output.eval_prompts": 0})
     assert report["steps_run"] == 2 and json.loads((elsewhere / "other" / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_a_measurement_in_memory_leaves_the_callers_random_state_as_it_was(ckpts):
+    """An RL loop that measures its policy between steps samples what it would have sampled without measuring."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpts["llama"]))
+    tok = AutoTokenizer.from_pretrained(str(ckpts["llama"]))
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    measure_entropy(model, ["the cat sat on", "one two three"], tokenizer=tok, max_new_tokens=4, precision=0.2)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -106,24 +106,27 @@ def _refuse(model, tokenizer, *, what: str) -> None:
 def _borrowed(model, tokenizer, *, what: str):
     """The caller's model and tokenizer set up for a run, and put back as they were whatever happens: a pad token
     (the eos token) where there is none, left padding, eval mode; `requires_grad`, train/eval and the tokenizer's
-    padding as they came. `_refuse`s first, before anything is touched."""
+    padding as they came, and torch's global random state (an RL loop that measures between its steps samples
+    what it would have sampled without the measurement). `_refuse`s first, before anything is touched."""
     _refuse(model, tokenizer, what=what)
     pad = tokenizer.pad_token
     flags, training, side = {name: p.requires_grad for name, p in model.named_parameters()}, model.training, \
         tokenizer.padding_side
-    try:
-        if pad is None:  # batched rollouts pad (left), as `load_checkpoint` sets up
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        model.eval()  # train mode would turn on dropout and a gradient-checkpointed model's use_cache=False
-        yield
-    finally:
-        if pad is None:
-            tokenizer.pad_token = None
-        tokenizer.padding_side = side
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags.get(name, False))
-        model.train(training)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            if pad is None:  # batched rollouts pad (left), as `load_checkpoint` sets up
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.padding_side = "left"
+            model.eval()  # train mode would turn on dropout and a gradient-checkpointed model's use_cache=False
+            yield
+        finally:
+            if pad is None:
+                tokenizer.pad_token = None
+            tokenizer.padding_side = side
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags.get(name, False))
+            model.train(training)
 
 
 def measure_entropy(model, prompts: str | Path | Sequence[str], *, tokenizer=None, samples_per_prompt: int = 4,

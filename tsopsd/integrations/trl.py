@@ -4,8 +4,10 @@
     trainer = GRPOTrainer(model=..., ..., callbacks=[ReheatCallback(held_out_prompts, every=10)])
 
 Every `every` optimizer steps it measures the policy in memory on its own held-out prompts (`measure_entropy`: the
-policy's own rollouts at T=1, mean token entropy with a 95% interval). The collapse rule, in words: **`consecutive`
-measurements in a row below `ratio` x the entropy at the run's start (or below `min_entropy` nats)**. When it fires,
+policy's own rollouts at T=1, mean token entropy with a 95% interval; torch's random state is put back after, so the
+run samples what it would have without the callback). The trainer's own logged `entropy` is kept beside them.
+The collapse rule, in words: **`consecutive` measurements in a row below `ratio` x the entropy at the run's start
+(or below `min_entropy` nats)**. When it fires,
 at most `max_reheats` times a run and not within `cooldown` steps of the last, it reheats the policy in place with
 the closed form (`tsopsd.closed_form`: the final norm, or the head, / tau), tau solved on the held-out prompts
 until a measurement's 95% interval holds the target (default: the entropy at the run's start). Why the closed form
@@ -72,6 +74,7 @@ class ReheatCallback(TrainerCallback):
         self.below = 0  # measurements in a row under the floor
         self.reheats: list[dict] = []
         self.tau = 1.0  # the policy's logits are the trained weights' / tau since the last reheat
+        self.train_entropy: list[tuple[int, float]] = []  # (step, the trainer's logged entropy)
 
     # ---- measurements ----
     def measure(self, model, tokenizer) -> dict:
@@ -92,6 +95,13 @@ class ReheatCallback(TrainerCallback):
             log.info("ReheatCallback: entropy at the start %.4f nats; collapse: below %s, %d measurement(s) in a row",
                      self.start, self._floor_words(), self.consecutive)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The trainer's own `entropy` (GRPO logs its rollouts' mean token entropy): kept beside the held-out
+        measurements and said in the reheat's log line. It is measured on training rollouts at the run's sampling
+        temperature, without an interval, so the rule decides on the held-out measurements only."""
+        if logs and isinstance(logs.get("entropy"), (int, float)):
+            self.train_entropy.append((state.global_step, float(logs["entropy"])))
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
         if state.global_step % self.every:
             return
@@ -111,9 +121,10 @@ class ReheatCallback(TrainerCallback):
         self._log(state, {"tsopsd/entropy": record["entropy"], "tsopsd/entropy_low": record["low"],
                           "tsopsd/entropy_high": record["high"], "tsopsd/tau": record["tau"],
                           "tsopsd/reheats": len(self.reheats)})
-        log.info("ReheatCallback: step %d: entropy %.4f below %s; reheated (closed form, tau %.3f): %.4f (%.4f-%.4f), "
-                 "target %.4f", state.global_step, m["entropy"], self._floor_words(), record["tau"], record["entropy"],
-                 record["low"], record["high"], target)
+        trained = f"; the trainer's own entropy {self.train_entropy[-1][1]:.4f}" if self.train_entropy else ""
+        log.info("ReheatCallback: step %d: held-out entropy %.4f below %s%s; reheated (closed form, tau %.3f): %.4f "
+                 "(%.4f-%.4f), target %.4f", state.global_step, m["entropy"], self._floor_words(), trained, record["tau"],
+                 record["entropy"], record["low"], record["high"], target)
 
     def floor(self) -> float:
         return max(self.ratio * (self.start or 0.0), self.min_entropy or 0.0)
