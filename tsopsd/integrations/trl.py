@@ -56,11 +56,14 @@ class ReheatCallback(TrainerCallback):
         target_entropy: the reheat's target in nats (default: the entropy measured at the run's start).
         cooldown: steps after a reheat before the next may fire; max_reheats: per run.
         samples_per_prompt, max_new_tokens, precision: each measurement (`tsopsd.measure_entropy`).
+        method: "scale" (the closed form, default) or "distill" (a short TS-OPSD run in place, plain models only;
+            `config` and `overrides` as `tsopsd.reheat` takes them).
     """
 
     def __init__(self, prompts: Sequence[str], *, every: int = 10, ratio: float = 0.5, min_entropy: float | None = None,
                  consecutive: int = 2, target_entropy: float | None = None, cooldown: int = 50, max_reheats: int = 3,
-                 samples_per_prompt: int = 4, max_new_tokens: int = 256, precision: float | None = 0.1, seed: int = 0):
+                 samples_per_prompt: int = 4, max_new_tokens: int = 256, precision: float | None = 0.1, seed: int = 0,
+                 method: str = "scale", config: str | None = None, overrides: dict | None = None):
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise TsopsdError("ReheatCallback: prompts must be a non-empty list of non-empty strings")
         if every < 1 or consecutive < 1 or cooldown < 0 or max_reheats < 0 or not 0 < ratio < 1:
@@ -68,6 +71,9 @@ class ReheatCallback(TrainerCallback):
                               "ratio in (0, 1)")
         self.prompts, self.every, self.ratio, self.min_entropy = list(prompts), every, ratio, min_entropy
         self.consecutive, self.target, self.cooldown, self.max_reheats = consecutive, target_entropy, cooldown, max_reheats
+        if method not in ("scale", "distill"):
+            raise TsopsdError(f"ReheatCallback: method must be 'scale' or 'distill', got {method!r}")
+        self.method, self.config, self.overrides = method, config, dict(overrides or {})
         self.measure_kw = {"samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
                            "precision": precision, "seed": seed}
         self.start: float | None = None
@@ -89,6 +95,9 @@ class ReheatCallback(TrainerCallback):
         return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi}
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.method == "distill" and hasattr(model, "peft_config"):
+            raise TsopsdError("ReheatCallback(method='distill') trains the whole policy in place and cannot take a PEFT "
+                              "model: use method='scale' (the closed form)")
         if self.start is None:
             self.start = self.measure(model, processing_class)["entropy"]
             self._log(state, {"tsopsd/entropy": self.start, "tsopsd/reheats": 0})
@@ -114,7 +123,8 @@ class ReheatCallback(TrainerCallback):
                 (last is not None and state.global_step - last < self.cooldown):
             return
         target = self.target if self.target is not None else self.start
-        record = self.reheat(model, processing_class, optimizer, target, m["entropy"])
+        reheat = self.reheat if self.method == "scale" else self.distill
+        record = reheat(model, processing_class, optimizer, target, m["entropy"])
         record["step"] = state.global_step
         self.reheats.append(record)
         self.below = 0
@@ -122,7 +132,7 @@ class ReheatCallback(TrainerCallback):
                           "tsopsd/entropy_high": record["high"], "tsopsd/tau": record["tau"],
                           "tsopsd/reheats": len(self.reheats)})
         trained = f"; the trainer's own entropy {self.train_entropy[-1][1]:.4f}" if self.train_entropy else ""
-        log.info("ReheatCallback: step %d: held-out entropy %.4f below %s%s; reheated (closed form, tau %.3f): %.4f "
+        log.info("ReheatCallback: step %d: held-out entropy %.4f below %s%s; reheated (" + self.method + ", tau %.3f): %.4f "
                  "(%.4f-%.4f), target %.4f", state.global_step, m["entropy"], self._floor_words(), trained, record["tau"],
                  record["entropy"], record["low"], record["high"], target)
 
@@ -163,6 +173,30 @@ class ReheatCallback(TrainerCallback):
         self.tau *= applied
         return {"tau": applied, "entropy": m["entropy"], "low": m["low"], "high": m["high"], "target": target,
                 "measurements": len(tries) - 1, "parameters_changed": len(changed), "moments_reset": reset}
+
+    def distill(self, model, tokenizer, optimizer, target: float, now: float) -> dict:
+        """A short TS-OPSD run on the policy in place (`tsopsd.reheat` on the model in memory, full mode), to the
+        target on the held-out prompts; every Adam moment reset, since every weight moved."""
+        from tsopsd.api import reheat
+
+        keys = {"train.mode": "full", "output.save": "merged", "teacher.temperature": None,
+                "teacher.target_entropy": target, "teacher.target_entropy_from": None,
+                "rollout.max_new_tokens": self.measure_kw["max_new_tokens"], "seed": self.measure_kw["seed"]}
+        training = model.training
+        try:
+            report = reheat(model, self.prompts, tokenizer=tokenizer, config=self.config, overrides=keys | self.overrides)
+        finally:
+            model.train(training)
+        reset = 0
+        for state in (optimizer.state.values() if optimizer is not None else ()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].zero_()
+                    reset += 1
+        m = self.measure(model, tokenizer)
+        return {"tau": report["teacher_temperature"], "entropy": m["entropy"], "low": m["low"], "high": m["high"],
+                "target": target, "steps": report["steps_run"], "status": report["status"],
+                "parameters_changed": sum(1 for _ in model.parameters()), "moments_reset": reset}
 
     @staticmethod
     def _log(state, values: dict) -> None:
