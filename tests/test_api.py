@@ -31,7 +31,7 @@ def test_reheat_and_measure_from_python(collapsed, tmp_path):
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_reheat_a_model_in_memory(collapsed, tmp_path, mode):
-    """`tsopsd.reheat(model, ...)` (issue 30, point 12): a 2-step reheat of a model in memory trains that object in
+    """`tsopsd.reheat(model, ...)`: a 2-step reheat of a model in memory trains that object in
     place and hands it back as a plain model (the adapter merged in), frozen as it came, holding exactly the
     weights the same run on the checkpoint folder writes; with out= it writes that checkpoint too."""
     import torch

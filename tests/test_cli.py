@@ -213,7 +213,7 @@ def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monke
 
 
 def test_off_a_terminal_every_log_line_is_one_timestamped_event(collapsed, tmp_path, monkeypatch):
-    """A batch job's log (issue 30): one line per event, an ISO timestamp and the level first, never wrapped, so a
+    """A batch job's log: one line per event, an ISO timestamp and the level first, never wrapped, so a
     step is one line that grep finds whole."""
     import re
 
@@ -262,7 +262,7 @@ def test_after_the_table_reheat_says_what_to_run_with_its_out(collapsed, tmp_pat
 
 
 def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(collapsed, tmp_path, interrupt_rollout):
-    """`tsopsd reheat CKPT --out OUT --resume` needs no other flag (issue 30); one given that differs from the saved
+    """`tsopsd reheat CKPT --out OUT --resume` needs no other flag; one given that differs from the saved
     run is named with both values."""
     ckpt, prompts = collapsed
     out = tmp_path / "o"
@@ -277,7 +277,7 @@ def test_resume_alone_reuses_the_saved_config_and_names_a_flag_that_differs(coll
     assert res.exit_code == ExitCode.GOAL_NOT_MET, res.output  # 4 steps: written, not converged
     report = json.loads(res.stdout)
     assert report["steps_run"] == 4 and (out / "model.safetensors").is_file()
-    # one numbering (issue 30, point 5): the console, the interrupt, the resume and metrics.jsonl count alike
+    # one numbering: the console, the interrupt, the resume and metrics.jsonl count alike
     assert "interrupted at step 3:" in first.stderr and "at step 3 of 4" in res.stderr and " step 3/4 " in res.stderr
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
@@ -308,7 +308,7 @@ def test_dry_run_checks_the_prompt_file_before_planning(ckpt, tmp_path):
 
 
 def test_the_output_records_where_it_came_from_for_the_hub_and_for_a_rerun(collapsed, tmp_path, monkeypatch):
-    """Issue 30, point 9: the card's metadata loads with huggingface_hub (base_model, library_name peft for an
+    """The card's metadata loads with huggingface_hub (base_model, library_name peft for an
     adapter, tags); config.yaml holds resolved paths and no --overwrite; the report holds the input's fingerprint."""
     import yaml
     from huggingface_hub import ModelCard

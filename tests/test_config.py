@@ -70,7 +70,7 @@ def test_parse_set_and_bad_yaml(tmp_path):
 
 
 def test_choosing_one_teacher_way_unsets_the_default_temperature(tmp_path):
-    """A YAML with only `teacher.target_entropy` means that (issue 30): not that plus the default tau, refused."""
+    """A YAML with only `teacher.target_entropy` means that: not that plus the default tau, refused."""
     from tsopsd.config import load_config
 
     only = tmp_path / "only.yaml"

@@ -75,7 +75,7 @@ def test_terminal_charts_without_matplotlib():
 
 
 def test_demo_stages_show_their_progress_in_a_log(tmp_path, capsys, monkeypatch):
-    """The demo's SFT and GRPO stages (minutes each on a CPU) show their progress (issue 30, point 3): off a
+    """The demo's SFT and GRPO stages (minutes each on a CPU) show their progress: off a
     terminal a PROGRESS line every ~10%, ending at the stage's step count."""
     import dataclasses
 

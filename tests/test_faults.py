@@ -2,7 +2,7 @@
 
 Two parts:
 
-- **The bad-input matrix**: every way bad input or a fault got through before (issue 14), each run
+- **The bad-input matrix**: every way bad input or a fault can get through, each run
   through the real CLI, asserting the exit code, the single `tsopsd: error:` line, no traceback, and
   that nothing was written or lost (the input's files hash the same; no output, run folder, lock or
   temporary is left).
@@ -306,7 +306,7 @@ def test_a_read_only_output_is_found_before_any_work(world, tmp_path):
         res = runner.invoke(app, reheat_args(world, ro / "o"))
         assert "is not writable" in one_line(res)
         res = runner.invoke(app, reheat_args(world, tmp_path / "o", "--report-to", "tensorboard", "--set",
-                                             f"output.logging_dir={ro / 'logs'}"))  # issue 28: found after loading
+                                             f"output.logging_dir={ro / 'logs'}"))  # found after loading
         assert "is not writable" in one_line(res) and leftovers(tmp_path / "o") == []
         res = runner.invoke(app, ["measure-entropy", str(world / "ckpt"), "--prompts", str(world / "prompts.jsonl"),
                                   "--max-new-tokens", "8", "--out", str(ro / "m.json")])

@@ -178,7 +178,7 @@ def test_tiny_cpu_config_plans_and_fits(tmp_path):
     assert begun == [p for p in PHASES if p in r["phases"]]
     from tsopsd.tables import plan_table
 
-    title = plan_table(r).title  # says how the run is laid out, not a class name (issue 30)
+    title = plan_table(r).title  # says how the run is laid out, not a class name
     assert "one process a GPU on 1 x 8 GiB" in title and "Backend" not in title
 
 
@@ -310,7 +310,7 @@ def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, promp
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["fits"] and r["max_new_tokens"] == 16 and "train" in r["phases"]
     assert not out.exists() and not list(tmp_path.glob("out*"))
-    # on this CPU it plans the run it would do (issue 30, point 8): float32 on the host's memory, at rates measured
+    # on this CPU it plans the run it would do: float32 on the host's memory, at rates measured
     # here, not a bf16 80 GiB GPU
     import os
 
@@ -392,7 +392,7 @@ def test_a_steered_target_run_plans_its_held_out_sampling(tmp_path):
 
 
 def test_a_plan_short_of_weight_memory_says_how_many_gpus_at_least(tmp_path):
-    """"more GPUs" names a number (issue 30): the fewest over which FSDP's shards of the weights, gradients and
+    """"more GPUs" names a number: the fewest over which FSDP's shards of the weights, gradients and
     optimizer state leave room for the rest, a lower bound (FSDP's gathers come on top): one fewer does not fit."""
     folder = _qwen3(tmp_path / "m", 1024, 2048, 4, 32000)
     sets = {"model.dtype": "bfloat16", "train.mode": "full", "rollout.max_new_tokens": 32, "train.micro_batch": 2,

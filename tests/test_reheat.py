@@ -363,7 +363,7 @@ def test_by_default_min_16_or_20_percent_are_held_out_or_the_given_file(collapse
 
 @pytest.mark.parametrize("save", ["merged", "adapter"])
 def test_checkpoint_every_writes_loadable_checkpoints(collapsed, tmp_path, save):
-    """`output.checkpoint_every` (issue 30, point 12): OUT/checkpoint-2 of a 4-step run is an ordinary checkpoint
+    """`output.checkpoint_every`: OUT/checkpoint-2 of a 4-step run is an ordinary checkpoint
     (or adapter) that plain transformers/peft load, holding exactly what a 2-step run writes as its output."""
     from transformers import AutoModelForCausalLM
 

@@ -79,7 +79,7 @@ def test_no_environment_variable_or_argument_for_tests_only():
 
 
 def test_the_readme_is_for_users_and_its_links_resolve():
-    """Issue 30: a newcomer reaches a reheated checkpoint of their own within the first 60 lines; the README stays
+    """A newcomer reaches a reheated checkpoint of their own within the first 60 lines; the README stays
     under 300 lines, the rest lives in docs/ files it links, and those exist."""
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 300
@@ -87,3 +87,12 @@ def test_the_readme_is_for_users_and_its_links_resolve():
     assert "tsopsd measure-entropy ckpt/" in first and "tsopsd reheat ckpt/ --prompts prompts.jsonl --out reheated/" in first
     links = set(re.findall(r"\]: (docs/[\w.]+)", "\n".join(lines)))
     assert links and all((ROOT / link).is_file() for link in links), links
+
+
+def test_no_history_in_code_tests_or_docs():
+    """The code, tests and docs say what is, not how it came to be: no issue numbers, no narration of earlier code."""
+    words = re.compile("issue" + r" [0-9]|before" + r" this", re.I)
+    found = [f"{path.relative_to(ROOT)}:{n}" for folder in ("tsopsd", "tests", "docs")
+             for path in sorted((ROOT / folder).rglob("*")) if path.suffix in (".py", ".md", ".yaml")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if words.search(line)]
+    assert not found, found

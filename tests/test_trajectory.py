@@ -118,7 +118,7 @@ def test_run_folder_gives_the_trajectory_each_row_as_measured_alone(rl_run, tmp_
     assert res.exit_code == 0, res.output
     assert all(f"checkpoint-{n}" in res.stdout for n in (0, 15, 30, 45, 60)) and "reheat:" in res.stdout
     assert ("collapsed" in res.stdout) == (collapse_point(entropies, 0.95) is not None)
-    # the advice is a command, printed beneath the table, that runs as it stands (issue 30, point 10)
+    # the advice is a command, printed beneath the table, that runs as it stands
     import shlex
 
     chosen = rows[collapse_point(entropies, 0.95)]["checkpoint"]

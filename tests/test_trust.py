@@ -1,10 +1,10 @@
-"""Trust (issue 28): the second hostile pass, every case through the real CLI.
+"""Hostile input through the real CLI: inputs, the run folder, resume, checkpoints along the way, merge.
 
-Each case is a way the promises broke on the code before this file: an input modified, an OUT left
-half there, a resume that gave other weights or a false report, a corrupt checkpoint accepted, bad
-input that crashed, output that was not one line, something unpickled from the run folder. Each one
-now asserts the exit code, exactly one `tsopsd: error:` line with no traceback or box, that every
-input hashes the same, and that nothing was left beside OUT or inside any input.
+Each case is a way a promise can break: an input modified, an OUT left half there, a resume that gives other
+weights or a false report, a corrupt checkpoint accepted, bad input that crashes, output that is not one line,
+something unpickled from the run folder. Each one asserts the exit code, exactly one `tsopsd: error:` line
+with no traceback or box, that every input hashes the same, and that nothing was left beside OUT or inside any
+input.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class StepResult:
     grad_norm: float | None
     seconds: float
     target: float | None = None  # the training target tau was solved for (None: a fixed tau)
-    heldout: dict[str, float] = field(default_factory=dict)  # measured before this step: entropy, low, high
+    heldout: dict[str, float] = field(default_factory=dict)  # measured as this step began: entropy, low, high
     phases: dict[str, float] = field(default_factory=dict)  # seconds: rollout, solve, teacher, student, check, optimizer
     memory: dict[str, float] = field(default_factory=dict)  # on a GPU: this step's peak allocated and reserved bytes
 
