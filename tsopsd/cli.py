@@ -451,6 +451,7 @@ def reheat(
         started = time.time()
         try:
             report = run_reheat(cfg, show_progress=not quiet, config_file=shipped_config(source) if source else None)
+            shield = _ignore_signals()  # OUT is written: a signal from here on changes nothing (its own exit code)
         except TrainingStopped as e:  # a guard stop wrote OUT: its report is still the one object on stdout
             if e.report and rank == 0:
                 _show_reheat(e.report, as_json=as_json)
@@ -459,17 +460,20 @@ def reheat(
             if debug:
                 traceback.print_exc()
             raise _interrupted(Path(cfg.output.out), started, as_json=as_json) from None
-        # Free the run's models now: under torchrun their reference cycles (FSDP state, hooks) can keep
-        # process-group objects alive into interpreter shutdown, a known place for gloo to abort.
-        gc.collect()
-        if rank != 0:
-            return
-        _show_reheat(report, as_json=as_json)
-        if report["status"] != "met":  # OUT is written, but it is not what was asked for: no hand-off
-            raise _fail(f"goal not met ({report['goal']['evidence']}); {report['output']} is written, but "
-                        f"{report['goal']['advice']}", ExitCode.GOAL_NOT_MET)
-        if not as_json:  # beneath the table: what to run next with this OUT
-            sys.stdout.write("\n".join(hand_off(report)) + "\n")
+        try:
+            # Free the run's models now: under torchrun their reference cycles (FSDP state, hooks) can keep
+            # process-group objects alive into interpreter shutdown, a known place for gloo to abort.
+            gc.collect()
+            if rank != 0:
+                return
+            _show_reheat(report, as_json=as_json)
+            if report["status"] != "met":  # OUT is written, but it is not what was asked for: no hand-off
+                raise _fail(f"goal not met ({report['goal']['evidence']}); {report['output']} is written, but "
+                            f"{report['goal']['advice']}", ExitCode.GOAL_NOT_MET)
+            if not as_json:  # beneath the table: what to run next with this OUT
+                sys.stdout.write("\n".join(hand_off(report)) + "\n")
+        finally:
+            _restore_signals(shield)
 
     _run(body, debug=debug)
 
@@ -712,6 +716,24 @@ def _saved_config(config: Optional[Path], out: Optional[Path], resume: bool) -> 
 
     saved = run_dir_for(Path(out)) / "config.yaml"
     return saved if saved.is_file() else None
+
+
+def _ignore_signals() -> dict:
+    """SIGINT and SIGTERM ignored until `_restore_signals` (main thread only: where handlers are set); returns the
+    handlers they replaced."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _interrupted(out: Path, started: float, *, as_json: bool) -> typer.Exit:
