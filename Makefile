@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on disk on these machines; unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-slow lint demo smoke bench clean
+.PHONY: install test test-fast test-slow lint demo smoke bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,17 @@ PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist loadgro
 
 test: install
 	$(PYTEST) -m "not slow and not gpu"
+
+# The tier to run on every edit (about a minute on 2 cores): the maths against float64, config, run state, the
+# decoder and sampler on tiny models, the code map, and one CLI error per exit-code class (2, 1, 6) in-process.
+FAST := tests/test_loss.py tests/test_heat.py tests/test_intervals.py tests/test_config.py tests/test_state.py \
+	tests/test_structure.py tests/test_closed_form.py tests/test_decode.py tests/test_rollout.py tests/test_prompts.py \
+	tests/test_cli.py::test_bad_checkpoint_exit_2_one_line tests/test_cli.py::test_usage_error_exit_2 \
+	tests/test_cli.py::test_unexpected_failure_exit_1_without_traceback \
+	tests/test_cli.py::test_nan_loss_on_the_first_step_trained_nothing_one_line_and_no_output
+
+test-fast: install
+	$(PYTEST) -m "not slow and not gpu" -k "not reheat_method_scale_writes" $(FAST)
 
 test-slow: install
 	$(BIN)/pip install -q -e ".[dev,bench]"  # TRL: the peer benchmark and the continued-RL test
