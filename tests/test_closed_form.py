@@ -142,3 +142,17 @@ def test_an_edit_on_top_of_an_edit_composes(arch):
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits.double(), reference(input_ids=ids).logits / 2.0, atol=1e-5)
+
+
+def test_the_check_refuses_logits_that_are_not_the_inputs_over_tau():
+    """`check_scaled` on an edit that did not happen (or a family it does not fit): one line, not a silent output."""
+    from tsopsd.closed_form import check_scaled
+    from tsopsd.errors import TsopsdError
+
+    model = _tiny("llama")
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(TsopsdError, match="the edit does not fit this family"):
+        check_scaled(model, original, ids, TAU)
+    scale_logits_(model, TAU, original)
+    assert check_scaled(model, original, ids, TAU) < 1e-5

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TAU_RANGE = (1 / 16, 64.0)  # where a target's solve may look
 MAX_TRIES = 8  # measurements of the edited model a target's solve may take
+CHECK_POSITIONS = 8  # positions per prompt whose logits `check_scaled` compares (4 x 8 x V, in float64)
 
 
 @torch.no_grad()
@@ -92,14 +93,16 @@ def _rtol(dtype: torch.dtype) -> float:
 
 @torch.no_grad()
 def check_scaled(model, original, ids: torch.Tensor, tau: float, *, compute=None) -> float:
-    """Max |tau * z' - z| / max |z| over the next-token logits of `ids` (a batch of real prompts), z from
+    """Max |tau * z' - z| / max |z| over the next-token logits of the last CHECK_POSITIONS positions of `ids` (a
+    batch of real prompts), z from
     `original`, z' from the edited `model`; raises TsopsdError past the dtype's rounding (a family the edit
     does not fit)."""
     import contextlib
 
+    keep = {"logits_to_keep": CHECK_POSITIONS}  # the last positions only: never B x T x V logits at a 150k vocabulary
     with compute or contextlib.nullcontext():
-        edited = model(input_ids=ids).logits.double()
-    plain = original(input_ids=ids).logits.double()
+        edited = model(input_ids=ids, **keep).logits.double()
+    plain = original(input_ids=ids, **keep).logits.double()
     error = float((edited * tau - plain).abs().max() / plain.abs().max().clamp_min(1e-12))
     dtype = next(causal_lm(original).parameters()).dtype
     if not math.isfinite(error) or error > _rtol(dtype):
