@@ -151,15 +151,20 @@ class ReheatCallback(TrainerCallback):
             log.warning("ReheatCallback: a PEFT policy: the heat goes into the base model's final norm (or head), "
                         "outside the adapter; save the merged model to keep it")
         before = {id(p): (float(p.detach().float().sum()), float(p.detach().float().norm())) for p in model.parameters()}
-        tries, applied, m = [(1.0, now)], 1.0, None
+        tries, applied, measured = [(1.0, now)], 1.0, {}
         for _ in range(MAX_TRIES):
             tau = next_tau(tries, target)
             scale_logits_(causal_lm(model), tau / applied, causal_lm(model))  # on top of what is there
             applied = tau
-            m = self.measure(model, tokenizer)
-            tries.append((tau, m["entropy"]))
-            if m["low"] <= target <= m["high"]:
+            measured[tau] = self.measure(model, tokenizer)
+            tries.append((tau, measured[tau]["entropy"]))
+            if measured[tau]["low"] <= target <= measured[tau]["high"]:
                 break
+        best = min(measured, key=lambda t: abs(measured[t]["entropy"] - target))  # none reached: the nearest
+        if best != applied:
+            scale_logits_(causal_lm(model), best / applied, causal_lm(model))
+            applied = best
+        m = measured[best]
         changed = [p for p in model.parameters() if before.get(id(p)) != (float(p.detach().float().sum()),
                                                                            float(p.detach().float().norm()))]
         reset = 0
