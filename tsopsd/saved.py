@@ -16,8 +16,8 @@ The JSON also holds the SHA-256 of the tensor file and a seal: the SHA-256 of ev
 `load_tree` checks both, so a tensor file from another run or another save, a tensor edited or cast, and
 any value edited in the JSON are refused before anything is used. This finds changes and mix-ups, not a
 forger who recomputes the hashes (nothing without a secret could). `file_digest` and `folder_digest`
-hash in chunks on every core (hashlib releases the GIL): about 1 GB/s a core with SHA extensions, a few
-seconds for the 60 GB a 4B full-mode state holds on a 16-core host, against the minutes its write takes.
+hash in chunks on every core (hashlib releases the GIL); what that costs against the write is measured by
+`bench/state_hash.py` (docs/reference.md).
 """
 
 from __future__ import annotations
