@@ -10,18 +10,18 @@ from typer.testing import CliRunner
 
 from tsopsd.cli import app
 from tsopsd.errors import ExitCode
-from tsopsd.watch import collapse_fires
+from tsopsd.trajectory import collapse_point
 
 runner = CliRunner()
 
 
 def test_the_collapse_rule_needs_its_run_of_low_checkpoints():
     h = [1.0, 0.9, 0.4, 0.6, 0.3, 0.2]
-    assert collapse_fires(h, ratio=0.5, min_entropy=None, consecutive=1) == 2
-    assert collapse_fires(h, ratio=0.5, min_entropy=None, consecutive=2) == 5  # 0.4 alone, then 0.6 breaks the run
-    assert collapse_fires(h, ratio=0.5, min_entropy=0.7, consecutive=2) == 3  # the absolute floor is the higher one
-    assert collapse_fires(h, ratio=0.1, min_entropy=None, consecutive=1) is None
-    assert collapse_fires([], ratio=0.5, min_entropy=None, consecutive=1) is None
+    assert collapse_point(h, 0.5, min_entropy=None, consecutive=1) == 2
+    assert collapse_point(h, 0.5, min_entropy=None, consecutive=2) == 5  # 0.4 alone, then 0.6 breaks the run
+    assert collapse_point(h, 0.5, min_entropy=0.7, consecutive=2) == 3  # the absolute floor is the higher one
+    assert collapse_point(h, 0.1, min_entropy=None, consecutive=1) is None
+    assert collapse_point([], 0.5, min_entropy=None, consecutive=1) is None
 
 
 @pytest.fixture

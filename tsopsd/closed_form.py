@@ -2,7 +2,7 @@
 
     what = scale_logits_(model, tau, original)      # a weight edit, from the untouched `original` copy
     error = check_scaled(model, teacher, ids, tau)  # max |tau * z' - z| / max |z| on real prompts
-    tau, tries = solve_scale(run)                   # tau for a target entropy, from the edited model's rollouts
+    tau, rows = solve_tau(edit, measure, target, [])  # tau for a target entropy, from the edited model's rollouts
 
 With a divergence over the full vocabulary toward q_tau = softmax(z0 / tau), a student whose logits are z0 / tau
 at every context has divergence 0 at every position: the loss's global optimum, reached by editing weights
@@ -18,8 +18,10 @@ Every edit is checked on the module itself before it is kept, and the whole mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -97,8 +99,6 @@ def check_scaled(model, original, ids: torch.Tensor, tau: float, *, compute=None
     batch of real prompts), z from
     `original`, z' from the edited `model`; raises TsopsdError past the dtype's rounding (a family the edit
     does not fit)."""
-    import contextlib
-
     keep = {"logits_to_keep": CHECK_POSITIONS}  # the last positions only: never B x T x V logits at a 150k vocabulary
     with compute or contextlib.nullcontext():
         edited = model(input_ids=ids, **keep).logits.double()
@@ -138,30 +138,42 @@ def next_tau(tries: list[tuple[float, float]], target: float) -> float:
     return float(min(max(math.exp(x), TAU_RANGE[0]), TAU_RANGE[1]))
 
 
-def solve_scale(run, before: dict | None) -> tuple[float, list[dict]]:
-    """tau for the run's target entropy: the edited model's own rollouts on the held-out prompts, measured to
-    `teacher.precision`, until the target lies inside a measurement's 95% interval (at most MAX_TRIES). Returns
-    (tau, the measurements); the last tau is kept when none reached it (the report says so)."""
-    target, precision = run.state.target, run.cfg.teacher.precision
-    student, teacher = run.policy.student, run.policy.teacher.model
-    tries: list[tuple[float, float]] = []
-    rows: list[dict] = []
-    if before is not None:  # the input itself: tau = 1
-        tries.append((1.0, before["entropy"]["mean"]))
+def solve_tau(edit: Callable[[float], None], measure: Callable[[], dict], target: float,
+              tries: list[tuple[float, float]]) -> tuple[float, list[dict]]:
+    """tau for `target`: `edit(tau)` makes the model's logits the input's / tau, `measure()` gives {"entropy", "low",
+    "high"} of the edited model's own rollouts. From the (tau, entropy) already known (the input at tau = 1, where it
+    was measured), `next_tau` steps until a measurement's 95% interval holds the target, at most MAX_TRIES, or there
+    is nowhere new to look. The tau nearest the target is left applied. Returns (tau, one row per measurement)."""
+    tries, rows = list(tries), []
     tau = next_tau(tries, target) if tries else 1.5
     for _ in range(MAX_TRIES):
-        scale_logits_(student, tau, teacher)
-        m = run.evaluate(precision=precision or None, warn_wide=False)
-        h = m["entropy"]["mean"]
-        lo, hi = m["intervals"].get("entropy_these_prompts") or m["intervals"]["entropy"] or (h, h)
-        rows.append({"tau": tau, "entropy": h, "low": lo, "high": hi})
-        log.info("closed form: tau %.4f gives held-out entropy %.4f (%.4f-%.4f); target %.4f", tau, h, lo, hi, target)
-        if lo <= target <= hi:
+        edit(tau)
+        m = measure()
+        rows.append({"tau": tau, "entropy": m["entropy"], "low": m["low"], "high": m["high"]})
+        log.info("closed form: tau %.4f gives held-out entropy %.4f (%.4f-%.4f); target %.4f", tau, m["entropy"],
+                 m["low"], m["high"], target)
+        if m["low"] <= target <= m["high"]:
             return tau, rows
-        tries.append((tau, h))
+        tries.append((tau, m["entropy"]))
         tau = next_tau(tries, target)
         if any(math.isclose(tau, t, rel_tol=1e-3) for t, _ in tries):  # nowhere new to look (at the range's edge)
             break
     best = min(rows, key=lambda r: abs(r["entropy"] - target))
-    scale_logits_(student, best["tau"], teacher)
+    if best is not rows[-1]:
+        edit(best["tau"])
     return best["tau"], rows
+
+
+def solve_scale(run, before: dict | None) -> tuple[float, list[dict]]:
+    """`solve_tau` for the run's target on its held-out prompts (to `teacher.precision`), the student edited from the
+    frozen teacher's weights."""
+    student, teacher = run.policy.student, run.policy.teacher.model
+
+    def measure() -> dict:
+        m = run.evaluate(precision=run.cfg.teacher.precision or None, warn_wide=False)
+        h = m["entropy"]["mean"]
+        lo, hi = m["intervals"].get("entropy_these_prompts") or m["intervals"]["entropy"] or (h, h)
+        return {"entropy": h, "low": lo, "high": hi}
+
+    known = [(1.0, before["entropy"]["mean"])] if before is not None else []  # the input itself: tau = 1
+    return solve_tau(lambda tau: scale_logits_(student, tau, teacher), measure, run.state.target, known)

@@ -431,12 +431,8 @@ def closed_form(run: Run) -> None:
     """`teacher.method: scale`: the student edited so its logits are the input's / tau (fixed, or solved for the
     target on the edited model's own held-out rollouts), checked against the input on the prompts; no steps."""
     state, policy = run.state, run.policy
-    if state.target is None:
-        tau, tries = state.tau, []
-        what = scale_logits_(policy.student, tau, policy.teacher.model)
-    else:
-        tau, tries = solve_scale(run, state.before)
-        what = scale_logits_(policy.student, tau, policy.teacher.model)
+    tau, tries = (state.tau, []) if state.target is None else solve_scale(run, state.before)
+    what = scale_logits_(policy.student, tau, policy.teacher.model)  # from the teacher's weights: the edit, said
     ids = _check_ids(run)
     error = check_scaled(policy.student, policy.teacher.model, ids, tau, compute=policy.compute())
     state.tau, state.kept_step = tau, 0

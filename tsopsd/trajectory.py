@@ -81,11 +81,20 @@ def find_checkpoints(paths: Sequence[Path]) -> list[tuple[int | None, Path]]:
     return found
 
 
-def collapse_point(entropies: Sequence[float], ratio: float) -> int | None:
-    """Index of the first checkpoint whose entropy is below `ratio` x the first one's, or None."""
+def collapse_point(entropies: Sequence[float], ratio: float, *, min_entropy: float | None = None,
+                   consecutive: int = 1) -> int | None:
+    """Index of the first measurement that ends `consecutive` in a row below `ratio` x the first one's entropy (or
+    below `min_entropy` nats), or None: the collapse rule of `measure-entropy RUN_DIR`, `watch` and the TRL
+    callback."""
     if not entropies:
         return None
-    return next((i for i, h in enumerate(entropies) if h < ratio * entropies[0]), None)
+    floor = max(ratio * entropies[0], min_entropy or 0.0)
+    run = 0
+    for i, h in enumerate(entropies):
+        run = run + 1 if h < floor else 0
+        if run >= consecutive:
+            return i
+    return None
 
 
 def measure_trajectory(found: list[tuple[int | None, Path]], prompts: str | Path, *, reference: Path | None = None,

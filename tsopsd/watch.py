@@ -26,26 +26,12 @@ import time
 from pathlib import Path
 
 from tsopsd.errors import TsopsdError
-from tsopsd.trajectory import find_checkpoints, measure_trajectory, step_of
+from tsopsd.trajectory import collapse_point, find_checkpoints, measure_trajectory, step_of
 
 log = logging.getLogger(__name__)
 
 SUFFIX = "-reheated"
 TRL_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "training_args.bin")  # + rng_state*.pth
-
-
-def collapse_fires(entropies: list[float], *, ratio: float, min_entropy: float | None, consecutive: int) -> int | None:
-    """Index of the first checkpoint that ends `consecutive` in a row below `ratio` x the first one's entropy (or below
-    `min_entropy`); None when the rule has not fired."""
-    if not entropies:
-        return None
-    floor = max(ratio * entropies[0], min_entropy or 0.0)
-    run = 0
-    for i, h in enumerate(entropies):
-        run = run + 1 if h < floor else 0
-        if run >= consecutive:
-            return i
-    return None
 
 
 def complete(folder: Path, settle: float, now: float | None = None) -> bool:
@@ -110,7 +96,7 @@ def watch(run_dir: Path, prompts: str | Path, *, once: bool = False, interval: f
                 measured |= {r["checkpoint"]: r for r in rows}
             rows = [measured[str(m)] for _, m in ready]
             entropies = [r["metrics"]["entropy"]["mean"] for r in rows]
-            at = collapse_fires(entropies, ratio=ratio, min_entropy=min_entropy, consecutive=consecutive)
+            at = collapse_point(entropies, ratio, min_entropy=min_entropy, consecutive=consecutive)
             if at is not None:
                 return _act(run_dir, rows, entropies, at, prompts, method=method, config=config,
                             target=target_entropy if target_entropy is not None else entropies[0], seed=seed,

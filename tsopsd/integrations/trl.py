@@ -39,9 +39,10 @@ from collections.abc import Sequence
 import torch
 from transformers import TrainerCallback
 
-from tsopsd.closed_form import MAX_TRIES, next_tau, scale_logits_
+from tsopsd.closed_form import scale_logits_, solve_tau
 from tsopsd.errors import TsopsdError
 from tsopsd.family import causal_lm
+from tsopsd.trajectory import collapse_point
 
 log = logging.getLogger("tsopsd")
 
@@ -77,7 +78,7 @@ class ReheatCallback(TrainerCallback):
         self.measure_kw = {"samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
                            "precision": precision, "seed": seed}
         self.start: float | None = None
-        self.below = 0  # measurements in a row under the floor
+        self.since: list[float] = []  # held-out entropies measured since the start or the last reheat
         self.reheats: list[dict] = []
         self.tau = 1.0  # the policy's logits are the trained weights' / tau since the last reheat
         self.train_entropy: list[tuple[int, float]] = []  # (step, the trainer's logged entropy)
@@ -86,11 +87,7 @@ class ReheatCallback(TrainerCallback):
     def measure(self, model, tokenizer) -> dict:
         from tsopsd.api import measure_entropy
 
-        training = model.training
-        try:
-            m = measure_entropy(model, self.prompts, tokenizer=tokenizer, **self.measure_kw)
-        finally:
-            model.train(training)
+        m = measure_entropy(model, self.prompts, tokenizer=tokenizer, **self.measure_kw)  # train/eval put back
         lo, hi = m["intervals"]["entropy"] or (m["entropy"]["mean"],) * 2
         return {"entropy": m["entropy"]["mean"], "low": lo, "high": hi}
 
@@ -117,9 +114,11 @@ class ReheatCallback(TrainerCallback):
         m = self.measure(model, processing_class)
         self._log(state, {"tsopsd/entropy": m["entropy"], "tsopsd/entropy_low": m["low"],
                           "tsopsd/entropy_high": m["high"], "tsopsd/reheats": len(self.reheats)})
-        self.below = self.below + 1 if m["entropy"] < self.floor() else 0
+        self.since.append(m["entropy"])
         last = self.reheats[-1]["step"] if self.reheats else None
-        if self.below < self.consecutive or len(self.reheats) >= self.max_reheats or \
+        fired = collapse_point([self.start, *self.since], self.ratio, min_entropy=self.min_entropy,
+                               consecutive=self.consecutive) is not None
+        if not fired or len(self.reheats) >= self.max_reheats or \
                 (last is not None and state.global_step - last < self.cooldown):
             return
         target = self.target if self.target is not None else self.start
@@ -127,7 +126,7 @@ class ReheatCallback(TrainerCallback):
         record = reheat(model, processing_class, optimizer, target, m["entropy"])
         record["step"] = state.global_step
         self.reheats.append(record)
-        self.below = 0
+        self.since = []
         self._log(state, {"tsopsd/entropy": record["entropy"], "tsopsd/entropy_low": record["low"],
                           "tsopsd/entropy_high": record["high"], "tsopsd/tau": record["tau"],
                           "tsopsd/reheats": len(self.reheats)})
@@ -135,9 +134,6 @@ class ReheatCallback(TrainerCallback):
         log.info("ReheatCallback: step %d: held-out entropy %.4f below %s%s; reheated (" + self.method + ", tau %.3f): %.4f "
                  "(%.4f-%.4f), target %.4f", state.global_step, m["entropy"], self._floor_words(), trained, record["tau"],
                  record["entropy"], record["low"], record["high"], target)
-
-    def floor(self) -> float:
-        return max(self.ratio * (self.start or 0.0), self.min_entropy or 0.0)
 
     def _floor_words(self) -> str:
         return f"{self.ratio:g} x the start's ({self.ratio * (self.start or 0):.4f})" + (
@@ -151,20 +147,14 @@ class ReheatCallback(TrainerCallback):
             log.warning("ReheatCallback: a PEFT policy: the heat goes into the base model's final norm (or head), "
                         "outside the adapter; save the merged model to keep it")
         before = {id(p): (float(p.detach().float().sum()), float(p.detach().float().norm())) for p in model.parameters()}
-        tries, applied, measured = [(1.0, now)], 1.0, {}
-        for _ in range(MAX_TRIES):
-            tau = next_tau(tries, target)
-            scale_logits_(causal_lm(model), tau / applied, causal_lm(model))  # on top of what is there
-            applied = tau
-            measured[tau] = self.measure(model, tokenizer)
-            tries.append((tau, measured[tau]["entropy"]))
-            if measured[tau]["low"] <= target <= measured[tau]["high"]:
-                break
-        best = min(measured, key=lambda t: abs(measured[t]["entropy"] - target))  # none reached: the nearest
-        if best != applied:
-            scale_logits_(causal_lm(model), best / applied, causal_lm(model))
-            applied = best
-        m = measured[best]
+        lm, applied = causal_lm(model), [1.0]
+
+        def edit(tau: float) -> None:  # on top of what is there: no copy of the model
+            scale_logits_(lm, tau / applied[0], lm)
+            applied[0] = tau
+
+        tau, rows = solve_tau(edit, lambda: self.measure(model, tokenizer), target, [(1.0, now)])
+        m = next(r for r in rows if r["tau"] == tau)
         changed = [p for p in model.parameters() if before.get(id(p)) != (float(p.detach().float().sum()),
                                                                            float(p.detach().float().norm()))]
         reset = 0
@@ -175,9 +165,9 @@ class ReheatCallback(TrainerCallback):
                     if state is not None and key in state:
                         state[key].zero_()
                         reset += 1
-        self.tau *= applied
-        return {"tau": applied, "entropy": m["entropy"], "low": m["low"], "high": m["high"], "target": target,
-                "measurements": len(tries) - 1, "parameters_changed": len(changed), "moments_reset": reset}
+        self.tau *= tau
+        return {"tau": tau, "entropy": m["entropy"], "low": m["low"], "high": m["high"], "target": target,
+                "measurements": len(rows), "parameters_changed": len(changed), "moments_reset": reset}
 
     def distill(self, model, tokenizer, optimizer, target: float, now: float) -> dict:
         """A short TS-OPSD run on the policy in place (`tsopsd.reheat` on the model in memory, full mode), to the
@@ -187,11 +177,7 @@ class ReheatCallback(TrainerCallback):
         keys = {"train.mode": "full", "output.save": "merged", "teacher.temperature": None,
                 "teacher.target_entropy": target, "teacher.target_entropy_from": None,
                 "rollout.max_new_tokens": self.measure_kw["max_new_tokens"], "seed": self.measure_kw["seed"]}
-        training = model.training
-        try:
-            report = reheat(model, self.prompts, tokenizer=tokenizer, config=self.config, overrides=keys | self.overrides)
-        finally:
-            model.train(training)
+        report = reheat(model, self.prompts, tokenizer=tokenizer, config=self.config, overrides=keys | self.overrides)
         reset = 0
         for state in (optimizer.state.values() if optimizer is not None else ()):
             for key in ("exp_avg", "exp_avg_sq"):
