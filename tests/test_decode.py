@@ -4,12 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from tsopsd import decode
+from tsopsd import decode, rollout
 from tsopsd.batch import position_ids_from_mask
 from tsopsd.checkpoint import load_checkpoint
 from tsopsd.lab.tiny import model_config
 from tsopsd.prompts import Prompt
 from tsopsd.rollout import sample_rollouts
+from tsopsd.sampling import Draw
 from tsopsd.scoring import head_logits
 
 LEAN_ARCHS = ("llama", "qwen2", "qwen3")
@@ -209,7 +210,8 @@ def test_no_packed_copy_without_room(ckpts, monkeypatch):
 
 
 def _compiled_steps(model, compile, steps=6, device="cpu"):
-    """Logits of `steps` greedy lean decode steps over a left-padded batch, (steps, B, V)."""
+    """Logits after each of `steps` whole lean decode steps (draw, record, forward) over a left-padded batch,
+    (steps, B, V), the decoder and the tokens made."""
     ids, mask, _ = (t.to(device) for t in _batch(model.config.vocab_size))
     cache = DynamicCache()
     positions = position_ids_from_mask(mask)
@@ -221,13 +223,15 @@ def _compiled_steps(model, compile, steps=6, device="cpu"):
                                         compile="false" if callable(compile) else compile)
         if callable(compile):  # a stand-in for the compiled step
             lean.compiled = compile
-        step = lean.session(cache, mask, capacity=ids.shape[1] + steps + 1)
-        pos, alive = positions[:, -1] + 1, torch.ones(ids.shape[0], dtype=torch.bool, device=device)
+        session = lean.session(cache, mask, capacity=ids.shape[1] + steps + 1)
+        B = ids.shape[0]
+        draw = Draw.make(5, [], device, pad_id=0, max_new_tokens=steps + 1)
+        rows = torch.arange(B, device=device)
+        state, made = rollout._state(lean, logits, rows, rows, positions[:, -1] + 1, B, draw)
         for _ in range(steps):
-            logits = step(logits.argmax(-1), pos, alive)
-            out.append(logits)
-            pos = pos + 1
-    return torch.stack(out), lean
+            session.step(state, made, draw, lockstep=True)
+            out.append(state.logits.clone())
+    return torch.stack(out), lean, made.tokens.clone()
 
 
 @pytest.mark.parametrize("fault", ["wrong logits", "compiler error"])
@@ -236,16 +240,17 @@ def test_a_compiled_step_that_fails_or_disagrees_is_turned_off(ckpts, compile_st
     step costs a warning, never a wrong token, and stays off for the process."""
     model = load_checkpoint(ckpts["qwen3"], device="cpu").model
 
-    def broken(dec, keys, values, bias, lengths, tokens, positions, alive, n):
+    def broken(dec, keys, values, bias, length, rows, made, draw, lockstep, n):
         if fault == "compiler error":
             raise RuntimeError("inductor could not compile this\nsecond line")
-        decode._forward(dec, keys, values, bias, lengths, tokens, positions, alive, n)  # writes the cache too
-        return torch.zeros(tokens.shape[0], model.config.vocab_size)
+        ended = decode._decode_step(dec, keys, values, bias, length, rows, made, draw, lockstep, n)
+        rows.logits.zero_()  # the state moved on, with wrong logits
+        return ended
 
-    ref, _ = _compiled_steps(model, "false")
+    ref, _, ref_tokens = _compiled_steps(model, "false")
     with caplog.at_level("WARNING"):
-        got, lean = _compiled_steps(model, broken)
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))  # the first step attends over a rounded-up width, masked:
+        got, lean, tokens = _compiled_steps(model, broken)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(got.argmax(-1), ref.argmax(-1))
     assert (got - ref).abs().max().item() < 1e-5 * ref.abs().max().item()  # the same logits to rounding
     assert lean.compiled is None and not compile_state["on"]
     assert compile_state["why"].startswith("turned off")
@@ -269,8 +274,9 @@ def test_compiled_step_equals_the_eager_step(ckpts, compile_state, pack, monkeyp
     if not pack:
         monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
     model = _lora(load_checkpoint(ckpts["qwen3"], device="cpu").model)
-    ref, _ = _compiled_steps(model, "false")
-    got, lean = _compiled_steps(model, "true")
+    ref, _, ref_tokens = _compiled_steps(model, "false")
+    got, lean, tokens = _compiled_steps(model, "true")
+    assert torch.equal(tokens, ref_tokens)
     assert lean.packed == pack and lean.compiled is not None and compile_state["on"]
     assert compile_state["compile_s"] > 0
     assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
@@ -300,8 +306,9 @@ def test_compiled_rollouts_sample_what_eager_rollouts_sample(ckpts, compile_stat
 def test_compiled_step_with_cuda_graphs_equals_the_eager_step(ckpts, compile_state):
     """CUDA graphs (`mode="reduce-overhead"`) over the same step: run by bench/gpu.sh on a lent device."""
     model = _lora(load_checkpoint(ckpts["qwen3"], device="cuda", dtype="bfloat16").model)
-    ref, _ = _compiled_steps(model, "false", device="cuda")
-    got, lean = _compiled_steps(model, "true", device="cuda")
+    ref, _, ref_tokens = _compiled_steps(model, "false", device="cuda")
+    got, lean, tokens = _compiled_steps(model, "true", device="cuda")
+    assert torch.equal(tokens, ref_tokens)
     assert lean.compiled is not None and compile_state["on"], compile_state
     assert (got - ref).abs().max().item() < 5e-2 * ref.abs().max().item()
 
@@ -394,9 +401,10 @@ def test_two_rollouts_compile_each_shape_bucket_at_most_once(ckpts, compile_stat
     calls, compiled = [], []
     real = decode._Session._compiled
 
-    def spy(self, args, n):
+    def spy(self, args):
+        n = args[-1]
         before = decode._frames_compiled()
-        out = real(self, args, n)
+        out = real(self, args)
         calls.append((self.slots, n))
         if decode._frames_compiled() != before:
             compiled.append((self.slots, n))

@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 
 from tsopsd.cli import app
 from tsopsd.config import load_config
+from tsopsd.decode import COMPILED_WIDTHS
 from tsopsd.errors import TsopsdError
-from tsopsd.plan import PHASES, Hardware, load_model_config, parse_bytes, plan
+from tsopsd.plan import PHASES, RESERVED_BYTES, Hardware, load_model_config, parse_bytes, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -157,7 +158,6 @@ def test_shipped_gpu_configs_fit_their_hardware(tmp_path):
 def test_the_plan_sizes_the_kv_cache_a_compiled_decode_step_rounds_up(tmp_path):
     """`rollout.compile` on (or auto: a GPU run compiles) rounds the decode cache up to a multiple of
     `decode.COMPILED_WIDTHS` columns; the plan's rollout peak holds exactly those extra keys, values and mask."""
-    from tsopsd.decode import COMPILED_WIDTHS
 
     folder = _qwen3(tmp_path / "m", 256, 512, 2, 4000)  # 2 layers, 2 KV heads of 64
     sets = {**PROBE, "rollout.engine": "auto", "rollout.max_new_tokens": "400"}  # 64 + 400 columns: 512 compiled
@@ -167,6 +167,27 @@ def test_the_plan_sizes_the_kv_cache_a_compiled_decode_step_rounds_up(tmp_path):
     assert extra > 0
     assert peaks["true"] - peaks["false"] == 2 * 2 * 2 * 64 * 4 * rows * extra + rows * extra * 4  # K, V; the mask
     assert peaks["auto"] == peaks["true"]
+
+
+def test_the_plan_keeps_the_compiled_steps_cache_through_training_and_says_how_to_free_it(tmp_path):
+    """A compiled decode step keeps its KV cache, decode state and weight copies between rollouts (its CUDA graphs
+    read them in place): the plan holds them through check, train and update, never in the report and save after
+    the last step; eager decoding (`rollout.compile: false`) holds none of it. Short of memory, the advice says so."""
+    folder = _qwen3(tmp_path / "m", 256, 512, 2, 4000)
+    sets = {**PROBE, "rollout.engine": "auto", "rollout.max_new_tokens": "400", "output.eval_prompts": "0"}
+    runs = {c: plan(load_config(ROOT / "configs/default.yaml", {**sets, "rollout.compile": c}, inputs=False), folder,
+                    Hardware(memory=64 * GiB)) for c in ("false", "true")}
+    cache = {c: {ph: r["phases"][ph]["breakdown"].get("kv cache", 0) for ph in r["phases"]} for c, r in runs.items()}
+    rows, columns = 4, -(-464 // COMPILED_WIDTHS) * COMPILED_WIDTHS  # the compiled step's rounded-up cache
+    kv = 2 * 2 * 2 * 64 * 4 * rows * columns  # (K, V) x 2 layers x 2 heads x 64 x float32
+    for phase in ("check", "train", "update"):
+        assert cache["false"][phase] == 0 and cache["true"][phase] >= kv, (phase, cache)
+    assert cache["true"]["save"] == 0
+    train = runs["true"]["phases"]["train"]["peak_bytes"]
+    short = plan(load_config(ROOT / "configs/default.yaml", {**sets, "rollout.compile": "true"}, inputs=False), folder,
+                 Hardware(memory=int(train - kv / 2) + RESERVED_BYTES))
+    assert not short["fits"] and short["peak_phase"] == "train"
+    assert any(t.startswith("rollout.compile: false") for t in short["advice"]), short["advice"]
 
 
 def test_tiny_cpu_config_plans_and_fits(tmp_path):
@@ -195,8 +216,6 @@ def test_plan_counts_the_weights_kv_cache_and_logits_it_should(tmp_path):
     n_params = sum(p.numel() for p in _model(folder).parameters())
     assert r["parameters"] == n_params
     assert r["phases"]["load"]["breakdown"]["weights"] >= 2 * n_params
-    from tsopsd.decode import COMPILED_WIDTHS  # rollout.compile auto: a GPU run compiles, its cache rounded up
-
     columns = -(-(32 + 96) // COMPILED_WIDTHS) * COMPILED_WIDTHS
     kv = 8 * columns * layers * 2 * (hidden // 128) * 64 * 2  # rows x columns x layers x (k, v) x heads x dim x bf16
     one_prefill_layer = 8 * 32 * 2 * (hidden // 128) * 64 * 2  # adopted layer by layer: one is ever doubled
@@ -324,7 +343,7 @@ def test_reheat_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpt, promp
 
 def test_a_plan_that_does_not_fit_says_what_would(tmp_path):
     folder = _qwen3(tmp_path / "m", 256, 768, 4, 4096)
-    sets = {"model.dtype": "bfloat16", "rollout.max_new_tokens": 256, "train.micro_batch": 8,
+    sets = {"model.dtype": "bfloat16", "rollout.max_new_tokens": 256, "train.micro_batch": 8, "rollout.compile": "false",
             "data.max_prompt_tokens": 32, "output.eval_prompts": 0, "train.activation_checkpointing": "false"}
     roomy = plan(load_config(None, sets, inputs=False), folder, Hardware(memory=64 * GiB))
     assert roomy["peak_phase"] == "train" and roomy["advice"] == []

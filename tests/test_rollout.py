@@ -121,19 +121,19 @@ def test_rescoring_equals_sampling_logprobs(ckpts, arch):
 
 
 def test_sampler_draws_from_the_distribution():
-    """The exponential-race sampler's frequencies match softmax(logits / T) (chi-square-sized tolerance)."""
-    from tsopsd.rollout import _sample_next, uniforms
+    """The inverse-CDF sampler's frequencies match softmax(logits / T) (chi-square-sized tolerance)."""
+    from tsopsd.sampling import sample_next, uniforms
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20000, 1)
     g = uniforms(0, torch.arange(20000), 3)  # the counter-based draws: uniform enough for the sampler
     for t in (1.0, 0.5):
-        draws = _sample_next(logits.clone(), t, 1.0, 0, g)
+        draws = sample_next(logits.clone(), t, 1.0, 0, g)
         freq = torch.bincount(draws, minlength=5).double() / len(draws)
         expect = torch.softmax(logits[0].double() / t, -1)
         assert (freq - expect).abs().max() < 0.012, (freq, expect)
     # top-k keeps only the k best; top-p keeps the smallest prefix reaching p
-    assert set(_sample_next(logits.clone(), 1.0, 1.0, 2, g).tolist()) == {0, 1}
-    assert set(_sample_next(logits.clone(), 1.0, 0.5, 0, g).tolist()) == {0}
+    assert set(sample_next(logits.clone(), 1.0, 1.0, 2, g).tolist()) == {0, 1}
+    assert set(sample_next(logits.clone(), 1.0, 0.5, 0, g).tolist()) == {0}
 
 
 def long_tail(path, stops=40):

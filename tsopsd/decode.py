@@ -38,11 +38,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from tsopsd.family import causal_lm, is_fake, plain_tensor, transform_logits
+from tsopsd.sampling import Draw, Made, Rows, advance
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +160,26 @@ class _Linear:
         self.out_features = sum(base.weight.shape[0] for base, _ in self.parts)
         self.index = 0  # in LeanDecoder.linears (the compiled step's `_PACKED`)
         self.packed = self.bias = self.weight = None
-        if pack or fuse:
+        self.pack, self.fuse = pack, fuse
+        self.refresh(batch_size)
+
+    def signature(self) -> tuple:
+        """What the copy is made of: the modules, their weights' storage and their adapters."""
+        return tuple((id(base), base.weight.data_ptr(), tuple((id(a), id(b), s) for a, b, s in lora))
+                     for base, lora in self.parts)
+
+    def refresh(self, batch_size: int) -> None:
+        """(Re)make the copy from the modules' weights as they are now. A dense copy is written in place
+        (its address never changes, as CUDA graphs need); a packed oneDNN copy is packed again."""
+        self.is_packed = False  # what a compiled step reads: never the packed tensor itself
+        if not (self.pack or self.fuse):
+            return
+        if self.pack or self.weight is None:
             weights, biases = [], []
             for base, lora in self.parts:
                 w = base.weight.detach()
                 b = None if base.bias is None else base.bias.detach()
-                if lora:  # merged into the packed copy only; the module's weights are not touched
+                if lora:  # merged into the copy only; the module's weights are not touched
                     w = w.clone()
                     for a, bm, scale in lora:
                         w.addmm_(bm.weight.detach().to(w.dtype), a.weight.detach().to(w.dtype), alpha=scale)
@@ -174,11 +190,31 @@ class _Linear:
             w = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()
             if any(b is not None for b in biases):
                 self.bias = torch.cat([torch.zeros_like(w_[:, 0]) if b is None else b for w_, b in zip(weights, biases)])
-            if pack:
+            if self.pack:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size)
             else:  # one dense weight (a copy where fused or LoRA-merged; else the module's own): one GEMM
                 self.weight = w
+        else:  # in place: the same addresses, rollout after rollout
+            start = 0
+            for base, lora in self.parts:
+                rows = base.weight.shape[0]
+                if self.owns_copy:
+                    self.weight[start:start + rows].copy_(base.weight)
+                if self.bias is not None:
+                    self.bias[start:start + rows].zero_() if base.bias is None else \
+                        self.bias[start:start + rows].copy_(base.bias)
+                for a, bm, scale in lora:
+                    self.weight[start:start + rows].addmm_(bm.weight.to(self.weight.dtype),
+                                                           a.weight.to(self.weight.dtype), alpha=scale)
+                    if bm.bias is not None:
+                        self.bias[start:start + rows].add_(bm.bias, alpha=scale)
+                start += rows
         self.is_packed = self.packed is not None  # what a compiled step reads: never the packed tensor itself
+
+    @property
+    def owns_copy(self) -> bool:
+        """The dense weight is a copy (fused or LoRA-merged), not the module's own."""
+        return self.weight is not None and (len(self.parts) > 1 or bool(self.parts[0][1]))
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -241,16 +277,35 @@ class _Layer:
             q_norm, k_norm = _RMSNorm(attn.q_norm), _RMSNorm(attn.k_norm)
             if q_norm.eps != k_norm.eps:
                 raise Unsupported("q and k norms with different eps")
-            self.qk_norm = q_norm
+            self.qk_norm, self.k_norm = q_norm, k_norm
             self.qk_weight = torch.cat([q_norm.weight.expand(self.n_q, -1), k_norm.weight.expand(self.n_kv, -1)])
         self.intermediate = self.gate_up.parts[0][0].weight.shape[0]
         # Qwen2/3 set it per layer (None on full-attention layers); Mistral reads it from the config
         self.window = attn.sliding_window if hasattr(attn, "sliding_window") else \
             getattr(attn.config, "sliding_window", None)
 
+    def linears(self) -> tuple[_Linear, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
+    def refresh(self, batch_size: int) -> None:
+        for lin in self.linears():
+            lin.refresh(batch_size)
+        if self.qk_norm is not None:  # a copy of the two norms' weights: rewritten in place
+            self.qk_weight[:self.n_q].copy_(self.qk_norm.weight.expand(self.n_q, -1))
+            self.qk_weight[self.n_q:].copy_(self.k_norm.weight.expand(self.n_kv, -1))
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its decoder, where kept for a run
+
 
 class LeanDecoder:
-    """Per-rollout view of a Llama-family model for decoding: packed weights, norms, rotary."""
+    """A Llama-family model seen for decoding: dense (or, on CPU, packed) weight copies, norms, rotary, and
+    the buffers a decode step reads and writes (KV cache, per-row state, the rows being made).
+
+    Where the compiled step is on, one decoder is kept per model for the process (`build` refreshes its
+    weight copies in place) and its buffers are only ever grown: a CUDA graph reads them at the addresses
+    it was captured with, rollout after rollout. Otherwise a decoder and its buffers last one rollout.
+    """
 
     def __init__(self, model: torch.nn.Module, *, batch_size: int, max_length: int, compile: str = "false"):
         lm = causal_lm(model)
@@ -274,56 +329,91 @@ class LeanDecoder:
         head_base = _lora_parts(head)[0]
         self.dtype = head_base.weight.dtype
         self.device = self.embed.weight.device
+        self.fake = is_fake(head_base.weight)
         # the packed copy doubles the decoder's weights for the rollout: only where memory allows
         linears = [m for m in trunk.layers.modules() if type(m) is torch.nn.Linear] + [head_base]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        fake = is_fake(head_base.weight)
-        pack = self.device.type == "cpu" and not fake and not torch.is_autocast_enabled("cpu") \
+        pack = self.device.type == "cpu" and not self.fake and not torch.is_autocast_enabled("cpu") \
             and _mkldnn_ok(self.dtype) and _room_for(nbytes, self.device)
         # Elsewhere (a GPU): q|k|v and gate|up as one dense weight each, LoRA merged into that copy, so a layer
         # runs four GEMMs and no LoRA pass; the plan (fake tensors) counts the copy. Without room: the
         # modules' own weights, LoRA added per module as peft does.
-        fuse = not pack and (fake or _room_for(nbytes, self.device))
+        fuse = not pack and (self.fake or _room_for(nbytes, self.device))
         self.config = cfg
         self.norm = _RMSNorm(trunk.norm)
         self.layers = [_Layer(layer, pack=pack, batch_size=batch_size, fuse=fuse) for layer in trunk.layers]
-        for layer in self.layers:
-            if layer.window is not None and layer.window < max_length:
-                raise Unsupported(f"sliding window {layer.window} shorter than the sequence ({max_length})")
         self.head = _Linear([head], pack=pack, batch_size=batch_size, fuse=fuse)
-        if pack or (fuse and not fake):
-            self._check_packing()
         self.packed, self.fused = pack, fuse
-        self.linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.linears = [lin for layer in self.layers for lin in layer.linears()]
         self.linears.append(self.head)
         for i, lin in enumerate(self.linears):
             lin.index = i
+        self.buffers: dict[str, torch.Tensor] = {}  # name -> the buffer behind each view a step uses (`buffer`)
+        self.marked: set[int] = set()  # ids of the buffers marked static for CUDA graphs
+        self.persistent = False
+        self._ready(batch_size=batch_size, max_length=max_length, compile=compile)
+
+    def signature(self) -> tuple:
+        return tuple(lin.signature() for lin in self.linears) + (self.embed.weight.data_ptr(),)
+
+    def _ready(self, *, batch_size: int, max_length: int, compile: str) -> None:
+        """What each rollout decides: the window check, the copies checked, compiling on or off."""
+        for layer in self.layers:
+            if layer.window is not None and layer.window < max_length:
+                raise Unsupported(f"sliding window {layer.window} shorter than the sequence ({max_length})")
+        if self.packed or (self.fused and not self.fake):
+            self._check_packing()
         self.compiled = None  # the compiled step, or None: eager
         on, why = _compile_choice(compile, self.device)
         # A compiled step's KV cache holds a multiple of COMPILED_WIDTHS columns, so that its shapes repeat
         # from rollout to rollout whatever the prompts' lengths (few recompiles, few CUDA graphs). The plan
-        # (fake tensors, nothing to compile) sizes its cache the same.
+        # (fake tensors, nothing to compile) sizes its cache the same, and keeps the decoder as a run would.
         self.widths = COMPILED_WIDTHS if on else 1
-        if on and is_fake(head_base.weight):
+        self.persistent = self.persistent or on  # once kept for the run, kept (a measurement between steps too)
+        if on and self.fake:
             on, why = False, "not on fake tensors (the plan)"
         COMPILE["on"], COMPILE["why"] = on, why
         if on:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             if mode not in _compiled:
-                _compiled[mode] = torch.compile(_forward, mode=mode)
+                _compiled[mode] = torch.compile(_decode_step, mode=mode)
             self.compiled = _compiled[mode]
             _PACKED[:] = [(lin.packed, lin.bias) for lin in self.linears]  # this rollout's (one at a time)
 
     @classmethod
     def build(cls, model: torch.nn.Module, *, batch_size: int, max_length: int,
               compile: str = "false") -> LeanDecoder | None:
-        """The lean decoder of `model`, or None (use the model's forward). `compile`: "auto", "true", "false"."""
+        """The lean decoder of `model`, or None (use the model's forward). `compile`: "auto", "true", "false".
+
+        A decoder kept for `model` (the compiled step was on) is reused with its copies rewritten from
+        the model's weights as they are now, unless the model's modules or adapters changed."""
         try:
             with torch.no_grad():
-                return cls(model, batch_size=batch_size, max_length=max_length, compile=compile)
+                kept = _DECODERS.get(model)
+                if kept is not None and kept.signature() == cls._signature_of(model, kept):
+                    for layer in kept.layers:
+                        layer.refresh(batch_size)
+                    kept.head.refresh(batch_size)
+                    kept._ready(batch_size=batch_size, max_length=max_length, compile=compile)
+                    return kept
+                _DECODERS.pop(model, None)
+                dec = cls(model, batch_size=batch_size, max_length=max_length, compile=compile)
+                if dec.persistent:
+                    _DECODERS[model] = dec
+                return dec
         except (Unsupported, AttributeError) as e:
             log.debug("lean decoding off, using the model's forward: %s", e)
             return None
+
+    @staticmethod
+    def _signature_of(model: torch.nn.Module, kept: LeanDecoder) -> tuple:
+        """The signature a decoder built from `model` now would have (the same modules, weights and adapters)."""
+        try:
+            fresh = [tuple((id(b), b.weight.data_ptr(), tuple((id(a), id(m), s) for a, m, s in lora))
+                           for b, lora in (_lora_parts(m) for m in mods)) for mods in _modules_of(model)]
+        except Unsupported:
+            return ()
+        return tuple(fresh) + (causal_lm(model).model.embed_tokens.weight.data_ptr(),)
 
     def _check_packing(self) -> None:
         """Packed (or fused) and plain linears agree on a random input (else the copy is off the table here)."""
@@ -331,6 +421,38 @@ class LeanDecoder:
         x = torch.randn(2, lin.parts[0][0].weight.shape[1], dtype=self.dtype, device=self.device)
         if not _agree(lin(x), lin.plain(x), self.dtype):
             raise Unsupported("the packed or fused linear disagrees with F.linear")
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, fill=None) -> torch.Tensor:
+        """A view of shape `shape` at the start of the buffer `name` (made, or made larger, when it does not
+        hold `shape`): the same address for as long as the buffer holds what is asked of it. `fill`: the
+        value the view is set to (None: as it was left)."""
+        old = self.buffers.get(name)
+        if old is None or old.dtype != dtype or old.dim() != len(shape) or any(a > b for a, b in zip(shape, old.shape)):
+            size = shape if old is None or old.dtype != dtype or old.dim() != len(shape) else \
+                tuple(max(a, b) for a, b in zip(shape, old.shape))
+            # zeros, not empty: an unwritten cache column is masked, and 0 x garbage is NaN
+            self.buffers[name] = old = torch.zeros(size, dtype=dtype, device=self.device)
+            self.marked.discard(id(old))
+        view = old[tuple(slice(0, n) for n in shape)]
+        if fill is not None:
+            view.fill_(fill)
+        return view
+
+    def release(self) -> None:
+        """Drop the buffers unless the decoder is kept for the run (the compiled step reads them in place)."""
+        if not self.persistent:
+            self.buffers.clear()
+
+    def mark_static(self, tensors) -> None:
+        """CUDA graphs may read and write these buffers in place (once per buffer)."""
+        if self.device.type != "cuda":
+            return
+        for t in tensors:
+            base = t._base if t._base is not None else t
+            if id(base) not in self.marked:
+                torch._dynamo.mark_static_address(base)
+                self.marked.add(id(base))
+            torch._dynamo.mark_static_address(t)
 
     def session(self, cache, attention_mask: torch.Tensor, capacity: int) -> _Session:
         """Adopt the prefilled transformers cache (one entry per layer) of a whole batch for decoding."""
@@ -343,24 +465,48 @@ class LeanDecoder:
         return _Session(self, n, capacity)
 
 
+def forget(model: torch.nn.Module) -> None:
+    """Drop the decoder kept for `model`, its weight copies and buffers (a run's rollouts are over)."""
+    dec = _DECODERS.pop(model, None)
+    if dec is not None:
+        dec.buffers.clear()
+
+
+def _modules_of(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """The modules behind each of a decoder's linears, in `LeanDecoder.linears` order."""
+    lm = causal_lm(model)
+    out = []
+    for layer in lm.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out += [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+    return out + [[lm.get_output_embeddings()]]
+
+
+def bucket(n: int, most: int) -> int:
+    """The batch size a step runs `n` live slots at: the next power of two, at most `most` (few shapes)."""
+    return min(most, 1 << max(n - 1, 0).bit_length())
+
+
 class _Session:
     """The KV cache of the sequences being decoded, one slot each, every slot at its own length.
 
     A slot's sequence starts at column 0 (a prefill's left padding included, masked) and grows by one
     column per step while it is alive. A slot can be (re)filled at any step from a prefill (`admit`),
-    which is what continuous batching needs; `keep` drops finished slots so the tail of a rollout
-    does not pay for them.
+    which is what continuous batching needs; `keep` moves the live slots to the front so the tail of a
+    rollout does not pay for finished ones. The cache is a view of the decoder's buffers: it never moves.
+    Each slot's length is kept twice: on the device (where the step writes) and on the host (the
+    step's width is their max, known without reading the device).
     """
 
     def __init__(self, dec: LeanDecoder, slots: int, capacity: int):
         self.dec = dec
         self.capacity = max(-(-capacity // dec.widths) * dec.widths, 2)
         self.slots = slots
-        self.keys, self.values = [], []  # allocated by the first `admit`, in the dtype of the model's cache
-        self.bias = torch.full((slots, self.capacity), float("-inf"), dtype=dec.dtype, device=dec.device)
-        self.lengths = [0] * slots  # on the host: the step's width is their max, known without a device sync
+        self.keys, self.values = [], []  # made by the first `admit`, in the dtype of the model's cache
+        self.bias = dec.buffer("bias", (slots, self.capacity), dec.dtype, fill=float("-inf"))
+        self.length = dec.buffer("length", (slots,), torch.long, fill=0)
+        self.lengths = [0] * slots  # the host's copy
         self.verified = False  # the compiled step agreed with the eager one in this session
-        self.marked = None  # the key list whose tensors were marked static for CUDA graphs (a new list: new tensors)
 
     def admit(self, slots: list[int], cache, attention_mask: torch.Tensor) -> None:
         """Fill `slots` with the rows of a prefilled transformers cache ((len(slots), W) left-padded mask)."""
@@ -370,10 +516,10 @@ class _Session:
         index = torch.tensor(slots, device=self.bias.device)
         for i in range(len(self.dec.layers)):
             k, v = cache.layers[i].keys, cache.layers[i].values  # (n, n_kv, W, head_dim), after RoPE
-            if len(self.keys) == i:  # zeros, not empty: an unwritten column is masked, and 0 x garbage is NaN
+            if len(self.keys) == i:
                 shape = (self.slots, k.shape[1], self.capacity, k.shape[3])
-                self.keys.append(k.new_zeros(shape))
-                self.values.append(v.new_zeros(shape))
+                self.keys.append(self.dec.buffer(f"keys.{i}", shape, k.dtype))
+                self.values.append(self.dec.buffer(f"values.{i}", shape, v.dtype))
             self.keys[i][index, :, :W] = k
             self.values[i][index, :, :W] = v
             # Adopted: the prefill's copy goes now, layer by layer, so the peak is the cache plus one
@@ -383,94 +529,164 @@ class _Session:
         bias = torch.full((len(slots), self.capacity), float("-inf"), dtype=self.bias.dtype, device=self.bias.device)
         bias[:, :W].masked_fill_(attention_mask.bool(), 0.0)
         self.bias[index] = bias
+        self.length[index] = W
         for s in slots:
             self.lengths[s] = W
 
     def keep(self, slots: list[int]) -> None:
-        """Keep only `slots`, in that order (the others are done): later steps run on fewer rows."""
+        """Keep only `slots`, in that order, moved to the front of the cache in place (the others are done):
+        later steps run on fewer rows, and the cache stays where it is."""
         index = torch.tensor(slots, device=self.bias.device)
-        self.keys = [k[index] for k in self.keys]
-        self.values = [v[index] for v in self.values]
-        self.bias = self.bias[index]
+        n = len(slots)
+        for t in (*self.keys, *self.values, self.bias, self.length):
+            t[:n] = t[index]
+        self.keys = [k[:n] for k in self.keys]
+        self.values = [v[:n] for v in self.values]
+        self.bias, self.length = self.bias[:n], self.length[:n]
         self.lengths = [self.lengths[s] for s in slots]
-        self.slots = len(slots)
+        self.slots = n
 
     def _grow(self) -> None:
-        new = self.capacity * 2
-        self.keys = [_resize(k, new) for k in self.keys]
-        self.values = [_resize(v, new) for v in self.values]
-        bias = self.bias.new_full((self.bias.shape[0], new), float("-inf"))
-        bias[:, :self.capacity] = self.bias
-        self.bias, self.capacity = bias, new
+        """Twice the columns: new, larger buffers (the old contents copied); sessions are sized to avoid it."""
+        new, dec = self.capacity * 2, self.dec
+        grown = []
+        for i, t in enumerate((*self.keys, *self.values)):
+            name = f"keys.{i}" if i < len(self.keys) else f"values.{i - len(self.keys)}"
+            old = t.clone()
+            dec.buffers.pop(name, None)
+            t = dec.buffer(name, (*t.shape[:2], new, t.shape[3]), t.dtype, fill=0)
+            t[:, :, :self.capacity] = old
+            grown.append(t)
+        self.keys, self.values = grown[:len(self.keys)], grown[len(self.keys):]
+        old = self.bias.clone()
+        dec.buffers.pop("bias", None)
+        self.bias = dec.buffer("bias", (self.slots, new), dec.dtype, fill=float("-inf"))
+        self.bias[:, :self.capacity] = old
+        self.capacity = new
+
+    def width(self) -> int:
+        """The columns the next step attends over: up to the longest slot's new one (compiled: rounded up)."""
+        n = max(self.lengths) + 1
+        while n > self.capacity:
+            self._grow()
+        return n if self.dec.compiled is None else min(self.capacity, -(-n // self.dec.widths) * self.dec.widths)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
                  live: list[bool] | None = None) -> torch.Tensor:
-        """Append `tokens` (B,) at `positions` (B,), one per slot; `alive` False masks the new column (the
-        slot is done or idle). `live`, `alive` on the host, is what moves the slots' lengths: a slot not
-        live stays where it is (None: every slot moves, as in a batch decoded in lock-step, and nothing
-        is read back from the device). Returns (B, V) float32 logits."""
+        """The forward alone, eager: append `tokens` (B,) at `positions` (B,), one per slot; `alive` False
+        masks the new column. `live`, `alive` on the host, is what moves the slots' lengths (None: every
+        slot moves, as in lock-step). Returns (B, V) float32 logits."""
         n = max(self.lengths) + 1
         while n > self.capacity:
             self._grow()
-        args = (self.dec, self.keys, self.values, self.bias, torch.tensor(self.lengths, device=tokens.device),
-                tokens, positions, alive)
-        logits = _forward(*args, n) if self.dec.compiled is None else \
-            self._compiled(args, min(self.capacity, -(-n // self.dec.widths) * self.dec.widths))
-        self.lengths = [length + 1 for length in self.lengths] if live is None else \
-            [length + a for length, a in zip(self.lengths, live)]
+        logits = _forward(self.dec, self.keys, self.values, self.bias, self.length, tokens, positions, alive, n)
+        self._moved(alive if live is not None else None, live)
         return logits
 
-    def _compiled(self, args: tuple, n: int) -> torch.Tensor:
-        """The compiled step over the first `n` columns, a multiple of COMPILED_WIDTHS (few shapes: few CUDA
-        graphs, and attention does not read the whole capacity from the first token); the first of a
-        session checked against the eager step on the same inputs (the same cache column written twice)."""
+    def _moved(self, moving: torch.Tensor | None, live: list[bool] | None) -> None:
+        if live is None:
+            self.length.add_(1)
+            self.lengths = [length + 1 for length in self.lengths]
+        else:
+            self.length.add_(moving)
+            self.lengths = [length + a for length, a in zip(self.lengths, live)]
+
+    @torch.no_grad()
+    def step(self, rows: Rows, made: Made, draw: Draw, *, lockstep: bool) -> torch.Tensor:
+        """One decode step in place on the device: each live row chooses its token from `rows.logits`, it is
+        recorded in `made`, the rows' state moves on, and the model's forward of the chosen tokens leaves the
+        next logits in `rows.logits`. Returns `ended` (B,): the rows that ended at this step (a device tensor;
+        what to read back, and when, is the caller's). Lock-step: every slot's length moves (the host needs
+        nothing back); otherwise a slot moves while it is alive, which the host learns from `ended`."""
+        n = self.width()
+        args = (self.dec, self.keys, self.values, self.bias, self.length, rows, made, draw, lockstep, n)
+        if self.dec.compiled is None:
+            ended = _decode_step(*args)
+        else:
+            ended = self._compiled(args)
+        if lockstep:
+            self.lengths = [length + 1 for length in self.lengths]
+        return ended
+
+    def moved(self, live: list[bool]) -> None:
+        """The host's lengths after a step that was not lock-step: the slots that were alive and did not end."""
+        self.lengths = [length + a for length, a in zip(self.lengths, live)]
+
+    def _compiled(self, args: tuple) -> torch.Tensor:
+        """The compiled step; the first of a session checked against the eager step on the same inputs (the
+        state copied, the same cache column written twice)."""
         dec = self.dec
-        if self.marked is not self.keys:  # once per allocation (`_grow` and `keep` make new lists and mask)
-            for t in (*self.keys, *self.values, self.bias):
-                # rows (the batch shrinks at a rollout's tail) and cache capacity (the longest prompt of each
-                # rollout sets it) vary: dynamic from the first compile, so neither a shorter batch nor the next
-                # rollout's cache recompiles the step (a recompile is tens of seconds on a GPU)
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t.dim() == 2 else 2)
-                if dec.device.type == "cuda":  # CUDA graphs may then write them in place
-                    torch._dynamo.mark_static_address(t)
-            self.marked = self.keys
+        _, keys, values, bias, length, rows, made, draw, lockstep, n = args
         if dec.device.type == "cuda":
+            dec.mark_static([*keys, *values, bias, length, *rows.tensors(), *made.tensors()])
             torch.compiler.cudagraph_mark_step_begin()
-        eager = None if self.verified else _forward(*args, n)
+        state = [t.clone() for t in (length, *rows.tensors(), *made.tensors())]  # as before the step
+        eager = None
+        if not self.verified:
+            copy = [t.clone() for t in state]
+            e_length, e_rows, e_made = copy[0], Rows(*copy[1:7]), Made(*copy[7:])
+            e_ended = _decode_step(dec, keys, values, bias, e_length, e_rows, e_made, draw, lockstep, n)
+            eager = (e_ended, e_rows, e_made, e_length)
         compiled_before = _frames_compiled()
         if compiled_before == 0:  # the process's first: a pause that says what it is
             log.info("compiling the decode step (torch.compile; once per run, new batch shapes aside)")
         t0 = time.perf_counter()
         try:
-            got = dec.compiled(*args, n).clone()  # CUDA graphs reuse their output buffer
+            ended = dec.compiled(*args).clone()  # CUDA graphs reuse their output buffer
         except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly, as without compiling
             return self._off(f"compiling it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                             eager, args, n)
+                             eager, state, args)
         if _frames_compiled() != compiled_before:  # this call compiled (new shapes, a new model...)
             seconds = time.perf_counter() - t0
             COMPILE["compile_s"] += seconds
             log.info("decode step compiled in %.1f s (batch %d, %d columns)", seconds, self.slots, n)
         if eager is not None:
-            if not _agree(got, eager, dec.dtype):
-                return self._off("its logits disagreed with the eager step's", eager, args, n)
+            e_ended, e_rows, e_made, e_length = eager
+            same = torch.equal(ended, e_ended) and torch.equal(length, e_length) and \
+                all(torch.equal(a, b) for a, b in zip((*rows.tensors(), *made.tensors()), (*e_rows.tensors(),
+                                                                                          *e_made.tensors()))
+                    if not a.is_floating_point()) and \
+                _agree(rows.logits, e_rows.logits, dec.dtype) and _agree(made.logprobs, e_made.logprobs, torch.float32)
+            if not same:
+                return self._off("its tokens or logits disagreed with the eager step's", eager, state, args)
             self.verified = True
-        return got
+        return ended
 
-    def _off(self, why: str, eager: torch.Tensor | None, args: tuple, n: int) -> torch.Tensor:
+    def _off(self, why: str, eager, state: list[torch.Tensor], args: tuple) -> torch.Tensor:
+        """Compiling off for the process; this step's result is the eager one (state restored, then run eagerly)."""
         log.warning("tsopsd: the compiled decode step is off for this run: %s; decoding eagerly", why)
         COMPILE.update(on=False, why=f"turned off: {why}")
         _broken[:] = [COMPILE["why"]]
         self.dec.compiled = None
-        return eager if eager is not None else _forward(*args, n)
+        dec, keys, values, bias, length, rows, made, draw, lockstep, n = args
+        if eager is not None:  # the eager step's state is this step's
+            e_ended, e_rows, e_made, e_length = eager
+            for dst, src in zip((length, *rows.tensors(), *made.tensors()),
+                                (e_length, *e_rows.tensors(), *e_made.tensors())):
+                dst.copy_(src)
+            return e_ended
+        for dst, src in zip((length, *rows.tensors(), *made.tensors()), state):  # back to before the step
+            dst.copy_(src)
+        return _decode_step(dec, keys, values, bias, length, rows, made, draw, lockstep, n)
+
+
+def _decode_step(dec: LeanDecoder, keys: list[torch.Tensor], values: list[torch.Tensor], bias: torch.Tensor,
+                 length: torch.Tensor, rows: Rows, made: Made, draw: Draw, lockstep: bool, n: int) -> torch.Tensor:
+    """One whole decode step, all on the device (one function: what `torch.compile` captures): choose and
+    record each row's token (`sampling.advance`), then the forward of those tokens into `rows.logits`."""
+    token, moving, ended = advance(rows, made, draw, lockstep=lockstep)
+    rows.logits.copy_(_forward(dec, keys, values, bias, length, token, rows.position, moving, n))
+    rows.position.add_(moving)
+    length.add_(1 if lockstep else moving)
+    return ended
 
 
 def _forward(dec: LeanDecoder, keys: list[torch.Tensor], values: list[torch.Tensor], bias_all: torch.Tensor,
              lengths: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
              n: int) -> torch.Tensor:
-    """One decode step: write each slot's new column at `lengths` (B,), attend over the first `n` columns
-    (eager: up to the longest slot's; compiled: rounded up, masked), return (B, V) float32 logits."""
+    """One decode step's forward: write each slot's new column at `lengths` (B,), attend over the first `n`
+    columns (eager: up to the longest slot's; compiled: rounded up, masked), return (B, V) float32 logits."""
     slots = torch.arange(tokens.shape[0], device=tokens.device)
     bias_all[slots, lengths] = torch.where(alive, 0.0, float("-inf")).to(bias_all.dtype)
     h = F.embedding(tokens, dec.embed.weight)  # (B, D)
@@ -497,9 +713,3 @@ def _forward(dec: LeanDecoder, keys: list[torch.Tensor], values: list[torch.Tens
         gate, up = layer.gate_up(layer.norm_post(h)).split(layer.intermediate, dim=-1)
         h = h + layer.down(F.silu(gate) * up)
     return transform_logits(dec.config, dec.head(dec.norm(h)).float())
-
-
-def _resize(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    out = t.new_empty(*t.shape[:2], capacity, t.shape[3])
-    out[:, :, :t.shape[2]] = t
-    return out

@@ -47,7 +47,7 @@ from tsopsd.checkpoint import (
 from tsopsd.closed_form import check_scaled, scale_logits_, solve_scale
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress, timed
-from tsopsd.decode import COMPILE
+from tsopsd.decode import COMPILE, forget
 from tsopsd.distributions import Heat
 from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
 from tsopsd.family import causal_lm, max_positions
@@ -807,6 +807,7 @@ def _shown(value) -> str:
 
 def finish(run: Run) -> dict:
     """Measure the result as it will be written, write the output folder (rank 0), remove the run folder."""
+    forget(run.policy.student)  # the rollouts' kept decode copies and cache: not held for the report and save
     cfg, backend, state, policy = run.cfg, run.backend, run.state, run.policy
     if not state.kept_step and cfg.teacher.method != "scale":  # a run that trained nothing is not a success
         if backend.is_main:

@@ -538,8 +538,9 @@ def plan(cfg: Config, source: str | Path, hardware: Hardware = Hardware(), *, pr
     if choice == "auto" and not result["fits"] and result["peak_phase"] == "train":
         without = result["phases"]["train"]["peak_bytes"]
         # Only the train phase changes: plan it again with checkpointing and take the verdict anew.
-        again = _plan_once(cfg, model_config, hardware, prompt_tokens, checkpointing=True, phases=("train",),
-                           on_phase=on_phase)
+        # (after a rollout: a compiled decode step keeps its cache and copies through the train phase)
+        again = _plan_once(cfg, model_config, hardware, prompt_tokens, checkpointing=True,
+                           phases=("rollout", "train"), on_phase=on_phase)
         result["phases"]["train"] = again["phases"]["train"]
         result.update(_verdict(result["phases"], hardware, heldout_s=result["heldout_roofline_s"]))
         checkpointing = True
@@ -557,9 +558,11 @@ def activations_need_checkpointing(cfg: Config, model_config, *, free_bytes: int
     gradients and optimizer state (`later_bytes`) are there? Planned on one device: activations do not
     depend on how weights are sharded."""
     single = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, parallel="ddp"))
-    result = _plan_once(single, model_config, Hardware(gpus=1), None, checkpointing=False, phases=("train",))
+    # after a rollout, as a step runs: a compiled decode step keeps its cache and weight copies between rollouts
+    result = _plan_once(single, model_config, Hardware(gpus=1), None, checkpointing=False,
+                        phases=("rollout", "train"))
     breakdown = result["phases"]["train"]["breakdown"]
-    need = sum(breakdown.get(c, 0) for c in ("activations", "logits chunks", "temporaries"))
+    need = sum(breakdown.get(c, 0) for c in ("activations", "logits chunks", "temporaries", "kv cache"))
     return need > free_bytes - later_bytes - RESERVED_BYTES
 
 
@@ -568,6 +571,7 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from tsopsd.checkpoint import resolve_dtype
+    from tsopsd.decode import forget
     from tsopsd.metrics import score_rollout
     from tsopsd.output import written_model
     from tsopsd.parallel import Launch, make_backend
@@ -630,6 +634,7 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
                                 temperature=1.0, batch_size=batch, seed=0, done_everywhere=backend.done_everywhere,
                                 engine=cfg.rollout.engine, continuous=False,  # worst case: all rows to L,
                                 share_prompts=False,  # each row's own prefill (the rows' prompts are alike here)
+                                check_every=1,  # the plan answers each "done?" and probes DECODE_PROBE steps
                                 # a GPU run compiles unless told not to ("auto" is on there): its cache is
                                 # sized for that (nothing is compiled on fake tensors)
                                 compile="false" if cfg.rollout.compile == "false" else "true")
@@ -682,6 +687,7 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
                 tracker.label([v for st in optimizer.state.values() for v in st.values()
                                if isinstance(v, torch.Tensor)], "optimizer state")
                 optimizer.zero_grad(set_to_none=True)
+        forget(policy.student)  # as the loop does after its last step: the rollouts' kept decoder goes
         if "report" in phases and _held_out(cfg):
             # Scored in training micro-batches; two of them are run, the others add only their hidden
             # states (N x D for the model and the reference), which are counted.
@@ -817,6 +823,10 @@ def advice(cfg: Config, r: dict) -> list[str]:
         if fitting >= 1:
             tips.append(f"rollout.batch_size: {fitting} (each sequence sampled at once holds {per_row / GiB:.2f} GiB "
                         f"of KV cache and temporaries)")
+    kept = b.get("kv cache", 0) if phase in ("check", "train", "update") else 0
+    if kept and cfg.rollout.compile != "false":
+        tips.append(f"rollout.compile: false (the compiled decode step keeps {kept / GiB:.1f} GiB of KV cache, and "
+                    "its weight copies, between rollouts, where its CUDA graphs read them; eager decoding frees them)")
     if phase == "train":
         if not r["activation_checkpointing"]:
             tips.append("train.activation_checkpointing: true (recompute layers in backward instead of keeping "

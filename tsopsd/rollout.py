@@ -18,63 +18,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tsopsd.batch import Rollout, position_ids_from_mask
-from tsopsd.decode import LeanDecoder
+from tsopsd.decode import LeanDecoder, bucket
 from tsopsd.family import eos_token_ids, grouped_kv_attention
 from tsopsd.prompts import Prompt
+from tsopsd.sampling import Draw, Made, Rows, advance
 
-MASK64 = (1 << 64) - 1
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer on int64 tensors (wrapping arithmetic; logical shifts by masking)."""
-    def shr(v, k):
-        return (v >> k) & ((1 << (64 - k)) - 1)
-
-    x = (x ^ shr(x, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
-    x = (x ^ shr(x, 27)) * -7723592293110705685  # 0x94D049BB133111EB
-    return x ^ shr(x, 31)
-
-
-def uniforms(seed: int, rows: torch.Tensor, steps: torch.Tensor | int) -> torch.Tensor:
-    """(B, 1) float64 uniforms in [0, 1), one per (seed, row, step): a counter-based draw.
-
-    What a row samples depends only on the seed, its global row index and how many tokens it has,
-    never on the batch, slot or rank it is decoded in: continuous batching, any batch size and any
-    number of data-parallel ranks draw the same completions.
-    """
-    key = seed & MASK64  # splitmix64 of the seed, in Python ints: no device work, no read-back
-    key = ((key ^ (key >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    key = ((key ^ (key >> 27)) * 0x94D049BB133111EB) & MASK64
-    key ^= key >> 31
-    key = key - (1 << 64) if key >= 1 << 63 else key
-    x = _mix(rows.long() * -7046029254386353131 + key)  # 0x9E3779B97F4A7C15: the golden-ratio step
-    x = _mix(x + torch.as_tensor(steps, device=rows.device).long() * -7046029254386353131)
-    return (((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53))[:, None]
-
-
-def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, u: torch.Tensor) -> torch.Tensor:
-    """Sample (B,) tokens from (B, V) float32 logits with one uniform per row, `u` (B, 1). temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    # Inverse CDF: the first token whose cumulative probability exceeds u * total. One uniform per row
-    # and a float64 prefix sum: exact to float64 rounding and ~30x faster on CPU than drawing V
-    # exponentials (Gumbel-max) or torch.multinomial at V = 152k.
-    cdf = logits.softmax(-1).double().cumsum_(-1)
-    total = cdf[:, -1:].contiguous()
-    token = torch.searchsorted(cdf, u.to(cdf.device) * total, right=True)
-    # u * total can round up to total; the last token with nonzero probability is where cdf first reaches it.
-    return torch.minimum(token, torch.searchsorted(cdf, total)).squeeze(-1)
+DONE_CHECK_EVERY = 16  # lock-step: steps between reads of "is every row done?" (the rest of a step stays on device)
 
 
 def _prefill(model, prompt_ids: list[Sequence[int]], pad_id: int, device, share: bool = True):
@@ -107,127 +56,135 @@ def _prefill(model, prompt_ids: list[Sequence[int]], pad_id: int, device, share:
     return ids, mask, positions[:, -1] + 1, out.logits[:, -1].float(), cache
 
 
-def _sample_batch(model, prompt_ids: list[Sequence[int]], rows: torch.Tensor, *, seed: int, pad_id: int,
-                  eos_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  suppress_eos: bool, share_prompts: bool, lean: LeanDecoder | None = None,
-                  done_everywhere: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, ...]:
+def _state(lean: LeanDecoder | None, logits: torch.Tensor, rows: torch.Tensor, global_rows: torch.Tensor,
+           positions: torch.Tensor, n_rows: int, draw: Draw) -> tuple[Rows, Made]:
+    """The decode state of B = len(rows) slots starting from `logits`, and the buffers of `n_rows` rows: the
+    decoder's buffers (the same addresses each rollout where the compiled step keeps them), or new tensors."""
+    B, V = logits.shape
+    device = logits.device
+    L = draw.max_new_tokens + 1  # a column past the longest row: where a finished slot writes
+    if lean is None:
+        def buffer(name, shape, dtype, fill):
+            return torch.full(shape, fill, dtype=dtype, device=device)
+    else:
+        buffer = lean.buffer
+    state = Rows(buffer("rows.logits", (B, V), torch.float32, 0.0), buffer("rows.row", (B,), torch.long, 0),
+                 buffer("rows.global", (B,), torch.long, 0), buffer("rows.count", (B,), torch.long, 0),
+                 buffer("rows.alive", (B,), torch.bool, True), buffer("rows.position", (B,), torch.long, 0))
+    state.logits.copy_(logits)
+    state.row.copy_(rows)
+    state.global_row.copy_(global_rows)
+    state.position.copy_(positions)
+    made = Made(buffer("made.tokens", (n_rows, L), torch.long, draw.pad_id),
+                buffer("made.logprobs", (n_rows, L), torch.float32, 0.0), buffer("made.live", (n_rows, L), torch.bool, False))
+    return state, made
+
+
+def _sample_batch(model, prompt_ids: list[Sequence[int]], rows: torch.Tensor, *, draw: Draw, pad_id: int,
+                  share_prompts: bool, lean: LeanDecoder | None = None,
+                  done_everywhere: Callable[[bool], bool] | None = None,
+                  check_every: int = DONE_CHECK_EVERY) -> tuple[torch.Tensor, ...]:
     """Sample one batch in lock-step, every row until the last one ends (the model's forward, or a sharded
     model). `rows` (B,) are the rows' global indices (their random draws). Run under no_grad. Returns
-    the completions (B, L), their mask and log-probs; nothing is read back but "is every row done?"."""
+    the completions (B, L), their mask and log-probs. Nothing is read back but "is every row done?", every
+    `check_every` steps (the steps after the last row ended are masked and cut off), and at the end L."""
     device = next(model.parameters()).device
+    max_new_tokens = draw.max_new_tokens
     ids, mask, next_pos, logits, cache = _prefill(model, prompt_ids, pad_id, device, share_prompts)
     B, width = ids.shape
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    state, made = _state(lean, logits, torch.arange(B, device=device), rows, next_pos, B, draw)
+    del logits
     # The KV cache is sized for the whole completion at once: no regrowth (which briefly holds the old
     # and the new cache, 1.5x at the doubling), and the prefill's own cache is dropped once adopted.
-    step = lean.session(cache, mask, capacity=width + max_new_tokens) if lean is not None else None
-    if step is not None:
+    session = lean.session(cache, mask, capacity=width + max_new_tokens) if lean is not None else None
+    if session is not None:
         del cache
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logprobs, live = [], [], []
+    steps = 0
     for j in range(max_new_tokens):
-        if suppress_eos and len(eos_ids):
-            logits[:, eos] = float("-inf")
-        token = _sample_next(logits, temperature, top_p, top_k, uniforms(seed, rows, j))
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-        alive = ~finished
-        tokens.append(token)
-        logprobs.append(torch.where(alive, logprob, torch.zeros_like(logprob)))
-        live.append(alive)
-        finished = finished | torch.isin(token, eos)
-        done = bool(finished.all())
-        if done_everywhere is not None:  # decoding in lock-step with other processes (a sharded model)
-            done = done_everywhere(done)
-        if done:
-            break
-        if step is not None:
-            logits = step(token, next_pos, alive)
+        steps = j + 1
+        if session is not None:
+            session.step(state, made, draw, lockstep=True)
         else:
-            mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                           cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        next_pos = next_pos + 1
-    del step
-    return torch.stack(tokens, 1), torch.stack(live, 1), torch.stack(logprobs, 1)
+            token, moving, ended = advance(state, made, draw, lockstep=True)
+            if steps < max_new_tokens:  # the token's own column is attended where its row was alive
+                mask = torch.cat([mask, (moving | ended).long()[:, None]], dim=1)
+                state.logits.copy_(model(input_ids=token[:, None], attention_mask=mask,
+                                         position_ids=state.position[:, None], cache=cache, use_cache=True,
+                                         logits_to_keep=1).logits[:, -1].float())
+                state.position.add_(1)
+        if steps % check_every == 0 or steps == max_new_tokens:
+            done = bool((~state.alive).all())  # asked as the plan answers it: 'no' until it has probed
+            if done_everywhere is not None:  # decoding in lock-step with other processes (a sharded model)
+                done = done_everywhere(done)
+            if done:
+                break
+    del session
+    # the columns where some row was alive, a prefix (a row never comes back to life): with a check at every
+    # step, the steps run (the plan's way: it answers the checks, never this read)
+    L = steps if check_every == 1 else int(made.live[:, :steps].any(0).sum())
+    return made.tokens[:, :L].clone(), made.live[:, :L].clone(), made.logprobs[:, :L].clone()
 
 
 def _sample_continuous(model, lean: LeanDecoder, prompt_ids: list[Sequence[int]], rows: list[int], *, slots: int,
-                       seed: int, pad_id: int, eos_ids: list[int], max_new_tokens: int, temperature: float,
-                       top_p: float, top_k: int, suppress_eos: bool, share_prompts: bool,
+                       draw: Draw, pad_id: int, share_prompts: bool,
                        on_done: Callable[[int], None] | None = None) -> tuple[torch.Tensor, ...]:
     """Continuous batching: `slots` sequences decode together; a finished row's slot is refilled with the
     next pending row (prefilled into that slot), so no step is spent on a row that has ended. Once no
-    rows are pending, finished slots are dropped when they are half the batch. Returns the completions
-    (rows, L), their mask (EOS included) and the log-probs of their tokens, padded to the longest."""
+    rows are pending, the live slots move to the front when half the batch has ended, and the batch
+    shrinks to a power of two. Each step reads back one small tensor (which slots ended); the host
+    touches the device otherwise only to admit rows. Returns the completions (rows, L), their mask
+    (EOS included) and the log-probs of their tokens, padded to the longest."""
     device = lean.device
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    eos_set = set(eos_ids)
-    capacity = max(len(p) for p in prompt_ids) + max_new_tokens + 1
+    capacity = max(len(p) for p in prompt_ids) + draw.max_new_tokens + 1
     pending = list(range(len(prompt_ids)))[::-1]  # popped from the end: row order
     first = [pending.pop() for _ in range(min(slots, len(pending)))]
     _, mask, next_pos, logits, cache = _prefill(model, [prompt_ids[r] for r in first], pad_id, device, share_prompts)
-    cache_rows = lean.slots(len(first), capacity)
-    cache_rows.admit(list(range(len(first))), cache, mask)
+    session = lean.slots(len(first), capacity)
+    session.admit(list(range(len(first))), cache, mask)
     del cache
-    slot_row = list(first)  # the row each slot decodes; None once it ended
-    done: list[list | None] = [None] * len(prompt_ids)
-    made: list[list] = [[] for _ in prompt_ids]  # per row: (token, logprob) tensors of its steps
     global_rows = torch.tensor(rows, device=device)
+    local = torch.tensor(first, device=device)
+    state, made = _state(lean, logits, local, global_rows[local], next_pos, len(prompt_ids), draw)
+    del logits
+    slot_row: list[int | None] = list(first)  # the row each slot decodes; None once it ended
+    length = [0] * len(prompt_ids)  # tokens each row has made (the host's count)
     while True:
-        active = torch.tensor([r is not None for r in slot_row], device=device)
-        row_index = torch.tensor([0 if r is None else r for r in slot_row], device=device)
-        counts = torch.tensor([0 if r is None else len(made[r]) for r in slot_row], device=device)
-        if suppress_eos and len(eos_ids):
-            logits[:, eos] = float("-inf")
-        token = _sample_next(logits, temperature, top_p, top_k, uniforms(seed, global_rows[row_index], counts))
-        logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-        token = torch.where(active, token, torch.full_like(token, pad_id))
-        freed = []
-        for s, (t, r) in enumerate(zip(token.tolist(), slot_row)):
-            if r is None:
-                continue
-            made[r].append((token[s], logprob[s]))
-            if t in eos_set or len(made[r]) == max_new_tokens:
-                done[r] = made[r]
-                slot_row[s] = None
-                freed.append(s)
-                if on_done:
-                    on_done(1)
-        live = [r is not None for r in slot_row]
+        ended = session.step(state, made, draw, lockstep=False).tolist()  # the step's one read-back
+        live, freed = [], []
+        for s, r in enumerate(slot_row):
+            if r is not None:
+                length[r] += 1
+                if ended[s]:
+                    slot_row[s] = None
+                    freed.append(s)
+                    if on_done:
+                        on_done(1)
+            live.append(slot_row[s] is not None)
+        session.moved(live)
         if not any(live) and not pending:
             break
-        if any(live):
-            moving = torch.tensor(live, device=device)
-            logits = cache_rows(token, next_pos, moving, live)
-            next_pos = next_pos + moving
         refill = [(s, pending.pop()) for s in freed[:len(pending)]]
         if refill:
             _, mask, pos, fresh, cache = _prefill(model, [prompt_ids[r] for _, r in refill], pad_id, device,
                                                   share_prompts)
-            cache_rows.admit([s for s, _ in refill], cache, mask)
+            session.admit([s for s, _ in refill], cache, mask)
             del cache
-            at = torch.tensor([s for s, _ in refill], device=device)
-            logits[at], next_pos[at] = fresh, pos
+            at, new_rows = torch.tensor(refill, device=device).T
+            state.logits[at], state.position[at], state.row[at] = fresh, pos, new_rows
+            state.global_row[at], state.count[at], state.alive[at] = global_rows[new_rows], 0, True
             for s, r in refill:
                 slot_row[s] = r
-        ended = [s for s, r in enumerate(slot_row) if r is None]
-        if not pending and len(ended) * 2 >= len(slot_row) and len(ended) < len(slot_row):
-            keep = [s for s, r in enumerate(slot_row) if r is not None]
-            cache_rows.keep(keep)
-            at = torch.tensor(keep, device=device)
-            logits, next_pos = logits[at], next_pos[at]
-            slot_row = [slot_row[s] for s in keep]
-    # padded like a lock-step batch: (rows, longest) tokens, mask and log-probs
-    L = max(len(m) for m in done)
-    tokens = torch.full((len(done), L), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(done), L), dtype=torch.bool, device=device)
-    logprobs = torch.zeros((len(done), L), dtype=torch.float32, device=device)
-    for r, m in enumerate(done):
-        tokens[r, :len(m)] = torch.stack([t for t, _ in m])
-        logprobs[r, :len(m)] = torch.stack([lp for _, lp in m])
-        mask[r, :len(m)] = True
-    return tokens, mask, logprobs
+        idle = [s for s, r in enumerate(slot_row) if r is None]
+        if not pending and len(idle) * 2 >= len(slot_row) and len(idle) < len(slot_row):
+            busy = [s for s, r in enumerate(slot_row) if r is not None]
+            n = bucket(len(busy), len(slot_row))
+            if n < len(slot_row):  # in place, to a power of two (a finished slot fills the rest, masked)
+                keep = busy + idle[:n - len(busy)]
+                session.keep(keep)
+                state = state.keep_(torch.tensor(keep, device=device))
+                slot_row = [slot_row[s] for s in keep]
+    L = max(length)
+    return made.tokens[:, :L].clone(), made.live[:, :L].clone(), made.logprobs[:, :L].clone()
 
 
 def sample_rollouts(
@@ -250,6 +207,7 @@ def sample_rollouts(
     continuous: bool = True,
     share_prompts: bool = True,
     compile: str = "false",
+    check_every: int = DONE_CHECK_EVERY,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt.
 
@@ -284,6 +242,8 @@ def sample_rollouts(
             see `decode`. Same samples to float rounding: the first compiled step is checked. Off by
             default: compiling pays only over a long run's many rollouts (`reheat` passes
             `rollout.compile`), not for one measurement.
+        check_every: lock-step batches read "is every row done?" back from the device every this many
+            steps (1: every step, as the plan probes them); the steps past the end are masked and cut off.
 
     Returns:
         A `Rollout` with rows ordered prompt by prompt, k rows each.
@@ -297,9 +257,9 @@ def sample_rollouts(
     if engine == "auto" and rows:
         lean = LeanDecoder.build(model, batch_size=min(batch_size, len(rows)),
                                  max_length=max(len(ids) for _, ids in rows) + max_new_tokens, compile=compile)
-    common = dict(seed=seed, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, top_k=top_k, suppress_eos=suppress_eos,
-                  share_prompts=share_prompts)
+    draw = Draw.make(seed, eos_ids, device, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_p=top_p, top_k=top_k, suppress_eos=suppress_eos)
+    common = dict(draw=draw, pad_id=tokenizer.pad_token_id, share_prompts=share_prompts)
     prompt_ids = [ids for _, ids in rows]
     # inference mode trims per-op overhead, which is much of a small decode step; the lean path only, as
     # the model's own forward may be sharded (FSDP) and its hooks expect ordinary no-grad tensors. The
@@ -313,9 +273,12 @@ def sample_rollouts(
             for start in range(0, len(rows), batch_size):
                 chunk = prompt_ids[start:start + batch_size]
                 parts.append((start, _sample_batch(model, chunk, torch.arange(len(chunk), device=device) + row_offset
-                                                   + start, lean=lean, done_everywhere=done_everywhere, **common)))
+                                                   + start, lean=lean, done_everywhere=done_everywhere,
+                                                   check_every=check_every, **common)))
                 if on_batch:
                     on_batch(len(chunk))
+    if lean is not None:
+        lean.release()
     # Left-pad prompts to the widest, right-pad completions to the longest.
     P = max((len(ids) for ids in prompt_ids), default=0)
     L = max((p[1][0].shape[1] for p in parts), default=0)
