@@ -314,11 +314,13 @@ class LeanDecoder:
             raise Unsupported(f"architecture {getattr(cfg, 'model_type', None)!r}")
         if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
             raise Unsupported("activation other than silu, or pretraining_tp")
+        self.sharded = False  # FSDP2: decodes the weights the backend gathered for the rollout
         for m in model.modules():
-            if hasattr(m, "_hf_hook") or hasattr(m, "_fsdp_param_group") or type(m).__name__.startswith("FSDP"):
-                raise Unsupported("offloaded or sharded model")
-        for p in model.parameters():
-            if p.is_meta or not plain_tensor(p.data):  # DTensor (FSDP2), quantized tensor subclasses
+            if hasattr(m, "_hf_hook") or type(m).__name__ == "FullyShardedDataParallel":
+                raise Unsupported("offloaded model, or FSDP1's flat parameters")
+            self.sharded = self.sharded or hasattr(m, "_get_fsdp_state")
+        for p in model.parameters():  # FSDP2's are plain tensors only while gathered (`parallel.FSDP.generating`)
+            if p.is_meta or not plain_tensor(p.data):  # DTensor shards, quantized tensor subclasses
                 raise Unsupported("parameters that are not plain tensors")
         trunk = lm.model
         self.embed = trunk.embed_tokens
@@ -365,6 +367,8 @@ class LeanDecoder:
             self._check_packing()
         self.compiled = None  # the compiled step, or None: eager
         on, why = _compile_choice(compile, self.device)
+        if on and self.sharded:  # gathered anew each rollout, at new addresses: graphs would be recorded anew
+            on, why = False, "off for a sharded model (its gathered weights move between rollouts)"
         # A compiled step's KV cache holds a multiple of COMPILED_WIDTHS columns, so that its shapes repeat
         # from rollout to rollout whatever the prompts' lengths (few recompiles, few CUDA graphs). The plan
         # (fake tensors, nothing to compile) sizes its cache the same, and keeps the decoder as a run would.
