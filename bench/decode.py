@@ -1,4 +1,5 @@
-"""One decode step of the lean decoder at batch 8: eager against compiled, each against its bounds.
+"""One decode step of the lean decoder at batch 8: eager against compiled, each against its bounds, and what a
+rollout's decode step moves between host and device.
 
     python bench/decode.py [--batch 8] [--prompt-tokens 0] [--tokens 64] [--repeats 5] [--threads 2]
     python bench/decode.py --model bench/out/models/q05b --device cuda --dtype bfloat16   # bench/gpu.sh
@@ -15,7 +16,9 @@ Beside them:
 - the compute bound: the step's FLOPs (2 per weight per row) at the measured fp32 matmul peak;
 - the compile time (the first compiled session, cold unless torch's on-disk cache has the graph) and
   the break-even: decode steps a run must take before compiling has paid for itself (none where the
-  compiled step is not faster).
+  compiled step is not faster);
+- two rollouts as `reheat` samples them, eager and compiled: per decode step of the second, the reads back
+  (host synchronisations), tensors made from host data and bytes each way; the CUDA graphs each recorded.
 Prints one line per session, then one JSON line.
 """
 
@@ -36,9 +39,11 @@ from bench.common import bandwidth, bench_prompts, build_bench_model, matmul_pea
 
 
 def session_times(model, prompt_ids: list[list[int]], tokens: int, compile: str) -> list[float]:
-    """Seconds of each of `tokens` decode steps of one session (greedy, every row alive)."""
+    """Seconds of each of `tokens` whole decode steps (draw, record, forward: what a rollout runs) of one
+    session at T=1, EOS suppressed so that every row stays alive."""
     from tsopsd import decode
-    from tsopsd.rollout import _prefill
+    from tsopsd.rollout import _prefill, _state
+    from tsopsd.sampling import Draw
 
     device = next(model.parameters()).device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -46,19 +51,68 @@ def session_times(model, prompt_ids: list[list[int]], tokens: int, compile: str)
         ids, mask, pos, logits, cache = _prefill(model, prompt_ids, 0, device, share=False)
         lean = decode.LeanDecoder.build(model, batch_size=len(prompt_ids), max_length=ids.shape[1] + tokens,
                                         compile=compile)
-        step = lean.session(cache, mask, capacity=ids.shape[1] + tokens + 1)
-        alive = torch.ones(len(prompt_ids), dtype=torch.bool, device=device)
+        session = lean.session(cache, mask, capacity=ids.shape[1] + tokens + 1)
+        draw = Draw.make(0, [0], device, pad_id=0, max_new_tokens=tokens + 1, suppress_eos=True)
+        rows = torch.arange(len(prompt_ids), device=device)
+        state, made = _state(lean, logits, rows, rows, pos, len(prompt_ids), draw)
         times = []
         for _ in range(tokens):
             sync()
             t0 = time.perf_counter()
-            logits = step(logits.argmax(-1), pos, alive)
+            session.step(state, made, draw, lockstep=True)
             sync()
             times.append(time.perf_counter() - t0)
-            pos = pos + 1
         if compile == "true" and lean.compiled is None:
             raise SystemExit(f"the compiled step was turned off: {decode.COMPILE['why']}")
+        lean.release()
     return times
+
+
+def rollout_traffic(model, tokenizer, prompt_ids: list[list[int]], tokens: int, compile: str) -> dict:
+    """Two rollouts as `reheat` samples them (continuous batching, T=1): per decode step of the second, what
+    crosses between host and device (`tsopsd.lab.traffic`), and the CUDA graphs each rollout recorded."""
+    from tsopsd import decode
+    from tsopsd.lab.traffic import HostTraffic
+    from tsopsd.prompts import Prompt
+    from tsopsd.rollout import sample_rollouts
+
+    captures = []
+    graph = getattr(torch.cuda, "CUDAGraph", None)
+    real_capture = graph.capture_begin if graph is not None else None
+    if graph is not None:
+        def capture_begin(self, *args, **kwargs):
+            captures.append(1)
+            return real_capture(self, *args, **kwargs)
+        graph.capture_begin = capture_begin
+    real_step = decode._Session.step
+    prompts = [Prompt("", tuple(p)) for p in prompt_ids]
+    recorded = []
+    try:
+        for _ in range(2):
+            before = len(captures)
+            traffic = HostTraffic()
+
+            def step(self, *args, _traffic=traffic, **kwargs):
+                out = real_step(self, *args, **kwargs)
+                _traffic.mark("step")
+                return out
+
+            decode._Session.step = step
+            with traffic:
+                sample_rollouts(model, tokenizer, prompts, max_new_tokens=tokens, batch_size=len(prompts), seed=1,
+                                compile=compile)
+            recorded.append(len(captures) - before)
+    finally:
+        decode._Session.step = real_step
+        if graph is not None:
+            graph.capture_begin = real_capture
+    steps = traffic.between("step")[:-1]  # the last: the rollout's assembly
+    per = lambda kinds, key: sum(key(e) for ev in steps for e in ev if e.kind in kinds) / max(len(steps), 1)  # noqa: E731
+    return {"steps": len(steps), "reads_per_step": per(("read",), lambda e: 1),
+            "from_host_per_step": per(("from host",), lambda e: 1),
+            "h2d_bytes_per_step": per(("h2d", "from host"), lambda e: e.nbytes),
+            "d2h_bytes_per_step": per(("d2h", "read"), lambda e: e.nbytes),
+            "graphs_recorded": recorded}
 
 
 def main() -> None:
@@ -106,6 +160,12 @@ def main() -> None:
             out.append(ms)
             print(f"repeat {rep} {name}: {ms:.2f} ms/step ({ms / 1e3 / bandwidth_bound:.2f}x the bandwidth bound)",
                   flush=True)
+    traffic = {name: rollout_traffic(model, ck.tokenizer, prompt_ids, args.tokens, setting)
+               for name, setting in (("eager", "false"), ("compiled", "true"))[:1 if args.eager_only else 2]}
+    for name, t in traffic.items():
+        print(f"{name} rollout, per decode step: {t['reads_per_step']:.2f} reads back, {t['from_host_per_step']:.2f} "
+              f"tensors from host data, {t['h2d_bytes_per_step']:.0f} B to / {t['d2h_bytes_per_step']:.0f} B from the "
+              f"device; CUDA graphs recorded by each of two rollouts: {t['graphs_recorded']}", flush=True)
     e = statistics.median(eager)
     c = statistics.median(compiled) if compiled else None
     saving = (e - c) / 1e3 if c is not None else 0.0
@@ -118,6 +178,7 @@ def main() -> None:
         "compiled_over_eager": c / e if c else None, "eager_over_bandwidth_bound": e / 1e3 / bandwidth_bound,
         "compiled_over_bandwidth_bound": c / 1e3 / bandwidth_bound if c else None,
         "compile_s": compile_s, "break_even_decode_steps": round(compile_s / saving) if saving > 0 else None,
+        "traffic": traffic,
     }))
 
 

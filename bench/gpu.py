@@ -8,7 +8,8 @@ uniform, a small trained tokenizer), then:
 1. `tsopsd plan` of the shipped 4B config (`configs/qwen3-4b-1gpu.yaml`) for this device;
 2. `tsopsd reheat` of that config for 2 steps (fixed tau 1.5; no held-out report, to save the time): step
    time, its phases, peak allocated and reserved bytes, against the plan's roofline, estimate and peak;
-3. decode of the 0.6B shape at batch 64, eager and compiled (CUDA graphs), against the bandwidth bound
+3. decode of the 0.6B shape at batch 64, eager and compiled (CUDA graphs), against the bandwidth bound, and
+   two rollouts of it: per decode step the reads back and bytes each way, the CUDA graphs each recorded
    (`bench/decode.py`);
 4. training MFU of the 4B run (the plan's training FLOPs per token x trained tokens/s over the peak);
 5. TRL's step (`bench/peer_trl.py`, `USE_HUB_KERNELS=NO`) beside tsopsd's (`bench/step.py`) on the 0.6B
@@ -92,7 +93,8 @@ def profile_top(model_dir: Path, device: str, n: int = 5) -> dict[str, list[str]
     from tsopsd.config import load_config
     from tsopsd.policy import prepare_policy
     from tsopsd.prompts import Prompt
-    from tsopsd.rollout import _prefill, sample_rollouts
+    from tsopsd.rollout import _prefill, _state, sample_rollouts
+    from tsopsd.sampling import Draw
     from tsopsd.step import train_step
 
     ck = load_checkpoint(model_dir, device=device, dtype="bfloat16" if device == "cuda" else "float32")
@@ -105,12 +107,14 @@ def profile_top(model_dir: Path, device: str, n: int = 5) -> dict[str, list[str]
     with torch.inference_mode():
         ids, mask, pos, logits, cache = _prefill(ck.model, prompts, 0, ck.model.device, share=False)
         lean = decode.LeanDecoder.build(ck.model, batch_size=len(prompts), max_length=ids.shape[1] + 8)
-        step = lean.session(cache, mask, capacity=ids.shape[1] + 8)
-        alive = torch.ones(len(prompts), dtype=torch.bool, device=ck.model.device)
-        step(logits.argmax(-1), pos, alive)  # warm-up
+        session = lean.session(cache, mask, capacity=ids.shape[1] + 8)
+        draw = Draw.make(0, [0], ck.model.device, pad_id=0, max_new_tokens=8, suppress_eos=True)
+        rows = torch.arange(len(prompts), device=ck.model.device)
+        state, made = _state(lean, logits, rows, rows, pos, len(prompts), draw)
+        session.step(state, made, draw, lockstep=True)  # warm-up
         sync()
-        with profile(activities=activities) as prof:
-            step(logits.argmax(-1), pos + 1, alive)
+        with profile(activities=activities) as prof:  # the whole step: draw, record, forward
+            session.step(state, made, draw, lockstep=True)
             sync()
     out["decode step"] = [f"{e.key} {getattr(e, key) / 1e3:.3f} ms x{e.count}"
                           for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:n]]
@@ -227,6 +231,12 @@ def main() -> None:
         bound = dec["bandwidth_bound_ms"]
         best = dec.get("compiled_ms") or dec["eager_ms"]
         rows.append(("  bandwidth bound (ms) / share reached", f"{bound:.2f} / {bound / best:.0%} (goal >= 60% compiled)"))
+        for mode, t in dec.get("traffic", {}).items():
+            rows.append((f"  {mode} rollout, per step: reads / H2D B / D2H B",
+                         f"{t['reads_per_step']:.2f} / {t['h2d_bytes_per_step']:.0f} / {t['d2h_bytes_per_step']:.0f} "
+                         "(goal: 1 read of a few bytes)"))
+            rows.append((f"  {mode} rollout: CUDA graphs recorded, 1st / 2nd rollout",
+                         " / ".join(map(str, t["graphs_recorded"])) + " (goal: 0 in the 2nd)"))
     rows.append((f"{small} job, tsopsd step (s)", f"{ours['median_step_s']:.2f}" if ours and "median_step_s" in ours else
                  (json.dumps(ours)[:80] if ours else "failed (logs/step.log)")))
     rows.append((f"{small} job, TRL step (s)", f"{peer['median_step_s']:.2f}" if peer else trl_note))

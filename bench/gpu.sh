@@ -11,6 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 if [ "${1:-}" != "--tiny" ]; then
-  "$PY" -m pytest -q -s -m gpu tests/test_decode.py tests/test_plan.py 2>&1 | tail -15
+  "$PY" -m pytest -q -s -m gpu tests/test_decode.py tests/test_host_traffic.py tests/test_plan.py 2>&1 | tail -15
 fi
 PYTHONUNBUFFERED=1 "$PY" bench/gpu.py "$@"

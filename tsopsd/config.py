@@ -50,7 +50,7 @@ class RolloutConfig:
     max_new_tokens: int = 256
     batch_size: int = 32  # sequences sampled together
     engine: Literal["auto", "model"] = "auto"  # auto: lean decoder for Llama-family models; model: model.forward
-    compile: Literal["auto", "true", "false"] = "auto"  # reheat's decode step under torch.compile; auto: on a GPU only
+    compile: Literal["auto", "true", "false"] = "auto"  # reheat's decode step compiled (its cache kept between rollouts); auto: on a GPU
 
 
 @dataclass(frozen=True)

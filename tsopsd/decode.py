@@ -1,36 +1,45 @@
 """A lean decode step for Llama-family models (Llama, Mistral, Qwen2, Qwen3), used by the sampling loop.
 
     lean = LeanDecoder.build(model, batch_size=8, max_length=512)   # None: not supported, use model()
-    step = lean.session(hf_cache_after_prefill, attention_mask, capacity)
-    logits = step(tokens, positions, alive)                          # (B, V) float32
+    session = lean.session(hf_cache_after_prefill, attention_mask, capacity)
+    ended = session.step(rows, made, draw, lockstep=True)            # one whole step, on the device
+    logits = session(tokens, positions, alive)                       # the forward alone (tests, benchmarks)
 
 Why it exists: at small batch a decode step is a few dozen tiny matmuls, and transformers' generic
 forward pays for its generality on each one (a growing `torch.cat` KV cache, masks rebuilt per step,
 `F.linear` kernels that repack the weight on every call on CPU). This module runs the same maths
-with a preallocated KV cache that grows by doubling, one additive mask row, and, on CPU, weights
-packed once per rollout for oneDNN (`torch.ops.mkldnn`), which at batch 8 is 2.7x as fast as
-`F.linear` on the same fp32 weights (a second copy of the decoder's weights for the rollout, made
-only when it fits in half the free memory). Elsewhere (a GPU) the copy is dense: q|k|v and gate|up
-one weight each, LoRA merged in, so a layer is four GEMMs whether or not an adapter is on (where
-the copy does not fit: the modules' own weights, LoRA added per module as peft does).
+with a preallocated KV cache, one additive mask row, and weight copies made for decoding: on a GPU
+dense, q|k|v and gate|up one weight each, LoRA merged in, so a layer is four GEMMs whether or not an
+adapter is on; on CPU packed for oneDNN (`torch.ops.mkldnn`), faster than `F.linear` on the same fp32
+weights at small batch (`bench/decode.py`). A copy is made only when it fits in half the free memory
+(otherwise the modules' own weights, LoRA added per module as peft does).
+
+A step (`_decode_step`) is the whole of what a rollout does per token, on the device: each row's token
+drawn and recorded with its log-prob (`sampling.advance`), the rows' state moved on, the forward of the
+new tokens. Nothing is read back inside it; the caller decides when to look (`rollout`: lock-step every
+`DONE_CHECK_EVERY` steps, continuous batching one small tensor a step).
 
 What stays the same: the prompt is still prefilled by the model's own forward (its KV cache is
-adopted); weights are only read (a packed *copy* is made, LoRA merged into that copy), so the model
-and the frozen teacher are untouched; results equal the model's own logits to float rounding
-(tests compare them on every supported architecture, with and without a LoRA adapter).
+adopted); weights are only read (copies are made, LoRA merged into them), so the model and the frozen
+teacher are untouched; results equal the model's own logits to float rounding (tests compare them on
+every supported architecture, with and without a LoRA adapter), and tokens equal the eager step's.
 
 Compiled (`compile="true"`; "auto": on a GPU only): the same step under `torch.compile`, with CUDA
-graphs on a GPU (`mode="reduce-overhead"`; the KV cache at fixed addresses, attention over a
-multiple of 256 columns, masked, so that 256 steps in a row have the same shapes). The first
-compiled step of each rollout is checked against the eager step on the same inputs; a failure to
-compile or a disagreement turns compilation off for the rest of the process, with a warning, and
-decoding goes on eagerly. On this project's CPU machines it hardly pays (`bench/decode.py`: 0.89x
-the eager step after 22-37 s of compiling, so about 21,000 decode steps to break even), so "auto"
-leaves it off there.
+graphs on a GPU (`mode="reduce-overhead"`; attention over a multiple of `COMPILED_WIDTHS` columns,
+masked, so that that many steps in a row have the same shapes). A graph reads its inputs at the
+addresses it was recorded with, so where compiling is on one decoder is kept per model for the run
+(`build` rewrites its copies in place each rollout, `forget` drops it) and its buffers (`buffer`: KV
+cache, rows' state, what they made) only ever grow; batches shrink by moving live slots to the front
+in place, to power-of-two sizes (`bucket`). The cost: what is kept stays allocated between rollouts
+(`tsopsd plan` counts it through the train phase). The first compiled step of each session is checked
+against the eager step on a copy of its state; a failure to compile or a disagreement turns
+compilation off for the rest of the process, with a warning, and decoding goes on eagerly. On CPU it
+hardly pays (`bench/decode.py`), so "auto" leaves it off there.
 
 `build` returns None, and the caller falls back to calling the model, for anything it does not
-recognise: other architectures, quantized or sharded (FSDP, DTensor) or offloaded weights, LoRA
-variants (DoRA...) or merged adapters, sliding windows shorter than the sequence, other activations.
+recognise: other architectures, quantized, sharded (DTensor, FSDP1) or offloaded weights, LoRA variants
+(DoRA...) or merged adapters, sliding windows shorter than the sequence, other activations. FSDP2
+decodes here on the weights `parallel.FSDP.generating` gathers (eagerly: they move between rollouts).
 """
 
 from __future__ import annotations
@@ -353,6 +362,7 @@ class LeanDecoder:
         self.buffers: dict[str, torch.Tensor] = {}  # name -> the buffer behind each view a step uses (`buffer`)
         self.marked: set[int] = set()  # ids of the buffers marked static for CUDA graphs
         self.persistent = False
+        self.inference = torch.is_inference_mode_enabled()  # its copies are inference tensors
         self._ready(batch_size=batch_size, max_length=max_length, compile=compile)
 
     def signature(self) -> tuple:
@@ -395,9 +405,11 @@ class LeanDecoder:
             with torch.no_grad():
                 kept = _DECODERS.get(model)
                 if kept is not None and kept.signature() == cls._signature_of(model, kept):
-                    for layer in kept.layers:
-                        layer.refresh(batch_size)
-                    kept.head.refresh(batch_size)
+                    # copies made under inference mode (a rollout's) are rewritten in it
+                    with torch.inference_mode(kept.inference):
+                        for layer in kept.layers:
+                            layer.refresh(batch_size)
+                        kept.head.refresh(batch_size)
                     kept._ready(batch_size=batch_size, max_length=max_length, compile=compile)
                     return kept
                 _DECODERS.pop(model, None)
@@ -431,6 +443,8 @@ class LeanDecoder:
         hold `shape`): the same address for as long as the buffer holds what is asked of it. `fill`: the
         value the view is set to (None: as it was left)."""
         old = self.buffers.get(name)
+        if old is not None and old.is_inference() and not torch.is_inference_mode_enabled():
+            old = None  # made in a rollout (inference mode), asked for outside one: a tensor that can be written
         if old is None or old.dtype != dtype or old.dim() != len(shape) or any(a > b for a, b in zip(shape, old.shape)):
             size = shape if old is None or old.dtype != dtype or old.dim() != len(shape) else \
                 tuple(max(a, b) for a, b in zip(shape, old.shape))
@@ -622,12 +636,19 @@ class _Session:
         state copied, the same cache column written twice)."""
         dec = self.dec
         _, keys, values, bias, length, rows, made, draw, lockstep, n = args
+        for t in (*keys, *values, bias, length, *rows.tensors(), *made.tensors()):
+            # rows (the batch shrinks at a rollout's tail) and columns (the longest prompt of each rollout sets
+            # the cache's) vary: dynamic from the first compile, so neither recompiles the step (a recompile
+            # is tens of seconds on a GPU)
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            if t.dim() > 1 and t is not rows.logits:
+                torch._dynamo.maybe_mark_dynamic(t, 2 if t.dim() == 4 else 1)
         if dec.device.type == "cuda":
             dec.mark_static([*keys, *values, bias, length, *rows.tensors(), *made.tensors()])
             torch.compiler.cudagraph_mark_step_begin()
-        state = [t.clone() for t in (length, *rows.tensors(), *made.tensors())]  # as before the step
-        eager = None
-        if not self.verified:
+        state, eager = None, None
+        if not self.verified:  # the state before the step, and the eager step on a copy of it
+            state = [t.clone() for t in (length, *rows.tensors(), *made.tensors())]
             copy = [t.clone() for t in state]
             e_length, e_rows, e_made = copy[0], Rows(*copy[1:7]), Made(*copy[7:])
             e_ended = _decode_step(dec, keys, values, bias, e_length, e_rows, e_made, draw, lockstep, n)
@@ -657,8 +678,9 @@ class _Session:
             self.verified = True
         return ended
 
-    def _off(self, why: str, eager, state: list[torch.Tensor], args: tuple) -> torch.Tensor:
-        """Compiling off for the process; this step's result is the eager one (state restored, then run eagerly)."""
+    def _off(self, why: str, eager, state: list[torch.Tensor] | None, args: tuple) -> torch.Tensor:
+        """Compiling off for the process; this step's result is the eager one (the state restored where it was
+        copied; otherwise the failure was compiling, before the compiled step ran)."""
         log.warning("tsopsd: the compiled decode step is off for this run: %s; decoding eagerly", why)
         COMPILE.update(on=False, why=f"turned off: {why}")
         _broken[:] = [COMPILE["why"]]
@@ -670,7 +692,7 @@ class _Session:
                                 (e_length, *e_rows.tensors(), *e_made.tensors())):
                 dst.copy_(src)
             return e_ended
-        for dst, src in zip((length, *rows.tensors(), *made.tensors()), state):  # back to before the step
+        for dst, src in zip((length, *rows.tensors(), *made.tensors()), state or ()):  # back to before the step
             dst.copy_(src)
         return _decode_step(dec, keys, values, bias, length, rows, made, draw, lockstep, n)
 

@@ -168,6 +168,7 @@ class Run:
     in_memory: bool = False  # the Python API's model in memory: trained in place, handed back merged
     writes_output: bool = True  # False: the API's in-memory run with no OUT (its run folder is temporary)
     show_progress: bool = True  # the before/after reports' bars (a TTY) or PROGRESS lines (a log), rank 0
+    step_clock: Clock | None = None  # this step's phases (`clock`), settled when the step is logged
     handed_back: bool = False  # an in-memory run's model holds its result (else it is put back as it came)
     phase_seconds: dict = field(default_factory=dict)  # load, target measurement, before-report, training, ...
 
@@ -281,7 +282,8 @@ class Run:
         step begins, it also starts the step's memory peak afresh (each step's peak is its own)."""
         if self.backend.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.backend.device)
-        return Clock(self.backend.device, timings)
+        self.step_clock = Clock(self.backend.device, timings)
+        return self.step_clock
 
     def memory_peaks(self) -> dict[str, float]:
         """This step's peak allocated and reserved device bytes (a GPU's; empty elsewhere)."""
@@ -291,6 +293,8 @@ class Run:
                 "peak_reserved": float(torch.cuda.max_memory_reserved(self.backend.device))}
 
     def log(self, result: StepResult) -> None:
+        if self.step_clock is not None:  # the step's phase times, read back from the device once
+            self.step_clock.settle()
         if self.backend.is_main:
             fields = asdict(result)
             phases, memory, heldout = fields.pop("phases"), fields.pop("memory"), fields.pop("heldout")
@@ -378,7 +382,7 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 if step == 0:  # the training path against the model's own forward, in float64
                     with clock("check"):
                         check_teacher(policy.teacher, rollout, tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
-                                      heat=heat, measured_teacher_entropy=stats.teacher_entropy / max(local_tokens, 1))
+                                      heat=heat, measured_teacher_entropy=float(stats.teacher_entropy) / max(local_tokens, 1))
                 stats = ChunkStats.from_sums(backend.sum(stats.sums()))
                 backend.reduce_gradients(policy.trainable)
                 with signals.held():  # from here the step lands whole, or (interrupted before) not at all

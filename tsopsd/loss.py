@@ -68,19 +68,32 @@ def masked_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 @dataclass
 class ChunkStats:
-    """Sums over the chunk positions, for logging (no gradients)."""
+    """Sums over the chunk positions, for logging (no gradients).
 
-    divergence: float = 0.0
-    student_entropy: float = 0.0
-    teacher_entropy: float = 0.0  # of q_tau
-    kl_student_original: float = 0.0  # KL(student || original at T=1)
-    top1_agreement: float = 0.0  # argmax(student) == argmax(original)
-    nonfinite: bool = False
+    As a step accumulates them they are 0-dim device tensors (nothing is read back per chunk); `sums` reads
+    them all at once, and `from_sums` makes the floats the stop rules and logs use.
+    """
 
-    def sums(self) -> list[float]:
-        """The fields as floats (non-finite as 0/1), for summing across processes; see `from_sums`."""
+    divergence: float | torch.Tensor = 0.0
+    student_entropy: float | torch.Tensor = 0.0
+    teacher_entropy: float | torch.Tensor = 0.0  # of q_tau
+    kl_student_original: float | torch.Tensor = 0.0  # KL(student || original at T=1)
+    top1_agreement: float | torch.Tensor = 0.0  # argmax(student) == argmax(original)
+    nonfinite: bool | torch.Tensor = False
+
+    def fields(self) -> list:
         return [self.divergence, self.student_entropy, self.teacher_entropy, self.kl_student_original,
-                self.top1_agreement, float(self.nonfinite)]
+                self.top1_agreement, self.nonfinite]
+
+    def sums(self) -> torch.Tensor | list[float]:
+        """The fields (non-finite as 0/1) for summing across processes (see `from_sums`): one float64 device tensor
+        where they are device tensors (read back once, by the backend's `sum`), else floats."""
+        values = self.fields()
+        on = next((v for v in values if isinstance(v, torch.Tensor)), None)
+        if on is None:
+            return [float(v) for v in values]
+        return torch.stack([v.to(torch.float64) if isinstance(v, torch.Tensor) else
+                            torch.zeros((), dtype=torch.float64, device=on.device) + float(v) for v in values])
 
     @classmethod
     def from_sums(cls, values: list[float]) -> ChunkStats:
@@ -91,7 +104,7 @@ class ChunkStats:
     def add(self, other: ChunkStats) -> None:
         for f in ("divergence", "student_entropy", "teacher_entropy", "kl_student_original", "top1_agreement"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
-        self.nonfinite = self.nonfinite or other.nonfinite
+        self.nonfinite = self.nonfinite | other.nonfinite  # `|`, not `or`: a device flag is not read here
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -156,7 +169,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     z = student_logits.float()  # read only
     z_max = z.amax(-1, keepdim=True)
     # top-1 agreement: the original's argmax is a maximum of the student's (one argmax pass, not two)
-    top1 = float((z.gather(-1, teacher_logits.argmax(-1, keepdim=True)) == z_max).sum())
+    top1 = (z.gather(-1, teacher_logits.argmax(-1, keepdim=True)) == z_max).sum()
     # log p = z - max - log s and p = exp(z - max) / s, with s = sum exp(z - max)
     logp = torch.sub(z, z_max, out=ws.get("logp", z))
     p = torch.exp(logp, out=ws.get("p", z))
@@ -164,7 +177,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     p.div_(s)
     logp.sub_(s.log_())
     p_logp = _rowdot(p, logp)
-    student_entropy = -float(p_logp.sum())
+    student_entropy = -p_logp.sum()
     # From here on the teacher's logits are worked on in place (they were handed over).
     z0 = teacher_logits.float()
     del teacher_logits
@@ -174,7 +187,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     q = torch.exp(logq, out=ws.get("q", z))
     lse0 = m0.squeeze(-1) + q.sum(-1).log_()
     # KL(student || original at T=1) = sum p log p - sum p z0 + logsumexp(z0), since sum p = 1
-    kl_orig = float((p_logp - p_z0 + lse0).sum())
+    kl_orig = (p_logp - p_z0 + lse0).sum()
     if min_p:  # a plausible-set heat: the tail (p < min_p * p_max) gets no mass (`keep_plausible_`)
         logq.masked_fill_(logq < math.log(min_p), -MASKED)
     logq.div_(teacher_temperature)  # (z0 - max) / tau, tau a number or one per row; its max is 0
@@ -183,7 +196,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     q.div_(sq)
     logq.sub_(sq.log_())  # log_softmax(z0 / tau)
     q_logq = _rowdot(q, logq)
-    teacher_entropy = -float(q_logq.sum())
+    teacher_entropy = -q_logq.sum()
     want_grad = grad_scale is not None
     if divergence == "forward_kl":
         per_token = q_logq - _rowdot(q, logp)
@@ -208,9 +221,9 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
         raise ValueError(f"unknown divergence '{divergence}': use {', '.join(DIVERGENCES)}")
     if grad is not None:
         grad.mul_(grad_scale)
-    stats = ChunkStats(divergence=float(per_token.sum()), student_entropy=student_entropy,
+    stats = ChunkStats(divergence=per_token.sum(), student_entropy=student_entropy,  # device tensors: no read-back
                        teacher_entropy=teacher_entropy, kl_student_original=kl_orig, top1_agreement=top1,
-                       nonfinite=not bool(torch.isfinite(per_token).all()))
+                       nonfinite=~torch.isfinite(per_token).all())
     return grad, stats
 
 
@@ -232,7 +245,8 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
         chunk_size: positions per chunk; 0 means all at once.
         backward: run backward (False: statistics only). With it, the trunk is back-propagated exactly
             once, with zeros when no chunk gave a gradient (no positions, or a non-finite divergence), so
-            every call runs the same backward whatever its data.
+            every call runs the same backward whatever its data; the head's parameters get every chunk's
+            gradient (a non-finite step is discarded by the stop rules, `stop.StopRules.check`).
         workspace: chunk buffers to reuse (pass one across micro-batches; default: one for this call).
 
     Returns:
@@ -256,10 +270,13 @@ def chunked_divergence_backward(student_hidden: torch.Tensor, teacher_hidden: to
                                               beta=beta, workspace=workspace,
                                               grad_scale=1.0 / max(normalizer, 1.0) if leaf.requires_grad else None)
         total.add(stats)
-        if grad is not None and not total.nonfinite:
+        if grad is not None:  # a non-finite chunk's too: whether it was is not read here (the trunk gets zeros)
             student_logits.backward(grad)
         del student_logits, grad
     if leaf.requires_grad:
-        ok = leaf.grad is not None and not total.nonfinite
-        student_hidden.backward(leaf.grad if ok else torch.zeros_like(student_hidden))
+        if leaf.grad is None:
+            student_hidden.backward(torch.zeros_like(student_hidden))
+        else:  # zeros where any chunk was non-finite, decided on the device
+            student_hidden.backward(torch.where(torch.as_tensor(total.nonfinite, device=leaf.grad.device), 0.0,
+                                                leaf.grad))
     return total

@@ -134,9 +134,9 @@ class Backend:
         return self.rank * n, items[self.rank * n:(self.rank + 1) * n]
 
     # ---- statistics and gradients -------------------------------------------------------------
-    def sum(self, values: list[float]) -> list[float]:
-        """Sum a list of floats across ranks (float64)."""
-        return values
+    def sum(self, values: list[float] | torch.Tensor) -> list[float]:
+        """Sum floats (a list, or a float64 device tensor: read back once) across ranks (float64)."""
+        return values.tolist() if isinstance(values, torch.Tensor) else values
 
     def loss_normalizer(self, global_tokens: int) -> float:
         """What to divide this rank's summed divergence by so that the reduced gradient is the global mean."""
@@ -250,8 +250,9 @@ Single = Backend
 class DDP(Backend):
     """Data parallel replicas: each rank holds the whole student; gradients are summed across ranks."""
 
-    def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def sum(self, values: list[float] | torch.Tensor) -> list[float]:
+        t = values.to(self.device, torch.float64) if isinstance(values, torch.Tensor) else \
+            torch.tensor(values, dtype=torch.float64, device=self.device)
         tdist.all_reduce(t)
         return t.tolist()
 

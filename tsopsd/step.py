@@ -55,8 +55,9 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
         normalizer: divide the summed divergence by this many tokens (default: this rollout's count;
             data-parallel runs pass the backend's `loss_normalizer` so that reduced gradients give the
             global mean).
-        skip_empty: skip micro-batches without completion tokens and stop at a non-finite one (False:
-            run every forward and backward, as ranks in lock-step must).
+        skip_empty: skip micro-batches without completion tokens (False: run every forward and backward, as
+            ranks in lock-step must). One read of the device per micro-batch; the statistics stay on the
+            device (a non-finite chunk is not looked for until the step's statistics are read).
         timings: if given, seconds spent in teacher scoring and in the student's forward/backward are
             added under ``teacher`` and ``student`` (the device is synchronized for honest numbers).
         teacher_hidden: `teacher_states` of this rollout, computed beforehand (None: computed here,
@@ -91,17 +92,18 @@ def train_step(policy: Policy, rollout: Rollout, *, tau: float, cfg: Config, nor
                 chunk_size=cfg.loss.chunk_size, workspace=workspace, min_p=heat.min_p if heat else 0.0)
         total.add(stats)
         del hidden, student_hidden
-        if total.nonfinite and skip_empty:
-            break
+    clock.settle()
     return total
 
 
 class Clock:
-    """Adds wall time of `with clock(name):` blocks to a dict (no-op without one); on a GPU the device is
-    synchronized at both ends, so each phase is charged its own kernels."""
+    """Adds the time of `with clock(name):` blocks to a dict (no-op without one). On a GPU each block is timed by
+    CUDA events on the current stream (no synchronisation: each phase is charged its own kernels, read back
+    once by `settle`); elsewhere by the host's clock."""
 
     def __init__(self, device: torch.device, timings: dict[str, float] | None):
         self.device, self.timings = device, timings
+        self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def __call__(self, name: str):
         if self.timings is None:
@@ -111,9 +113,21 @@ class Clock:
     @contextlib.contextmanager
     def _timed(self, name: str):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending.append((name, start, end))
+            return
         t0 = time.perf_counter()
         yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Add the timed blocks' seconds to the dict (on a GPU: waits for the last block's kernels)."""
+        if not self.pending:
+            return
+        self.pending[-1][2].synchronize()
+        for name, start, end in self.pending:
+            self.timings[name] = self.timings.get(name, 0.0) + start.elapsed_time(end) / 1000
+        self.pending.clear()

@@ -4,10 +4,11 @@
         ...; traffic.mark("step"); ...
     for events in traffic.between("step"): ...      # the events after each "step" mark, up to the next
 
-Counted: reads of device values into Python (`item()`, `bool()`, `tolist()`: each is a host
-synchronisation on a GPU), tensors made from host data (`torch.tensor([...])`: on a GPU, a copy from
-pageable memory), and copies between devices with their bytes. On the CPU the first two still show
-where a GPU run would wait or copy, which is what makes this testable without one.
+Counted: reads of device values into Python (`item()`, `bool()`, `tolist()`) and ops whose output is
+sized by the data (`nonzero`, boolean indexing), each a host synchronisation on a GPU; tensors made
+from host data (`torch.tensor([...])`: on a GPU, a copy from pageable memory); copies between devices,
+with their bytes. On the CPU the first two still show where a GPU run would wait or copy, which is
+what makes this testable without one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+# ops whose result the host must wait for: a value read into Python, or an output sized by the data
+_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+          torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default)
 _FROM_HOST = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
 
 

@@ -164,3 +164,68 @@ def test_a_decoder_is_kept_only_where_the_compiled_step_is_on(ckpts, kept_decode
     assert ck.model not in decode._DECODERS
     sample_rollouts(ck.model, ck.tokenizer, prompts, max_new_tokens=4, compile="true")
     assert ck.model in decode._DECODERS
+
+
+def test_a_training_step_reads_the_device_per_micro_batch_not_per_chunk(ckpts):
+    """The loss's statistics stay on the device as the chunks go (one read of them a step, by the caller): a step
+    cut into 16x more LM-head chunks reads back exactly as often, and sums the same statistics."""
+    from tsopsd.config import load_config
+    from tsopsd.policy import prepare_policy
+    from tsopsd.step import train_step
+
+    ck = long_tail(ckpts["qwen3"])
+    prompts = _prompts(ck.tokenizer, ["the cat", "one two three four", "a", "red dog sat"])
+    rollout = sample_rollouts(ck.model, ck.tokenizer, prompts, samples_per_prompt=2, max_new_tokens=30, seed=1,
+                              suppress_eos=True)
+    reads, sums = {}, {}
+    for chunk in (4, 64):
+        cfg = load_config(None, {"train.micro_batch": 4, "loss.chunk_size": chunk}, inputs=False)
+        policy = prepare_policy(load_checkpoint(ckpts["qwen3"], device="cpu").model, cfg.train)
+        with HostTraffic() as traffic:
+            stats = train_step(policy, rollout, tau=1.5, cfg=cfg, normalizer=float(rollout.completion_mask.sum()))
+        reads[chunk] = len(_kinds(traffic.events, "read", "d2h"))
+        sums[chunk] = torch.as_tensor(stats.sums())
+    chunks = -(-int(rollout.completion_mask.sum()) // 4)
+    assert chunks >= 32 and reads[4] == reads[64] < chunks, (chunks, reads)  # reading per chunk: 7 reads each
+    assert torch.allclose(sums[4], sums[64], rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it on a lent device)")
+def test_on_a_gpu_a_second_compiled_rollout_records_no_graph_and_steps_read_one_small_tensor(ckpts):
+    """CUDA graphs over the whole step: the kept decoder's buffers do not move, so the second rollout replays what
+    the first recorded; each of its steps copies one (slots,) flag tensor to the host and nothing to the device."""
+    ck = long_tail(ckpts["qwen3"])
+    model = ck.model.to("cuda", torch.bfloat16)
+    prompts = _prompts(ck.tokenizer, ["the cat", "one two three four", "a", "red dog sat"])
+    captures = []
+    real = torch.cuda.CUDAGraph.capture_begin
+
+    def capture_begin(self, *args, **kwargs):
+        captures.append(1)
+        return real(self, *args, **kwargs)
+
+    torch.cuda.CUDAGraph.capture_begin = capture_begin
+    try:
+        kw = dict(samples_per_prompt=4, max_new_tokens=40, seed=2, batch_size=8, compile="true")
+        first = sample_rollouts(model, ck.tokenizer, prompts, **kw)
+        recorded = len(captures)
+        traffic = HostTraffic()
+        real_step = decode._Session.step
+
+        def step(self, *args, **kwargs):
+            out = real_step(self, *args, **kwargs)
+            traffic.mark("step")
+            return out
+
+        decode._Session.step = step
+        with traffic:
+            second = sample_rollouts(model, ck.tokenizer, prompts, **kw)
+    finally:
+        torch.cuda.CUDAGraph.capture_begin = real
+        decode._Session.step = real_step
+        decode.forget(model)
+    assert recorded > 0 and len(captures) == recorded, (recorded, len(captures))
+    assert torch.equal(first.input_ids, second.input_ids)
+    quiet = [ev for ev in traffic.between("step")[:-1] if not _kinds(ev, "mark")]
+    assert quiet and all(len(_kinds(ev, "read")) == 1 and not _kinds(ev, "h2d", "from host") for ev in quiet)
