@@ -229,3 +229,22 @@ def test_on_a_gpu_a_second_compiled_rollout_records_no_graph_and_steps_read_one_
     assert torch.equal(first.input_ids, second.input_ids)
     quiet = [ev for ev in traffic.between("step")[:-1] if not _kinds(ev, "mark")]
     assert quiet and all(len(_kinds(ev, "read")) == 1 and not _kinds(ev, "h2d", "from host") for ev in quiet)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it on a lent device)")
+def test_on_a_gpu_the_step_clock_times_phases_by_events_without_synchronising(monkeypatch):
+    from tsopsd.step import Clock
+
+    syncs = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1) or real(*a))
+    timings = {}
+    clock = Clock(torch.device("cuda"), timings)
+    x = torch.randn(4096, 4096, device="cuda")
+    with clock("matmul"):
+        for _ in range(20):
+            x = (x @ x).tanh_()
+    assert timings == {} and syncs == []  # nothing read yet
+    clock.settle()
+    assert timings["matmul"] > 0 and syncs == []

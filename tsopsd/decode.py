@@ -180,7 +180,7 @@ class _Linear:
     def refresh(self, batch_size: int) -> None:
         """(Re)make the copy from the modules' weights as they are now. A dense copy is written in place
         (its address never changes, as CUDA graphs need); a packed oneDNN copy is packed again."""
-        self.is_packed = False  # what a compiled step reads: never the packed tensor itself
+        self.is_packed, self.run = False, self.plain  # what a compiled step reads: never the packed tensor itself
         if not (self.pack or self.fuse):
             return
         if self.pack or self.weight is None:
@@ -218,7 +218,8 @@ class _Linear:
                     if bm.bias is not None:
                         self.bias[start:start + rows].add_(bm.bias, alpha=scale)
                 start += rows
-        self.is_packed = self.packed is not None  # what a compiled step reads: never the packed tensor itself
+        self.is_packed = self.packed is not None
+        self.run = self.packed_call if self.is_packed else self.dense
 
     @property
     def owns_copy(self) -> bool:
@@ -235,13 +236,15 @@ class _Linear:
         return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_packed:
-            if torch.compiler.is_compiling():
-                return torch.ops.tsopsd.packed_linear(x, self.index, self.out_features)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.weight is not None:
-            return F.linear(x, self.weight, self.bias)
-        return self.plain(x)
+        return self.run(x)  # chosen once a copy is made (`refresh`): the GPU's call is `dense`, nothing else
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def packed_call(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the packed weight is opaque to the compiler: looked up by index
+            return torch.ops.tsopsd.packed_linear(x, self.index, self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class _RMSNorm:
