@@ -248,3 +248,24 @@ def test_on_a_gpu_the_step_clock_times_phases_by_events_without_synchronising(mo
     assert timings == {} and syncs == []  # nothing read yet
     clock.settle()
     assert timings["matmul"] > 0 and syncs == []
+
+
+def test_a_forgotten_decoder_frees_its_copies_and_cache_without_waiting_for_the_gc(ckpts, kept_decoder):
+    """The kept decoder's weight copies and KV cache go as soon as `forget` drops it (the loop does before the report),
+    not at the garbage collector's next pass: a reference cycle would keep device memory through the report."""
+    import gc
+    import weakref
+
+    ck = load_checkpoint(ckpts["qwen3"], device="cpu")
+    sample_rollouts(ck.model, ck.tokenizer, _prompts(ck.tokenizer, ["the cat"]), max_new_tokens=4, compile="true")
+    dec = decode._DECODERS[ck.model]
+    copies = [weakref.ref(lin.weight) for lin in dec.linears if lin.owns_copy]
+    cache = [weakref.ref(t) for t in dec.buffers.values()]
+    assert copies and cache
+    del dec
+    gc.disable()
+    try:
+        decode.forget(ck.model)
+        assert all(r() is None for r in copies + cache)
+    finally:
+        gc.enable()

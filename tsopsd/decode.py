@@ -180,7 +180,7 @@ class _Linear:
     def refresh(self, batch_size: int) -> None:
         """(Re)make the copy from the modules' weights as they are now. A dense copy is written in place
         (its address never changes, as CUDA graphs need); a packed oneDNN copy is packed again."""
-        self.is_packed, self.run = False, self.plain  # what a compiled step reads: never the packed tensor itself
+        self.is_packed, self.run = False, _Linear.plain  # what a compiled step reads: never the packed tensor itself
         if not (self.pack or self.fuse):
             return
         if self.pack or self.weight is None:
@@ -219,7 +219,7 @@ class _Linear:
                         self.bias[start:start + rows].add_(bm.bias, alpha=scale)
                 start += rows
         self.is_packed = self.packed is not None
-        self.run = self.packed_call if self.is_packed else self.dense
+        self.run = _Linear.packed_call if self.is_packed else _Linear.dense
 
     @property
     def owns_copy(self) -> bool:
@@ -236,7 +236,9 @@ class _Linear:
         return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)  # chosen once a copy is made (`refresh`): the GPU's call is `dense`, nothing else
+        # chosen once a copy is made (`refresh`): the GPU's call is `dense`, nothing else. A function, not a bound
+        # method: an object that held its own bound method would be a cycle, its copies freed only by the GC
+        return self.run(self, x)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -491,6 +493,7 @@ def forget(model: torch.nn.Module) -> None:
     dec = _DECODERS.pop(model, None)
     if dec is not None:
         dec.buffers.clear()
+        _PACKED.clear()  # the compiled CPU step's packed weights, if they were this decoder's
 
 
 def _modules_of(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
