@@ -128,7 +128,7 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    """The fault-injection report (tests/test_faults.py), whatever the outcome; in the main process only."""
+    """The fault-injection report (tests/test_bad_input_and_signals.py), whatever the outcome; in the main process only."""
     if hasattr(config, "workerinput"):
         return
     path = Path(os.environ["TSOPSD_TEST_REPORT"])

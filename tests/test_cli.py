@@ -198,7 +198,7 @@ def test_nan_loss_on_the_first_step_trained_nothing_one_line_and_no_output(colla
     assert not (tmp_path / "o").exists()  # the last good state is the input: no OUT that looks reheated
 
 
-# Bad input of every kind (outputs that would destroy an input, flags out of range, ...): tests/test_faults.py.
+# Bad input of every kind (outputs that would destroy an input, flags out of range, ...): tests/test_bad_input_and_signals.py.
 
 
 def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_faults import runner
+from test_bad_input_and_signals import runner
 
 from tsopsd.cli import app
 from tsopsd.closed_form import MAX_TRIES, next_tau, scale_logits_

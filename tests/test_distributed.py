@@ -85,7 +85,7 @@ def test_two_ranks_match_one_process(collapsed, tmp_path):
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "ddp"))
 
 
-@pytest.mark.slow  # 9 s; the same refusal with one process is in test_faults' bad-input matrix
+@pytest.mark.slow  # 9 s; the same refusal with one process is in test_bad_input_and_signals' bad-input matrix
 def test_too_few_prompts_for_the_ranks(collapsed, tmp_path):
     ckpt, prompts = collapsed
     d = torchrun("reheat", ckpt, "--prompts", prompts, "--out", tmp_path / "o", "--prompts-per-step", "9", *COMMON)

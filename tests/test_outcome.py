@@ -141,7 +141,7 @@ def error_lines(r: subprocess.CompletedProcess) -> list[str]:
 
 def test_exit_codes_through_real_processes(collapsed, tmp_path):
     """Each code of the table, from a real `tsopsd` process: one error line each, the report on stdout when there
-    is one (130 is seen in test_faults.py and test_signals' real interrupts; 3 belongs to `watch`)."""
+    is one (130 is seen in test_bad_input_and_signals.py and test_signals' real interrupts; 3 belongs to `watch`)."""
     ckpt, prompts = collapsed
     # 2: bad input, found before any model loads
     bad = tmp_path / "bad.jsonl"

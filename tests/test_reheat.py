@@ -183,7 +183,7 @@ def test_target_entropy_from_checkpoint(collapsed, tmp_path, ckpts):
 
 
 # Resume after a signal at any moment (SIGINT, SIGTERM, SIGKILL; mid-step, at a periodic save, around
-# the output's rename) equals an uninterrupted run: tests/test_faults.py.
+# the output's rename) equals an uninterrupted run: tests/test_bad_input_and_signals.py.
 
 
 def test_existing_output_refused_without_overwrite(collapsed, tmp_path):

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -59,19 +58,21 @@ from tsopsd.parallel import Backend, join, make_backend
 from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
 from tsopsd.prompts import Prompt, fit_prompts, load_prompts, prompts_fingerprint, read_records
+from tsopsd.report import against_target, planned_step, step_times, what_to_change
 from tsopsd.rollout import sample_rollouts
 from tsopsd.saved import folder_digest
 from tsopsd.state import (
     Interrupts,
     OutputLock,
     RunState,
+    check_resumable,
     comparable,
+    disagreements,
     discard_run_dir,
     discard_unsaved,
     interrupts,
     make_run_dir,
     run_dir_for,
-    run_id_of,
     settle_run_dir,
 )
 from tsopsd.step import Clock, teacher_states, train_step
@@ -703,26 +704,8 @@ def _resume(run: Run) -> RunState:
     """The saved state, after checking that it belongs to this run; restores weights, optimizer and rules."""
     cfg, backend = run.cfg, run.backend
     state = RunState.load(run.run_dir)
-    if state.run_id != run_id_of(run.run_dir):
-        raise TsopsdError(f"cannot resume: the state in {run.run_dir} is not the run its folder was made for (the run ids "
-                          "differ): the run folder was altered; rerun with --overwrite to start over")
-    if state.world_size != backend.world_size:
-        raise TsopsdError(f"cannot resume: the run was saved with {state.world_size} rank(s), this launch has "
-                          f"{backend.world_size}; relaunch with the same number of processes")
-    now = comparable(cfg)
-    if state.config != now:
-        diff = [f"{k}: saved {_shown(then_v)}, given {_shown(now_v)}" for k, then_v, now_v in _leaf_diff(state.config, now)]
-        raise TsopsdError(f"cannot resume: the config differs from the saved run ({'; '.join(diff)}); give the saved "
-                          "values (--resume alone reuses the saved config) or --overwrite to start over")
-    then, now = state.input_fingerprint, run.input_fingerprint
-    changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
-    if changed:
-        what = "prompt file" if changed[0].startswith("prompts:") else "input checkpoint"
-        raise TsopsdError(f"cannot resume: the {what} changed since the run began ({changed[0].removeprefix('prompts:')}); "
-                          "rerun with --overwrite to start over on the new input")
-    if cfg.train.steps < state.next_step:
-        raise TsopsdError(f"cannot resume with --steps {cfg.train.steps}: the run has applied {state.next_step} steps "
-                          f"already; give --steps {state.next_step} or more")
+    check_resumable(state, run.run_dir, world_size=backend.world_size, config=comparable(cfg),
+                    fingerprint=run.input_fingerprint, steps=cfg.train.steps)
     try:
         run.stop.last_good = backend.load_trainable(run.run_dir, state.trainable, run.policy, run.optimizer)
         run.stop.load_state_dict(state.stop)
@@ -731,7 +714,7 @@ def _resume(run: Run) -> RunState:
         raise TsopsdError(f"cannot resume: the state in {run.run_dir} is damaged ({type(e).__name__}: {e}); rerun with "
                           "--overwrite to start over") from None
     state.trainable = None
-    off = _disagrees_with_config(run, state)
+    off = disagreements(state, cfg, run.stop, run.scheduler, run.optimizer)
     if off:
         raise TsopsdError(f"cannot resume: the state in {run.run_dir} disagrees with the config ({'; '.join(off)}): the "
                           "run folder was altered; rerun with --overwrite to start over")
@@ -759,56 +742,6 @@ def _resume(run: Run) -> RunState:
     return state
 
 
-def _disagrees_with_config(run: Run, state: RunState) -> list[str]:
-    """What a loaded state says that the config does not: the config is the only source of hyperparameters, so a
-    saved value that differs (an edited state file) is named, never used. Empty when they agree."""
-    cfg, stop, off = run.cfg, run.stop, []
-    t = cfg.teacher
-    if t.temperature is not None and state.tau != t.temperature:
-        off.append(f"tau: saved {state.tau}, config {t.temperature}")
-    if (state.target is None) != (t.temperature is not None) or (t.target_entropy is not None and state.target !=
-                                                                t.target_entropy):
-        off.append(f"target entropy: saved {state.target}, config {t.target_entropy or t.target_entropy_from}")
-    if state.target is not None and not (state.target / 3 <= (stop.target or 0) <= 3 * state.target):
-        off.append(f"training target: saved {stop.target}, outside 1/3x..3x the target {state.target}")
-    factor = stop.lr_factor
-    if not (1 <= factor <= cfg.train.max_lr_factor and math.log2(factor).is_integer()) or \
-            factor != (stop.paced[-1]["factor"] if stop.paced else 1.0):
-        off.append(f"learning-rate factor: saved {factor}, not what pace gives (train.max_lr_factor {cfg.train.max_lr_factor})")
-    if run.scheduler.base_lrs != [cfg.train.lr] * len(run.optimizer.param_groups):
-        off.append(f"learning rate: saved {run.scheduler.base_lrs}, config {cfg.train.lr}")
-    for group in run.optimizer.param_groups:
-        for key, value in run.optimizer.defaults.items():
-            if key not in ("lr", "params") and group.get(key) != value:
-                off.append(f"optimizer {key}: saved {group.get(key)}, config {value}")
-        expected = cfg.train.lr * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)  # warm-up x pace, from config
-        if group.get("initial_lr") != cfg.train.lr or not math.isclose(group["lr"], expected, rel_tol=1e-9):
-            off.append(f"optimizer lr: saved {group['lr']}, the schedule gives {expected}")
-    # what only the run produces: set together when it stops (a state saved mid-run has none of them)
-    guard = (state.stop_reason or "").startswith(("drift guard", "non-finite"))
-    if (state.stop_reason is None and (state.kept_step is not None or state.failed)) or \
-            (state.stop_reason is not None and state.failed != guard):
-        off.append(f"the run's outcome: stop reason {state.stop_reason!r} with kept step {state.kept_step} and failed "
-                   f"{state.failed}, which no run saves together")
-    return sorted(set(off))
-
-
-def _leaf_diff(then: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, saved value, given value) of every leaf where two config dicts differ."""
-    out = []
-    for k in sorted(then.keys() | now.keys()):
-        a, b = then.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _leaf_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append((f"{prefix}{k}", a, b))
-    return out
-
-
-def _shown(value) -> str:
-    return "null" if value is None else str(value)
-
-
 def finish(run: Run) -> dict:
     """Measure the result as it will be written, write the output folder (rank 0), remove the run folder."""
     forget(run.policy.student)  # the rollouts' kept decode copies and cache: not held for the report and save
@@ -820,7 +753,7 @@ def finish(run: Run) -> dict:
         backend.finish()
         run.trackers.close()
         raise TrainingStopped(f"{state.stop_reason}: nothing was trained, so no output was written; "
-                              f"{_what_to_change(state.stop_reason)}", code=ExitCode.NOTHING_TRAINED)
+                              f"{what_to_change(state.stop_reason)}", code=ExitCode.NOTHING_TRAINED)
     save = dict(mode=policy.mode, save=cfg.output.save, save_dtype=run.save_dtype)
     run.announce("the after-report: measuring the output")
     measured = written = None  # what the after-report measures (None: the student as trained)
@@ -859,7 +792,7 @@ def finish(run: Run) -> dict:
             "input_fingerprint": run.input_fingerprint,
             "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
             "target_entropy": state.target, "teacher_temperature_over_run": [m["train/tau"] for m in steps],
-            "target": _against_target(run, after, after_training), "divergence": cfg.loss.divergence,
+            "target": against_target(state, run.stop, after, after_training), "divergence": cfg.loss.divergence,
             "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
             "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
             "after": after, "after_measured_on": measured_on, "after_training_prompts": after_training,
@@ -867,7 +800,8 @@ def finish(run: Run) -> dict:
             "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
             "method": cfg.teacher.method, "closed_form": run.closed_form,
             "rollout_compile": run.rollout_compile, "phase_seconds": dict(run.phase_seconds),
-            "measured": _measured(steps), "planned": _planned(run),
+            "measured": step_times(steps),
+            "planned": planned_step(cfg, run.config_dir, backend.device, backend.world_size),
             "checkpoints": sorted(state.checkpoints, key=lambda name: int(name.split("-")[1])),
             "versions": versions(),
         }
@@ -901,14 +835,6 @@ def _put_back(policy: Policy, dtype: torch.dtype) -> None:
         return
     student = cast_model(policy.student, dtype)
     student.load_state_dict(policy.teacher.model.state_dict())
-
-
-def _what_to_change(reason: str) -> str:
-    if reason.startswith("drift"):
-        return "lower train.lr or the teacher temperature, or lower stop.min_top1_agreement"
-    if reason.startswith("non-finite"):
-        return "lower train.lr, or use --dtype float32"
-    return "the input already meets the stop rule: raise the target entropy or the teacher temperature"
 
 
 def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None = None,
@@ -954,63 +880,6 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
             run.trackers.close()
             _let_go(run.lock, run.run_dir)
             run.backend.close()
-
-
-def _measured(rows: list[dict]) -> dict:
-    """Median seconds a step and per phase, and the largest per-step device peaks (a GPU's), from metrics.jsonl's
-    `rows`."""
-    if not rows:
-        return {}
-
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
-
-    phases = sorted({k.removeprefix("time/") for r in rows for k in r if k.startswith("time/")})
-    out = {"steps": len(rows), "step_seconds_median": median([r["train/seconds"] for r in rows]),
-           "phase_seconds_median": {p: median([r.get(f"time/{p}", 0.0) for r in rows]) for p in phases}}
-    for name in ("peak_allocated", "peak_reserved"):
-        values = [r[f"memory/{name}"] for r in rows if f"memory/{name}" in r]
-        if values:
-            out[f"{name}_bytes"] = max(values)
-    return out
-
-
-def _planned(run: Run) -> dict | None:
-    """On a GPU, `tsopsd plan` of this run's step for this device, to stand beside what was measured."""
-    if run.backend.device.type != "cuda" or run.config_dir is None:
-        return None
-    import warnings
-
-    from tsopsd.plan import plan, this_machine
-
-    log.info("planning this run's step for the report, to set beside the measured one (tens of seconds at 4B)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = plan(run.cfg, run.config_dir, this_machine(run.backend.device, run.backend.world_size))
-    except Exception as e:  # noqa: BLE001 - the run is done: a plan that fails must not fail it
-        log.warning("could not plan this run for the report: %s: %s", type(e).__name__, e)
-        return None
-    return {k: r[k] for k in ("peak_bytes", "peak_phase", "reserved_bytes", "fits", "step_roofline_s",
-                              "step_estimate_s", "estimate_calibrated_on", "gpu_flops", "gpu_bandwidth")}
-
-
-def _against_target(run: Run, after: dict | None, after_training: dict | None) -> dict | None:
-    """The target against the entropy before and after, each with its 95% interval: on the held-out prompts
-    (what the target is for) and, after, on as many training prompts (where the run trained). None without a
-    target."""
-    target, stop = run.state.target, run.stop
-    if target is None:
-        return None
-    out: dict = {"entropy": target, "measured": run.state.target_measured, "steered": stop.steering,
-                 "training_target": stop.target,
-                 "heldout_over_training": math.exp(stop.log_ratio) if stop.log_ratio is not None else None}
-    for name, r in (("before", run.state.before), ("after", after), ("after_training_prompts", after_training)):
-        if r is not None:
-            h = r["entropy"]["mean"]
-            out[name] = {"entropy": h, "interval": r["intervals"]["entropy"], "relative_error": (h - target) / target,
-                         "prompts": r["prompts"], "samples": r["samples"]}
-    return out
 
 
 def _entropy_of(path: str, run: Run) -> dict:

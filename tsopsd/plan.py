@@ -62,13 +62,12 @@ PHASES = ("load", "rollout", "check", "train", "update", "report", "save")
 # What a device needs besides tensors: the CUDA context, NCCL buffers, allocator slack. A plan fits
 # when its peak plus this is at most the device's memory.
 RESERVED_BYTES = 3 * 2**30
-# The caching allocator holds more than it hands out: measured on one H200 (torch 2.11, the shipped Qwen3-4B LoRA
-# config, 2 steps; docs/performance.md): max_memory_reserved 47.9 GiB against max_memory_allocated 33.3 GiB, 1.44x, without
-# expandable segments. tsopsd now turns those on (`PYTORCH_CUDA_ALLOC_CONF`), which should bring the ratio down;
-# until bench/gpu.sh measures it again the plan keeps the measured 1.44x as its reserve on top of the 3 GiB.
+# The caching allocator holds more than it hands out: max_memory_reserved over max_memory_allocated of the
+# calibration run (CALIBRATED_ON; docs/performance.md has its figures), without expandable segments, which
+# tsopsd turns on (`PYTORCH_CUDA_ALLOC_CONF`). The plan keeps that ratio as its reserve on top of RESERVED_BYTES
+# until a run of bench/gpu.sh measures it with them.
 RESERVED_RATIO = 47.9 / 33.3
-# A step's measured time over its roofline, from the same run: 131 s a step against a 39.4 s roofline (eager
-# decode, 13% of the training FLOPs at peak). `tsopsd plan` estimates a step as roofline / this.
+# A step's roofline over its measured time in the same run: `tsopsd plan` estimates a step as roofline / this.
 STEP_EFFICIENCY = 39.4 / 131
 CALIBRATED_ON = "one H200, torch 2.11, the shipped Qwen3-4B LoRA config, 2 steps (docs/performance.md)"
 SHADOW_NUMEL = 1 << 22  # integer/bool tensors up to this size are also computed for real

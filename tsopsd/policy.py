@@ -61,8 +61,8 @@ class Policy:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel where torch has one (plain CPU/CUDA tensors): 4x faster than the
-    default per-tensor loop on CPU. Sharded (DTensor) parameters get the default implementation."""
+    """AdamW, fused into one kernel where torch has one (plain CPU/CUDA tensors): faster than the default
+    per-tensor loop (docs/performance.md). Sharded (DTensor) parameters get the default implementation."""
     fused = bool(params) and all(plain_tensor(p.data) and p.device.type in ("cpu", "cuda")
                                  and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)

@@ -167,7 +167,7 @@ class Scorer:
                                      layer_states=layer_states, share_prompts=share_prompts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Switching a PEFT adapter off walks every module (~80 ms for a 36-layer model), and the loss
+        # Switching a PEFT adapter off walks every module (slow at a real model's depth), and the loss
         # asks for logits once per chunk: only when the head itself carries an adapter is it needed.
         with self._context() if self._head_adapted else contextlib.nullcontext():
             return head_logits(self.model, hidden)

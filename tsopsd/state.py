@@ -26,6 +26,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -385,3 +386,80 @@ def interrupts() -> Iterator[Interrupts]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def check_resumable(state: RunState, run_dir: Path, *, world_size: int, config: dict, fingerprint: dict,
+                    steps: int) -> None:
+    """Refuse (one line) a saved state that is not this run's to resume: another run's folder, another number of
+    ranks, another config (`comparable`), a changed input or prompt file, fewer steps than it has applied."""
+    if state.run_id != run_id_of(run_dir):
+        raise TsopsdError(f"cannot resume: the state in {run_dir} is not the run its folder was made for (the run ids "
+                          "differ): the run folder was altered; rerun with --overwrite to start over")
+    if state.world_size != world_size:
+        raise TsopsdError(f"cannot resume: the run was saved with {state.world_size} rank(s), this launch has "
+                          f"{world_size}; relaunch with the same number of processes")
+    if state.config != config:
+        diff = [f"{k}: saved {_shown(then_v)}, given {_shown(now_v)}" for k, then_v, now_v in _leaf_diff(state.config,
+                                                                                                          config)]
+        raise TsopsdError(f"cannot resume: the config differs from the saved run ({'; '.join(diff)}); give the saved "
+                          "values (--resume alone reuses the saved config) or --overwrite to start over")
+    then = state.input_fingerprint
+    changed = sorted(k for k in then.keys() | fingerprint.keys() if then.get(k) != fingerprint.get(k))
+    if changed:
+        what = "prompt file" if changed[0].startswith("prompts:") else "input checkpoint"
+        raise TsopsdError(f"cannot resume: the {what} changed since the run began ({changed[0].removeprefix('prompts:')}); "
+                          "rerun with --overwrite to start over on the new input")
+    if steps < state.next_step:
+        raise TsopsdError(f"cannot resume with --steps {steps}: the run has applied {state.next_step} steps "
+                          f"already; give --steps {state.next_step} or more")
+
+
+def disagreements(state: RunState, cfg, stop, scheduler, optimizer) -> list[str]:
+    """What a loaded state says that the config does not (`stop`, `scheduler` and `optimizer` restored from it):
+    the config is the only source of hyperparameters, so a saved value that differs (an edited state file) is
+    named, never used. Empty when they agree."""
+    off = []
+    t = cfg.teacher
+    if t.temperature is not None and state.tau != t.temperature:
+        off.append(f"tau: saved {state.tau}, config {t.temperature}")
+    if (state.target is None) != (t.temperature is not None) or (t.target_entropy is not None and state.target !=
+                                                                t.target_entropy):
+        off.append(f"target entropy: saved {state.target}, config {t.target_entropy or t.target_entropy_from}")
+    if state.target is not None and not (state.target / 3 <= (stop.target or 0) <= 3 * state.target):
+        off.append(f"training target: saved {stop.target}, outside 1/3x..3x the target {state.target}")
+    factor = stop.lr_factor
+    if not (1 <= factor <= cfg.train.max_lr_factor and math.log2(factor).is_integer()) or \
+            factor != (stop.paced[-1]["factor"] if stop.paced else 1.0):
+        off.append(f"learning-rate factor: saved {factor}, not what pace gives (train.max_lr_factor {cfg.train.max_lr_factor})")
+    if scheduler.base_lrs != [cfg.train.lr] * len(optimizer.param_groups):
+        off.append(f"learning rate: saved {scheduler.base_lrs}, config {cfg.train.lr}")
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            if key not in ("lr", "params") and group.get(key) != value:
+                off.append(f"optimizer {key}: saved {group.get(key)}, config {value}")
+        expected = cfg.train.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # warm-up x pace, from config
+        if group.get("initial_lr") != cfg.train.lr or not math.isclose(group["lr"], expected, rel_tol=1e-9):
+            off.append(f"optimizer lr: saved {group['lr']}, the schedule gives {expected}")
+    # what only the run produces: set together when it stops (a state saved mid-run has none of them)
+    guard = (state.stop_reason or "").startswith(("drift guard", "non-finite"))
+    if (state.stop_reason is None and (state.kept_step is not None or state.failed)) or \
+            (state.stop_reason is not None and state.failed != guard):
+        off.append(f"the run's outcome: stop reason {state.stop_reason!r} with kept step {state.kept_step} and failed "
+                   f"{state.failed}, which no run saves together")
+    return sorted(set(off))
+
+
+def _leaf_diff(then: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, given value) of every leaf where two config dicts differ."""
+    out = []
+    for k in sorted(then.keys() | now.keys()):
+        a, b = then.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _leaf_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value)
