@@ -101,6 +101,28 @@ def test_chunked_equals_unchunked_values_and_gradients(divergence):
     assert stats[0].student_entropy == pytest.approx(stats[1].student_entropy, rel=1e-6)
 
 
+def test_a_steps_statistics_add_each_chunks_sums_in_float64():
+    """Each chunk's sums come as float32 work gives them; across chunks (and micro-batches) they add in float64, on
+    the device: exactly what adding the chunks' values as Python floats gives. Added in float32, a long step's sums
+    drift in their last digits, which the stop rules and pace read (a run's course then differs)."""
+    from tsopsd.loss import divergence_and_grad
+
+    torch.manual_seed(0)
+    D, V, N, chunk = 8, 37, 300, 3
+    head, teacher_head = torch.nn.Linear(D, V, bias=False), torch.nn.Linear(D, V, bias=False)
+    hidden, t_hidden = torch.randn(N, D) * 3, torch.randn(N, D) * 3
+    with torch.no_grad():
+        total = chunked_divergence_backward(hidden, t_hidden, head, teacher_head, normalizer=N, divergence="forward_kl",
+                                            teacher_temperature=TAU, chunk_size=chunk, backward=False)
+        by_hand = [0.0] * 5
+        for s in range(0, N, chunk):
+            _, st = divergence_and_grad(head(hidden[s:s + chunk]), teacher_head(t_hidden[s:s + chunk]),
+                                        divergence="forward_kl", teacher_temperature=TAU)
+            for i, v in enumerate(st.fields()[:5]):
+                by_hand[i] += float(v)
+    assert total.sums().tolist()[:5] == by_hand
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_hand_gradient_equals_float64_autograd(divergence):
     from tsopsd.loss import divergence_and_grad

@@ -169,7 +169,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     z = student_logits.float()  # read only
     z_max = z.amax(-1, keepdim=True)
     # top-1 agreement: the original's argmax is a maximum of the student's (one argmax pass, not two)
-    top1 = (z.gather(-1, teacher_logits.argmax(-1, keepdim=True)) == z_max).sum()
+    top1 = (z.gather(-1, teacher_logits.argmax(-1, keepdim=True)) == z_max).sum().double()
     # log p = z - max - log s and p = exp(z - max) / s, with s = sum exp(z - max)
     logp = torch.sub(z, z_max, out=ws.get("logp", z))
     p = torch.exp(logp, out=ws.get("p", z))
@@ -177,7 +177,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     p.div_(s)
     logp.sub_(s.log_())
     p_logp = _rowdot(p, logp)
-    student_entropy = -p_logp.sum()
+    student_entropy = -p_logp.sum().double()
     # From here on the teacher's logits are worked on in place (they were handed over).
     z0 = teacher_logits.float()
     del teacher_logits
@@ -187,7 +187,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     q = torch.exp(logq, out=ws.get("q", z))
     lse0 = m0.squeeze(-1) + q.sum(-1).log_()
     # KL(student || original at T=1) = sum p log p - sum p z0 + logsumexp(z0), since sum p = 1
-    kl_orig = (p_logp - p_z0 + lse0).sum()
+    kl_orig = (p_logp - p_z0 + lse0).sum().double()
     if min_p:  # a plausible-set heat: the tail (p < min_p * p_max) gets no mass (`keep_plausible_`)
         logq.masked_fill_(logq < math.log(min_p), -MASKED)
     logq.div_(teacher_temperature)  # (z0 - max) / tau, tau a number or one per row; its max is 0
@@ -196,7 +196,7 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
     q.div_(sq)
     logq.sub_(sq.log_())  # log_softmax(z0 / tau)
     q_logq = _rowdot(q, logq)
-    teacher_entropy = -q_logq.sum()
+    teacher_entropy = -q_logq.sum().double()
     want_grad = grad_scale is not None
     if divergence == "forward_kl":
         per_token = q_logq - _rowdot(q, logp)
@@ -221,7 +221,8 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
         raise ValueError(f"unknown divergence '{divergence}': use {', '.join(DIVERGENCES)}")
     if grad is not None:
         grad.mul_(grad_scale)
-    stats = ChunkStats(divergence=per_token.sum(), student_entropy=student_entropy,  # device tensors: no read-back
+    # each chunk's sums as the chunk's dtype gives them, accumulated in float64 (device tensors: no read-back)
+    stats = ChunkStats(divergence=per_token.sum().double(), student_entropy=student_entropy,
                        teacher_entropy=teacher_entropy, kl_student_original=kl_orig, top1_agreement=top1,
                        nonfinite=~torch.isfinite(per_token).all())
     return grad, stats
