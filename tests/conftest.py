@@ -93,7 +93,7 @@ def world(collapsed, tmp_path_factory):
 def interrupt_rollout(monkeypatch):
     """``interrupt_rollout(step) -> fired``: the first rollout of `step` (0-based) raises KeyboardInterrupt, as a
     Ctrl-C there would; `fired` lists the steps it fired at."""
-    from tsopsd.loop import Run
+    from tsopsd.run import Run
 
     def arm(step: int) -> list[int]:
         original, fired = Run.rollout, []

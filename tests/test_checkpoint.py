@@ -4,9 +4,10 @@ import shutil
 import pytest
 import torch
 
-from tsopsd.checkpoint import atomic_output, load_checkpoint, resolve_dtype
+from tsopsd.checkpoint import load_checkpoint, resolve_dtype
 from tsopsd.errors import TsopsdError
 from tsopsd.lab.tiny import build_checkpoint
+from tsopsd.writing import atomic_output
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "qwen3"])
@@ -134,7 +135,7 @@ def test_outputs_follow_the_users_umask(tmp_path, mask):
 
     from safetensors.torch import save_file
 
-    from tsopsd.checkpoint import atomic_output
+    from tsopsd.writing import atomic_output
 
     old = os.umask(mask)
     try:

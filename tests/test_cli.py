@@ -202,7 +202,7 @@ def test_nan_loss_on_the_first_step_trained_nothing_one_line_and_no_output(colla
 
 
 def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
-    from tsopsd.cli import cuda_allocator
+    from tsopsd.runtime import cuda_allocator
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     cuda_allocator()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from tsopsd import decode, rollout
+from tsopsd import decode, onednn, rollout
 from tsopsd.batch import position_ids_from_mask
 from tsopsd.checkpoint import load_checkpoint
 from tsopsd.lab.tiny import model_config
@@ -66,7 +66,7 @@ def _batch(vocab, B=3, P=5, seed=0):
 @pytest.mark.parametrize("arch", LEAN_ARCHS)
 def test_lean_logits_equal_the_models_forward(ckpts, arch, pack, monkeypatch):
     if not pack:
-        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+        monkeypatch.setattr(onednn, "available", lambda dtype: False)
     model = load_checkpoint(ckpts[arch], device="cpu").model
     ids, mask, new = _batch(model.config.vocab_size)
     ref = _step_by_step(model, ids, mask, new, "model")
@@ -77,7 +77,7 @@ def test_lean_logits_equal_the_models_forward(ckpts, arch, pack, monkeypatch):
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 def test_lean_logits_with_lora_and_with_the_adapter_disabled(ckpts, pack, monkeypatch):
     if not pack:
-        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+        monkeypatch.setattr(onednn, "available", lambda dtype: False)
     model = _lora(load_checkpoint(ckpts["qwen3"], device="cpu").model)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids, mask, new = _batch(model.config.vocab_size)
@@ -107,7 +107,7 @@ def test_lean_rollouts_match_the_model_engine(ckpts):
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain (the GPU's path)"])
 def test_bf16_lean_logits_close_to_the_models_forward(ckpts, pack, monkeypatch):
     if not pack:
-        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+        monkeypatch.setattr(onednn, "available", lambda dtype: False)
     model = load_checkpoint(ckpts["llama"], device="cpu", dtype="bfloat16").model
     ids, mask, new = _batch(model.config.vocab_size)
     ref = _step_by_step(model, ids, mask, new, "model")
@@ -272,7 +272,7 @@ def test_compiled_step_equals_the_eager_step(ckpts, compile_state, pack, monkeyp
     """torch.compile of the lean step (inductor on CPU; the packed oneDNN linears as a custom op) gives the
     eager step's logits, step after step, and was checked and kept on."""
     if not pack:
-        monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+        monkeypatch.setattr(onednn, "available", lambda dtype: False)
     model = _lora(load_checkpoint(ckpts["qwen3"], device="cpu").model)
     ref, _, ref_tokens = _compiled_steps(model, "false")
     got, lean, tokens = _compiled_steps(model, "true")
@@ -372,7 +372,7 @@ def test_the_gpu_decode_step_runs_few_ops_per_layer_and_copies_no_cache(monkeypa
     Before the decode copy (and still without room for it): 41 a layer, 69 with LoRA (7 GEMMs and a cat per
     layer, 4 more ops per adapted module). Either way no byte of the KV cache is copied (attention reads it in
     place), only the new column is written (< 1% of the cache), and no op's output depends on data (no host sync)."""
-    monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)
+    monkeypatch.setattr(onednn, "available", lambda dtype: False)
     if not fused:
         monkeypatch.setattr(decode, "_room_for", lambda nbytes, device: False)
     counts = {}

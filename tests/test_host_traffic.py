@@ -5,7 +5,7 @@ import pytest
 import torch
 from test_rollout import long_tail
 
-from tsopsd import decode
+from tsopsd import decode, onednn
 from tsopsd.checkpoint import load_checkpoint
 from tsopsd.lab.traffic import HostTraffic
 from tsopsd.prompts import Prompt
@@ -90,7 +90,7 @@ def kept_decoder(monkeypatch, compile_state):
         return decode._decode_step(*args)
 
     monkeypatch.setattr(decode, "_compiled", {"default": compiled})
-    monkeypatch.setattr(decode, "_mkldnn_ok", lambda dtype: False)  # the dense copies a GPU decodes with
+    monkeypatch.setattr(onednn, "available", lambda dtype: False)  # the dense copies a GPU decodes with
     monkeypatch.setattr(decode, "_DECODERS", decode.weakref.WeakKeyDictionary())
     return calls
 

@@ -346,7 +346,7 @@ def test_a_bus_error_from_a_truncated_mapped_file_is_one_line(tmp_path):
     """A weights file truncated under a memory map raises SIGBUS, which Python cannot catch: one line, exit 2."""
     f = tmp_path / "w.bin"
     f.write_bytes(b"\1" * 2**16)
-    code = ("import mmap, os, sys; from tsopsd.cli import _on_bus_error; _on_bus_error(); "
+    code = ("import mmap, os, sys; from tsopsd.runtime import on_bus_error; on_bus_error(); "
             f"fh = open({str(f)!r}, 'r+b'); m = mmap.mmap(fh.fileno(), 0); os.truncate({str(f)!r}, 0); "
             "sys.stdout.write(str(m[2**15]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=signals.env())

@@ -20,10 +20,11 @@ from tsopsd.batch import position_ids_from_mask, prediction_mask
 from tsopsd.checkpoint import load_checkpoint
 from tsopsd.config import load_config
 from tsopsd.errors import TrainingStopped
-from tsopsd.loop import hold_out, reheat
+from tsopsd.loop import reheat
 from tsopsd.policy import enable_checkpointing, make_optimizer, prepare_policy
 from tsopsd.prompts import load_prompts
 from tsopsd.rollout import sample_rollouts
+from tsopsd.run import hold_out
 from tsopsd.scoring import Scorer
 from tsopsd.step import train_step
 from tsopsd.teacher import check_teacher

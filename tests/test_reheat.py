@@ -90,7 +90,7 @@ def test_reheat_raises_entropy_and_keeps_top1(collapsed, tmp_path, mode, lr):
 
 
 def test_held_out_prompts_never_train(collapsed, tmp_path):
-    from tsopsd.loop import prompts_for_step
+    from tsopsd.run import prompts_for_step
 
     run = setup(cfg_for(collapsed, tmp_path / "o", **{"train.steps": 1}))
     held = {p.ids for p in run.eval_prompts}
@@ -346,7 +346,7 @@ def test_each_step_logs_its_phases_and_the_report_its_medians(collapsed, tmp_pat
 
 
 def test_by_default_min_16_or_20_percent_are_held_out_or_the_given_file(collapsed, tmp_path):
-    from tsopsd.loop import held_out_count
+    from tsopsd.run import held_out_count
 
     assert [held_out_count(n, None) for n in (4, 20, 79, 80, 1000)] == [0, 4, 15, 16, 16]
     assert held_out_count(20, 0) == 0 and held_out_count(20, 7) == 7

@@ -61,10 +61,9 @@ def test_leaves_import_nothing_of_ours():
         assert imports_of(leaf) == set(), leaf
 
 
-def test_the_loop_fits_one_screen_and_never_asks_the_parallel_mode():
+def test_the_loop_never_asks_the_parallel_mode():
     source = inspect.getsource(tsopsd.loop.train)
     lines = [line for line in source.splitlines() if line.strip()]
-    assert len(lines) <= 80, len(lines)
     mode_words = re.compile(r"fsdp|ddp|world_size|is_main|\brank\b|DTensor|shard|torch\.distributed", re.I)
     assert not [line for line in lines if mode_words.search(line)]
 

@@ -29,6 +29,7 @@ import typer
 
 from tsopsd.config import Config
 from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
+from tsopsd.runtime import cuda_allocator, ignore_signals, on_bus_error, restore_signals, utf8_mode
 
 
 class _Command(typer.core.TyperCommand):
@@ -116,7 +117,7 @@ def _unexpected(e: BaseException, debug: bool) -> typer.Exit:
 
 def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[], object]) -> None:
     if out is not None:  # written beside and renamed, so the file is never half there
-        from tsopsd.checkpoint import remove_stale_temporaries
+        from tsopsd.writing import remove_stale_temporaries
 
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
@@ -193,11 +194,11 @@ def measure_entropy(
     """
     def body() -> None:
         from tsopsd import console
-        from tsopsd.checkpoint import check_writable
         from tsopsd.metrics import measure_checkpoint
         from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
         from tsopsd.prompts import check_prompt_file
         from tsopsd.trajectory import find_checkpoints
+        from tsopsd.writing import check_writable
 
         console.setup_logging(quiet=quiet)
         writes = {"--out": out, "--plot": plot}  # each written beside and renamed into place:
@@ -451,7 +452,7 @@ def reheat(
         started = time.time()
         try:
             report = run_reheat(cfg, show_progress=not quiet, config_file=shipped_config(source) if source else None)
-            shield = _ignore_signals()  # OUT is written: a signal from here on changes nothing (its own exit code)
+            shield = ignore_signals()  # OUT is written: a signal from here on changes nothing (its own exit code)
         except TrainingStopped as e:  # a guard stop wrote OUT: its report is still the one object on stdout
             if e.report and rank == 0:
                 _show_reheat(e.report, as_json=as_json)
@@ -473,7 +474,7 @@ def reheat(
             if not as_json:  # beneath the table: what to run next with this OUT
                 sys.stdout.write("\n".join(hand_off(report)) + "\n")
         finally:
-            _restore_signals(shield)
+            restore_signals(shield)
 
     _run(body, debug=debug)
 
@@ -671,38 +672,15 @@ def demo(
 ) -> None:
     """SFT -> RL-collapsed -> reheated on a toy task, built offline; prints the before/after table."""
     def body() -> None:
-        from rich.console import Console
-
         from tsopsd import console
-        from tsopsd.lab.demo import run_demo
-        from tsopsd.tables import metrics_table
+        from tsopsd.lab.demo import run_demo, show_summary
 
         console.setup_logging(quiet=quiet)
         summary = run_demo(out, quick=quick, fresh=fresh, show_progress=not quiet, threads=threads)
         if as_json:
             _emit(summary, as_json=True, out=None, table=lambda: None)
             return
-        report = summary["reheat_report"]
-        con = Console()
-        from tsopsd.output import teacher_line
-
-        con.print(metrics_table(summary["results"], target=report["target_entropy"], title=(
-            f"tsopsd demo: SFT -> GRPO-collapsed -> reheated to the SFT model's entropy: {teacher_line(report, 2)}, "
-            f"{report['steps_run']} steps; all prompts; reference for KL/agreement: the collapsed model")))
-        target = report.get("target") or {}
-        for name, where in (("after", "held out of training"), ("after_training_prompts", "training prompts")):
-            if target.get(name):
-                from tsopsd.intervals import describe
-
-                r = target[name]
-                con.print(f"the run's report, {where} ({r['prompts']} prompts x {r['samples'] // r['prompts']}): entropy "
-                          f"{describe(r['entropy'], r['interval'])} (95% interval) against the target "
-                          f"{target['entropy']:.4f}: {r['relative_error']:+.1%}", highlight=False)
-        if summary["charts"]:
-            con.print(summary["charts"], highlight=False)
-        for picture in summary["pictures"]:
-            con.print(f"wrote {picture}")
-        con.print(f"checkpoints and results in {summary['out']}/")
+        show_summary(summary)
 
     _run(body, debug=debug)
 
@@ -716,24 +694,6 @@ def _saved_config(config: Optional[Path], out: Optional[Path], resume: bool) -> 
 
     saved = run_dir_for(Path(out)) / "config.yaml"
     return saved if saved.is_file() else None
-
-
-def _ignore_signals() -> dict:
-    """SIGINT and SIGTERM ignored until `_restore_signals` (main thread only: where handlers are set); returns the
-    handlers they replaced."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signals(previous: dict) -> None:
-    import signal
-
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def _interrupted(out: Path, started: float, *, as_json: bool) -> typer.Exit:
@@ -788,8 +748,8 @@ def hand_off(report: dict) -> list[str]:
 
 def main() -> None:
     """The `tsopsd` command: usage errors too are one `tsopsd: error:` line (exit 2), never a framed box."""
-    _utf8_mode()
-    _on_bus_error()
+    utf8_mode()
+    on_bus_error()
     cuda_allocator()
     try:  # typer >= 0.2x carries its own copy of click
         from typer._click import exceptions as click_errors
@@ -812,50 +772,6 @@ def main() -> None:
         print("tsopsd: error: interrupted", file=sys.stderr, flush=True)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def cuda_allocator() -> None:
-    """Expandable segments for PyTorch's CUDA allocator unless the user chose settings: a reheat allocates
-    rollout, training and measuring buffers of changing sizes in turn, and fixed segments fragment (measured:
-    47.9 GiB reserved for 33.3 GiB allocated at 4B). Read when CUDA first allocates, so set before any work."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-
-def _utf8_mode() -> None:
-    """Run in Python's UTF-8 mode where the locale is not UTF-8 (LC_ALL=C on a cluster node): file names,
-    tables and logs then read and write UTF-8, as under any UTF-8 locale. Done by starting again, once,
-    with `-X utf8`; the arguments keep their bytes."""
-    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
-        return
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "tsopsd", *sys.argv[1:]])
-
-
-def _on_bus_error() -> None:
-    """One line and exit 2 on SIGBUS instead of a silent death: it comes from a memory-mapped weights file
-    truncated or rewritten while tsopsd reads it, which no Python code can catch."""
-    import ctypes
-    import signal
-
-    message = (b"tsopsd: error: a memory-mapped file (checkpoint weights) was truncated or rewritten while it was "
-               b"read (bus error): rerun once the checkpoint is complete\n")
-
-    def handler(signum):  # runs inside the C signal handler: one write, then out at once (no cleanup, no unwinding)
-        os.write(2, message)
-        os._exit(2)
-
-    try:
-        callback = ctypes.CFUNCTYPE(None, ctypes.c_int)(handler)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.signal.restype = ctypes.c_void_p
-        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-        libc.signal(signal.SIGBUS, ctypes.cast(callback, ctypes.c_void_p))
-    except (OSError, AttributeError):  # no libc by that name: keep the default
-        return
-    _keep.append(callback)  # the C side holds only a pointer
-
-
-_keep: list = []
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from tsopsd import onednn
 from tsopsd.family import causal_lm, is_fake, plain_tensor, transform_logits
 from tsopsd.sampling import Draw, Made, Rows, advance
 
@@ -64,17 +65,6 @@ class Unsupported(Exception):
     """The model cannot take the lean path (the reason is logged at debug level)."""
 
 
-def _mkldnn_ok(dtype: torch.dtype) -> bool:
-    ops = getattr(torch.ops, "mkldnn", None)
-    if ops is None or not torch.backends.mkldnn.is_available():
-        return False
-    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
-        return False
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and bool(getattr(ops, "_is_mkldnn_bf16_supported", lambda: False)())
-
-
 def _room_for(nbytes: int, device: torch.device) -> bool:
     """Whether a decode copy of `nbytes` fits in half the memory free now on `device` (unknown: only under 1 GiB)."""
     if device.type == "cuda":
@@ -84,22 +74,6 @@ def _room_for(nbytes: int, device: torch.device) -> bool:
     except (AttributeError, ValueError, OSError):
         return nbytes < 2**30
     return nbytes < free // 2
-
-
-_PACKED: list = []  # the running compiled step's packed (weight, bias) pairs, indexed by `_Linear.index`
-
-
-@torch.library.custom_op("tsopsd::packed_linear", mutates_args=())
-def _packed_linear(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
-    """A packed oneDNN linear inside a compiled graph: the packed weight (an opaque oneDNN tensor, which
-    torch.compile cannot trace) is looked up by index instead of being an input of the graph."""
-    weight, bias = _PACKED[index]
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@_packed_linear.register_fake
-def _(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
 
 
 COMPILED_WIDTHS = 256  # the compiled step attends over a multiple of this many columns
@@ -167,7 +141,7 @@ class _Linear:
     def __init__(self, modules: list[torch.nn.Module], *, pack: bool, batch_size: int, fuse: bool = False):
         self.parts = [_lora_parts(m) for m in modules]  # [(base, [(A, B, scaling)])]
         self.out_features = sum(base.weight.shape[0] for base, _ in self.parts)
-        self.index = 0  # in LeanDecoder.linears (the compiled step's `_PACKED`)
+        self.index = 0  # in LeanDecoder.linears (the compiled step's `onednn.PACKED`)
         self.packed = self.bias = self.weight = None
         self.pack, self.fuse = pack, fuse
         self.refresh(batch_size)
@@ -200,7 +174,7 @@ class _Linear:
             if any(b is not None for b in biases):
                 self.bias = torch.cat([torch.zeros_like(w_[:, 0]) if b is None else b for w_, b in zip(weights, biases)])
             if self.pack:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size)
+                self.packed = onednn.pack(w, batch_size)
             else:  # one dense weight (a copy where fused or LoRA-merged; else the module's own): one GEMM
                 self.weight = w
         else:  # in place: the same addresses, rollout after rollout
@@ -246,7 +220,7 @@ class _Linear:
     def packed_call(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the packed weight is opaque to the compiler: looked up by index
             return torch.ops.tsopsd.packed_linear(x, self.index, self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return onednn.linear(x, self.packed, self.bias)
 
 
 class _RMSNorm:
@@ -350,7 +324,7 @@ class LeanDecoder:
         linears = [m for m in trunk.layers.modules() if type(m) is torch.nn.Linear] + [head_base]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         pack = self.device.type == "cpu" and not self.fake and not torch.is_autocast_enabled("cpu") \
-            and _mkldnn_ok(self.dtype) and _room_for(nbytes, self.device)
+            and onednn.available(self.dtype) and _room_for(nbytes, self.device)
         # Elsewhere (a GPU): q|k|v and gate|up as one dense weight each, LoRA merged into that copy, so a layer
         # runs four GEMMs and no LoRA pass; the plan (fake tensors) counts the copy. Without room: the
         # modules' own weights, LoRA added per module as peft does.
@@ -397,7 +371,7 @@ class LeanDecoder:
             if mode not in _compiled:
                 _compiled[mode] = torch.compile(_decode_step, mode=mode)
             self.compiled = _compiled[mode]
-            _PACKED[:] = [(lin.packed, lin.bias) for lin in self.linears]  # this rollout's (one at a time)
+            onednn.PACKED[:] = [(lin.packed, lin.bias) for lin in self.linears]  # this rollout's (one at a time)
 
     @classmethod
     def build(cls, model: torch.nn.Module, *, batch_size: int, max_length: int,
@@ -493,7 +467,7 @@ def forget(model: torch.nn.Module) -> None:
     dec = _DECODERS.pop(model, None)
     if dec is not None:
         dec.buffers.clear()
-        _PACKED.clear()  # the compiled CPU step's packed weights, if they were this decoder's
+        onednn.PACKED.clear()  # the compiled CPU step's packed weights, if they were this decoder's
 
 
 def _modules_of(model: torch.nn.Module) -> list[list[torch.nn.Module]]:

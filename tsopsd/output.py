@@ -3,7 +3,7 @@
     model = written_model(trained_student, mode="lora", save="merged", save_dtype=torch.bfloat16)
     write_output(cfg, model, tokenizer=tok, report=report, metrics=run_dir / "metrics.jsonl")
 
-Written into a temporary folder beside OUT and renamed into place (`checkpoint.atomic_output`), so a
+Written into a temporary folder beside OUT and renamed into place (`writing.atomic_output`), so a
 folder at OUT is always complete. Plain `transformers`/`peft` load what is written, without tsopsd.
 """
 
@@ -19,9 +19,10 @@ import torch
 import yaml
 
 from tsopsd import __version__
-from tsopsd.checkpoint import atomic_output, loadable_folder
+from tsopsd.checkpoint import loadable_folder
 from tsopsd.config import Config, save_config
 from tsopsd.errors import TsopsdError
+from tsopsd.writing import atomic_output
 
 
 def versions() -> dict[str, str]:
@@ -230,7 +231,7 @@ def write_checkpoint(folder: Path, student, state: dict[str, torch.Tensor], *, m
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from tsopsd.checkpoint import follow_umask
+    from tsopsd.writing import follow_umask
 
     tmp = folder.with_name(f".{folder.name}.tmp")
     for old in (tmp, folder):

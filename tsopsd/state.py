@@ -37,9 +37,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tsopsd.checkpoint import pid_alive
 from tsopsd.errors import TsopsdError
 from tsopsd.saved import folder_digest, load_tree, save_tree
+from tsopsd.writing import pid_alive
 
 log = logging.getLogger(__name__)
 

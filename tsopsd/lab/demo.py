@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from tsopsd.checkpoint import atomic_output, load_checkpoint
+from tsopsd.checkpoint import load_checkpoint
 from tsopsd.console import progress
 from tsopsd.errors import TrainingStopped
+from tsopsd.writing import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +187,32 @@ def _run_demo(out: Path, size: DemoSize, *, fresh: bool, show_progress: bool) ->
                "reheat_report": json.loads((reheated / "reheat_report.json").read_text())}
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def show_summary(summary: dict) -> None:
+    """The demo's before/after table, its report against the target, its charts and where it wrote them."""
+    from rich.console import Console
+
+    from tsopsd.intervals import describe
+    from tsopsd.output import teacher_line
+    from tsopsd.tables import metrics_table
+
+    report = summary["reheat_report"]
+    con = Console()
+
+    con.print(metrics_table(summary["results"], target=report["target_entropy"], title=(
+        f"tsopsd demo: SFT -> GRPO-collapsed -> reheated to the SFT model's entropy: {teacher_line(report, 2)}, "
+        f"{report['steps_run']} steps; all prompts; reference for KL/agreement: the collapsed model")))
+    target = report.get("target") or {}
+    for name, where in (("after", "held out of training"), ("after_training_prompts", "training prompts")):
+        if target.get(name):
+            r = target[name]
+            con.print(f"the run's report, {where} ({r['prompts']} prompts x {r['samples'] // r['prompts']}): entropy "
+                      f"{describe(r['entropy'], r['interval'])} (95% interval) against the target "
+                      f"{target['entropy']:.4f}: {r['relative_error']:+.1%}", highlight=False)
+    if summary["charts"]:
+        con.print(summary["charts"], highlight=False)
+    for picture in summary["pictures"]:
+        con.print(f"wrote {picture}")
+    con.print(f"checkpoints and results in {summary['out']}/")
+

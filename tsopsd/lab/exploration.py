@@ -250,9 +250,9 @@ def build_ssd(collapsed: Path, prompts_file: Path, out: Path, *, temperature: fl
     """The off-policy way to put a temperature into weights (simple self-distillation, SSD): sample the collapsed
     model at T = `temperature` on every prompt, then fine-tune it (all weights) by cross-entropy on those
     completions. Written as a checkpoint with `ssd.json` (its settings and losses)."""
-    from tsopsd.checkpoint import atomic_output
     from tsopsd.prompts import load_prompts
     from tsopsd.rollout import sample_rollouts
+    from tsopsd.writing import atomic_output
 
     ck = load_checkpoint(collapsed, device="cpu")
     model, tok = ck.model, ck.tokenizer
