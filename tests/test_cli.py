@@ -381,3 +381,20 @@ def test_a_libraries_two_line_warning_is_one_log_event():
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 0 and len(lines) == 1, p.stderr
     assert re.match(r"^\d{4}-\d\d-\d\dT\S+ WARNING .*UserWarning: first line \| second line", lines[0]), lines
+
+
+def test_every_flag_names_a_config_key():
+    """The one flag -> key table (`cli.FLAG_KEYS`) names keys the config has, so a flag cannot silently set nothing."""
+    import dataclasses
+
+    from tsopsd.cli import FLAG_KEYS
+    from tsopsd.config import Config
+
+    def keys(obj, prefix=""):
+        out = set()
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out |= keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name}
+        return out
+
+    assert set(FLAG_KEYS.values()) <= keys(Config()), set(FLAG_KEYS.values()) - keys(Config())

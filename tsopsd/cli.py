@@ -117,18 +117,11 @@ def _unexpected(e: BaseException, debug: bool) -> typer.Exit:
 
 def _emit(result: dict, *, as_json: bool, out: Optional[Path], table: Callable[[], object]) -> None:
     if out is not None:  # written beside and renamed, so the file is never half there
-        from tsopsd.writing import remove_stale_temporaries
+        from tsopsd.writing import remove_stale_temporaries, write_file
 
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
-        from tsopsd.paths import temporary
-
-        tmp = temporary(out)
-        try:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_file(out, json.dumps(result, indent=2) + "\n")
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
@@ -338,13 +331,33 @@ SetOpt = Annotated[Optional[list[str]], _opt("--set", panel=INPUTS,
                                              help="Any config key: --set train.lora_r=8 (repeatable).")]
 
 
-def _overrides(flags: dict, teacher: dict, set_: list[str] | None) -> dict:
-    """Config overrides from flags (None: not given); a teacher flag replaces the file's teacher choice."""
+# The config key of every flag that sets one (`reheat` and `plan` share most): the one table from flags to keys.
+FLAG_KEYS = {
+    "prompts": "data.prompts", "out": "output.out", "base": "model.base", "device": "model.device",
+    "dtype": "model.dtype", "mode": "train.mode", "save": "output.save", "parallel": "train.parallel",
+    "method": "teacher.method", "divergence": "loss.divergence", "beta": "loss.beta", "steps": "train.steps",
+    "prompts_per_step": "rollout.prompts_per_step", "samples_per_prompt": "rollout.samples_per_prompt",
+    "max_new_tokens": "rollout.max_new_tokens", "lr": "train.lr", "seed": "seed", "eval_prompts": "data.eval_prompts",
+    "precision": "teacher.precision", "resume": "output.resume", "overwrite": "output.overwrite",
+    "report_to": "output.report_to", "checkpoint_every": "output.checkpoint_every",
+    "temperature": "teacher.temperature", "target_entropy": "teacher.target_entropy",
+    "target_entropy_from": "teacher.target_entropy_from",
+}
+TEACHER_FLAGS = ("temperature", "target_entropy", "target_entropy_from")  # one replaces the file's teacher choice
+
+
+def _overrides(model_path: Path, flags: dict, set_: list[str] | None) -> dict:
+    """Config overrides from a command's flags ({parameter name: value}; None or False: not given, FLAG_KEYS
+    names the key) and its --set pairs; a teacher flag replaces the file's teacher choice."""
     from tsopsd.config import parse_set
 
-    overrides = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
-                 for k, v in flags.items() if v is not None}
-    teacher = {k: str(v) if isinstance(v, Path) else v for k, v in teacher.items()}
+    def value(v):
+        return v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    teacher = {FLAG_KEYS[k]: value(flags.get(k)) for k in TEACHER_FLAGS}
+    overrides = {"model.path": str(model_path)}
+    overrides |= {FLAG_KEYS[k]: value(v) for k, v in given.items() if k not in TEACHER_FLAGS}
     if any(v is not None for v in teacher.values()):
         overrides.update(teacher)
     overrides.update(parse_set(set_ or []))
@@ -415,19 +428,13 @@ def reheat(
 
         rank = launched_rank()  # under torchrun only rank 0 talks
         console.setup_logging(quiet=quiet or rank != 0)
-        flags = {
-            "model.path": str(ckpt), "data.prompts": prompts, "output.out": out, "model.base": base,
-            "model.device": device, "model.dtype": dtype, "train.mode": mode, "output.save": save,
-            "train.parallel": parallel, "teacher.method": method,
-            "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
-            "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
-            "rollout.max_new_tokens": max_new_tokens, "train.lr": lr, "seed": seed,
-            "data.eval_prompts": eval_prompts, "teacher.precision": precision,
-            "output.resume": True if resume else None, "output.overwrite": True if overwrite else None,
-            "output.report_to": report_to, "output.checkpoint_every": checkpoint_every,
-        }
-        overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
-                                       "teacher.target_entropy_from": target_entropy_from}, set_)
+        overrides = _overrides(ckpt, dict(
+            prompts=prompts, out=out, base=base, device=device, dtype=dtype, mode=mode, save=save, parallel=parallel,
+            method=method, divergence=divergence, beta=beta, steps=steps, prompts_per_step=prompts_per_step,
+            samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, lr=lr, seed=seed,
+            eval_prompts=eval_prompts, precision=precision, resume=resume, overwrite=overwrite, report_to=report_to,
+            checkpoint_every=checkpoint_every, temperature=temperature, target_entropy=target_entropy,
+            target_entropy_from=target_entropy_from), set_)
         if dry_run:  # under torchrun every rank would plan the same: rank 0 does, alone
             if rank != 0:
                 return
@@ -557,12 +564,11 @@ def plan(
     def body() -> None:
         from tsopsd.config import load_config
 
-        flags = {"model.path": str(source), "model.dtype": dtype, "train.mode": mode, "output.save": save,
-                 "train.parallel": parallel, "loss.divergence": divergence, "loss.beta": beta, "train.steps": steps,
-                 "rollout.prompts_per_step": prompts_per_step, "rollout.samples_per_prompt": samples_per_prompt,
-                 "rollout.max_new_tokens": max_new_tokens, "train.lr": lr}
-        overrides = _overrides(flags, {"teacher.temperature": temperature, "teacher.target_entropy": target_entropy,
-                                       "teacher.target_entropy_from": target_entropy_from}, set_)
+        overrides = _overrides(source, dict(
+            dtype=dtype, mode=mode, save=save, parallel=parallel, divergence=divergence, beta=beta, steps=steps,
+            prompts_per_step=prompts_per_step, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+            lr=lr, temperature=temperature, target_entropy=target_entropy, target_entropy_from=target_entropy_from),
+            set_)
         cfg = load_config(config, overrides, inputs=False)
         _plan_and_print(cfg, source, _given_hardware(gpus, gpu_memory, gpu_flops, gpu_bandwidth, prompt_tokens),
                         prompt_tokens=prompt_tokens, as_json=as_json)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tsopsd.errors import TsopsdError
+from tsopsd.writing import write_file
 
 FORMAT = "tsopsd-tree-2"
 CHUNK = 64 << 20  # bytes a hashing thread takes at a time
@@ -143,9 +144,7 @@ def save_tree(tree, folder: str | os.PathLike, name: str) -> str:
     save_file(tensors, str(folder / data))
     meta = {"format": FORMAT, "tensors": data, "sha256": file_digest(folder / data), "tree": encoded}
     meta["seal"] = seal(meta)
-    tmp = folder / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, folder / f"{name}.json")
+    write_file(folder / f"{name}.json", json.dumps(meta), tmp=folder / f"{name}.json.tmp")
     for old in folder.glob(f"{name}-*.safetensors"):
         if old.name != data:
             old.unlink(missing_ok=True)

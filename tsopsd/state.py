@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tsopsd.errors import TsopsdError
 from tsopsd.saved import folder_digest, load_tree, save_tree
-from tsopsd.writing import pid_alive
+from tsopsd.writing import pid_alive, write_file
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,8 @@ MARKER = "tsopsd-run.json"  # written first into every run folder: proof that ts
 def make_run_dir(run_dir: Path, run_id: str) -> None:
     """Create a run's folder with its marker (the run id, this pid and host), written whole before anything else."""
     run_dir.mkdir(parents=True)
-    tmp = run_dir / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}))
-    os.replace(tmp, run_dir / MARKER)
+    write_file(run_dir / MARKER, json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}),
+               tmp=run_dir / f".{MARKER}.tmp")
 
 
 def run_id_of(folder: Path, name: str = MARKER) -> str | None:

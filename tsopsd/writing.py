@@ -2,7 +2,8 @@
 
     check_output_dir(out, overwrite=False)       # refuse an existing OUT unless asked
     check_writable(out)                          # a folder that can be made and written, before hours of work
-    with atomic_output(out) as tmp: ...          # written beside OUT, renamed into place, or nothing
+    with atomic_output(out) as tmp: ...          # a folder written beside OUT, renamed into place, or nothing
+    write_file(path, text)                       # a file the same way
     remove_stale_temporaries(out)                # what a killed run left beside OUT (named by pid)
     follow_umask(folder)                         # modes as any tool's output, not a temporary folder's 0700
 """
@@ -65,6 +66,17 @@ def check_writable(out: str | os.PathLike, *, folder: bool = True) -> None:
             pass
     except OSError as e:
         raise TsopsdError(f"cannot write {out}: {above} is not writable ({e.strerror})") from None
+
+
+def write_file(path: Path, data: str | bytes, *, tmp: Path | None = None) -> None:
+    """`data` at `path`, whole or not at all: written to `tmp` (default: `paths.temporary(path)`) and renamed into
+    place, so a reader (or a killed run's next start) never sees half a file."""
+    tmp = tmp or temporary(path)
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(out: Path) -> None:
