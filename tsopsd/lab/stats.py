@@ -11,8 +11,11 @@ paired differences excludes 0 (seed s of every start uses the same prompts and R
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
+
+import torch
+
+from tsopsd.intervals import prompt_interval
 
 BOOTSTRAP = 10_000
 
@@ -28,17 +31,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def interval(values: Sequence[float], *, level: float = 0.95, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
-    """Mean of `values` and its percentile-bootstrap interval (resampling the values with replacement)."""
+    """Mean of `values` and its percentile-bootstrap interval (resampling the values with replacement): the
+    product's bootstrap (`intervals.prompt_interval`, one value per seed here instead of per prompt)."""
     xs = [float(v) for v in values]
     if not xs:
         raise ValueError("no values")
-    n = len(xs)
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(xs) for _ in range(n)) / n for _ in range(resamples))
-    tail = (1 - level) / 2
-    lo = means[min(int(math.floor(tail * resamples)), resamples - 1)]
-    hi = means[min(int(math.ceil((1 - tail) * resamples)) - 1, resamples - 1)]
-    return {"mean": sum(xs) / n, "low": lo, "high": hi, "n": n}
+    lo, hi = prompt_interval(torch.tensor(xs, dtype=torch.float64), seed=seed, reps=resamples, level=level)
+    return {"mean": sum(xs) / len(xs), "low": lo, "high": hi, "n": len(xs)}
 
 
 def paired(a: Sequence[float], b: Sequence[float], **kwargs) -> dict:
