@@ -30,6 +30,7 @@ test: install
 # decoder and sampler on tiny models, the code map, and one CLI error per exit-code class (2, 1, 6) in-process.
 FAST := tests/test_loss.py tests/test_heat.py tests/test_intervals.py tests/test_config.py tests/test_state.py \
 	tests/test_structure.py tests/test_closed_form.py tests/test_decode.py tests/test_rollout.py tests/test_prompts.py \
+	tests/test_host_traffic.py \
 	tests/test_cli.py::test_bad_checkpoint_exit_2_one_line tests/test_cli.py::test_usage_error_exit_2 \
 	tests/test_cli.py::test_unexpected_failure_exit_1_without_traceback \
 	tests/test_cli.py::test_nan_loss_on_the_first_step_trained_nothing_one_line_and_no_output

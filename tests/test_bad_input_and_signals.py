@@ -489,9 +489,10 @@ def reference_out(row: dict) -> Path:
     return row["out"].parent.parent / "reference" / "o"
 
 
-# SIGINT and SIGTERM share one handler (`state.interrupts`), so `make test` sends SIGTERM and SIGKILL at every
-# moment and `make test-slow` adds SIGINT at every moment.
-@pytest.mark.parametrize("signals_sent", [("SIGKILL", "SIGTERM"), pytest.param(("SIGINT",), marks=pytest.mark.slow)])
+# `make test` sends SIGKILL at every moment (what a crash leaves); SIGTERM and SIGINT share one handler
+# (`state.interrupts`, exercised in `make test` by test_outcome's interrupts) and `make test-slow` sends both at every
+# moment.
+@pytest.mark.parametrize("signals_sent", [("SIGKILL",), pytest.param(("SIGTERM", "SIGINT"), marks=pytest.mark.slow)])
 def test_signals_at_every_moment_lose_nothing(world, tmp_path, signals_sent):
     """Every (moment, signal) pair: OUT absent or complete, input unchanged, recovery equals the uninterrupted run."""
     ref_out = tmp_path / "reference" / "o"

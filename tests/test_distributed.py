@@ -122,6 +122,7 @@ def test_fsdp_two_ranks_match_one_process(collapsed, tmp_path, mode):
         AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "checkpoint-2"))
 
 
+@pytest.mark.slow  # 40 s: FSDP against one process stays in make test (test_fsdp_two_ranks_match_one_process)
 def test_fsdp_resume_with_same_ranks(collapsed, tmp_path):
     """Killed (SIGKILL, every process) after its periodic save, a sharded run resumes to the uninterrupted result."""
     ckpt, prompts = collapsed

@@ -83,6 +83,7 @@ def _agrees(tmp_path: Path, size: str) -> None:
         _check(_compare(folder, sets, peaks, f"{size} {mode}"))
 
 
+@pytest.mark.slow  # a real step measured beside its plan: make test-slow (the shipped configs' plans stay in make test)
 def test_plan_agrees_with_a_measured_step(tmp_path):
     """~50M parameters, LoRA and full."""
     _agrees(tmp_path, "50M")
