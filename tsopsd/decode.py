@@ -110,6 +110,11 @@ def _agree(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())))
 
 
+def _signature(parts: list) -> tuple:
+    """What a copy is made of: the modules, their weights' storage and their adapters (`_lora_parts` of each)."""
+    return tuple((id(base), base.weight.data_ptr(), tuple((id(a), id(b), s) for a, b, s in lora)) for base, lora in parts)
+
+
 def _lora_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, list[tuple[torch.nn.Linear, torch.nn.Linear, float]]]:
     """The plain base linear of `module` and its active, unmerged vanilla LoRA adapters (A, B, scaling)."""
     if type(module) is torch.nn.Linear:
@@ -147,9 +152,7 @@ class _Linear:
         self.refresh(batch_size)
 
     def signature(self) -> tuple:
-        """What the copy is made of: the modules, their weights' storage and their adapters."""
-        return tuple((id(base), base.weight.data_ptr(), tuple((id(a), id(b), s) for a, b, s in lora))
-                     for base, lora in self.parts)
+        return _signature(self.parts)
 
     def refresh(self, batch_size: int) -> None:
         """(Re)make the copy from the modules' weights as they are now. A dense copy is written in place
@@ -404,8 +407,7 @@ class LeanDecoder:
     def _signature_of(model: torch.nn.Module, kept: LeanDecoder) -> tuple:
         """The signature a decoder built from `model` now would have (the same modules, weights and adapters)."""
         try:
-            fresh = [tuple((id(b), b.weight.data_ptr(), tuple((id(a), id(m), s) for a, m, s in lora))
-                           for b, lora in (_lora_parts(m) for m in mods)) for mods in _modules_of(model)]
+            fresh = [_signature([_lora_parts(m) for m in mods]) for mods in _modules_of(model)]
         except Unsupported:
             return ()
         return tuple(fresh) + (causal_lm(model).model.embed_tokens.weight.data_ptr(),)
@@ -579,16 +581,9 @@ class _Session:
         while n > self.capacity:
             self._grow()
         logits = _forward(self.dec, self.keys, self.values, self.bias, self.length, tokens, positions, alive, n)
-        self._moved(alive if live is not None else None, live)
+        self.length.add_(1 if live is None else alive)
+        self.moved(live)
         return logits
-
-    def _moved(self, moving: torch.Tensor | None, live: list[bool] | None) -> None:
-        if live is None:
-            self.length.add_(1)
-            self.lengths = [length + 1 for length in self.lengths]
-        else:
-            self.length.add_(moving)
-            self.lengths = [length + a for length, a in zip(self.lengths, live)]
 
     @torch.no_grad()
     def step(self, rows: Rows, made: Made, draw: Draw, *, lockstep: bool) -> torch.Tensor:
@@ -604,12 +599,14 @@ class _Session:
         else:
             ended = self._compiled(args)
         if lockstep:
-            self.lengths = [length + 1 for length in self.lengths]
+            self.moved(None)
         return ended
 
-    def moved(self, live: list[bool]) -> None:
-        """The host's lengths after a step that was not lock-step: the slots that were alive and did not end."""
-        self.lengths = [length + a for length, a in zip(self.lengths, live)]
+    def moved(self, live: list[bool] | None) -> None:
+        """The host's lengths after a step: +1 for the slots in `live` that are True (those alive that did not
+        end, which the caller learnt from `ended`), for every slot where it is None (lock-step)."""
+        self.lengths = [length + 1 for length in self.lengths] if live is None else \
+            [length + a for length, a in zip(self.lengths, live)]
 
     def _compiled(self, args: tuple) -> torch.Tensor:
         """The compiled step; the first of a session checked against the eager step on the same inputs (the
