@@ -507,6 +507,7 @@ class _Session:
         self.length = dec.buffer("length", (slots,), torch.long, fill=0)
         self.lengths = [0] * slots  # the host's copy
         self.verified = False  # the compiled step agreed with the eager one in this session
+        self.marked: tuple | None = None  # (keys, rows, made) whose tensors the compiled step has marked
 
     def admit(self, slots: list[int], cache, attention_mask: torch.Tensor) -> None:
         """Fill `slots` with the rows of a prefilled transformers cache ((len(slots), W) left-padded mask)."""
@@ -564,11 +565,16 @@ class _Session:
         self.bias[:, :self.capacity] = old
         self.capacity = new
 
-    def width(self) -> int:
-        """The columns the next step attends over: up to the longest slot's new one (compiled: rounded up)."""
+    def columns(self) -> int:
+        """Up to the longest slot's new column (the cache grown if it does not hold it)."""
         n = max(self.lengths) + 1
         while n > self.capacity:
             self._grow()
+        return n
+
+    def width(self) -> int:
+        """The columns the next step attends over: `columns`, rounded up where the step is compiled."""
+        n = self.columns()
         return n if self.dec.compiled is None else min(self.capacity, -(-n // self.dec.widths) * self.dec.widths)
 
     @torch.no_grad()
@@ -577,9 +583,7 @@ class _Session:
         """The forward alone, eager: append `tokens` (B,) at `positions` (B,), one per slot; `alive` False
         masks the new column. `live`, `alive` on the host, is what moves the slots' lengths (None: every
         slot moves, as in lock-step). Returns (B, V) float32 logits."""
-        n = max(self.lengths) + 1
-        while n > self.capacity:
-            self._grow()
+        n = self.columns()  # first: it may grow the cache the forward reads
         logits = _forward(self.dec, self.keys, self.values, self.bias, self.length, tokens, positions, alive, n)
         self.length.add_(1 if live is None else alive)
         self.moved(live)
@@ -613,15 +617,18 @@ class _Session:
         state copied, the same cache column written twice)."""
         dec = self.dec
         _, keys, values, bias, length, rows, made, draw, lockstep, n = args
-        for t in (*keys, *values, bias, length, *rows.tensors(), *made.tensors()):
-            # rows (the batch shrinks at a rollout's tail) and columns (the longest prompt of each rollout sets
-            # the cache's) vary: dynamic from the first compile, so neither recompiles the step (a recompile
-            # is tens of seconds on a GPU)
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            if t.dim() > 1 and t is not rows.logits:
-                torch._dynamo.maybe_mark_dynamic(t, 2 if t.dim() == 4 else 1)
-        if dec.device.type == "cuda":
+        now = (keys, rows, made)  # new objects after a new session, `keep` or `_grow`: marked once each, not a step
+        if self.marked is None or any(x is not y for x, y in zip(self.marked, now)):
+            for t in (*keys, *values, bias, length, *rows.tensors(), *made.tensors()):
+                # rows (the batch shrinks at a rollout's tail) and columns (the longest prompt of each rollout
+                # sets the cache's) vary: dynamic from the first compile, so neither recompiles the step (a
+                # recompile is tens of seconds on a GPU)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                if t.dim() > 1 and t is not rows.logits:
+                    torch._dynamo.maybe_mark_dynamic(t, 2 if t.dim() == 4 else 1)
             dec.mark_static([*keys, *values, bias, length, *rows.tensors(), *made.tensors()])
+            self.marked = now
+        if dec.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         state, eager = None, None
         if not self.verified:  # the state before the step, and the eager step on a copy of it

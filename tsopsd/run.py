@@ -40,7 +40,6 @@ from tsopsd.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
-TRACKING_START = 1.5  # tau where a target-entropy run's first solve starts
 PHASES = ("heldout", "rollout", "solve", "teacher", "student", "check", "optimizer")  # a step's timed phases (metrics.jsonl)
 
 
