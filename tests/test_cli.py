@@ -289,7 +289,7 @@ def test_reheat_help_reads_at_80_columns_in_panels_with_defaults():
     assert max(len(line) for line in text.splitlines()) <= 80
     for panel in ("Inputs", "Teacher", "Rollout", "Training", "Output", "Run"):
         assert f"─ {panel} ─" in text, panel
-    flat = " ".join(text.split())
+    flat = " ".join(text.replace("│", " ").split())  # a help wraps inside its panel's borders
     for shown in ("(default 200)", "(default 1.5)", "(default lora)", "(default 0.0001)", "(default 256)"):
         assert shown in flat, shown
     assert "Required." in flat and "Required (a --resume" in flat and "CKPT" in text
@@ -398,3 +398,19 @@ def test_every_flag_names_a_config_key():
         return out
 
     assert set(FLAG_KEYS.values()) <= keys(Config()), set(FLAG_KEYS.values()) - keys(Config())
+
+
+def test_a_flag_that_sets_a_config_key_says_that_keys_help_and_default():
+    """One sentence per key: `reheat --help` shows the config field's help (and its default) for every flag in
+    FLAG_KEYS, as configs/default.yaml does."""
+    from tsopsd.cli import FLAG_KEYS
+    from tsopsd.config import config_default, help_of
+
+    res = runner.invoke(app, ["reheat", "--help"], env={"COLUMNS": "2000", "TERM": "dumb"})
+    flat = " ".join(res.stdout.replace("│", " ").split())
+    for flag, key in FLAG_KEYS.items():
+        said = " ".join(help_of(key).split())
+        assert said in flat, (flag, said)
+        default = config_default(key)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert f"{said}. (default {default})" in flat or f"{said} (default {default})" in flat, flag

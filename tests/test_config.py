@@ -4,6 +4,8 @@ import pytest
 
 from tsopsd.config import Config, ConfigError, load_config, parse_set
 
+ROOT = Path(__file__).resolve().parent.parent
+
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 REQUIRED = {"model.path": "ckpt", "data.prompts": "p.jsonl", "output.out": "out"}
 
@@ -91,3 +93,22 @@ def test_a_shipped_config_by_name(tmp_path, monkeypatch):
     assert load_config("tiny-cpu", inputs=False) == load_config(CONFIGS[0].parent / "tiny-cpu.yaml", inputs=False)
     with pytest.raises(ConfigError, match="shipped configs by name: .*lora"):
         load_config("lorra", inputs=False)
+
+
+def test_default_yaml_is_made_from_the_config_fields_and_loads_as_the_defaults():
+    """configs/default.yaml is `python -m tsopsd.config`'s output: every key with its default and the help of its
+    field, so a key's sentence is written once (the CLI's flags take theirs from the same fields)."""
+    import dataclasses
+
+    from tsopsd.config import Config, default_yaml, help_of
+
+    shipped = (ROOT / "configs" / "default.yaml").read_text()
+    assert shipped == default_yaml(), "regenerate: python -m tsopsd.config > configs/default.yaml"
+    assert load_config(ROOT / "configs" / "default.yaml", inputs=False) == Config()
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        names = [f"{section.name}.{f.name}" for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) \
+            else [section.name]
+        for key in names:
+            said = help_of(key)
+            assert said and " ".join(said.split()[:4]) in " ".join(shipped.replace("#", " ").split()), key

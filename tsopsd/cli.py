@@ -27,7 +27,6 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
-from tsopsd.config import Config
 from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
 from tsopsd.runtime import cuda_allocator, ignore_signals, on_bus_error, restore_signals, utf8_mode
 
@@ -275,61 +274,9 @@ class Divergence(str, Enum):
 
 
 # ---- reheat's options (plan takes the same) -------------------------------------------------------
-# Panels of `reheat --help` (and `plan --help`); each default is the config's (configs/default.yaml), shown.
+# Panels of `reheat --help` (and `plan --help`). A flag that sets a config key takes its help and its default from
+# that key's field (tsopsd/config.py), as configs/default.yaml does.
 INPUTS, TEACHER, ROLLOUT, TRAINING, OUTPUT, RUN = "Inputs", "Teacher", "Rollout", "Training", "Output", "Run"
-_D = Config()
-
-
-def _opt(*names: str, panel: str, help: str, default=None):
-    shown = "" if default is None else f" (default {default.value if isinstance(default, Enum) else default})"
-    return typer.Option(*names, help=help + shown, rich_help_panel=panel)
-
-
-ConfigFile = Annotated[Optional[Path], _opt("--config", "-c", panel=INPUTS,
-                                            help="YAML config (see configs/); flags override it.")]
-Temperature = Annotated[Optional[float], _opt("--temperature", panel=TEACHER, help="Teacher temperature tau > 1.",
-                                              default=_D.teacher.temperature)]
-TargetEntropy = Annotated[Optional[float], _opt("--target-entropy", panel=TEACHER,
-                                                help="Or: solve tau so the teacher's mean entropy is H nats.")]
-TargetFrom = Annotated[Optional[Path], _opt("--target-entropy-from", panel=TEACHER,
-                                            help="Or: H = the entropy of this checkpoint (e.g. the SFT one).")]
-class Method(str, Enum):
-    distill = "distill"
-    scale = "scale"
-
-
-MethodOpt = Annotated[Optional[Method], _opt("--method", panel=TEACHER,
-                                             help="distill: train toward the teacher; scale: the closed form, "
-                                                  "logits / tau by a weight edit (seconds, no training).",
-                                             default=_D.teacher.method)]
-ModeOpt = Annotated[Optional[Mode], _opt("--mode", panel=TRAINING, help="Train a LoRA adapter or all weights.",
-                                         default=_D.train.mode)]
-SaveOpt = Annotated[Optional[Save], _opt("--save", panel=OUTPUT, help="A PEFT adapter (lora only) or a merged checkpoint.",
-                                         default=_D.output.save)]
-ParallelOpt = Annotated[Optional[Parallel], _opt("--parallel", panel=TRAINING,
-                                                 help="Under torchrun: ddp replicas or fsdp shards; auto: ddp if it fits.",
-                                                 default=_D.train.parallel)]
-DivergenceOpt = Annotated[Optional[Divergence], _opt("--divergence", panel=TEACHER,
-                                                     help="forward_kl = KL(teacher||student), reverse_kl, or jsd.",
-                                                     default=_D.loss.divergence)]
-Beta = Annotated[Optional[float], _opt("--beta", panel=TEACHER, help="JSD weight of the teacher, 0 < beta < 1.",
-                                       default=_D.loss.beta)]
-Steps = Annotated[Optional[int], _opt("--steps", panel=TRAINING, help="Training steps.", default=_D.train.steps)]
-PerStep = Annotated[Optional[int], _opt("--prompts-per-step", panel=ROLLOUT, help="Prompts per step.",
-                                        default=_D.rollout.prompts_per_step)]
-Samples = Annotated[Optional[int], _opt("--samples-per-prompt", panel=ROLLOUT, help="On-policy completions per prompt.",
-                                        default=_D.rollout.samples_per_prompt)]
-NewTokens = Annotated[Optional[int], _opt("--max-new-tokens", panel=ROLLOUT, help="Completion length cap.",
-                                          default=_D.rollout.max_new_tokens)]
-Lr = Annotated[Optional[float], _opt("--lr", panel=TRAINING, help="Learning rate.", default=_D.train.lr)]
-SeedOpt = Annotated[Optional[int], _opt("--seed", panel=RUN, help="Random seed.", default=_D.seed)]
-DeviceOpt = Annotated[Optional[str], _opt("--device", panel=RUN, help="auto (cuda when present, else cpu), cpu, cuda:N.",
-                                          default=_D.model.device)]
-DtypeOpt = Annotated[Optional[str], _opt("--dtype", panel=RUN, help="auto (bf16 on cuda, fp32 on cpu), float32, "
-                                         "bfloat16, float16.", default=_D.model.dtype)]
-SetOpt = Annotated[Optional[list[str]], _opt("--set", panel=INPUTS,
-                                             help="Any config key: --set train.lora_r=8 (repeatable).")]
-
 
 # The config key of every flag that sets one (`reheat` and `plan` share most): the one table from flags to keys.
 FLAG_KEYS = {
@@ -344,6 +291,54 @@ FLAG_KEYS = {
     "target_entropy_from": "teacher.target_entropy_from",
 }
 TEACHER_FLAGS = ("temperature", "target_entropy", "target_entropy_from")  # one replaces the file's teacher choice
+
+
+def _opt(flag: str, *short: str, panel: str, extra: str = "", help: str = ""):
+    """A reheat/plan option: `help` for a flag of the command line alone; a flag in FLAG_KEYS says its key's help
+    (and, where it has one, the key's default)."""
+    key = FLAG_KEYS.get(flag.removeprefix("--").replace("-", "_"))
+    if key is not None:
+        from tsopsd.config import config_default, help_of
+
+        said = help_of(key)
+        help = said + ("" if said.endswith(".") else ".")  # as written: it may open with a value (lora: ...)
+        default = config_default(key)
+        if not (default is None or default is False or default == ""):
+            extra += f" (default {default})"
+    return typer.Option(flag, *short, help=help + extra, rich_help_panel=panel)
+
+
+ConfigFile = Annotated[Optional[Path], _opt("--config", "-c", panel=INPUTS,
+                                            help="YAML config (see configs/); flags override it.")]
+Temperature = Annotated[Optional[float], _opt("--temperature", panel=TEACHER)]
+TargetEntropy = Annotated[Optional[float], _opt("--target-entropy", panel=TEACHER)]
+TargetFrom = Annotated[Optional[Path], _opt("--target-entropy-from", panel=TEACHER)]
+
+
+class Method(str, Enum):
+    distill = "distill"
+    scale = "scale"
+
+
+MethodOpt = Annotated[Optional[Method], _opt("--method", panel=TEACHER)]
+ModeOpt = Annotated[Optional[Mode], _opt("--mode", panel=TRAINING)]
+SaveOpt = Annotated[Optional[Save], _opt("--save", panel=OUTPUT)]
+ParallelOpt = Annotated[Optional[Parallel], _opt("--parallel", panel=TRAINING)]
+DivergenceOpt = Annotated[Optional[Divergence], _opt("--divergence", panel=TEACHER)]
+Beta = Annotated[Optional[float], _opt("--beta", panel=TEACHER)]
+Steps = Annotated[Optional[int], _opt("--steps", panel=TRAINING)]
+PerStep = Annotated[Optional[int], _opt("--prompts-per-step", panel=ROLLOUT)]
+Samples = Annotated[Optional[int], _opt("--samples-per-prompt", panel=ROLLOUT)]
+NewTokens = Annotated[Optional[int], _opt("--max-new-tokens", panel=ROLLOUT)]
+Lr = Annotated[Optional[float], _opt("--lr", panel=TRAINING)]
+SeedOpt = Annotated[Optional[int], _opt("--seed", panel=RUN)]
+DeviceOpt = Annotated[Optional[str], _opt("--device", panel=RUN)]
+DtypeOpt = Annotated[Optional[str], _opt("--dtype", panel=RUN)]
+SetOpt = Annotated[Optional[list[str]], _opt("--set", panel=INPUTS,
+                                             help="Any config key: --set train.lora_r=8 (repeatable).")]
+JsonOpt = Annotated[bool, _opt("--json", panel=RUN, help="Print exactly one JSON object on stdout.")]
+QuietOpt = Annotated[bool, _opt("--quiet", "-q", panel=RUN, help="No progress or info lines on stderr.")]
+DebugOpt = Annotated[bool, _opt("--debug", panel=RUN, help="Show tracebacks.")]
 
 
 def _overrides(model_path: Path, flags: dict, set_: list[str] | None) -> dict:
@@ -368,10 +363,8 @@ def _overrides(model_path: Path, flags: dict, set_: list[str] | None) -> dict:
 def reheat(
     ckpt: Ckpt,
     prompts: Annotated[Optional[Path], _opt("--prompts", "-p", panel=INPUTS,
-                                            help="Prompt file: .jsonl, .txt or .parquet. Required (a --resume reads "
-                                                 "the saved run's).")] = None,
-    out: Annotated[Optional[Path], _opt("--out", "-o", panel=OUTPUT,
-                                        help="Output folder (written complete, or not at all). Required.")] = None,
+                                            extra=" Required (a --resume reads the saved run's).")] = None,
+    out: Annotated[Optional[Path], _opt("--out", "-o", panel=OUTPUT, extra=" Required.")] = None,
     config: ConfigFile = None,
     temperature: Temperature = None,
     target_entropy: TargetEntropy = None,
@@ -387,38 +380,23 @@ def reheat(
     samples_per_prompt: Samples = None,
     max_new_tokens: NewTokens = None,
     lr: Lr = None,
-    eval_prompts: Annotated[Optional[Path], _opt(
-        "--eval-prompts", panel=INPUTS, help="Held-out prompts in their own file (e.g. other problem families); "
-                                             "without it min(16, 20%) of --prompts are held out.")] = None,
-    precision: Annotated[Optional[float], _opt(
-        "--precision", panel=TEACHER, help="--target-entropy-from: sample that checkpoint until its 95% interval is "
-                                           "within +-P.", default=_D.teacher.precision)] = None,
-    checkpoint_every: Annotated[Optional[int], _opt(
-        "--checkpoint-every", panel=OUTPUT, help="Also a loadable checkpoint every N steps: OUT/checkpoint-N "
-                                                 "(in OUT.tsopsd-run/ while running). 0: none.",
-        default=_D.output.checkpoint_every)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.tsopsd-run/ "
-                                                          "(its saved config: no other flag needed).",
-                                         rich_help_panel=RUN)] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is "
-                                                                "complete).", rich_help_panel=OUTPUT)] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print this run's plan (tsopsd plan) on the device it "
-                                                            "would use (one GPU a rank, or the CPU); exit.", rich_help_panel=RUN)] = False,
+    eval_prompts: Annotated[Optional[Path], _opt("--eval-prompts", panel=INPUTS)] = None,
+    precision: Annotated[Optional[float], _opt("--precision", panel=TEACHER)] = None,
+    checkpoint_every: Annotated[Optional[int], _opt("--checkpoint-every", panel=OUTPUT)] = None,
+    resume: Annotated[bool, _opt("--resume", panel=RUN, extra=" Its saved config: no other flag needed.")] = False,
+    overwrite: Annotated[bool, _opt("--overwrite", panel=OUTPUT)] = False,
+    dry_run: Annotated[bool, _opt("--dry-run", panel=RUN, help="Print this run's plan (tsopsd plan) on the device it "
+                                                               "would use (one GPU a rank, or the CPU); exit.")] = False,
     seed: SeedOpt = None,
-    base: Annotated[Optional[Path], _opt("--base", panel=INPUTS, help="Base model folder for an adapter (default: "
-                                                                      "from adapter_config.json).")] = None,
+    base: Annotated[Optional[Path], _opt("--base", panel=INPUTS)] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     set_: SetOpt = None,
-    report_to: Annotated[Optional[str], typer.Option(
-        "--report-to", rich_help_panel=OUTPUT,
-        help="Step metrics also to tensorboard and/or wandb (WANDB_MODE: online or offline), comma-separated; "
-             "written under OUT.logs/ (output.logging_dir).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.",
-                                          rich_help_panel=RUN)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines on stderr.",
-                                        rich_help_panel=RUN)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=RUN)] = False,
+    report_to: Annotated[Optional[str], _opt("--report-to", panel=OUTPUT,
+                                             extra=" Written under OUT.logs/ (output.logging_dir).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Reheat a checkpoint: on-policy self-distillation toward its own temperature-scaled logits."""
     def body() -> None:

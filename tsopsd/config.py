@@ -26,96 +26,136 @@ class ConfigError(TsopsdError):
     """Invalid config: lists every problem found."""
 
 
+def _key(default: Any = None, help: str = "", *, factory: Any = None):
+    """A config key: its default and the one sentence that says what it does (configs/default.yaml's comment and
+    the CLI flag's help are both made from it)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""  # checkpoint folder (or PEFT adapter folder) to reheat
-    base: str | None = None  # base model for an adapter input (default: its adapter_config.json)
-    device: str = "auto"  # auto: cuda when present, else cpu
-    dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    path: str = _key("", "the checkpoint to reheat (the CLI's CKPT argument)")
+    base: str | None = _key(None, "base model folder for an adapter input (default: from its adapter_config.json)")
+    device: str = _key("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    dtype: str = _key("auto", "auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = ""  # .jsonl, .txt or .parquet
-    prompt_field: str | None = None
-    max_prompt_tokens: int | None = None
-    limit: int | None = None  # use only the first N prompts
-    eval_prompts: str | None = None  # held-out prompts in a file of their own (default: held out of `prompts`)
+    prompts: str = _key("", "prompt file: .jsonl (a prompt or messages field a line), .txt, .parquet (verl layout)")
+    prompt_field: str | None = _key(None, "field (column) holding the prompt; default prompt, then messages")
+    max_prompt_tokens: int | None = _key(None, "left-truncate longer prompts (warned)")
+    limit: int | None = _key(None, "use only the first N prompts")
+    eval_prompts: str | None = _key(None, "held-out prompts in a file of their own (e.g. other problem families); "
+                                          "without it min(16, 20%) of the prompts are held out")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 4  # on-policy completions per prompt, sampled at T=1
-    max_new_tokens: int = 256
-    batch_size: int = 32  # sequences sampled together
-    engine: Literal["auto", "model"] = "auto"  # auto: lean decoder for Llama-family models; model: model.forward
-    compile: Literal["auto", "true", "false"] = "auto"  # reheat's decode step compiled (its cache kept between rollouts); auto: on a GPU
+    prompts_per_step: int = _key(8, "prompts per step")
+    samples_per_prompt: int = _key(4, "on-policy completions per prompt, sampled from the current student at T=1")
+    max_new_tokens: int = _key(256, "completion length cap")
+    batch_size: int = _key(32, "sequences sampled together: the slots of continuous batching (a finished row's slot "
+                               "takes the next row)")
+    engine: Literal["auto", "model"] = _key("auto", "auto: tsopsd's lean decoder for Llama/Mistral/Qwen2/Qwen3, else "
+                                                    "model.forward; model: always model.forward")
+    compile: Literal["auto", "true", "false"] = _key(
+        "auto", "reheat's lean decode step under torch.compile (CUDA graphs on a GPU); auto: on a GPU only. On, its KV "
+                "cache and weight copies stay allocated between rollouts (the plan counts them); false frees them "
+                "for training")
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    temperature: float | None = 1.5  # tau: the teacher is softmax(z0 / tau)
-    target_entropy: float | None = None  # or: choose tau so the teacher's mean entropy is this (nats)
-    target_entropy_from: str | None = None  # or: take that target from another checkpoint (e.g. the SFT model)
-    precision: float = 0.05  # target_entropy_from: sample until its 95% interval is within +-5% (0: one round)
-    method: Literal["distill", "scale"] = "distill"  # scale: the closed form, logits / tau by a weight edit (no training)
-    heat: Literal["uniform", "forking", "plausible"] = "uniform"  # where the teacher is heated (see docs/reference.md)
-    heat_fraction: float = 0.2  # forking: the share of a step's positions heated (the original's most uncertain)
-    heat_min_p: float = 0.001  # plausible: heat over the tokens with p >= min_p * p_max under the original only
+    temperature: float | None = _key(1.5, "teacher temperature tau > 1: the teacher is softmax(z0 / tau) of the frozen "
+                                          "input checkpoint")
+    target_entropy: float | None = _key(None, "or: solve tau so the teacher's mean entropy is this many nats")
+    target_entropy_from: str | None = _key(None, "or: that target is the entropy of this checkpoint (e.g. the SFT one "
+                                                 "before RL)")
+    precision: float = _key(0.05, "target_entropy_from: sample that checkpoint (all prompts, in rounds) until its 95% "
+                                  "interval is within +-P (0: one round)")
+    method: Literal["distill", "scale"] = _key("distill", "distill: train toward the teacher (TS-OPSD); scale: the "
+                                                          "closed form, logits / tau by a weight edit (seconds, no "
+                                                          "training)")
+    heat: Literal["uniform", "forking", "plausible"] = _key(
+        "uniform", "where the teacher heats: uniform (every position), forking (the most uncertain positions), "
+                   "plausible (see docs/reference.md)")
+    heat_fraction: float = _key(0.2, "forking: the share of a step's completion positions heated (highest entropy "
+                                     "under the input)")
+    heat_min_p: float = _key(0.001, "plausible: heat spreads over the tokens with p >= min_p x p_max under the input "
+                                    "only")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    beta: float = 0.5  # jsd weight of the teacher in the mixture, 0 < beta < 1
-    chunk_size: int = 512  # positions per LM-head chunk (0: all at once)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _key(
+        "forward_kl", "forward_kl = KL(teacher || student), reverse_kl = KL(student || teacher), or jsd")
+    beta: float = _key(0.5, "jsd only: the weight of the teacher in the mixture, 0 < beta < 1")
+    chunk_size: int = _key(512, "completion positions per LM-head chunk (0: all at once); memory grows with chunk x "
+                                "vocab")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: Literal["lora", "full"] = "lora"
-    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # with several ranks; auto: ddp when the model fits a device
-    steps: int = 200  # a budget: the run stops when it meets its goal
-    lr: float = 1e-4  # the starting learning rate: doubled while the entropy gap closes too slowly (max_lr_factor)
-    max_lr_factor: float = 32.0  # pace: the lr may rise to this x `lr` (1: a fixed lr)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    micro_batch: int = 8  # sequences per student forward/backward (gradients accumulate)
-    activation_checkpointing: Literal["auto", "true", "false"] = "auto"  # auto: on where the plan says activations would not fit
-    share_prompts: bool = True  # run a prompt once for its samples: rollout prefill, teacher and student passes
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_target_modules: str = "all-linear"  # or a comma-separated list of module names
+    mode: Literal["lora", "full"] = _key("lora", "lora: train an adapter (the teacher is the same module with it "
+                                                 "disabled); full: all weights (one frozen copy)")
+    parallel: Literal["auto", "ddp", "fsdp"] = _key("auto", "under torchrun: ddp (replicas) or fsdp (FSDP2 shards); "
+                                                            "auto: ddp when the model fits a device")
+    steps: int = _key(200, "training steps: a budget, the run stops when it meets its goal (one that does not exits 4)")
+    lr: float = _key(1e-4, "learning rate to start at: doubled every stop.window steps while the entropy gap closes "
+                           "too slowly to meet the tolerance in half the steps left, up to max_lr_factor x lr")
+    max_lr_factor: float = _key(32.0, "the lr may rise to this x lr (1: a fixed lr)")
+    weight_decay: float = _key(0.0, "AdamW weight decay")
+    warmup_steps: int = _key(0, "linear lr warmup steps")
+    max_grad_norm: float = _key(1.0, "gradient clipping norm (0: no clipping)")
+    micro_batch: int = _key(8, "sequences per student forward/backward; gradients accumulate over the step")
+    activation_checkpointing: Literal["auto", "true", "false"] = _key(
+        "auto", "recompute each decoder layer in backward; auto: on (cuda) where the plan says activations would "
+                "not fit")
+    share_prompts: bool = _key(True, "run a prompt once for its samples: rollout prefill, teacher and student passes "
+                                     "(not under FSDP; the student's not under checkpointing)")
+    lora_r: int = _key(16, "LoRA rank")
+    lora_alpha: int = _key(32, "LoRA alpha (the adapter is scaled by alpha / r)")
+    lora_target_modules: str = _key("all-linear", "all-linear, or a comma-separated list: q_proj,k_proj,v_proj,o_proj")
 
 
 @dataclass(frozen=True)
 class StopConfig:
-    entropy_tolerance: float = 0.02  # stop when student entropy >= teacher entropy * (1 - tolerance)
-    window: int = 5  # ...averaged over the last `window` steps (single steps are noisy)
-    min_top1_agreement: float = 0.9  # drift guard: stop and roll back below this agreement with the original
-    rollback: bool = True  # keep a copy of the last state that passed the guard
-    rollback_every: int | None = None  # copy the weights every N steps (None: every step for lora, 10 for full)
-    heldout_every: int = 10  # target runs: measure the held-out prompts every N steps, steer the training target (0: off)
-    heldout_samples_per_prompt: int = 4  # ...with this many samples of each held-out prompt
-    heldout_tolerance: float = 0.05  # ...and stop once the held-out interval holds the target, its mean within this
+    entropy_tolerance: float = _key(0.02, "stop once the student's entropy >= the teacher's x (1 - tolerance), both "
+                                          "averaged over the last `window` steps")
+    window: int = _key(5, "steps averaged by the stop rules (single steps are noisy)")
+    min_top1_agreement: float = _key(0.9, "drift guard: stop below this top-1 agreement with the input, and roll back")
+    rollback: bool = _key(True, "keep a copy of the last state that passed the guard")
+    rollback_every: int | None = _key(None, "copy the weights every N steps; null: every step for lora (on device), "
+                                            "10 for full (host RAM)")
+    heldout_every: int = _key(10, "target runs: every N steps measure the held-out prompts and steer the training "
+                                  "target so the held-out entropy meets the target (0: off, the training entropy "
+                                  "meets it)")
+    heldout_samples_per_prompt: int = _key(4, "samples of each held-out prompt at each of those measurements")
+    heldout_tolerance: float = _key(0.05, "a target run stops once the held-out 95% interval holds the target, its mean "
+                                          "within this fraction of it")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    out: str = ""
-    save: Literal["adapter", "merged"] = "merged"
-    save_every: int = 10  # resumable state every N steps (0: only on Ctrl-C)
-    checkpoint_every: int = 0  # a loadable checkpoint every N steps, OUT/checkpoint-N at the end (0: none)
-    eval_prompts: int | None = None  # held-out prompts (report, steering); None: min(16, 20%); 0: none
-    eval_samples_per_prompt: int = 4
-    overwrite: bool = False
-    resume: bool = False
-    report_to: str = ""  # step metrics also to: tensorboard, wandb (WANDB_MODE decides online/offline), comma-separated
-    run_name: str = ""  # the tracker's run name (default: OUT's folder name)
-    wandb_project: str = ""  # W&B project (default: WANDB_PROJECT, else W&B's)
-    logging_dir: str = ""  # where they go (default: OUT.logs beside OUT)
+    out: str = _key("", "output folder (written complete, or not at all)")
+    save: Literal["adapter", "merged"] = _key("merged", "merged: an ordinary HF checkpoint; adapter: a PEFT adapter "
+                                                        "(lora only)")
+    save_every: int = _key(10, "resumable state every N steps (0: only on Ctrl-C)")
+    checkpoint_every: int = _key(0, "also a loadable checkpoint every N steps: OUT/checkpoint-N (in OUT.tsopsd-run/ "
+                                    "while running); 0: none")
+    eval_prompts: int | None = _key(None, "held-out prompts (before/after report, steering); null: min(16, 20% of the "
+                                          "prompts); 0: none")
+    eval_samples_per_prompt: int = _key(4, "samples of each held-out prompt in the before/after report")
+    overwrite: bool = _key(False, "replace an existing OUT (only once the new one is complete)")
+    resume: bool = _key(False, "continue an interrupted run from OUT.tsopsd-run/")
+    report_to: str = _key("", "step metrics also to tensorboard and/or wandb (WANDB_MODE: online or offline), "
+                              "comma-separated")
+    run_name: str = _key("", "the tracker's run name (default: OUT's folder name)")
+    wandb_project: str = _key("", "W&B project (default: WANDB_PROJECT, else W&B's)")
+    logging_dir: str = _key("", "where the trackers write (default: OUT.logs beside OUT)")
 
 
 REPORT_TO = ("tensorboard", "wandb")
@@ -128,15 +168,16 @@ def report_kinds(spec: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    stop: StopConfig = field(default_factory=StopConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    seed: int = 0
+    model: ModelConfig = _key(factory=ModelConfig, help="the input checkpoint")
+    data: DataConfig = _key(factory=DataConfig, help="the prompts")
+    rollout: RolloutConfig = _key(factory=RolloutConfig, help="the student's own completions")
+    teacher: TeacherConfig = _key(factory=TeacherConfig, help="exactly one of temperature, target_entropy, "
+                                                               "target_entropy_from")
+    loss: LossConfig = _key(factory=LossConfig, help="the per-token divergence over the full vocabulary")
+    train: TrainConfig = _key(factory=TrainConfig, help="the student's updates")
+    stop: StopConfig = _key(factory=StopConfig, help="when a run has met its goal, or must stop")
+    output: OutputConfig = _key(factory=OutputConfig, help="what is written, and where")
+    seed: int = _key(0, "random seed (sampling, held-out split, LoRA init)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -433,3 +474,65 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def help_of(key: str) -> str:
+    """The help sentence of a dotted config key (`teacher.temperature`), from its field's metadata."""
+    cls, *parts = Config, *key.split(".")
+    for i, name in enumerate(parts):
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if i == len(parts) - 1:
+            return f.metadata["help"]
+        cls = typing.get_type_hints(cls)[name]
+    raise KeyError(key)
+
+
+def config_default(key: str) -> Any:
+    """The default of a dotted config key, as `Config()` holds it."""
+    value: Any = Config()
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+DEFAULT_YAML_HEADER = """\
+# tsopsd reheat CKPT --prompts prompts.jsonl --out reheated/ --config configs/default.yaml
+#
+# Every key, with its default. Flags override this file; --set key=value overrides anything.
+# Made from the config's fields (tsopsd/config.py): python -m tsopsd.config > configs/default.yaml
+"""
+
+
+def _scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+
+
+def default_yaml(width: int = 118) -> str:
+    """configs/default.yaml: every key with its default and its help as the comment, wrapped under itself."""
+    import textwrap
+
+    lines = [DEFAULT_YAML_HEADER.rstrip("\n")]
+
+    def emit(indent: str, left: str, help: str) -> None:
+        column = max(len(left) + 2, 28)
+        wrapped = textwrap.wrap(help, width=max(width - column - 2, 40), break_on_hyphens=False) or [""]
+        lines.append(f"{left.ljust(column)}# {wrapped[0]}".rstrip())
+        lines.extend(f"{' ' * column}# {more}" for more in wrapped[1:])
+
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        value = getattr(defaults, f.name)
+        if not dataclasses.is_dataclass(value):
+            emit("", f"{f.name}: {_scalar(value)}", f.metadata["help"])
+            continue
+        emit("", f"{f.name}:", f.metadata["help"])
+        for g in dataclasses.fields(value):
+            emit("  ", f"  {g.name}: {_scalar(getattr(value, g.name))}", g.metadata["help"])
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(default_yaml())
