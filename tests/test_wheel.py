@@ -21,6 +21,12 @@ def test_demo_quick_runs_from_an_installed_wheel(tmp_path, quick_demo):
                         str(dist), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     wheel = next(dist.glob("tsopsd-*.whl"))
+    import zipfile
+
+    packed = set(zipfile.ZipFile(wheel).namelist())  # every module of the source tree, subpackages too
+    missing = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tsopsd").rglob("*.py"))
+               if str(p.relative_to(ROOT)) not in packed]
+    assert not missing, f"not in the wheel (pyproject.toml's packages): {missing}"
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"

@@ -1,7 +1,7 @@
 """Errors a user can fix, and the one table of exit codes.
 
 `TsopsdError` is raised for bad input (a missing checkpoint, a malformed prompt file, an invalid
-config value, an output folder that exists). `cli.py` turns it into one line on stderr and exit
+config value, an output folder that exists). The CLI (`tsopsd.cli`) turns it into one line on stderr and exit
 code 2. It subclasses `ValueError` so library callers can catch it as such. `TrainingStopped` is a
 run that ended without a result a script may continue from; its `code` says which way.
 """
