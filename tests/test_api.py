@@ -236,7 +236,7 @@ def test_out_onto_the_folder_the_model_came_from_is_refused_from_any_directory(c
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tsopsd.checkpoint import fingerprint
+    from tsopsd.folders import fingerprint
 
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -252,7 +252,7 @@ def test_out_onto_the_folder_the_model_came_from_is_refused_from_any_directory(c
     assert fingerprint(home / "policy") == before and _same(model, weights)
     from safetensors.torch import load_file, save_file
 
-    from tsopsd.checkpoint import holds_weights_of
+    from tsopsd.folders import holds_weights_of
 
     (elsewhere / "tuned").mkdir()  # the same names and shapes, every matrix a little changed: other weights
     save_file({k: v + 0.01 if v.dim() >= 2 else v for k, v in load_file(home / "policy" / "model.safetensors").items()},

@@ -243,15 +243,17 @@ CASES = {
     "shard named by a number": lambda w, t: (measure_args(index_copy(w, t, {"weight_map": {"lm_head.weight": 3}}),
                                                           w / "prompts.jsonl"), "corrupt shard index"),
     "header: dtype edited": lambda w, t: (measure_args(edit_header(copy_ckpt(w, t), lambda h: {
-        **h, first_tensor(h): {**h[first_tensor(h)], "dtype": "F16"}}), w / "prompts.jsonl"), "offsets hold"),
+        **h, first_tensor(h): {**h[first_tensor(h)], "dtype": "F16"}}), w / "prompts.jsonl"),
+                                           "invalid shape, data type, or offset"),
     "header: shape edited": lambda w, t: (measure_args(edit_header(copy_ckpt(w, t), lambda h: {
-        **h, first_tensor(h): {**h[first_tensor(h)], "shape": [7, 7]}}), w / "prompts.jsonl"), "offsets hold"),
+        **h, first_tensor(h): {**h[first_tensor(h)], "shape": [7, 7]}}), w / "prompts.jsonl"),
+                                           "invalid shape, data type, or offset"),
     "header: unknown dtype": lambda w, t: (measure_args(edit_header(copy_ckpt(w, t), lambda h: {
-        **h, first_tensor(h): {**h[first_tensor(h)], "dtype": "F33"}}), w / "prompts.jsonl"), "unknown dtype 'F33'"),
+        **h, first_tensor(h): {**h[first_tensor(h)], "dtype": "F33"}}), w / "prompts.jsonl"), "unknown variant `F33`"),
     "header a list": lambda w, t: (measure_args(edit_header(copy_ckpt(w, t), lambda h: list(h)), w / "prompts.jsonl"),
-                                   "its header is a JSON list"),
+                                   "invalid type: sequence"),
     "header: data_offsets missing": lambda w, t: (measure_args(edit_header(copy_ckpt(w, t), lambda h: {
-        **h, first_tensor(h): {"dtype": "F32", "shape": [1]}}), w / "prompts.jsonl"), "lacks dtype, shape or data_offsets"),
+        **h, first_tensor(h): {"dtype": "F32", "shape": [1]}}), w / "prompts.jsonl"), "missing field `data_offsets`"),
     "chat template raises": lambda w, t: (with_template(w, t, "{{ raise_exception('no user turns here') }}"),
                                           "chat_template.jinja, template line 1) failed: no user turns here"),
     "chat template syntax error": lambda w, t: (with_template(w, t, "{% for m in messages %}\n{{ m.content }\n"),

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 from verl_layout import INPUT_IDS
 
-from tsopsd.checkpoint import load_checkpoint, loadable_folder
+from tsopsd.checkpoint import load_checkpoint
 from tsopsd.cli import app
 from tsopsd.errors import ExitCode
+from tsopsd.folders import loadable_folder
 from tsopsd.lab.tiny import build_tokenizer, model_config, sharpen_
 from tsopsd.trajectory import find_checkpoints
 

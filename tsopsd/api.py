@@ -40,9 +40,10 @@ def reheat(model, prompts: str | Path | Sequence[str], out: str | Path | None = 
         config: a YAML file or a shipped config's name (`lora`, `full`, ...); `overrides` dotted keys as `--set`
             takes them: {"train.steps": 50, "teacher.target_entropy": 0.8}.
     """
-    from tsopsd.checkpoint import Checkpoint, holds_weights_of
+    from tsopsd.checkpoint import Checkpoint
     from tsopsd.config import load_config
     from tsopsd.errors import TsopsdError
+    from tsopsd.folders import holds_weights_of
     from tsopsd.loop import reheat as run
 
     if overrides is not None and not (isinstance(overrides, dict) and all(isinstance(k, str) for k in overrides)):

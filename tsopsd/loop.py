@@ -28,21 +28,14 @@ from pathlib import Path
 
 import torch
 
-from tsopsd.checkpoint import (
-    Checkpoint,
-    fingerprint,
-    load_checkpoint,
-    loadable_folder,
-    resolve_device,
-    resolve_dtype,
-    saved_dtype,
-)
+from tsopsd.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
 from tsopsd.closed_form import check_scaled, scale_logits_, solve_scale
 from tsopsd.config import Config, save_config
 from tsopsd.console import progress, timed
 from tsopsd.decode import COMPILE, forget
 from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
 from tsopsd.family import causal_lm, max_positions
+from tsopsd.folders import fingerprint, loadable_folder, saved_dtype
 from tsopsd.intervals import describe
 from tsopsd.loss import ChunkStats
 from tsopsd.metrics import measure

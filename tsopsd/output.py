@@ -19,9 +19,9 @@ import torch
 import yaml
 
 from tsopsd import __version__
-from tsopsd.checkpoint import loadable_folder
 from tsopsd.config import Config, save_config
 from tsopsd.errors import TsopsdError
+from tsopsd.folders import loadable_folder
 from tsopsd.writing import atomic_output
 
 

@@ -117,7 +117,7 @@ class Run:
     started: float
     lock: OutputLock | None = None  # held by rank 0 from setup to the end of the run
     signals: Interrupts = field(default_factory=Interrupts)  # `reheat` installs the real handlers
-    input_fingerprint: dict | None = None  # `checkpoint.fingerprint` of the input (and adapter base)
+    input_fingerprint: dict | None = None  # `folders.fingerprint` of the input (and adapter base)
     trackers: Trackers = field(default_factory=lambda: Trackers([]))  # TensorBoard / W&B, rank 0 only
     rollout_compile: dict = field(default_factory=dict)  # `decode.COMPILE` after the loop's rollouts (the report's)
     closed_form: dict | None = None  # `teacher.method: scale`: tau, what was edited, the check, the solve's measurements

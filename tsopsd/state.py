@@ -69,7 +69,7 @@ class RunState:
         scheduler: the learning-rate scheduler's state.
         trainable: the trainable weights, optimizer state and rollback copy, as the backend packs them.
         stop_reason: why the run ended (None while it goes); `kept_step`: updates in the kept weights.
-        input_fingerprint: `checkpoint.fingerprint` of the input (and adapter base): a resume refuses a
+        input_fingerprint: `folders.fingerprint` of the input (and adapter base): a resume refuses a
             changed input.
         target_measured: with `teacher.target_entropy_from`, how the target was measured (with its interval).
         run_id: the run's id, also in its folder's marker (`MARKER`) and OUT's report.

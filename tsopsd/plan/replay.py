@@ -25,8 +25,9 @@ SOLVE_EVALUATIONS = 3  # passes of the LM head a tracked step spends solving tau
 
 def load_model_config(path: str | Path):
     """The transformers config of a checkpoint folder, a PEFT adapter folder (its base's) or a `config.json`
-    file; one-line errors for configs tsopsd cannot plan (`checkpoint.check_model_config`)."""
-    from tsopsd.checkpoint import adapter_base, read_model_config
+    file; one-line errors for configs tsopsd cannot plan (`folders.check_model_config`)."""
+    from tsopsd.checkpoint import adapter_base
+    from tsopsd.folders import read_model_config
 
     p = Path(path)
     if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
