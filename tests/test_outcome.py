@@ -272,7 +272,7 @@ def test_pace_raises_a_stalled_lr_and_keeps_one_that_moves():
 
 def test_held_out_prompts_that_are_the_training_prompts_are_named(collapsed, tmp_path, caplog):
     from tsopsd.config import load_config
-    from tsopsd.loop import check_run
+    from tsopsd.preflight import check_run
 
     ckpt, prompts = collapsed
     copy = tmp_path / "copy.jsonl"

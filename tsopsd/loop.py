@@ -4,7 +4,7 @@
                                                            "output.out": "reheated"}))
 
 Three parts, as a torchtune recipe has: `setup` (load, shard, optimizer, fresh or resumed state),
-`train` (the loop below) and `finish` (the after-report and the output folder). One step:
+`train` (the loop, one `reheat_step` at a time) and `finish` (the after-report and the output folder). One step:
 
     prompts -> on-policy rollouts of the *current* student at T=1
             -> frozen teacher hidden states (no grad) and student hidden states
@@ -23,123 +23,63 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
+from tsopsd.begin import fresh_state, resumed_state
 from tsopsd.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
 from tsopsd.closed_form import check_scaled, scale_logits_, solve_scale
-from tsopsd.config import Config, save_config
+from tsopsd.config import Config
 from tsopsd.console import progress, timed
 from tsopsd.decode import COMPILE, forget
 from tsopsd.errors import ExitCode, TrainingStopped, TsopsdError
 from tsopsd.family import causal_lm, max_positions
-from tsopsd.folders import fingerprint, loadable_folder, saved_dtype
-from tsopsd.intervals import describe
+from tsopsd.folders import fingerprint, saved_dtype
 from tsopsd.loss import ChunkStats
-from tsopsd.metrics import measure
 from tsopsd.output import cast_model, versions, write_output, written_model
 from tsopsd.parallel import Backend, join, make_backend
-from tsopsd.paths import check_out_name, check_writes, check_writes_apart, temporary
+from tsopsd.paths import check_out_name, check_writes
 from tsopsd.policy import Policy, enable_checkpointing, make_optimizer, prepare_policy
-from tsopsd.prompts import Prompt, fit_prompts, load_prompts, prompts_fingerprint, read_records
-from tsopsd.report import against_target, planned_step, step_times, what_to_change
-from tsopsd.run import PHASES, Run, StepResult, held_out_count, hold_out, step_seed
+from tsopsd.preflight import check_enough, check_run
+from tsopsd.prompts import Prompt, fit_prompts, load_prompts, prompts_fingerprint
+from tsopsd.report import assemble, what_to_change
+from tsopsd.run import PHASES, Run, StepResult, held_out_count, hold_out
 from tsopsd.state import (
     OutputLock,
-    RunState,
-    check_resumable,
-    comparable,
-    disagreements,
     discard_run_dir,
     discard_unsaved,
     interrupts,
-    make_run_dir,
     run_dir_for,
     settle_run_dir,
 )
 from tsopsd.step import train_step
 from tsopsd.stop import StopRules, judge
 from tsopsd.teacher import check_teacher
-from tsopsd.trackers import check_trackers, logging_dir, open_trackers
-from tsopsd.writing import check_output_dir, check_writable, remove_stale_temporaries
+from tsopsd.trackers import logging_dir, open_trackers
+from tsopsd.writing import check_output_dir, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
-TRACKING_START = 1.5  # tau where a target-entropy run's first solve starts
-__all__ = ["reheat", "setup", "train", "finish", "train_step", "run_dir_for"]
+__all__ = ["reheat", "setup", "train", "reheat_step", "finish", "train_step", "run_dir_for"]
 
 
 def train(run: Run, *, show_progress: bool = True) -> None:
-    """The method, one step at a time: rollout -> teacher -> loss -> stop rules -> step -> log -> save."""
-    cfg, backend, policy, state, optimizer = run.cfg, run.backend, run.policy, run.state, run.optimizer
-    signals = run.signals
+    """The method, step after step until a stop rule ends the run or the budget is spent; Ctrl-C saves the state."""
+    cfg, state, signals = run.cfg, run.state, run.signals
     COMPILE["compile_s"] = 0.0  # this run's compiling (a compiled step is kept for the process)
     with progress(run.shows_progress(show_progress), plain=False) as task:
         advance = task("reheat", cfg.train.steps)
         advance(state.next_step)
         try:
             while state.stop_reason is None and state.next_step < cfg.train.steps:
-                step, t0 = state.next_step, time.monotonic()
-                timings = dict.fromkeys(PHASES, 0.0)  # seconds per phase; every step has every column
-                clock = run.clock(timings)
-                with clock("heldout"):  # a steered run, every stop.heldout_every steps: steers the training target
-                    heldout = run.heldout(step)
-                if heldout and (verdict := run.stop.steer(step, heldout["entropy"], (heldout["low"], heldout["high"]),
-                                                           refined=bool(heldout["refined"]))):
-                    with signals.held():
-                        state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
-                        break
-                with clock("rollout"):
-                    rollout = run.rollout(step)  # on-policy: the current student, T=1
-                t_gen = time.monotonic() - t0
-                local_tokens = int(rollout.completion_mask.sum())
-                n_tokens = int(backend.sum([float(local_tokens)])[0])
-                with clock("solve"):
-                    tau, teacher_hidden, heat = run.temperature(step, rollout)  # fixed, or solved for the target
-                stats = train_step(policy, rollout, tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
-                                   normalizer=backend.loss_normalizer(n_tokens), timings=timings,
-                                   teacher_hidden=teacher_hidden, heat=heat)  # teacher, student, loss, backward
-                if step == 0:  # the training path against the model's own forward, in float64
-                    with clock("check"):
-                        check_teacher(policy.teacher, rollout, tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size,
-                                      heat=heat, measured_teacher_entropy=float(stats.teacher_entropy) / max(local_tokens, 1))
-                stats = ChunkStats.from_sums(backend.sum(stats.sums()))
-                backend.reduce_gradients(policy.trainable)
-                with signals.held():  # from here the step lands whole, or (interrupted before) not at all
-                    verdict = run.stop.check(step, stats, n_tokens)
-                    if verdict is not None:
-                        optimizer.zero_grad(set_to_none=True)
-                        state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
-                        state.failed = verdict.failure
-                        break
-                    run.stop.passed(step, backend.snapshot(policy) if run.stop.wants_snapshot(step) else None)
-                    run.note(run.stop.pace(step), level=logging.INFO)  # the next step's lr (the scheduler reads it)
-                    grad_norm = backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm) \
-                        if cfg.train.max_grad_norm > 0 else None
-                    lr = run.scheduler.get_last_lr()[0]
-                    with clock("optimizer"):
-                        optimizer.step()
-                    run.scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.next_step, state.tau = step + 1, tau
-                    n = max(n_tokens, 1)
-                    run.log(StepResult(
-                        step=step, tau=tau, target=run.stop.target, heldout=heldout,
-                        loss=stats.divergence / n, student_entropy=stats.student_entropy / n,
-                        teacher_entropy=stats.teacher_entropy / n, kl_student_original=stats.kl_student_original / n,
-                        top1_agreement=stats.top1_agreement / n, tokens=n_tokens,
-                        completion_length=float(rollout.completion_lengths.float().mean()),
-                        generated_tokens_per_s=n_tokens / max(t_gen, 1e-9),
-                        trained_tokens_per_s=n_tokens / max(time.monotonic() - t0 - t_gen, 1e-9),
-                        lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0, phases=timings,
-                        memory=run.memory_peaks()))
-                    advance(1)
-                    if run.due(cfg.output.checkpoint_every):  # before the state: a resume redoes it
-                        run.checkpoint()
-                    if run.due(cfg.output.save_every):
-                        run.save()
+                if not reheat_step(run):  # a stop rule ended the run
+                    break
+                advance(1)
+                if run.due(cfg.output.checkpoint_every):  # before the state: a resume redoes it
+                    run.checkpoint()
+                if run.due(cfg.output.save_every):
+                    run.save()
             run.rollout_compile = dict(COMPILE)
             with signals.held():
                 if state.stop_reason is None:
@@ -147,10 +87,70 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 run.save()  # an interrupted finish resumes straight to the output
         except KeyboardInterrupt:
             with signals.held():  # a second Ctrl-C waits for this save
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.zero_grad(set_to_none=True)
                 run.save()
             run.note(f"interrupted at step {state.next_step + 1}: state saved in {run.run_dir}; continue with --resume")
             raise
+
+
+def reheat_step(run: Run) -> bool:
+    """One step of the method: rollout -> teacher -> loss -> stop rules -> optimizer step -> log. False: a stop
+    rule ended the run (the state says why, and which weights are kept)."""
+    cfg, backend, policy, state, optimizer, signals = run.cfg, run.backend, run.policy, run.state, run.optimizer, \
+        run.signals
+    step, t0 = state.next_step, time.monotonic()
+    timings = dict.fromkeys(PHASES, 0.0)  # seconds per phase; every step has every column
+    clock = run.clock(timings)
+    with clock("heldout"):  # a steered run, every stop.heldout_every steps: steers the training target
+        heldout = run.heldout(step)
+    if heldout and (verdict := run.stop.steer(step, heldout["entropy"], (heldout["low"], heldout["high"]),
+                                               refined=bool(heldout["refined"]))):
+        with signals.held():
+            state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
+        return False
+    with clock("rollout"):
+        rollout = run.rollout(step)  # on-policy: the current student, T=1
+    t_gen = time.monotonic() - t0
+    local_tokens = int(rollout.completion_mask.sum())
+    n_tokens = int(backend.sum([float(local_tokens)])[0])
+    with clock("solve"):
+        tau, teacher_hidden, heat = run.temperature(step, rollout)  # fixed, or solved for the target
+    stats = train_step(policy, rollout, tau=tau, cfg=cfg, skip_empty=not backend.lockstep,
+                       normalizer=backend.loss_normalizer(n_tokens), timings=timings,
+                       teacher_hidden=teacher_hidden, heat=heat)  # teacher, student, loss, backward
+    if step == 0:  # the training path against the model's own forward, in float64
+        with clock("check"):
+            check_teacher(policy.teacher, rollout, tau, dtype=run.dtype, chunk_size=cfg.loss.chunk_size, heat=heat,
+                          measured_teacher_entropy=float(stats.teacher_entropy) / max(local_tokens, 1))
+    stats = ChunkStats.from_sums(backend.sum(stats.sums()))
+    backend.reduce_gradients(policy.trainable)
+    with signals.held():  # from here the step lands whole, or (interrupted before) not at all
+        verdict = run.stop.check(step, stats, n_tokens)
+        if verdict is not None:
+            optimizer.zero_grad(set_to_none=True)
+            state.stop_reason, state.kept_step = run.stop.apply(verdict, policy, step)
+            state.failed = verdict.failure
+            return False
+        run.stop.passed(step, backend.snapshot(policy) if run.stop.wants_snapshot(step) else None)
+        run.note(run.stop.pace(step), level=logging.INFO)  # the next step's lr (the scheduler reads it)
+        grad_norm = backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm) \
+            if cfg.train.max_grad_norm > 0 else None
+        lr = run.scheduler.get_last_lr()[0]
+        with clock("optimizer"):
+            optimizer.step()
+        run.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.next_step, state.tau = step + 1, tau
+        n = max(n_tokens, 1)
+        run.log(StepResult(
+            step=step, tau=tau, target=run.stop.target, heldout=heldout, loss=stats.divergence / n,
+            student_entropy=stats.student_entropy / n, teacher_entropy=stats.teacher_entropy / n,
+            kl_student_original=stats.kl_student_original / n, top1_agreement=stats.top1_agreement / n,
+            tokens=n_tokens, completion_length=float(rollout.completion_lengths.float().mean()),
+            generated_tokens_per_s=n_tokens / max(t_gen, 1e-9),
+            trained_tokens_per_s=n_tokens / max(time.monotonic() - t0 - t_gen, 1e-9),
+            lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0, phases=timings, memory=run.memory_peaks()))
+    return True
 
 
 def closed_form(run: Run) -> None:
@@ -270,7 +270,7 @@ def _build(cfg: Config, backend: Backend, launch, started: float, given: Checkpo
         train_prompts, eval_prompts = prompts, held[:cfg.output.eval_prompts] if cfg.output.eval_prompts is not None else held
     else:
         train_prompts, eval_prompts = hold_out(prompts, held_out_count(len(prompts), cfg.output.eval_prompts), cfg.seed)
-    _check_enough(cfg, backend.world_size, len(prompts), len(train_prompts), len(eval_prompts))
+    check_enough(cfg, backend.world_size, len(prompts), len(train_prompts), len(eval_prompts))
     backend = backend.for_model(model, cfg.train.parallel, mode=cfg.train.mode, adapter_input=ckpt.is_adapter)
     torch.manual_seed(cfg.seed)  # the adapter's init: the same however the input was loaded (a verl LoRA draws)
     policy = prepare_policy(model, cfg.train)
@@ -304,66 +304,9 @@ def _build_run(cfg: Config, backend: Backend, policy: Policy, ckpt: Checkpoint, 
               input_fingerprint=({} if given else fingerprint(ckpt.path, ckpt.base_path)) | prompts_fingerprint(cfg.data.prompts)
               | {f"prompts:held-out {k.removeprefix('prompts:')}": v
                  for k, v in (prompts_fingerprint(cfg.data.eval_prompts) if cfg.data.eval_prompts else {}).items()})
-    run.state = _resume(run) if cfg.output.resume else _start(run)
+    run.state = resumed_state(run) if cfg.output.resume else fresh_state(run)
     run.stop.set_goal(run.state.target, steering=bool(eval_prompts) and cfg.stop.heldout_every > 0)
     return run
-
-
-def check_run(cfg: Config, world_size: int = 1, *, in_memory: bool = False, dry_run: bool = False) -> None:
-    """What a run refuses before it loads anything: the prompts, the target checkpoint, every path it would write
-    (against every input, and writable), the trackers; with `dry_run`, also OUT and its run folder as the run would
-    find them (nothing is deleted or locked). `reheat --dry-run` refuses exactly this."""
-    out = Path(cfg.output.out)
-    run_dir = run_dir_for(out)
-    check_prompts(cfg, world_size)
-    target = cfg.teacher.target_entropy_from
-    if target is not None and not Path(target).exists():
-        raise TsopsdError(f"--target-entropy-from {target}: checkpoint not found")
-    logs = logging_dir(out, cfg.output.logging_dir) if cfg.output.report_to else None
-    writes = {"output folder": out, "temporary folder": temporary(out), "run folder": run_dir,
-              "lock file": OutputLock(out).path, "output.logging_dir": logs}
-    check_writes(writes, {"checkpoint": cfg.model.path, "adapter base": cfg.model.base,
-                          "target checkpoint": target, "prompt file": cfg.data.prompts,
-                          "held-out prompt file": cfg.data.eval_prompts})
-    check_writes_apart(writes)
-    for path in (out, run_dir, logs):
-        if path is not None:
-            check_writable(path)
-    check_trackers(cfg.output.report_to)
-    if not in_memory and cfg.output.save == "adapter" and loadable_folder(cfg.model.path) is None:
-        raise TsopsdError(f"{cfg.model.path} is a verl checkpoint held in rank shards, which an adapter cannot "
-                          "name as its base: reheat it with --save merged (or convert it with verl's model_merger "
-                          "and reheat that folder)")
-    if dry_run:
-        check_output_dir(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
-        settle_run_dir(run_dir, out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, dry_run=True)
-
-
-def check_prompts(cfg: Config, world_size: int = 1) -> None:
-    """The prompt files parsed and checked (fields, empty prompts, roles) and counted against what a step takes,
-    before any model loads: what needs the tokenizer (chat templates, token counts) waits for it."""
-    n = len(read_records(cfg.data.prompts, cfg.data.prompt_field, cfg.data.limit))
-    if cfg.data.eval_prompts:
-        held = len(read_records(cfg.data.eval_prompts, cfg.data.prompt_field))
-        if [*prompts_fingerprint(cfg.data.eval_prompts).values()] == [*prompts_fingerprint(cfg.data.prompts).values()]:
-            log.warning("--eval-prompts holds the training prompts (the same file's contents): the run trains on them, "
-                        "so its 'held-out' measurements and steering are not held out; give other prompts, or leave it "
-                        "out to hold some out of the training file")
-        held = held if cfg.output.eval_prompts is None else min(held, cfg.output.eval_prompts)
-        _check_enough(cfg, world_size, n, n, held)
-    else:
-        held = held_out_count(n, cfg.output.eval_prompts)
-        _check_enough(cfg, world_size, n, n - held, held)
-
-
-def _check_enough(cfg: Config, world_size: int, n: int, training: int, held: int) -> None:
-    """`n` prompts, `training` of them trained on and `held` held out, give every rank its prompts a step."""
-    if training >= world_size * cfg.rollout.prompts_per_step:
-        return
-    have = f"{n} prompts leave {training} for training after holding out {held} for the report " \
-        "(output.eval_prompts), which is" if held and not cfg.data.eval_prompts else f"{n} prompts are"
-    raise TsopsdError(f"{have} fewer than {world_size} rank(s) x {cfg.rollout.prompts_per_step} prompts "
-                      "per step: lower rollout.prompts_per_step or output.eval_prompts, or add prompts")
 
 
 def _wants_checkpointing(cfg: Config, backend: Backend, policy: Policy) -> bool:
@@ -391,76 +334,6 @@ def _wants_checkpointing(cfg: Config, backend: Backend, policy: Policy) -> bool:
         return need
 
     return bool(backend.broadcast(decide() if backend.is_main else None))
-
-
-def _start(run: Run) -> RunState:
-    """A fresh state: tau (fixed, or the target entropy it will be solved for every step) and the before-report."""
-    cfg, backend = run.cfg, run.backend
-    run_id = backend.broadcast(uuid.uuid4().hex if backend.is_main else None)  # in the marker, state and report
-    if backend.is_main:
-        make_run_dir(run.run_dir, run_id)
-    tau, source, target, measured = cfg.teacher.temperature, "temperature", cfg.teacher.target_entropy, None
-    if cfg.teacher.target_entropy_from is not None:
-        with run.timed("target measurement"):
-            measured = backend.broadcast(backend.measure(lambda: _entropy_of(cfg.teacher.target_entropy_from, run)))
-        target, source = measured["entropy"], f"target_entropy_from:{cfg.teacher.target_entropy_from}"
-    elif target is not None:
-        source = "target_entropy"
-    if target is not None:
-        tau = TRACKING_START  # where step 0's solve starts; every later one starts from the step before's tau
-    run.announce("the before-report: measuring the input")
-    with run.timed("before-report"):
-        before = run.evaluate(bar="before-report")
-    state = RunState(next_step=0, tau=tau, tau_source=source, target=target, target_measured=measured, run_id=run_id,
-                     before=before,
-                     world_size=backend.world_size, config=comparable(cfg), input_fingerprint=run.input_fingerprint)
-    if backend.is_main:
-        save_config(cfg, run.run_dir / "config.yaml")
-        (run.run_dir / "metrics.jsonl").write_text("")
-    backend.barrier()
-    return state
-
-
-def _resume(run: Run) -> RunState:
-    """The saved state, after checking that it belongs to this run; restores weights, optimizer and rules."""
-    cfg, backend = run.cfg, run.backend
-    state = RunState.load(run.run_dir)
-    check_resumable(state, run.run_dir, world_size=backend.world_size, config=comparable(cfg),
-                    fingerprint=run.input_fingerprint, steps=cfg.train.steps)
-    try:
-        run.stop.last_good = backend.load_trainable(run.run_dir, state.trainable, run.policy, run.optimizer)
-        run.stop.load_state_dict(state.stop)
-        run.scheduler.load_state_dict(state.scheduler)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-        raise TsopsdError(f"cannot resume: the state in {run.run_dir} is damaged ({type(e).__name__}: {e}); rerun with "
-                          "--overwrite to start over") from None
-    state.trainable = None
-    off = disagreements(state, cfg, run.stop, run.scheduler, run.optimizer)
-    if off:
-        raise TsopsdError(f"cannot resume: the state in {run.run_dir} disagrees with the config ({'; '.join(off)}): the "
-                          "run folder was altered; rerun with --overwrite to start over")
-    # metrics.jsonl and the checkpoints as this run wrote them; its lines as saved (a step after the save runs again)
-    lines = state.check_files(run.run_dir).decode().splitlines() if backend.is_main else []
-    metrics = run.run_dir / "metrics.jsonl"
-    try:
-        logged = [json.loads(line)["step"] for line in lines]
-    except (ValueError, KeyError, TypeError):
-        logged = None
-    # The counters a resume trusts must agree with what the weights hold: the optimizer's own step count,
-    # the scheduler's and the metric lines. An edited state file cannot make the report claim other steps.
-    counts = {"the optimizer's step count": {int(v["step"]) for v in run.optimizer.state.values() if "step" in v}
-              or {0}, "the scheduler's": {run.scheduler.last_epoch}}
-    if backend.is_main:
-        counts["metrics.jsonl's lines"] = {sum(1 for k in logged if k <= state.next_step)} if logged is not None else {-1}
-    off = [name for name, found in counts.items() if found != {state.next_step}]
-    if off or (state.kept_step is not None and not 0 <= state.kept_step <= state.next_step):
-        raise TsopsdError(f"cannot resume: the state in {run.run_dir} says {state.next_step} steps were applied, but "
-                          f"{', '.join(off) or 'its kept step'} disagree(s): the run folder was altered; rerun with "
-                          "--overwrite to start over")
-    if backend.is_main:  # drop the metric lines of steps that will run again
-        metrics.write_text("".join(line + "\n" for line, k in zip(lines, logged) if k <= state.next_step))
-        log.info("resuming %s at step %d of %d", run.run_dir, state.next_step + 1, cfg.train.steps)
-    return state
 
 
 def finish(run: Run) -> dict:
@@ -505,27 +378,8 @@ def finish(run: Run) -> dict:
     if backend.is_main:
         metrics = run.run_dir / "metrics.jsonl"
         steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        report = {
-            "status": status, "goal": goal, "run_id": state.run_id, "pace": {"max_lr_factor": cfg.train.max_lr_factor,
-                                                     "lr_factor": run.stop.lr_factor, "raised": run.stop.paced},
-            "input": str(cfg.model.path), "output": str(cfg.output.out) if run.writes_output else None,
-            "mode": cfg.train.mode, "input_resolved": None if run.in_memory else str(Path(cfg.model.path).resolve()),
-            "input_fingerprint": run.input_fingerprint,
-            "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
-            "target_entropy": state.target, "teacher_temperature_over_run": [m["train/tau"] for m in steps],
-            "target": against_target(state, run.stop, after, after_training), "divergence": cfg.loss.divergence,
-            "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
-            "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
-            "after": after, "after_measured_on": measured_on, "after_training_prompts": after_training,
-            "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"), "device": str(policy.teacher.device),
-            "dtype": str(run.dtype).removeprefix("torch."), "seconds": time.monotonic() - run.started,
-            "method": cfg.teacher.method, "closed_form": run.closed_form,
-            "rollout_compile": run.rollout_compile, "phase_seconds": dict(run.phase_seconds),
-            "measured": step_times(steps),
-            "planned": planned_step(cfg, run.config_dir, backend.device, backend.world_size),
-            "checkpoints": sorted(state.checkpoints, key=lambda name: int(name.split("-")[1])),
-            "versions": versions(),
-        }
+        report = assemble(run, status=status, goal=goal, after=after, after_training=after_training,
+                          measured_on=measured_on, steps=steps)
         if run.writes_output:
             log.info("writing %s", cfg.output.out)
         with run.signals.held(), run.timed("write"):  # the output and the end of the run folder land together
@@ -601,30 +455,3 @@ def reheat(cfg: Config, *, show_progress: bool = True, model: Checkpoint | None 
             run.trackers.close()
             _let_go(run.lock, run.run_dir)
             run.backend.close()
-
-
-def _entropy_of(path: str, run: Run) -> dict:
-    """Mean token entropy of another checkpoint on its own rollouts, to `teacher.precision`: it is not trained, so
-    every prompt (held-out first, then the training ones in a seeded order) is a pool that rounds draw from
-    until the 95% interval is within +-precision (then more samples, up to 4x `output.eval_samples_per_prompt`).
-    Returns {"entropy", "interval", "prompts", "samples", "precision"}."""
-    cfg = run.cfg
-    other = load_checkpoint(path, device=cfg.model.device, dtype=cfg.model.dtype)
-    if other.tokenizer.get_vocab() != run.tokenizer.get_vocab():
-        raise TsopsdError(f"--target-entropy-from {path}: its tokenizer differs from the checkpoint's")
-    g = torch.Generator().manual_seed(step_seed(cfg.seed, -(10**6) - 2))
-    pool = run.eval_prompts + [run.prompts[i] for i in torch.randperm(len(run.prompts), generator=g).tolist()]
-    k = cfg.output.eval_samples_per_prompt
-    with progress(run.shows_progress(run.show_progress)) as task:
-        result = measure(other.model, other.tokenizer, pool, samples_per_prompt=k,
-                         max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
-                         score_batch=cfg.train.micro_batch, seed=cfg.seed, precision=cfg.teacher.precision,
-                         first_prompts=max(len(run.eval_prompts), 32),
-                         progress=lambda what, total: task(f"target entropy: {what}", total))
-    h, interval = result["entropy"]["mean"], result["intervals"]["entropy"]
-    log.info("target entropy from %s: %s nats, 95%% interval (%d prompts, %d samples; %s)", path,
-             describe(h, interval), result["prompts"], result["samples"],
-             result["precision"]["outcome"] or "one round: teacher.precision is 0")
-    del other
-    return {"entropy": h, "interval": interval, "prompts": result["prompts"], "samples": result["samples"],
-            "precision": result["precision"]}

@@ -5,7 +5,7 @@
     PACKED[:] = [(packed, bias), ...]; compiled_linear(x, i, n)  # under torch.compile (the packed weight is opaque)
 
 At small batch oneDNN's packed linear is faster than `F.linear` on the same fp32 weights (`bench/decode.py`);
-a GPU never comes here (`decode._Linear` chooses its call when it makes its copy).
+a GPU never comes here (`decode_weights.DecodeLinear` chooses its call when it makes its copy).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-PACKED: list = []  # the running compiled step's packed (weight, bias) pairs, indexed by `_Linear.index`
+PACKED: list = []  # the running compiled step's packed (weight, bias) pairs, indexed by `DecodeLinear.index`
 
 
 @torch.library.custom_op("tsopsd::packed_linear", mutates_args=())

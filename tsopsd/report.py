@@ -4,17 +4,21 @@
     planned_step(cfg, config_dir, device, world_size)  # `tsopsd plan` of the run's step for its GPU, or None
     against_target(state, stop, after, after_training)
     what_to_change(stop_reason)                    # the advice of a run that trained nothing
+    assemble(run, status=..., goal=..., after=..., ...)  # all of it, as `finish` writes it
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
 
 from tsopsd.config import Config
+from tsopsd.output import versions
+from tsopsd.run import Run
 from tsopsd.state import RunState
 
 log = logging.getLogger(__name__)
@@ -83,3 +87,30 @@ def what_to_change(reason: str) -> str:
     if reason.startswith("non-finite"):
         return "lower train.lr, or use --dtype float32"
     return "the input already meets the stop rule: raise the target entropy or the teacher temperature"
+
+
+def assemble(run: Run, *, status: str, goal: dict, after: dict | None, after_training: dict | None, measured_on: str,
+             steps: list[dict]) -> dict:
+    """`reheat_report.json`: the run's outcome (`status`, `goal`), its input and output, the teacher's tau, the
+    before/after measurements, how the run stopped, its times against its plan, and the versions that made it."""
+    cfg, state, backend, policy = run.cfg, run.state, run.backend, run.policy
+    return {
+        "status": status, "goal": goal, "run_id": state.run_id,
+        "pace": {"max_lr_factor": cfg.train.max_lr_factor, "lr_factor": run.stop.lr_factor, "raised": run.stop.paced},
+        "input": str(cfg.model.path), "output": str(cfg.output.out) if run.writes_output else None,
+        "mode": cfg.train.mode, "input_resolved": None if run.in_memory else str(Path(cfg.model.path).resolve()),
+        "input_fingerprint": run.input_fingerprint,
+        "save": cfg.output.save, "teacher_temperature": state.tau, "teacher_temperature_source": state.tau_source,
+        "target_entropy": state.target, "teacher_temperature_over_run": [m["train/tau"] for m in steps],
+        "target": against_target(state, run.stop, after, after_training), "divergence": cfg.loss.divergence,
+        "steps_run": state.next_step, "steps_requested": cfg.train.steps, "weights_after_step": state.kept_step,
+        "stop_reason": state.stop_reason, "eval_prompts": len(run.eval_prompts), "before": state.before,
+        "after": after, "after_measured_on": measured_on, "after_training_prompts": after_training,
+        "effective_temperature": (after or {}).get("reference", {}).get("effective_temperature"),
+        "device": str(policy.teacher.device), "dtype": str(run.dtype).removeprefix("torch."),
+        "seconds": time.monotonic() - run.started, "method": cfg.teacher.method, "closed_form": run.closed_form,
+        "rollout_compile": run.rollout_compile, "phase_seconds": dict(run.phase_seconds),
+        "measured": step_times(steps), "planned": planned_step(cfg, run.config_dir, backend.device, backend.world_size),
+        "checkpoints": sorted(state.checkpoints, key=lambda name: int(name.split("-")[1])),
+        "versions": versions(),
+    }

@@ -111,7 +111,7 @@ def reheat(
                 return
             cfg = load_config(config, overrides, inputs=False)
             if cfg.data.prompts and cfg.output.out:  # a dry run refuses what the run refuses, before planning
-                from tsopsd.loop import check_run
+                from tsopsd.preflight import check_run
 
                 check_run(load_config(config, overrides), int(os.environ.get("WORLD_SIZE", "1")), dry_run=True)
             from tsopsd.checkpoint import resolve_device

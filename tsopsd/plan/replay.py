@@ -106,20 +106,80 @@ def _fake_group(world_size: int, wanted: bool):
         tdist.destroy_process_group()
 
 
+@dataclasses.dataclass
+class _Replay:
+    """One step being replayed: the run's config with its lengths fitted, the fake policy and backend, and what
+    each phase adds to the tracker (`scale`: how many times the part replayed stands for)."""
+
+    cfg: Config
+    model_config: object
+    hardware: Hardware
+    tracker: Tracker
+    policy: object
+    backend: object = None
+    optimizer: object = None
+    dtype: torch.dtype = torch.float32
+    save_dtype: torch.dtype = torch.float32
+    P: int = 0  # prompt tokens
+    L: int = 0  # new tokens
+    rows: int = 0  # sequences a rank takes a step
+    tau: float = 1.5
+    tracking: float | None = None  # a target entropy, solved for on the step's teacher states
+    snapshot: dict | None = None  # the rollback copy
+    scale: dict = dataclasses.field(default_factory=dict)
+
+
 def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int | None, *, checkpointing: bool,
                phases: tuple[str, ...] = PHASES, on_phase: Callable[[str], None] | None = None) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tsopsd.checkpoint import resolve_dtype
     from tsopsd.decode import forget
-    from tsopsd.metrics import score_rollout
-    from tsopsd.output import written_model
     from tsopsd.parallel import Launch, make_backend
-    from tsopsd.policy import enable_checkpointing, make_optimizer, prepare_policy
-    from tsopsd.prompts import Prompt
-    from tsopsd.rollout import sample_rollouts
-    from tsopsd.step import teacher_states, train_step
-    from tsopsd.teacher import check_teacher, solve_temperature
+
+    r = _setup(cfg, model_config, hardware, prompt_tokens, checkpointing=checkpointing, on_phase=on_phase)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _make_fake(r.policy.student, fake_mode)
+    if r.policy.teacher.model is not r.policy.student:
+        _make_fake(r.policy.teacher.model, fake_mode)
+    r.policy.trainable = [p for p in r.policy.student.parameters() if p.requires_grad]
+    if checkpointing:
+        from tsopsd.policy import enable_checkpointing
+
+        enable_checkpointing(r.policy)
+    group = hardware.gpus > 1 or r.cfg.train.parallel == "fsdp"
+    with _fake_group(hardware.gpus, group), fake_mode, r.tracker, r.tracker.resizes():
+        r.backend = make_backend(r.cfg.train.parallel, Launch(0, hardware.gpus, "cpu"), torch.device("cpu"))
+        _load(r)
+        if "rollout" in phases:
+            _rollout(r)
+        rollout = worst_case_rollout(r.rows, r.P, r.L)
+        if "check" in phases:  # row by row: one row shows the memory; the cost is counted for all
+            from tsopsd.teacher import check_teacher
+
+            with r.tracker.in_phase("check"):
+                check_teacher(r.policy.teacher, rollout.rows(0, 1), r.tau, dtype=r.dtype, chunk_size=r.cfg.loss.chunk_size)
+            r.scale["check"] = r.rows
+        _train(r, rollout)
+        if "update" in phases:
+            _update(r)
+        forget(r.policy.student)  # as the loop does after its last step: the rollouts' kept decoder goes
+        if "report" in phases and _held_out(r.cfg):
+            _report(r)
+        if "save" in phases:
+            _save(r)
+    out = _summary(r.cfg, hardware, r.tracker, r.scale, model_config=model_config, dtype=r.dtype, P=r.P,
+                   backend=type(r.backend).__name__, params=_count(r.policy))
+    if r.backend.lockstep and "save" in phases:  # the gathered float32 state and the rebuilt model on rank 0
+        out["phases"]["save"]["host_bytes"] = out["parameters"] * (4 + 4)
+    return out
+
+
+def _setup(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int | None, *, checkpointing: bool,
+           on_phase: Callable[[str], None] | None) -> _Replay:
+    """The step's sizes as the run fits them, and its policy on meta tensors (PEFT and a deep copy cannot convert
+    fake ones; the caller makes them fake)."""
+    from tsopsd.checkpoint import resolve_dtype
+    from tsopsd.policy import prepare_policy
 
     dtype = resolve_dtype(cfg.model.dtype, torch.device(hardware.device)) if cfg.model.dtype != "auto" \
         else torch.bfloat16 if hardware.device == "cuda" else torch.float32
@@ -129,134 +189,143 @@ def _plan_once(cfg: Config, model_config, hardware: Hardware, prompt_tokens: int
     P = prompt_tokens or cfg.data.max_prompt_tokens or 512
     # as the run fits them to the model's context (`prompts.fit_context`), taking P as the longest prompt
     L, room, _ = fit_context(config_positions(model_config), cfg.rollout.max_new_tokens, P)
-    P, k = min(P, room) if room is not None else P, cfg.rollout.samples_per_prompt
+    P = min(P, room) if room is not None else P
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=L))
-    rows = cfg.rollout.prompts_per_step * k  # per rank
-    mb = cfg.train.micro_batch
-    tau = cfg.teacher.temperature or 1.5
-    # A target entropy (from a number or a checkpoint; any positive value plans the same) is tracked.
-    tracking = None if cfg.teacher.temperature is not None else (cfg.teacher.target_entropy or 1.0)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = Tracker(vocab=vocab, kv_heads=kv_heads, head_dim=head_dim, flops=hardware.flops,
                       bandwidth=hardware.bandwidth, on_phase=on_phase)
-    scale: dict[str, float] = {}
-    group = hardware.gpus > 1 or cfg.train.parallel == "fsdp"
-    # The policy is built on meta tensors (PEFT and a deep copy cannot convert fake ones), then made fake.
-    model = meta_model(model_config, dtype)
-    policy = prepare_policy(model, cfg.train)
-    _make_fake(policy.student, fake_mode)
-    if policy.teacher.model is not policy.student:
-        _make_fake(policy.teacher.model, fake_mode)
-    policy.trainable = [p for p in policy.student.parameters() if p.requires_grad]
-    if checkpointing:
-        enable_checkpointing(policy)
-    with _fake_group(hardware.gpus, group), fake_mode, tracker, tracker.resizes():
-        backend = make_backend(cfg.train.parallel, Launch(0, hardware.gpus, "cpu"), torch.device("cpu"))
-        with tracker.in_phase("load"):
-            _label_weights(tracker, policy)
-            backend = backend.for_model(causal_lm(policy.teacher.model), cfg.train.parallel, mode=cfg.train.mode,
-                                        adapter_input=False, device_memory=hardware.memory)
-            backend.prepare(policy)
-            _label_weights(tracker, policy)
-            optimizer = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        for p in policy.trainable:
-            if hasattr(p, "register_post_accumulate_grad_hook"):
-                p.register_post_accumulate_grad_hook(lambda q: tracker.label([q.grad], "gradients"))
+    policy = prepare_policy(meta_model(model_config, dtype), cfg.train)
+    # A target entropy (from a number or a checkpoint; any positive value plans the same) is tracked.
+    tracking = None if cfg.teacher.temperature is not None else (cfg.teacher.target_entropy or 1.0)
+    return _Replay(cfg=cfg, model_config=model_config, hardware=hardware, tracker=tracker, policy=policy, dtype=dtype,
+                   save_dtype=save_dtype, P=P, L=L, rows=cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+                   tau=cfg.teacher.temperature or 1.5, tracking=tracking)
 
-        tok = _Tokenizer(model_config)
-        batch = min(cfg.rollout.batch_size, rows)
-        if "rollout" in phases:
-            with tracker.in_phase("rollout") as record, backend.generating(policy), policy.compute():
-                tracker.done_reads.clear()
-                tracker.stop_decoding_after = DECODE_PROBE
-                prompts = [Prompt(ids=[0] * P, text="") for _ in range(batch)]
-                sample_rollouts(policy.student, tok, prompts, samples_per_prompt=1, max_new_tokens=L,
-                                temperature=1.0, batch_size=batch, seed=0, done_everywhere=backend.done_everywhere,
-                                engine=cfg.rollout.engine, continuous=False,  # worst case: all rows to L,
-                                share_prompts=False,  # each row's own prefill (the rows' prompts are alike here)
-                                check_every=1,  # the plan answers each "done?" and probes DECODE_PROBE steps
-                                # a GPU run compiles unless told not to ("auto" is on there): its cache is
-                                # sized for that (nothing is compiled on fake tensors)
-                                compile="false" if cfg.rollout.compile == "false" else "true")
-                tracker.stop_decoding_after = None
-            # Steps after the probed ones are alike: each adds what the probed ones added on average (to
-            # the memory that grows, e.g. a KV cache extended by concatenation, and to the cost).
-            reads = tracker.done_reads
-            probed, rest = len(reads), max(L - len(reads), 0)
-            per_step = [(b - a) / (probed - 1) if probed > 1 else 0.0 for a, b in zip(reads[0], reads[-1])]
-            record.extra = int(max(per_step[0], 0.0) * rest)
-            record.flops += per_step[1] * rest
-            record.bytes += per_step[2] * rest
-            record.roofline_s += per_step[3] * rest
-            scale["rollout"] = math.ceil(rows / batch)  # rollout batches are alike
 
-        rollout = worst_case_rollout(rows, P, L)
-        if "check" in phases:  # row by row: one row shows the memory; the cost is counted for all
-            with tracker.in_phase("check"):
-                check_teacher(policy.teacher, rollout.rows(0, 1), tau, dtype=dtype, chunk_size=cfg.loss.chunk_size)
-            scale["check"] = rows
-        n_mb = math.ceil(rows / mb)
-        run_mb = min(2, n_mb)  # the second micro-batch is accumulating: the steady state
-        with tracker.in_phase("train") as record, torch.autograd.graph.saved_tensors_hooks(
-                lambda t: _saved(tracker, t), lambda t: t):
-            n_tokens = rows * L * hardware.gpus
-            part, hidden = rollout.rows(0, run_mb * mb), None
-            if tracking:  # the teacher's hidden states of the whole step are kept while tau is solved on them
-                hidden = teacher_states(policy, part, micro_batch=mb, skip_empty=not backend.lockstep,
-                                        share_prompts=False)
-                solve_temperature(policy.teacher, hidden, tracking, start=tau, chunk_size=cfg.loss.chunk_size,
-                                  max_iter=SOLVE_EVALUATIONS)
-                record.extra = (n_mb - run_mb) * mb * L * _hidden_size(model_config) * dtype.itemsize
-            unshared = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, share_prompts=False))
-            train_step(policy, part, tau=tau, cfg=unshared, skip_empty=not backend.lockstep,
-                       normalizer=backend.loss_normalizer(n_tokens), teacher_hidden=hidden)
-            del hidden
-            tracker.label([p.grad for p in policy.trainable], "gradients")
-        scale["train"] = n_mb / run_mb
-        if "update" in phases:
-            with tracker.in_phase("update"):
-                backend.reduce_gradients(policy.trainable)
-                if cfg.train.max_grad_norm > 0:
-                    backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm)
-                if cfg.stop.rollback:
-                    host = policy.mode == "full" and not backend.lockstep
-                    with tracker.host() if host else contextlib.nullcontext():
-                        snapshot = backend.snapshot(policy)
-                    tracker.label(list(snapshot.values()), "weights", host=host)
-                optimizer.step()
-                tracker.label([v for st in optimizer.state.values() for v in st.values()
-                               if isinstance(v, torch.Tensor)], "optimizer state")
-                optimizer.zero_grad(set_to_none=True)
-        forget(policy.student)  # as the loop does after its last step: the rollouts' kept decoder goes
-        if "report" in phases and _held_out(cfg):
-            # Scored in training micro-batches; two of them are run, the others add only their hidden
-            # states (N x D for the model and the reference), which are counted.
-            eval_rows = min(cfg.rollout.batch_size, _held_out(cfg) * cfg.output.eval_samples_per_prompt)
-            run_rows = min(eval_rows, 2 * cfg.train.micro_batch)
-            with tracker.in_phase("report") as record, backend.generating(policy), policy.compute():
-                score_rollout(policy.student, worst_case_rollout(run_rows, P, L), reference=policy.teacher,
-                              micro_batch=cfg.train.micro_batch, chunk_size=1024, intervals=False)
-                record.extra = (eval_rows - run_rows) * L * 2 * _hidden_size(model_config) * dtype.itemsize
-            scale["report"] = eval_rows / run_rows
-        if "save" in phases:
-            with tracker.in_phase("save"):
-                if backend.lockstep:  # rounded in place, gathered onto rank 0's host memory and rebuilt there
-                    backend.round_to(policy, save_dtype)
-                elif policy.mode == "lora" and cfg.output.save == "merged":
-                    # `written_model` merges into a copy of the model; PEFT's merge cannot run on fake
-                    # tensors (it swaps tensors), so the copy it makes is allocated here as it would be.
-                    copies = [torch.empty_like(p, dtype=save_dtype) for p in policy.student.parameters()
-                              if not p.requires_grad]
-                    del copies
-                else:
-                    written = written_model(policy.student, mode=policy.mode, save=cfg.output.save,
-                                            save_dtype=save_dtype)
-                    del written
-    out = _summary(cfg, hardware, tracker, scale, model_config=model_config, dtype=dtype, P=P,
-                   backend=type(backend).__name__, params=_count(policy))
-    if backend.lockstep and "save" in phases:  # the gathered float32 state and the rebuilt model on rank 0
-        out["phases"]["save"]["host_bytes"] = out["parameters"] * (4 + 4)
-    return out
+def _load(r: _Replay) -> None:
+    """The weights placed (replicated or sharded), the optimizer made; gradients labelled as they land."""
+    from tsopsd.policy import make_optimizer
+
+    cfg, tracker, policy = r.cfg, r.tracker, r.policy
+    with tracker.in_phase("load"):
+        _label_weights(tracker, policy)
+        r.backend = r.backend.for_model(causal_lm(policy.teacher.model), cfg.train.parallel, mode=cfg.train.mode,
+                                        adapter_input=False, device_memory=r.hardware.memory)
+        r.backend.prepare(policy)
+        _label_weights(tracker, policy)
+        r.optimizer = make_optimizer(policy.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    for p in policy.trainable:
+        if hasattr(p, "register_post_accumulate_grad_hook"):
+            p.register_post_accumulate_grad_hook(lambda q: tracker.label([q.grad], "gradients"))
+
+
+def _rollout(r: _Replay) -> None:
+    """One rollout batch, every row to L: DECODE_PROBE decode steps run, the rest extrapolated from them."""
+    from tsopsd.prompts import Prompt
+    from tsopsd.rollout import sample_rollouts
+
+    cfg, tracker, policy = r.cfg, r.tracker, r.policy
+    batch = min(cfg.rollout.batch_size, r.rows)
+    with tracker.in_phase("rollout") as record, r.backend.generating(policy), policy.compute():
+        tracker.done_reads.clear()
+        tracker.stop_decoding_after = DECODE_PROBE
+        prompts = [Prompt(ids=[0] * r.P, text="") for _ in range(batch)]
+        sample_rollouts(policy.student, _Tokenizer(r.model_config), prompts, samples_per_prompt=1,
+                        max_new_tokens=r.L, temperature=1.0, batch_size=batch, seed=0,
+                        done_everywhere=r.backend.done_everywhere, engine=cfg.rollout.engine,
+                        continuous=False,  # worst case: all rows to L,
+                        share_prompts=False,  # each row's own prefill (the rows' prompts are alike here)
+                        check_every=1,  # the plan answers each "done?" and probes DECODE_PROBE steps
+                        # a GPU run compiles unless told not to ("auto" is on there): its cache is
+                        # sized for that (nothing is compiled on fake tensors)
+                        compile="false" if cfg.rollout.compile == "false" else "true")
+        tracker.stop_decoding_after = None
+    # Steps after the probed ones are alike: each adds what the probed ones added on average (to
+    # the memory that grows, e.g. a KV cache extended by concatenation, and to the cost).
+    reads = tracker.done_reads
+    probed, rest = len(reads), max(r.L - len(reads), 0)
+    per_step = [(b - a) / (probed - 1) if probed > 1 else 0.0 for a, b in zip(reads[0], reads[-1])]
+    record.extra = int(max(per_step[0], 0.0) * rest)
+    record.flops += per_step[1] * rest
+    record.bytes += per_step[2] * rest
+    record.roofline_s += per_step[3] * rest
+    r.scale["rollout"] = math.ceil(r.rows / batch)  # rollout batches are alike
+
+
+def _train(r: _Replay, rollout: Rollout) -> None:
+    """Two micro-batches (the second accumulating: the steady state), the tracked tau solved first."""
+    from tsopsd.step import teacher_states, train_step
+    from tsopsd.teacher import solve_temperature
+
+    cfg, tracker, policy, backend = r.cfg, r.tracker, r.policy, r.backend
+    mb = cfg.train.micro_batch
+    n_mb = math.ceil(r.rows / mb)
+    run_mb = min(2, n_mb)
+    with tracker.in_phase("train") as record, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: _saved(tracker, t), lambda t: t):
+        n_tokens = r.rows * r.L * r.hardware.gpus
+        part, hidden = rollout.rows(0, run_mb * mb), None
+        if r.tracking:  # the teacher's hidden states of the whole step are kept while tau is solved on them
+            hidden = teacher_states(policy, part, micro_batch=mb, skip_empty=not backend.lockstep, share_prompts=False)
+            solve_temperature(policy.teacher, hidden, r.tracking, start=r.tau, chunk_size=cfg.loss.chunk_size,
+                              max_iter=SOLVE_EVALUATIONS)
+            record.extra = (n_mb - run_mb) * mb * r.L * _hidden_size(r.model_config) * r.dtype.itemsize
+        unshared = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, share_prompts=False))
+        train_step(policy, part, tau=r.tau, cfg=unshared, skip_empty=not backend.lockstep,
+                   normalizer=backend.loss_normalizer(n_tokens), teacher_hidden=hidden)
+        del hidden
+        tracker.label([p.grad for p in policy.trainable], "gradients")
+    r.scale["train"] = n_mb / run_mb
+
+
+def _update(r: _Replay) -> None:
+    """Gradients reduced and clipped, the rollback copy, the optimizer step and its state."""
+    cfg, tracker, policy, backend, optimizer = r.cfg, r.tracker, r.policy, r.backend, r.optimizer
+    with tracker.in_phase("update"):
+        backend.reduce_gradients(policy.trainable)
+        if cfg.train.max_grad_norm > 0:
+            backend.clip_grad_norm(policy.trainable, cfg.train.max_grad_norm)
+        if cfg.stop.rollback:
+            host = policy.mode == "full" and not backend.lockstep
+            with tracker.host() if host else contextlib.nullcontext():
+                r.snapshot = backend.snapshot(policy)  # held to the end, as the stop rules hold the last good state
+            tracker.label(list(r.snapshot.values()), "weights", host=host)
+        optimizer.step()
+        tracker.label([v for st in optimizer.state.values() for v in st.values()
+                       if isinstance(v, torch.Tensor)], "optimizer state")
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _report(r: _Replay) -> None:
+    """The held-out report, scored in training micro-batches; two of them are run, the others add only their
+    hidden states (N x D for the model and the reference), which are counted."""
+    from tsopsd.metrics import score_rollout
+
+    cfg, policy = r.cfg, r.policy
+    eval_rows = min(cfg.rollout.batch_size, _held_out(cfg) * cfg.output.eval_samples_per_prompt)
+    run_rows = min(eval_rows, 2 * cfg.train.micro_batch)
+    with r.tracker.in_phase("report") as record, r.backend.generating(policy), policy.compute():
+        score_rollout(policy.student, worst_case_rollout(run_rows, r.P, r.L), reference=policy.teacher,
+                      micro_batch=cfg.train.micro_batch, chunk_size=1024, intervals=False)
+        record.extra = (eval_rows - run_rows) * r.L * 2 * _hidden_size(r.model_config) * r.dtype.itemsize
+    r.scale["report"] = eval_rows / run_rows
+
+
+def _save(r: _Replay) -> None:
+    """The output as the loop writes it: rounded and gathered (sharded), merged into a copy (LoRA), or cast."""
+    from tsopsd.output import written_model
+
+    cfg, policy, save_dtype = r.cfg, r.policy, r.save_dtype
+    with r.tracker.in_phase("save"):
+        if r.backend.lockstep:  # rounded in place, gathered onto rank 0's host memory and rebuilt there
+            r.backend.round_to(policy, save_dtype)
+        elif policy.mode == "lora" and cfg.output.save == "merged":
+            # `written_model` merges into a copy of the model; PEFT's merge cannot run on fake
+            # tensors (it swaps tensors), so the copy it makes is allocated here as it would be.
+            copies = [torch.empty_like(p, dtype=save_dtype) for p in policy.student.parameters() if not p.requires_grad]
+            del copies
+        else:
+            written = written_model(policy.student, mode=policy.mode, save=cfg.output.save, save_dtype=save_dtype)
+            del written
 
 
 def _label_weights(tracker: Tracker, policy) -> None:
