@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from test_bad_input_and_signals import TINY, leftovers, one_line, reheat_args, r
 from tsopsd.cli import app
 from tsopsd.errors import ExitCode
 from tsopsd.saved import file_digest, seal
+from tsopsd.writing import pid_alive
 
 PY = [sys.executable, "-m", "tsopsd"]
 
@@ -344,17 +347,55 @@ def test_weights_rewritten_while_read_are_refused(world, tmp_path, monkeypatch):
     assert "model.safetensors changed while it was read" in one_line(res)
 
 
-def test_a_bus_error_from_a_truncated_mapped_file_is_one_line(tmp_path):
-    """A weights file truncated under a memory map raises SIGBUS, which Python cannot catch: one line, exit 2."""
+@pytest.mark.parametrize("reader", ["main thread", "another thread, the main one waiting on it"])
+def test_a_bus_error_from_a_truncated_mapped_file_is_one_line(tmp_path, reader):
+    """A weights file truncated under a memory map raises SIGBUS, which Python cannot catch, in whichever thread
+    reads it: the process that waits on the work says it in one line, exit 2."""
     f = tmp_path / "w.bin"
     f.write_bytes(b"\1" * 2**16)
-    code = ("import mmap, os, sys; from tsopsd.runtime import on_bus_error; on_bus_error(); "
-            f"fh = open({str(f)!r}, 'r+b'); m = mmap.mmap(fh.fileno(), 0); os.truncate({str(f)!r}, 0); "
-            "sys.stdout.write(str(m[2**15]))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=signals.env())
+    read = "sys.stdout.write(str(m[2**15]))"
+    if reader != "main thread":
+        read = f"import threading; t = threading.Thread(target=lambda: {read}); t.start(); t.join()"
+    code = ("import mmap, os, sys; from tsopsd.runtime import supervise; supervise(); "
+            f"fh = open({str(f)!r}, 'r+b'); m = mmap.mmap(fh.fileno(), 0); os.truncate({str(f)!r}, 0); {read}")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=signals.env(), timeout=60)
     assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stderr)
     assert p.stderr.splitlines() == ["tsopsd: error: a memory-mapped file (checkpoint weights) was truncated or "
                                      "rewritten while it was read (bus error): rerun once the checkpoint is complete"]
+
+
+def test_the_work_ends_as_the_command_ends(tmp_path):
+    """The waiting process passes on the work's exit code, a signal sent to it, and a death by signal; a SIGKILL of
+    the command takes the work with it."""
+    ready = tmp_path / "ready"
+    work = ("import os, signal, sys, time; from tsopsd.runtime import supervise; supervise(); "
+            "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(7)); "
+            f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+
+    def started():
+        p = subprocess.Popen([sys.executable, "-c", work], env=signals.env(), start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not ready.is_file() or not ready.read_text():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        child = int(ready.read_text())
+        ready.unlink()
+        return p, child
+
+    p, child = started()  # SIGTERM to the command: the work's handler runs, its code comes back
+    assert child != p.pid
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=30) == 7
+    p, child = started()  # the work killed by a signal: the command dies the same way
+    os.kill(child, signal.SIGKILL)
+    assert p.wait(timeout=30) == -signal.SIGKILL
+    p, child = started()  # the command killed outright: the work goes too
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while pid_alive(child):
+        assert time.monotonic() < deadline, "the work outlived the command"
+        time.sleep(0.01)
 
 
 def test_a_c_locale_finishes_a_reheat_and_reads_non_ascii_paths(world, tmp_path):

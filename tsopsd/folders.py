@@ -34,7 +34,7 @@ def check_safetensors(file: Path) -> set[str]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(utf8_alias(file)), framework="pt") as f:  # it takes UTF-8 paths only
             return set(f.keys())
     except SafetensorError as e:
         why = str(e).removeprefix("Error while deserializing header: ")
@@ -67,7 +67,7 @@ def holds_weights_of(folder: Path, model: torch.nn.Module) -> bool:
     unreadable ones, holds other weights."""
     from safetensors import SafetensorError, safe_open
 
-    folder = Path(folder)
+    folder = utf8_alias(folder) if Path(folder).is_dir() else Path(folder)  # safetensors takes UTF-8 paths only
     index = folder / "model.safetensors.index.json"
     try:
         if index.is_file():

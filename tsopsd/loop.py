@@ -76,10 +76,6 @@ def train(run: Run, *, show_progress: bool = True) -> None:
                 if not reheat_step(run):  # a stop rule ended the run
                     break
                 advance(1)
-                if run.due(cfg.output.checkpoint_every):  # before the state: a resume redoes it
-                    run.checkpoint()
-                if run.due(cfg.output.save_every):
-                    run.save()
             run.rollout_compile = dict(COMPILE)
             with signals.held():
                 if state.stop_reason is None:
@@ -94,8 +90,9 @@ def train(run: Run, *, show_progress: bool = True) -> None:
 
 
 def reheat_step(run: Run) -> bool:
-    """One step of the method: rollout -> teacher -> loss -> stop rules -> optimizer step -> log. False: a stop
-    rule ended the run (the state says why, and which weights are kept)."""
+    """One step of the method: rollout -> teacher -> loss -> stop rules -> optimizer step -> log -> save (once the
+    stop rules pass, the step lands whole or not at all). False: a stop rule ended the run (the state says why, and
+    which weights are kept)."""
     cfg, backend, policy, state, optimizer, signals = run.cfg, run.backend, run.policy, run.state, run.optimizer, \
         run.signals
     step, t0 = state.next_step, time.monotonic()
@@ -150,6 +147,10 @@ def reheat_step(run: Run) -> bool:
             generated_tokens_per_s=n_tokens / max(t_gen, 1e-9),
             trained_tokens_per_s=n_tokens / max(time.monotonic() - t0 - t_gen, 1e-9),
             lr=lr, grad_norm=grad_norm, seconds=time.monotonic() - t0, phases=timings, memory=run.memory_peaks()))
+        if run.due(cfg.output.checkpoint_every):  # before the state: a resume redoes it
+            run.checkpoint()
+        if run.due(cfg.output.save_every):
+            run.save()
     return True
 
 

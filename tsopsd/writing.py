@@ -35,14 +35,19 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False, resuma
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
+    """Whether a process with this id runs on this machine. A zombie does not: it has ended, and waits only to be
+    reaped (in a container whose first process does not reap orphans, forever)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (not Linux): what kill said
+        return True
 
 
 def check_writable(out: str | os.PathLike, *, folder: bool = True) -> None:

@@ -22,7 +22,7 @@ from tsopsd.cli.options import FLAG_KEYS, TEACHER_FLAGS
 from tsopsd.cli.plan import plan
 from tsopsd.cli.reheat import hand_off, reheat
 from tsopsd.cli.tools import demo, merge
-from tsopsd.runtime import cuda_allocator, on_bus_error, utf8_mode
+from tsopsd.runtime import cuda_allocator, supervise, utf8_mode
 
 __all__ = ["FLAG_KEYS", "TEACHER_FLAGS", "app", "hand_off", "main"]
 
@@ -61,7 +61,7 @@ app.command(cls=Command)(demo)
 def main() -> None:
     """The `tsopsd` command: usage errors too are one `tsopsd: error:` line (exit 2), never a framed box."""
     utf8_mode()
-    on_bus_error()
+    supervise()
     cuda_allocator()
     try:  # typer >= 0.2x carries its own copy of click
         from typer._click import exceptions as click_errors
