@@ -286,7 +286,7 @@ SEED_LIMIT = 2**63  # seeds are 0..2^63-1: what torch's generators take
 def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
     """Range and consistency checks; returns every problem found (`inputs`: also the paths a run needs)."""
     e = []
-    t, r, lo, tr, st, o = cfg.teacher, cfg.rollout, cfg.loss, cfg.train, cfg.stop, cfg.output
+    t, o = cfg.teacher, cfg.output
     if inputs and not cfg.model.path:
         e.append("model.path: required (the checkpoint to reheat)")
     if inputs and not cfg.data.prompts:
@@ -297,6 +297,13 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
                              ("target_entropy_from", t.target_entropy_from)) if v is not None]
     if len(chosen) != 1:
         e.append(f"teacher: set exactly one of temperature, target_entropy, target_entropy_from (got {chosen or 'none'})")
+    return e + _ranges(cfg) + _combinations(cfg)
+
+
+def _ranges(cfg: Config) -> list[str]:
+    """Each value within what it can mean (and short of what would fill memory or never end)."""
+    e = []
+    t, r, lo, tr, st, o = cfg.teacher, cfg.rollout, cfg.loss, cfg.train, cfg.stop, cfg.output
     if r.samples_per_prompt > MAX_SAMPLES_PER_PROMPT:
         e.append(f"rollout.samples_per_prompt: must be <= {MAX_SAMPLES_PER_PROMPT} (every sample is held until trained "
                  f"on), got {r.samples_per_prompt}")
@@ -364,6 +371,13 @@ def validate(cfg: Config, *, inputs: bool = True) -> list[str]:
         e.append(f"teacher.heat_fraction: must be in (0, 1], got {t.heat_fraction}")
     if not (math.isfinite(t.heat_min_p) and 0 < t.heat_min_p < 1):
         e.append(f"teacher.heat_min_p: must be in (0, 1), got {t.heat_min_p}")
+    return e
+
+
+def _combinations(cfg: Config) -> list[str]:
+    """Values that are each fine but do not go together."""
+    e = []
+    t, tr, o = cfg.teacher, cfg.train, cfg.output
     if t.method == "scale" and t.heat != "uniform":
         e.append(f"teacher.heat: {t.heat} is a per-position heat, which no weight edit expresses: it needs --method "
                  "distill (the closed form heats every position alike)")

@@ -287,7 +287,9 @@ class OutputLock:
     """`OUT.tsopsd-lock` beside OUT, holding the pid and host of the run writing OUT.
 
     A second run on the same OUT is refused while the first lives; the lock of a run that is gone
-    (killed) is taken over with a note.
+    (killed) is taken over with a note. The lock is a hard link made in one step on the file server, not
+    an `flock` (what `filelock` holds): a Lustre mount with `localflock` or an NFS mount with `local_lock`
+    excludes an flock only within one node, while a link excludes across the nodes of a cluster.
     """
 
     def __init__(self, out: Path):
