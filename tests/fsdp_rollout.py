@@ -8,6 +8,7 @@ the completions, their log-probs, and whether the lean decoder was built on the 
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -48,7 +49,12 @@ def main(ckpt: str, out: str) -> None:
     with open(f"{out}.{launch.rank}", "w") as f:
         json.dump({"completions": r.completions(), "logprobs": logprobs, "sharded": sharded,
                    "lean": bool(built) and all(b is not None for b in built)}, f)
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # every rank's files are written
+    # Out without tearing the group down or the interpreter's shutdown: under load a gloo thread still joinable
+    # there aborts the process ("terminate called without an active exception", exit -6) after its work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ matrices), so a loader has to follow what the shards record.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,8 +104,12 @@ def main(hf: Path, out: Path) -> None:
         (actor / "lora_adapter").mkdir()
         save_file(lora, str(actor / "lora_adapter" / "adapter_model.safetensors"))
         peft_model.peft_config["default"].save_pretrained(str(actor / "lora_adapter"))
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's files are written
+    # Out without tearing the group down or the interpreter's shutdown: under load a gloo thread still joinable
+    # there aborts the process ("terminate called without an active exception", exit -6) after its work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
