@@ -404,7 +404,7 @@ def test_a_flag_that_sets_a_config_key_says_that_keys_help_and_default():
     """One sentence per key: `reheat --help` shows the config field's help (and its default) for every flag in
     FLAG_KEYS, as configs/default.yaml does."""
     from tsopsd.cli import FLAG_KEYS
-    from tsopsd.config import config_default, help_of
+    from tsopsd.config_doc import config_default, help_of
 
     res = runner.invoke(app, ["reheat", "--help"], env={"COLUMNS": "2000", "TERM": "dumb"})
     flat = " ".join(res.stdout.replace("│", " ").split())

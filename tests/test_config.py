@@ -96,14 +96,14 @@ def test_a_shipped_config_by_name(tmp_path, monkeypatch):
 
 
 def test_default_yaml_is_made_from_the_config_fields_and_loads_as_the_defaults():
-    """configs/default.yaml is `python -m tsopsd.config`'s output: every key with its default and the help of its
+    """configs/default.yaml is `python -m tsopsd.config_doc`'s output: every key with its default and the help of its
     field, so a key's sentence is written once (the CLI's flags take theirs from the same fields)."""
     import dataclasses
 
-    from tsopsd.config import Config, default_yaml, help_of
+    from tsopsd.config_doc import default_yaml, help_of
 
     shipped = (ROOT / "configs" / "default.yaml").read_text()
-    assert shipped == default_yaml(), "regenerate: python -m tsopsd.config > configs/default.yaml"
+    assert shipped == default_yaml(), "regenerate: python -m tsopsd.config_doc > configs/default.yaml"
     assert load_config(ROOT / "configs" / "default.yaml", inputs=False) == Config()
     for section in dataclasses.fields(Config):
         value = getattr(Config(), section.name)

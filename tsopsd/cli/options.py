@@ -61,7 +61,7 @@ def _opt(flag: str, *short: str, panel: str, extra: str = "", help: str = ""):
     (and, where it has one, the key's default)."""
     key = FLAG_KEYS.get(flag.removeprefix("--").replace("-", "_"))
     if key is not None:
-        from tsopsd.config import config_default, help_of
+        from tsopsd.config_doc import config_default, help_of
 
         said = help_of(key)
         help = said + ("" if said.endswith(".") else ".")  # as written: it may open with a value (lora: ...)
