@@ -30,7 +30,6 @@ class Command(typer.core.TyperCommand):
         return [piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)]
 
 
-
 T = TypeVar("T")
 
 
