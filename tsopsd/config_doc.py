@@ -7,7 +7,6 @@ here) and the flags' `--help` (`cli/options.py`), so a key's sentence is written
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
 import yaml
@@ -17,13 +16,11 @@ from tsopsd.config import Config
 
 def help_of(key: str) -> str:
     """The help sentence of a dotted config key (`teacher.temperature`), from its field's metadata."""
-    cls, *parts = Config, *key.split(".")
-    for i, name in enumerate(parts):
-        f = {f.name: f for f in dataclasses.fields(cls)}[name]
-        if i == len(parts) - 1:
-            return f.metadata["help"]
-        cls = typing.get_type_hints(cls)[name]
-    raise KeyError(key)
+    *sections, name = key.split(".")
+    holder: Any = Config()
+    for section in sections:
+        holder = getattr(holder, section)
+    return {f.name: f for f in dataclasses.fields(holder)}[name].metadata["help"]
 
 
 def config_default(key: str) -> Any:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from tsopsd.errors import ExitCode
+
 
 def ignore_signals() -> dict:
     """SIGINT and SIGTERM ignored until `restore_signals` (main thread only: where handlers are set); returns the
@@ -94,15 +96,12 @@ def supervise() -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), forward)
     signal.signal(signal.SIGTSTP, stop)
-    while True:
-        _, status = os.waitpid(child, os.WUNTRACED)
-        if not os.WIFSTOPPED(status):
-            break
+    _, status = os.waitpid(child, 0)  # its end (a stop is not one)
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         if signum == signal.SIGBUS:
             os.write(2, (BUS_ERROR + "\n").encode())
-            os._exit(2)
+            os._exit(ExitCode.BAD_INPUT)
         if signum != signal.SIGKILL:  # die the way the child died, for whoever waits on this process
             signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)

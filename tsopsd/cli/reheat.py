@@ -110,14 +110,14 @@ def reheat(
             if rank != 0:
                 return
             cfg = load_config(config, overrides, inputs=False)
+            gpus = int(os.environ.get("WORLD_SIZE", "1"))  # the run's own device, dtype and memory, as it would run
             if cfg.data.prompts and cfg.output.out:  # a dry run refuses what the run refuses, before planning
                 from tsopsd.preflight import check_run
 
-                check_run(load_config(config, overrides), int(os.environ.get("WORLD_SIZE", "1")), dry_run=True)
+                check_run(load_config(config, overrides), gpus, dry_run=True)
             from tsopsd.checkpoint import resolve_device
             from tsopsd.plan import this_machine
 
-            gpus = int(os.environ.get("WORLD_SIZE", "1"))  # the run's own device, dtype and memory, as it would run
             plan_and_print(cfg, ckpt, this_machine(resolve_device(cfg.model.device), gpus), as_json=as_json)
             return
         from tsopsd.config import shipped_config
